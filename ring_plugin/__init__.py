@@ -1,0 +1,43 @@
+"""ring_plugin: exact ring attention (sequence parallelism) for PyTorch, Lightning, DeepSpeed and Hydra."""
+
+from .attention.factory import available_ring_attention, create_ring_attention, register_ring_attention
+from .attention.modules import (
+    DistributedRingAttention,
+    RingAttentionBase,
+    RingDilatedAttention,
+    RingDilatedAttentionCorrect,
+    RingDilatedAttentionProduction,
+    RingDilatedAttentionSDPA,
+    StandardRingAttention,
+)
+from .attention.oracle import reference_attention
+from .comm.context import RingContext, current_ring_context, ring_context
+from .comm.ring import RingStats, RingTimeoutError
+from .config import RingAttentionConfig
+from .layout import gather_sequence, global_positions, shard_sequence, unshard_sequence
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DistributedRingAttention",
+    "RingAttentionBase",
+    "RingAttentionConfig",
+    "RingContext",
+    "RingDilatedAttention",
+    "RingDilatedAttentionCorrect",
+    "RingDilatedAttentionProduction",
+    "RingDilatedAttentionSDPA",
+    "RingStats",
+    "RingTimeoutError",
+    "StandardRingAttention",
+    "available_ring_attention",
+    "create_ring_attention",
+    "current_ring_context",
+    "gather_sequence",
+    "global_positions",
+    "reference_attention",
+    "register_ring_attention",
+    "ring_context",
+    "shard_sequence",
+    "unshard_sequence",
+]

@@ -1,0 +1,216 @@
+"""The ring attention layers users build: one base class over the engine, variants as small subclasses.
+
+Call convention for every variant: ``attn(q, k, v, is_causal=False)`` with local shards shaped
+``(batch, n_local, heads, head_dim)``; returns the local output shard, shaped like ``q``.
+``k``/``v`` may have fewer heads than ``q`` (grouped-query attention): only those travel.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..comm.collectives import all_gather_sequence
+from ..comm.context import RingContext, resolve_ring
+from ..comm.ring import RingComm, RingStats
+from ..comm.validate import agree_or_raise
+from ..config import RingAttentionConfig
+from ..layout import global_positions, sequence_divisor
+from ..ops.kernels import default_scale, select_kernel
+from .engine import RingSpec, ring_attention
+from .oracle import reference_attention
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class RingAttentionBase(nn.Module):
+    """Shared construction, validation and ring resolution. Subclasses implement :meth:`_attend`."""
+
+    variant: ClassVar[str] = "base"
+
+    def __init__(
+        self,
+        segment_lengths: list[int] | None = None,
+        dilation_rates: list[int] | None = None,
+        dropout: float | None = None,
+        ring_size: int | None = None,
+        *,
+        config: RingAttentionConfig | None = None,
+        process_group: Any = None,
+        **overrides: Any,
+    ):
+        super().__init__()
+        base = config if config is not None else RingAttentionConfig()
+        explicit = {
+            name: value
+            for name, value in (
+                ("segment_lengths", segment_lengths),
+                ("dilation_rates", dilation_rates),
+                ("dropout", dropout),
+                ("ring_size", ring_size),
+            )
+            if value is not None
+        }
+        self.config = base.replace(**explicit, **overrides)
+        self.process_group = process_group
+        self.stats = RingStats()
+        self._check_config()
+
+    def _check_config(self) -> None:
+        """Variant-specific checks at construction (dense variants accept every valid config)."""
+        if self.config.use_deepspeed:
+            try:
+                import deepspeed  # noqa: F401
+            except ImportError as err:
+                raise ImportError(
+                    "use_deepspeed=True needs the deepspeed package: pip install 'ring_plugin[deepspeed]'"
+                ) from err
+
+    # -------------------------------------------------------------------------------- forward
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool = False
+    ) -> torch.Tensor:
+        ring = resolve_ring(self.process_group, self.config.ring_size, self.config.layout)
+        error = self._input_error(q, k, v, ring)
+        if self.config.check_inputs_across_ranks:
+            signature = (*q.shape, *k.shape[2:], _FLOAT_DTYPES.index(q.dtype) if q.dtype in _FLOAT_DTYPES else -1)
+            agree_or_raise(error, tuple(int(s) for s in signature), ring.group, q.device)
+        elif error:
+            raise ValueError(error)
+        return self._attend(q, k, v, bool(is_causal), ring)
+
+    def _input_error(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ring: RingContext) -> str | None:
+        """A message naming what is wrong with this rank's inputs, or None."""
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if not isinstance(t, torch.Tensor):
+                return f"{name} must be a torch.Tensor, got {type(t).__name__}"
+            if t.dim() != 4:
+                return f"{name} must be 4-D (batch, n_local, heads, head_dim), got shape {tuple(t.shape)}"
+        if q.dtype not in _FLOAT_DTYPES:
+            return f"q has dtype {q.dtype}; ring attention takes floating point inputs"
+        if k.dtype != q.dtype or v.dtype != q.dtype:
+            return f"q, k, v must share one dtype, got q={q.dtype}, k={k.dtype}, v={v.dtype}"
+        if not (q.device == k.device == v.device):
+            return f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}"
+        if k.shape != v.shape:
+            return f"k and v must have the same shape, got k={tuple(k.shape)}, v={tuple(v.shape)}"
+        if k.shape[0] != q.shape[0] or k.shape[1] != q.shape[1] or k.shape[3] != q.shape[3]:
+            return (
+                f"q {tuple(q.shape)} and k/v {tuple(k.shape)} must agree in batch, n_local and head_dim "
+                "(layout: batch, n_local, heads, head_dim)"
+            )
+        if k.shape[2] == 0 or q.shape[2] % k.shape[2]:
+            return f"k/v heads ({k.shape[2]}) must divide q heads ({q.shape[2]}) for grouped-query attention"
+        divisor = sequence_divisor(ring.layout, 1)
+        if q.shape[1] == 0 or q.shape[1] % divisor:
+            return (
+                f"local sequence length {q.shape[1]} must be a positive multiple of {divisor} for "
+                f"layout={ring.layout!r} (global length = n_local x ring size {ring.world_size})"
+            )
+        if self.config.dropout > 0 and self.training:
+            return (
+                f"dropout={self.config.dropout} is not supported by the ring engine in training "
+                "(it would not match the oracle); set dropout=0.0 or call .eval()"
+            )
+        return self._pattern_error(q.shape[1] * ring.world_size, q.shape[2], ring)
+
+    def _pattern_error(self, n_global: int, heads: int, ring: RingContext) -> str | None:
+        """Variant-specific checks of the global length (e.g. segment divisibility)."""
+        return None
+
+    def _attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, ring: RingContext
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------- helpers
+    def scale_for(self, head_dim: int) -> float:
+        return self.config.softmax_scale or default_scale(head_dim)
+
+    def get_communication_stats(self) -> dict[str, float]:
+        return self.stats.as_dict()
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return f"variant={self.variant}, backend={c.backend}, layout={c.layout}, ring_size={c.ring_size}"
+
+
+class RingEngineAttention(RingAttentionBase):
+    """A variant that runs the ring engine with a kernel chosen by ``backend``."""
+
+    follow_sdpa_flags: ClassVar[bool] = False
+    collect_stats: ClassVar[bool] = False
+    default_timeout: ClassVar[float | None] = None
+
+    def _attend(self, q, k, v, causal, ring):
+        qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+        kernel = select_kernel(
+            self.config.backend, q.device, q.dtype, q.shape[-1], follow_sdpa_flags=self.follow_sdpa_flags
+        )
+        stats = self.stats if (self.collect_stats or self.config.enable_monitoring) else None
+        timeout = self.config.comm_timeout if self.config.comm_timeout is not None else self.default_timeout
+        spec = RingSpec(
+            comm=RingComm(ring.group, stats=stats, timeout=timeout),
+            layout=ring.layout,
+            kernel=kernel,
+            scale=self.scale_for(q.shape[-1]),
+            causal=causal,
+        )
+        return ring_attention(qt, kt, vt, spec).transpose(1, 2)
+
+
+class StandardRingAttention(RingEngineAttention):
+    """The ring engine, dense (causal or not), with the kernel backend from ``config.backend``."""
+
+    variant = "standard"
+
+
+class RingDilatedAttentionSDPA(RingEngineAttention):
+    """The ring engine whose per-step kernel is picked the way ``scaled_dot_product_attention`` picks:
+    it honours ``torch.nn.attention.sdpa_kernel`` and the ``torch.backends.cuda.*_sdp`` switches."""
+
+    variant = "sdpa"
+    follow_sdpa_flags = True
+
+
+class DistributedRingAttention(RingEngineAttention):
+    """The ring engine plus per-step communication statistics (``.stats``) and a peer timeout.
+
+    ``stats.bytes_sent``, ``stats.wait_seconds`` (time blocked on the ring) and
+    ``stats.compute_seconds`` accumulate over forward and backward; ``comm_timeout`` (default 300 s)
+    turns a dead peer into a :class:`~ring_plugin.comm.ring.RingTimeoutError`.
+    """
+
+    variant = "distributed"
+    collect_stats = True
+    default_timeout = 300.0
+
+
+class RingDilatedAttentionCorrect(RingAttentionBase):
+    """The oracle as a module: all-gathers the sequence and computes exactly in fp32 (or fp64).
+
+    Slow and O(n) memory per rank on purpose; every other variant is tested against it.
+    """
+
+    variant = "correct"
+
+    def _attend(self, q, k, v, causal, ring):
+        full = [all_gather_sequence(t, 1, ring.layout, ring.group) for t in (q, k, v)]
+        allowed = self.allowed_pairs(full[0].shape[1], full[0].shape[2], q.device)
+        compute = torch.float64 if self.config.oracle_dtype == "float64" else torch.float32
+        out = reference_attention(
+            *full, causal=causal, scale=self.scale_for(q.shape[-1]), allowed=allowed, compute_dtype=compute
+        )
+        rows = global_positions(q.shape[1], ring.layout, ring.rank, ring.world_size, device=q.device)
+        return out.index_select(1, rows)
+
+    def allowed_pairs(self, n: int, heads: int, device: torch.device) -> torch.Tensor | None:
+        """The (heads, n, n) or (n, n) mask of permitted pairs; None for dense attention."""
+        return None
+
+
+# Names users of the predecessor library already know.
+RingDilatedAttention = StandardRingAttention
+RingDilatedAttentionProduction = StandardRingAttention

@@ -1,0 +1,43 @@
+"""The exact reference: dense attention over the full sequence, in fp32 or fp64.
+
+``reference_attention`` is what every variant is tested against (DESIGN §2). It materialises the
+full score matrix on purpose: it is simple, obviously right, and slow.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def reference_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = False,
+    scale: float | None = None,
+    allowed: torch.Tensor | None = None,
+    compute_dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """Attention on full ``(batch, n, heads, head_dim)`` tensors, returned in ``q``'s dtype.
+
+    ``allowed``: optional bool mask ``(n_q, n_k)`` or ``(heads, n_q, n_k)`` of permitted pairs
+    (combined with causal). ``k``/``v`` may have fewer heads than ``q`` (grouped-query attention).
+    Rows with no permitted key output 0.
+    """
+    groups = q.shape[2] // k.shape[2]
+    qc, kc, vc = (t.to(compute_dtype).transpose(1, 2) for t in (q, k, v))
+    if groups > 1:
+        kc, vc = kc.repeat_interleave(groups, dim=1), vc.repeat_interleave(groups, dim=1)
+    scale = scale if scale is not None else q.shape[-1] ** -0.5
+    s = torch.matmul(qc, kc.transpose(-1, -2)) * scale
+    n_q, n_k = s.shape[-2:]
+    keep = torch.ones(n_q, n_k, dtype=torch.bool, device=q.device)
+    if causal:
+        keep = keep.tril()
+    if allowed is not None:
+        keep = keep & allowed.to(q.device)
+    s = s.masked_fill(~keep, float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    p = torch.nan_to_num(p, nan=0.0)  # rows with no permitted key
+    out = torch.matmul(p, vc)
+    return out.transpose(1, 2).to(q.dtype)

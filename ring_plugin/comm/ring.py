@@ -1,0 +1,132 @@
+"""Point-to-point ring exchange: send a tensor to the next rank while receiving from the previous one.
+
+Exchanges are started with ``batch_isend_irecv`` and waited on later, so the next shard is in
+flight while the current one is computed. Optional statistics (bytes, time waiting vs computing)
+and a timeout that turns a dead peer into a :class:`RingTimeoutError` instead of a hang.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+class RingTimeoutError(RuntimeError):
+    """A ring peer did not answer within the configured timeout."""
+
+
+@dataclass
+class RingStats:
+    """Communication statistics, accumulated over forward and backward passes."""
+
+    bytes_sent: int = 0
+    messages: int = 0
+    steps: int = 0
+    wait_seconds: float = 0.0
+    compute_seconds: float = 0.0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def reset(self) -> None:
+        self.bytes_sent = self.messages = self.steps = 0
+        self.wait_seconds = self.compute_seconds = 0.0
+        self.history.clear()
+
+    @property
+    def wait_fraction(self) -> float:
+        total = self.wait_seconds + self.compute_seconds
+        return self.wait_seconds / total if total > 0 else 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "bytes_sent": float(self.bytes_sent),
+            "messages": float(self.messages),
+            "steps": float(self.steps),
+            "wait_seconds": self.wait_seconds,
+            "compute_seconds": self.compute_seconds,
+            "wait_fraction": self.wait_fraction,
+        }
+
+
+class PendingExchange:
+    def __init__(self, works: list, recv: list[torch.Tensor], comm: RingComm):
+        self._works = works
+        self._recv = recv
+        self._comm = comm
+
+    def wait(self) -> list[torch.Tensor]:
+        self._comm._wait(self._works)
+        return self._recv
+
+
+class RingComm:
+    """Sends to ``rank + 1`` and receives from ``rank - 1`` within ``group``."""
+
+    def __init__(
+        self,
+        group: dist.ProcessGroup | None,
+        stats: RingStats | None = None,
+        timeout: float | None = None,
+    ):
+        self.group = group
+        self.world_size = dist.get_world_size(group) if group is not None else 1
+        self.rank = dist.get_rank(group) if group is not None else 0
+        self.stats = stats
+        self.timeout = timeout
+        if self.world_size > 1:
+            self.next_peer = dist.get_global_rank(group, (self.rank + 1) % self.world_size)
+            self.prev_peer = dist.get_global_rank(group, (self.rank - 1) % self.world_size)
+        self._mark = time.perf_counter()
+
+    def exchange(self, tensors: list[torch.Tensor]) -> PendingExchange:
+        """Start sending ``tensors`` to the next rank and receiving same-shaped ones from the previous."""
+        recv = [torch.empty_like(t) for t in tensors]
+        ops = []
+        for t, r in zip(tensors, recv):
+            ops.append(dist.P2POp(dist.isend, t.contiguous(), self.next_peer, self.group))
+            ops.append(dist.P2POp(dist.irecv, r, self.prev_peer, self.group))
+        works = dist.batch_isend_irecv(ops)
+        if self.stats is not None:
+            self.stats.bytes_sent += sum(t.numel() * t.element_size() for t in tensors)
+            self.stats.messages += len(tensors)
+        return PendingExchange(works, recv, self)
+
+    # Timing: the time between two waits is compute; the wait itself is time lost to the ring.
+    def start_compute(self) -> None:
+        if self.stats is not None:
+            self._mark = time.perf_counter()
+
+    def _wait(self, works: list) -> None:
+        if self.stats is not None:
+            self._sync()
+            start = time.perf_counter()
+            self.stats.compute_seconds += start - self._mark
+        try:
+            for w in works:
+                if self.timeout is not None:
+                    w.wait(timedelta(seconds=self.timeout))
+                else:
+                    w.wait()
+        except RuntimeError as err:
+            if self.timeout is None:
+                raise
+            raise RingTimeoutError(
+                f"ring peer did not answer within {self.timeout:.1f} s (rank {self.rank} of "
+                f"{self.world_size}, previous peer global rank {self.prev_peer}, next {self.next_peer}): "
+                f"{err}"
+            ) from err
+        if self.stats is not None:
+            self._sync()
+            end = time.perf_counter()
+            self.stats.wait_seconds += end - start
+            self.stats.steps += 1
+            self._mark = end
+
+    def _sync(self) -> None:
+        # Host timers only mean something once queued GPU work is done; this costs overlap, so
+        # it happens only when statistics were asked for.
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.current_stream().synchronize()

@@ -1,0 +1,122 @@
+"""``RingAttentionConfig``: every knob of a ring attention layer, validated on construction."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .layout import LAYOUTS
+from .ops.kernels import BACKENDS
+
+PATTERN_TYPES = ("local", "dilated_sparse", "global_local")
+
+
+def _ints(name: str, value: Sequence[int] | None) -> list[int] | None:
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise TypeError(f"{name}={value!r} must be a list of positive integers")
+    out = list(value)
+    for v in out:
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise ValueError(f"{name}={out!r} must hold positive integers; {v!r} is not one")
+    return out
+
+
+@dataclass
+class RingAttentionConfig:
+    """Configuration shared by every ring attention variant.
+
+    ``segment_lengths``/``dilation_rates``: LongNet dilated attention pairs (both or neither).
+    ``ring_size``: ranks in one ring (default: the active ring, else the whole world).
+    ``layout``: shard layout, ``'contiguous'`` or ``'zigzag'`` (default: the active ring's, else
+    contiguous). ``backend``: kernel backend (``'auto'`` picks by device and dtype).
+    ``comm_timeout``: seconds to wait for a ring peer before raising (None: wait forever).
+    ``oracle_dtype``: compute dtype of the ``correct`` variant (``'float32'`` or ``'float64'``).
+    """
+
+    segment_lengths: list[int] | None = None
+    dilation_rates: list[int] | None = None
+    dropout: float = 0.0
+    ring_size: int | None = None
+    layout: str | None = None
+    backend: str = "auto"
+    softmax_scale: float | None = None
+    comm_timeout: float | None = None
+    enable_monitoring: bool = False
+    use_deepspeed: bool = False
+    oracle_dtype: str = "float32"
+    check_inputs_across_ranks: bool = True
+    # Block-sparse and Hilbert variants.
+    block_size: int = 64
+    sparsity_ratio: float = 0.9
+    pattern_type: str = "dilated_sparse"
+    hilbert_level: int | None = None
+    grid: tuple[int, int] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.segment_lengths = _ints("segment_lengths", self.segment_lengths)
+        self.dilation_rates = _ints("dilation_rates", self.dilation_rates)
+        if (self.segment_lengths is None) != (self.dilation_rates is None):
+            raise ValueError(
+                "segment_lengths and dilation_rates go together: give both or neither "
+                f"(got segment_lengths={self.segment_lengths}, dilation_rates={self.dilation_rates})"
+            )
+        if self.segment_lengths is not None and len(self.segment_lengths) != len(self.dilation_rates or []):
+            raise ValueError(
+                f"segment_lengths={self.segment_lengths} and dilation_rates={self.dilation_rates} "
+                "must have the same length"
+            )
+        if self.segment_lengths is not None and not self.segment_lengths:
+            raise ValueError("segment_lengths=[] must name at least one segment (or be None for dense)")
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout={self.dropout!r} must be a float in [0, 1)")
+        if self.ring_size is not None and (
+            isinstance(self.ring_size, bool) or not isinstance(self.ring_size, int) or self.ring_size <= 0
+        ):
+            raise ValueError(f"ring_size={self.ring_size!r} must be a positive integer or None")
+        if self.layout is not None and self.layout not in LAYOUTS:
+            raise ValueError(f"layout={self.layout!r} is not a known shard layout; valid: {', '.join(LAYOUTS)}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend={self.backend!r} is not a known kernel backend; valid: {', '.join(BACKENDS)}")
+        if self.softmax_scale is not None and not self.softmax_scale > 0:
+            raise ValueError(f"softmax_scale={self.softmax_scale!r} must be positive or None")
+        if self.comm_timeout is not None and not self.comm_timeout > 0:
+            raise ValueError(f"comm_timeout={self.comm_timeout!r} must be positive seconds or None")
+        if self.oracle_dtype not in ("float32", "float64"):
+            raise ValueError(f"oracle_dtype={self.oracle_dtype!r} must be 'float32' or 'float64'")
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size <= 0:
+            raise ValueError(f"block_size={self.block_size!r} must be a positive integer")
+        if not isinstance(self.sparsity_ratio, (int, float)) or not 0.0 <= self.sparsity_ratio < 1.0:
+            raise ValueError(
+                f"sparsity_ratio={self.sparsity_ratio!r} must lie in [0, 1): the fraction of block pairs "
+                "skipped (0.9 = 90% sparse)"
+            )
+        if self.pattern_type not in PATTERN_TYPES:
+            raise ValueError(f"pattern_type={self.pattern_type!r} is not known; valid: {', '.join(PATTERN_TYPES)}")
+        if self.hilbert_level is not None and (not isinstance(self.hilbert_level, int) or self.hilbert_level < 0):
+            raise ValueError(f"hilbert_level={self.hilbert_level!r} must be a non-negative integer")
+        if self.grid is not None:
+            grid = tuple(self.grid)
+            if len(grid) != 2 or any(isinstance(g, bool) or not isinstance(g, int) or g <= 0 for g in grid):
+                raise ValueError(f"grid={self.grid!r} must be two positive integers (H, W)")
+            self.grid = grid  # type: ignore[assignment]
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}
+
+    def replace(self, **overrides: Any) -> RingAttentionConfig:
+        unknown = set(overrides) - self.field_names()
+        if unknown:
+            raise TypeError(
+                f"unknown ring attention argument(s) {sorted(unknown)}; valid: {sorted(self.field_names())}"
+            )
+        return dataclasses.replace(self, **overrides)
+
+    @property
+    def is_dilated(self) -> bool:
+        return self.segment_lengths is not None

@@ -1,0 +1,192 @@
+"""Attention kernels that return a logsumexp, with matching backward calls.
+
+Every kernel takes contiguous ``(batch, heads, length, head_dim)`` tensors with the same head count,
+and a causal flag that is only ever used on square blocks (query and key chunks at the same global
+positions), so top-left and bottom-right causal alignment agree. The forward returns the output in
+the input dtype and the logsumexp as fp32 ``(batch, heads, length)``. The backward is fed the
+*merged* output and logsumexp of the whole ring, which makes each block's gradient exact.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+aten = torch.ops.aten
+
+BACKENDS = ("auto", "cudnn", "flash", "efficient", "math", "cpu_flash")
+
+ForwardFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool, float], tuple[torch.Tensor, torch.Tensor]]
+BackwardFn = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class Kernel:
+    name: str
+    forward: ForwardFn
+    backward: BackwardFn
+
+
+def check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not a known kernel backend; valid: {', '.join(BACKENDS)}")
+
+
+# ---------------------------------------------------------------------------------------------- math
+def _math_forward(q, k, v, causal, scale):
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    s = torch.matmul(q.to(compute), k.to(compute).transpose(-1, -2)) * scale
+    if causal:
+        s = s.masked_fill(_causal_mask(s), float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - _finite(lse).unsqueeze(-1))
+    out = torch.matmul(p, v.to(compute))
+    return out.to(q.dtype), lse.float()
+
+
+def _math_backward(dout, q, k, v, out, lse, causal, scale):
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qc, kc, vc, doc = (t.to(compute) for t in (q, k, v, dout))
+    s = torch.matmul(qc, kc.transpose(-1, -2)) * scale
+    if causal:
+        s = s.masked_fill(_causal_mask(s), float("-inf"))
+    p = torch.exp(s - _finite(lse.to(compute)).unsqueeze(-1))
+    dp = torch.matmul(doc, vc.transpose(-1, -2))
+    delta = (doc * out.to(compute)).sum(-1, keepdim=True)
+    ds = p * (dp - delta)
+    dq = torch.matmul(ds, kc) * scale
+    dk = torch.matmul(ds.transpose(-1, -2), qc) * scale
+    dv = torch.matmul(p.transpose(-1, -2), doc)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _causal_mask(s: torch.Tensor) -> torch.Tensor:
+    lq, lk = s.shape[-2:]
+    return torch.ones(lq, lk, dtype=torch.bool, device=s.device).triu(1)
+
+
+def _finite(lse: torch.Tensor) -> torch.Tensor:
+    """lse with -inf (rows with no key) replaced by 0 so that exp(s - lse) gives 0, not NaN."""
+    return torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+
+
+# ----------------------------------------------------------------------------------------- CPU flash
+def _cpu_flash_forward(q, k, v, causal, scale):
+    out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+    return out, lse
+
+
+def _cpu_flash_backward(dout, q, k, v, out, lse, causal, scale):
+    return aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        dout, q, k, v, out, lse, 0.0, causal, scale=scale
+    )
+
+
+# ------------------------------------------------------------------------------------------- CUDA
+def _cudnn_forward(q, k, v, causal, scale):
+    res = aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False, scale=scale)
+    return res[0], res[1].reshape(q.shape[:3])
+
+
+def _cudnn_backward(dout, q, k, v, out, lse, causal, scale):
+    empty = torch.empty(0, device=q.device, dtype=torch.int64)
+    seed = torch.zeros((), device=q.device, dtype=torch.int64)
+    dq, dk, dv = aten._scaled_dot_product_cudnn_attention_backward(
+        dout, q, k, v, out, lse.unsqueeze(-1).contiguous(), seed, seed, None,
+        empty, empty, q.shape[2], k.shape[2], 0.0, causal, scale=scale,
+    )
+    return dq, dk, dv
+
+
+def _flash_forward(q, k, v, causal, scale):
+    res = aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
+    return res[0], res[1]
+
+
+def _flash_backward(dout, q, k, v, out, lse, causal, scale):
+    empty = torch.empty(0, device=q.device, dtype=torch.int64)
+    seed = torch.zeros(2, device=q.device, dtype=torch.int64)
+    return aten._scaled_dot_product_flash_attention_backward(
+        dout, q, k, v, out, lse.contiguous(), empty, empty, q.shape[2], k.shape[2], 0.0, causal,
+        seed, seed, scale=scale,
+    )
+
+
+def _efficient_forward(q, k, v, causal, scale):
+    out, lse, _, _ = aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, causal, scale=scale)
+    return out, lse[..., : q.shape[2]]
+
+
+def _efficient_backward(dout, q, k, v, out, lse, causal, scale):
+    seed = torch.zeros(2, device=q.device, dtype=torch.int64)
+    pad = (-lse.shape[-1]) % 32
+    lse_padded = torch.nn.functional.pad(lse, (0, pad)).contiguous()
+    dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
+        dout, q, k, v, None, out, lse_padded, seed, seed, 0.0, [True, True, True, False], causal, scale=scale
+    )
+    return dq, dk, dv
+
+
+KERNELS: dict[str, Kernel] = {
+    "math": Kernel("math", _math_forward, _math_backward),
+    "cpu_flash": Kernel("cpu_flash", _cpu_flash_forward, _cpu_flash_backward),
+    "cudnn": Kernel("cudnn", _cudnn_forward, _cudnn_backward),
+    "flash": Kernel("flash", _flash_forward, _flash_backward),
+    "efficient": Kernel("efficient", _efficient_forward, _efficient_backward),
+}
+
+_CUDA_ONLY = ("cudnn", "flash", "efficient")
+
+
+def _sdpa_flags_allow(name: str) -> bool:
+    """Whether PyTorch's SDPA backend switches (``torch.nn.attention.sdpa_kernel``) allow ``name``."""
+    flags = {
+        "cudnn": torch.backends.cuda.cudnn_sdp_enabled,
+        "flash": torch.backends.cuda.flash_sdp_enabled,
+        "efficient": torch.backends.cuda.mem_efficient_sdp_enabled,
+        "math": torch.backends.cuda.math_sdp_enabled,
+    }
+    return flags[name]()
+
+
+def select_kernel(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int,
+                  follow_sdpa_flags: bool = False) -> Kernel:
+    """Resolve a backend name to a kernel for this device, dtype and head size.
+
+    ``auto`` picks the fastest kernel that supports the inputs: on CUDA cuDNN, then flash (half
+    precision, head_dim <= 256), then memory-efficient (fp32 too), then math; on CPU the CPU flash
+    kernel (fp32/bf16/fp16), math for fp64. With ``follow_sdpa_flags`` the CUDA choice also honours
+    the switches set by ``torch.nn.attention.sdpa_kernel``, as ``scaled_dot_product_attention`` does.
+    """
+    check_backend(backend)
+    half = dtype in (torch.float16, torch.bfloat16)
+    if backend == "auto":
+        if device.type == "cuda":
+            order = []
+            if half and head_dim <= 128:
+                order.append("cudnn")
+            if half and head_dim <= 256:
+                order.append("flash")
+            if dtype in (torch.float32, torch.float16, torch.bfloat16):
+                order.append("efficient")
+            order.append("math")
+            if follow_sdpa_flags:
+                order = [name for name in order if _sdpa_flags_allow(name)] or ["math"]
+            return KERNELS[order[0]]
+        if dtype == torch.float64:
+            return KERNELS["math"]
+        return KERNELS["cpu_flash"]
+    if backend in _CUDA_ONLY and device.type != "cuda":
+        raise ValueError(f"backend={backend!r} needs CUDA tensors, got device {device}; use 'auto' or 'math'")
+    if backend in ("cudnn", "flash") and not half:
+        raise ValueError(f"backend={backend!r} supports float16/bfloat16 only, got {dtype}")
+    if backend == "cpu_flash" and device.type != "cpu":
+        raise ValueError(f"backend='cpu_flash' needs CPU tensors, got device {device}")
+    return KERNELS[backend]
+
+
+def default_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)
