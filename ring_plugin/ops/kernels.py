@@ -92,11 +92,11 @@ def _cudnn_forward(q, k, v, causal, scale):
 
 
 def _cudnn_backward(dout, q, k, v, out, lse, causal, scale):
-    empty = torch.empty(0, device=q.device, dtype=torch.int64)
+    # cum_seq_q/k must be undefined (None): defined ones select cuDNN's nested (varlen) path.
     seed = torch.zeros((), device=q.device, dtype=torch.int64)
     dq, dk, dv = aten._scaled_dot_product_cudnn_attention_backward(
         dout, q, k, v, out, lse.unsqueeze(-1).contiguous(), seed, seed, None,
-        empty, empty, q.shape[2], k.shape[2], 0.0, causal, scale=scale,
+        None, None, q.shape[2], k.shape[2], 0.0, causal, scale=scale,
     )
     return dq, dk, dv
 
@@ -107,11 +107,10 @@ def _flash_forward(q, k, v, causal, scale):
 
 
 def _flash_backward(dout, q, k, v, out, lse, causal, scale):
-    empty = torch.empty(0, device=q.device, dtype=torch.int64)
-    seed = torch.zeros(2, device=q.device, dtype=torch.int64)
+    # Undefined cu_seqlens select the dense (not varlen) path; the RNG state is unused without dropout.
     return aten._scaled_dot_product_flash_attention_backward(
-        dout, q, k, v, out, lse.contiguous(), empty, empty, q.shape[2], k.shape[2], 0.0, causal,
-        seed, seed, scale=scale,
+        dout, q, k, v, out, lse.contiguous(), None, None, q.shape[2], k.shape[2], 0.0, causal,
+        None, None, scale=scale,
     )
 
 
@@ -121,7 +120,7 @@ def _efficient_forward(q, k, v, causal, scale):
 
 
 def _efficient_backward(dout, q, k, v, out, lse, causal, scale):
-    seed = torch.zeros(2, device=q.device, dtype=torch.int64)
+    seed = torch.zeros((), device=q.device, dtype=torch.int64)  # RNG state: unused without dropout
     pad = (-lse.shape[-1]) % 32
     lse_padded = torch.nn.functional.pad(lse, (0, pad)).contiguous()
     dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
@@ -156,8 +155,8 @@ def select_kernel(backend: str, device: torch.device, dtype: torch.dtype, head_d
                   follow_sdpa_flags: bool = False) -> Kernel:
     """Resolve a backend name to a kernel for this device, dtype and head size.
 
-    ``auto`` picks the fastest kernel that supports the inputs: on CUDA cuDNN, then flash (half
-    precision, head_dim <= 256), then memory-efficient (fp32 too), then math; on CPU the CPU flash
+    ``auto`` picks the fastest kernel that supports the inputs: on CUDA cuDNN (half precision,
+    head_dim <= 128), then flash (half, head_dim <= 256), then memory-efficient (fp32), then math; on CPU the CPU flash
     kernel (fp32/bf16/fp16), math for fp64. With ``follow_sdpa_flags`` the CUDA choice also honours
     the switches set by ``torch.nn.attention.sdpa_kernel``, as ``scaled_dot_product_attention`` does.
     """
@@ -170,7 +169,7 @@ def select_kernel(backend: str, device: torch.device, dtype: torch.dtype, head_d
                 order.append("cudnn")
             if half and head_dim <= 256:
                 order.append("flash")
-            if dtype in (torch.float32, torch.float16, torch.bfloat16):
+            if dtype == torch.float32:
                 order.append("efficient")
             order.append("math")
             if follow_sdpa_flags:
@@ -183,6 +182,11 @@ def select_kernel(backend: str, device: torch.device, dtype: torch.dtype, head_d
         raise ValueError(f"backend={backend!r} needs CUDA tensors, got device {device}; use 'auto' or 'math'")
     if backend in ("cudnn", "flash") and not half:
         raise ValueError(f"backend={backend!r} supports float16/bfloat16 only, got {dtype}")
+    if backend == "efficient" and dtype != torch.float32:
+        # Measured on H200, torch 2.11: its backward fed a merged out/lse gives wrong dQ/dK in
+        # half precision (dV is right), so the ring cannot use it there.
+        raise ValueError(f"backend='efficient' is exact in the ring for float32 only, got {dtype}; "
+                         "use 'cudnn' or 'flash' for half precision")
     if backend == "cpu_flash" and device.type != "cpu":
         raise ValueError(f"backend='cpu_flash' needs CPU tensors, got device {device}")
     return KERNELS[backend]
