@@ -1,0 +1,8 @@
+"""Lightning callbacks of the ``ring-train`` app: atomic checkpoints, fault tolerance, monitoring, task metrics."""
+
+from .checkpointing import AtomicModelCheckpoint, newest_complete_checkpoint
+from .fault_tolerance import FaultTolerance
+from .monitoring import RingMonitor
+from .task_accuracy import TaskAccuracy
+
+__all__ = ["AtomicModelCheckpoint", "FaultTolerance", "RingMonitor", "TaskAccuracy", "newest_complete_checkpoint"]

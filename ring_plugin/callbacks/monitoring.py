@@ -1,0 +1,157 @@
+"""``RingMonitor``: throughput, MFU, memory, ring communication and step-time skew, to every logger.
+
+Every ``log_every_n_steps`` optimizer steps it reduces its counters across all ranks and logs, under
+``monitor/``: ``tokens_per_s`` (whole job), ``mfu`` (model FLOPs per token × tokens/s over the summed
+device peak), ``peak_mem_gb`` (max over ranks) and ``peak_mem_gb_rank{r}``, ``ring_bytes_sent``
+(per rank and step), ``ring_wait_frac`` (share of ring time spent waiting on a peer),
+``step_time_s`` and ``step_skew`` ((slowest - fastest) / mean step time across ranks), ``loss`` and ``lr``.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from lightning.pytorch.callbacks import Callback
+
+from ..comm.ring import RingStats
+
+# Dense bf16 peak per device (FLOP/s) by name fragment; an explicit `peak_flops` wins.
+_GPU_PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
+
+
+def device_peak_flops(device: torch.device, cpu_peak_flops: float) -> float:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for fragment, peak in _GPU_PEAKS.items():
+            if fragment in name:
+                return peak
+    return cpu_peak_flops
+
+
+def _peak_memory_bytes(device: torch.device) -> float:
+    if device.type == "cuda":
+        return float(torch.cuda.max_memory_allocated(device))
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+def _flops_per_token(pl_module: pl.LightningModule, seq_len: int) -> float:
+    for owner in (pl_module, getattr(pl_module, "model", None)):
+        fn = getattr(owner, "flops_per_token", None)
+        if callable(fn):
+            return float(fn(seq_len))
+    # Fallback: 6 N (forward + backward of the weights), ignoring attention.
+    return 6.0 * sum(p.numel() for p in pl_module.parameters())
+
+
+def _ring_totals(pl_module: pl.LightningModule) -> torch.Tensor:
+    totals = torch.zeros(3, dtype=torch.float64)
+    for m in pl_module.modules():
+        stats = getattr(m, "stats", None)
+        if isinstance(stats, RingStats):
+            totals += torch.tensor([stats.bytes_sent, stats.wait_seconds, stats.compute_seconds], dtype=torch.float64)
+    return totals
+
+
+class RingMonitor(Callback):
+    def __init__(self, log_every_n_steps: int = 10, peak_flops: float | None = None,
+                 cpu_peak_flops: float = 1.0e11):
+        if log_every_n_steps < 1:
+            raise ValueError(f"callbacks.monitoring.log_every_n_steps={log_every_n_steps} must be >= 1")
+        self.log_every_n_steps = log_every_n_steps
+        self.peak_flops = peak_flops
+        self.cpu_peak_flops = cpu_peak_flops
+        self.last: dict[str, float] = {}
+        self.total_tokens = 0.0
+        self.total_time = 0.0
+        self._reset_window()
+        self._t0 = 0.0
+
+    def _reset_window(self) -> None:
+        self._tokens = 0.0
+        self._time = 0.0
+        self._steps = 0
+        self._loss_sum = 0.0
+        self._loss_n = 0
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._ring0 = _ring_totals(pl_module)
+        self._reset_window()
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self._time += time.perf_counter() - self._t0
+        self._steps += 1
+        ids = batch["input_ids"] if isinstance(batch, dict) else batch[0]
+        self._seq_local = ids.shape[-1]
+        self._tokens += float(ids.numel())  # this rank's shard; summed over ranks below
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if isinstance(loss, torch.Tensor) and torch.isfinite(loss):
+            self._loss_sum += float(loss.detach())
+            self._loss_n += 1
+        if trainer.global_step % self.log_every_n_steps == 0 and self._steps > 0:
+            self._log(trainer, pl_module)
+
+    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        device = pl_module.device
+        world = trainer.world_size
+        ring = _ring_totals(pl_module)
+        delta = ring - self._ring0
+        self._ring0 = ring
+        mem = _peak_memory_bytes(device)
+        # One all-reduce for sums and one gather for per-rank values keep this cheap.
+        sums = torch.tensor([self._tokens, delta[0], delta[1], delta[2], self._loss_sum, self._loss_n],
+                            dtype=torch.float64, device=device)
+        per_rank = torch.tensor([self._time / self._steps, mem], dtype=torch.float64, device=device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(sums)
+            gathered = [torch.zeros_like(per_rank) for _ in range(dist.get_world_size())]
+            dist.all_gather(gathered, per_rank)
+            ranks = torch.stack(gathered).cpu()
+        else:
+            ranks = per_rank.cpu().unsqueeze(0)
+        tokens, ring_bytes, wait, compute, loss_sum, loss_n = sums.cpu().tolist()
+        step_times, mems = ranks[:, 0], ranks[:, 1]
+        window = float(step_times.max()) * self._steps  # the job moves at its slowest rank's pace
+        tokens_per_s = tokens / window if window > 0 else 0.0
+        peak = self.peak_flops or device_peak_flops(device, self.cpu_peak_flops)
+        seq_len = self._seq_local * (world // max(1, _dp_size(trainer)))
+        metrics = {
+            "monitor/tokens_per_s": tokens_per_s,
+            "monitor/mfu": _flops_per_token(pl_module, seq_len) * tokens_per_s / (peak * world),
+            "monitor/peak_mem_gb": float(mems.max()) / 1e9,
+            "monitor/ring_bytes_sent": ring_bytes / world / self._steps,
+            "monitor/ring_wait_frac": wait / (wait + compute) if wait + compute > 0 else 0.0,
+            "monitor/step_time_s": float(step_times.mean()),
+            "monitor/step_skew": float((step_times.max() - step_times.min()) / step_times.mean()),
+            "monitor/lr": float(trainer.optimizers[0].param_groups[0]["lr"]) if trainer.optimizers else 0.0,
+        }
+        if loss_n > 0:
+            metrics["monitor/loss"] = loss_sum / loss_n
+        for r, m in enumerate(mems.tolist()):
+            metrics[f"monitor/peak_mem_gb_rank{r}"] = m / 1e9
+        self.total_tokens += tokens
+        self.total_time += window
+        self.last = metrics
+        self._reset_window()
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
+        pl_module.log("tok/s", tokens_per_s, prog_bar=True, logger=False, rank_zero_only=True)
+
+    @property
+    def mean_tokens_per_s(self) -> float:
+        return self.total_tokens / self.total_time if self.total_time > 0 else 0.0
+
+
+def _dp_size(trainer: pl.Trainer) -> int:
+    kwargs = getattr(trainer.strategy, "distributed_sampler_kwargs", None) or {}
+    return int(kwargs.get("num_replicas", trainer.world_size))
