@@ -1,0 +1,82 @@
+"""A pre-norm transformer block whose attention runs on the ring."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..attention.factory import create_ring_attention
+from .rotary import apply_rotary
+
+
+def make_norm(kind: str, dim: int, eps: float = 1e-5) -> nn.Module:
+    if kind == "rmsnorm":
+        return nn.RMSNorm(dim, eps=eps)
+    if kind == "layernorm":
+        return nn.LayerNorm(dim, eps=eps)
+    raise ValueError(f"norm={kind!r} is not known; valid: 'rmsnorm', 'layernorm'")
+
+
+class RotarySelfAttention(nn.Module):
+    """Fused QKV projection (grouped-query when ``n_kv_head < n_head``), rotary q/k, ring attention."""
+
+    def __init__(self, n_embd: int, n_head: int, n_kv_head: int | None, attention: str,
+                 attention_kwargs: dict[str, Any] | None = None, bias: bool = False):
+        super().__init__()
+        kv = n_head if n_kv_head is None else n_kv_head
+        if n_embd % n_head or n_head % kv:
+            raise ValueError(f"n_embd={n_embd}, n_head={n_head}, n_kv_head={n_kv_head}: n_head must divide "
+                             "n_embd and n_kv_head must divide n_head")
+        self.n_head, self.n_kv_head, self.head_dim = n_head, kv, n_embd // n_head
+        self.qkv = nn.Linear(n_embd, (n_head + 2 * kv) * self.head_dim, bias=bias)
+        self.proj = nn.Linear(n_embd, n_embd, bias=bias)
+        self.attn = create_ring_attention(attention, **(attention_kwargs or {}))
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).split([self.n_head * self.head_dim, *(2 * [self.n_kv_head * self.head_dim])], -1)
+        q = apply_rotary(q.view(b, n, self.n_head, self.head_dim), cos, sin)
+        k = apply_rotary(k.view(b, n, self.n_kv_head, self.head_dim), cos, sin)
+        v = v.view(b, n, self.n_kv_head, self.head_dim)
+        return self.proj(self.attn(q, k, v, is_causal=True).reshape(b, n, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, n_embd: int, hidden: int, bias: bool = False):
+        super().__init__()
+        self.fc = nn.Linear(n_embd, hidden, bias=bias)
+        self.proj = nn.Linear(hidden, n_embd, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.gelu(self.fc(x), approximate="tanh"))
+
+
+class TransformerBlock(nn.Module):
+    """``x + attn(norm(x))`` then ``x + mlp(norm(x))``; causal, rotary from global positions.
+
+    ``checkpointing=True`` recomputes the block in backward (the ring forward runs again: every rank
+    of the ring recomputes the same blocks in the same order, so the ring stays in step).
+    """
+
+    def __init__(self, n_embd: int, n_head: int, n_kv_head: int | None = None, *, attention: str = "standard",
+                 attention_kwargs: dict[str, Any] | None = None, mlp_hidden: int | None = None,
+                 norm: str = "rmsnorm", bias: bool = False, checkpointing: bool = False):
+        super().__init__()
+        self.norm1 = make_norm(norm, n_embd)
+        self.attn = RotarySelfAttention(n_embd, n_head, n_kv_head, attention, attention_kwargs, bias)
+        self.norm2 = make_norm(norm, n_embd)
+        self.mlp = MLP(n_embd, mlp_hidden or 4 * n_embd, bias)
+        self.checkpointing = checkpointing
+
+    def _body(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), cos, sin)
+        return x + self.mlp(self.norm2(x))
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        if self.checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(self._body, x, cos, sin, use_reentrant=False)
+        return self._body(x, cos, sin)
