@@ -1,0 +1,133 @@
+"""``RingGPT``: a small decoder-only transformer that runs on sequence shards.
+
+``forward(input_ids, position_ids)`` takes this rank's shard of the tokens and their GLOBAL positions
+(the strategy creates both) and returns this rank's logits. Rotary embeddings read the global
+positions, so the shards together compute exactly what one process computes on the full sequence.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..layers.rotary import RotaryEmbedding
+from ..layers.transformer import TransformerBlock, make_norm
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50304
+    n_layer: int = 12
+    n_head: int = 12
+    n_kv_head: int | None = None
+    n_embd: int = 768
+    max_seq_len: int = 131072
+    attention: str = "standard"
+    attention_kwargs: dict[str, Any] = field(default_factory=dict)
+    activation_checkpointing: bool = False
+    tie_weights: bool = True
+    mlp_hidden: int | None = None
+    norm: str = "rmsnorm"
+    bias: bool = False
+    rope_base: float = 10000.0
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "n_layer", "n_head", "n_embd", "max_seq_len"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name}={value!r} must be a positive integer")
+        if self.n_embd % self.n_head or (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"n_embd={self.n_embd} / n_head={self.n_head} must give an even head size")
+        if self.n_kv_head is not None and (self.n_kv_head <= 0 or self.n_head % self.n_kv_head):
+            raise ValueError(f"n_kv_head={self.n_kv_head} must divide n_head={self.n_head}")
+        self.attention_kwargs = dict(self.attention_kwargs or {})
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> GPTConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise TypeError(f"unknown GPTConfig field(s) {sorted(unknown)}; valid: {sorted(known)}")
+        return cls(**values)
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+
+class RingGPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = c = config
+        self.wte = nn.Embedding(c.vocab_size, c.n_embd)
+        self.rotary = RotaryEmbedding(c.head_dim, c.rope_base)
+        self.blocks = nn.ModuleList(
+            TransformerBlock(c.n_embd, c.n_head, c.n_kv_head, attention=c.attention,
+                             attention_kwargs=c.attention_kwargs, mlp_hidden=c.mlp_hidden, norm=c.norm,
+                             bias=c.bias, checkpointing=c.activation_checkpointing)
+            for _ in range(c.n_layer)
+        )
+        self.norm_f = make_norm(c.norm, c.n_embd)
+        self.lm_head = None if c.tie_weights else nn.Linear(c.n_embd, c.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        # GPT-2's scaled init of the projections that write into the residual stream.
+        for name, p in self.named_parameters():
+            if name.endswith(("attn.proj.weight", "mlp.proj.weight")):
+                nn.init.normal_(p, std=c.init_std / math.sqrt(2 * c.n_layer))
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=self.config.init_std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        if position_ids.numel() and int(position_ids.max()) >= self.config.max_seq_len:
+            raise ValueError(f"position id {int(position_ids.max())} exceeds max_seq_len={self.config.max_seq_len}")
+        x = self.wte(input_ids)
+        cos, sin = self.rotary(position_ids)
+        for block in self.blocks:
+            x = block(x, cos, sin)
+        x = self.norm_f(x)
+        # Tied head: reads wte.weight through the module (ZeRO-3 gathers it on access).
+        weight = self.wte.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(x, weight)
+
+    def num_parameters(self, non_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.wte.weight.numel() if non_embedding else n
+
+    def keys_per_query(self, seq_len: int) -> float:
+        """Average number of keys one query attends to (before the causal halving)."""
+        kw = self.config.attention_kwargs
+        if kw.get("segment_lengths"):
+            # Dilated: per pair (w, r) a head keeps 1/r of the queries, each sees w/r keys.
+            return sum(min(w, seq_len) / r**2 for w, r in zip(kw["segment_lengths"], kw["dilation_rates"]))
+        if self.config.attention == "block_sparse":
+            return seq_len * (1.0 - kw.get("sparsity_ratio", 0.9))
+        return float(seq_len)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward = 3x forward), for MFU.
+
+        Matmuls: 2 FLOPs per weight per token (embedding lookup excluded, tied head included).
+        Attention: QK^T and PV cost 4 * keys * head_dim per head per query; causal halves the keys.
+        """
+        c = self.config
+        hd = c.head_dim
+        per_layer = c.n_embd * (c.n_head + 2 * c.kv_heads) * hd + c.n_embd * c.n_embd
+        per_layer += 2 * c.n_embd * (c.mlp_hidden or 4 * c.n_embd)
+        matmul_weights = c.n_layer * per_layer + c.n_embd * c.vocab_size
+        attention = c.n_layer * c.n_head * 4 * hd * self.keys_per_query(seq_len) * 0.5
+        return 3.0 * (2.0 * matmul_weights + attention)
