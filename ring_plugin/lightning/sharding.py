@@ -1,0 +1,50 @@
+"""Sharding of a batch's sequence tensors along the sequence dimension (dim 1) in the ring's layout."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+
+from ..layout import sequence_divisor, shard_sequence
+
+SEQUENCE_KEYS = ("input_ids", "labels", "position_ids")
+
+
+def shard_batch(
+    batch: Any, layout: str, ring_rank: int, ring_size: int, extra_keys: Iterable[str] = ()
+) -> Any:
+    """This rank's shard of ``batch`` (a mapping with a full-length ``input_ids``, shape (batch, length)).
+
+    ``position_ids`` are created from the global positions when absent, so the model sees where its
+    rows sit in the full sequence. Other values pass through untouched. A non-mapping batch, or one
+    without ``input_ids``, is returned as is.
+    """
+    if not isinstance(batch, Mapping) or "input_ids" not in batch:
+        return batch
+    input_ids = batch["input_ids"]
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
+    length = input_ids.shape[1]
+    divisor = sequence_divisor(layout, ring_size)
+    if length % divisor:
+        raise ValueError(
+            f"sequence length {length} cannot be sharded: it must be a multiple of {divisor} "
+            f"(ring size {ring_size} x {divisor // ring_size} chunk(s) per rank for layout={layout!r}); "
+            "pad or crop the sequences to a multiple of it"
+        )
+    out = dict(batch)
+    if "position_ids" not in out:
+        out["position_ids"] = torch.arange(length, device=input_ids.device).expand_as(input_ids)
+    for key in (*SEQUENCE_KEYS, *extra_keys):
+        if key not in out:
+            continue
+        value = out[key]
+        if not isinstance(value, torch.Tensor) or value.dim() < 2 or value.shape[1] != length:
+            raise ValueError(
+                f"batch[{key!r}] must be a tensor (batch, length={length}, ...) to be sharded along the "
+                f"sequence; got {tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__}"
+            )
+        out[key] = shard_sequence(value, 1, layout, ring_rank, ring_size).contiguous()
+    return out
