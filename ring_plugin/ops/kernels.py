@@ -3,7 +3,8 @@
 Every kernel takes contiguous ``(batch, heads, length, head_dim)`` tensors with the same head count,
 and a causal flag that is only ever used on square blocks (query and key chunks at the same global
 positions), so top-left and bottom-right causal alignment agree. The forward returns the output in
-the input dtype and the logsumexp as fp32 ``(batch, heads, length)``. The backward is fed the
+the input dtype (or fp32) and the logsumexp as fp32 ``(batch, heads, length)``; the backward
+returns gradients in the input dtype (or fp32). The backward is fed the
 *merged* output and logsumexp of the whole ring, which makes each block's gradient exact.
 """
 
@@ -44,7 +45,7 @@ def _math_forward(q, k, v, causal, scale):
     lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - _finite(lse).unsqueeze(-1))
     out = torch.matmul(p, v.to(compute))
-    return out.to(q.dtype), lse.float()
+    return out, lse.float()  # unrounded: the merge is in fp32
 
 
 def _math_backward(dout, q, k, v, out, lse, causal, scale):
@@ -74,12 +75,17 @@ def _finite(lse: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------- CPU flash
+# Half-precision blocks are computed in fp32 on CPU: a partial output rounded to bf16 carries an
+# error relative to its own (larger) magnitude, which would make the ring's error grow with the
+# ring size. fp32 partials keep the ring at least as accurate as one bf16 SDPA call.
 def _cpu_flash_forward(q, k, v, causal, scale):
+    q, k, v = (t.float() for t in (q, k, v))
     out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
     return out, lse
 
 
 def _cpu_flash_backward(dout, q, k, v, out, lse, causal, scale):
+    dout, q, k, v, out = (t.float() for t in (dout, q, k, v, out))
     return aten._scaled_dot_product_flash_attention_for_cpu_backward(
         dout, q, k, v, out, lse, 0.0, causal, scale=scale
     )
