@@ -11,15 +11,22 @@ from .attention.modules import (
     StandardRingAttention,
 )
 from .attention.oracle import reference_attention
+from .attention.pattern_modules import HilbertRingAttention, RingBlockSparseAttention
 from .comm.context import RingContext, current_ring_context, ring_context
 from .comm.ring import RingStats, RingTimeoutError
 from .config import RingAttentionConfig
+from .layers.dilated import DilatedAttention, MultiheadDilatedAttention
 from .layout import gather_sequence, global_positions, shard_sequence, unshard_sequence
+from .patterns import block_mask, hilbert_permutation, inverse_permutation
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DilatedAttention",
     "DistributedRingAttention",
+    "HilbertRingAttention",
+    "MultiheadDilatedAttention",
+    "RingBlockSparseAttention",
     "RingAttentionBase",
     "RingAttentionConfig",
     "RingContext",
@@ -31,10 +38,13 @@ __all__ = [
     "RingTimeoutError",
     "StandardRingAttention",
     "available_ring_attention",
+    "block_mask",
     "create_ring_attention",
     "current_ring_context",
     "gather_sequence",
     "global_positions",
+    "hilbert_permutation",
+    "inverse_permutation",
     "reference_attention",
     "register_ring_attention",
     "ring_context",

@@ -35,6 +35,10 @@ class RingAttentionConfig:
     contiguous). ``backend``: kernel backend (``'auto'`` picks by device and dtype).
     ``comm_timeout``: seconds to wait for a ring peer before raising (None: wait forever).
     ``oracle_dtype``: compute dtype of the ``correct`` variant (``'float32'`` or ``'float64'``).
+    ``block_size``/``sparsity_ratio``/``pattern_type``: block-sparse pattern (sparsity = share of block
+    pairs skipped). ``grid``/``hilbert_level``: 2-D token grid of the Hilbert variant;
+    ``token_order``: order of the tokens handed to it, ``'row_major'`` (it permutes) or ``'hilbert'``
+    (already in Hilbert order, e.g. sharded with ``hilbert_permutation``).
     """
 
     segment_lengths: list[int] | None = None
@@ -55,6 +59,7 @@ class RingAttentionConfig:
     pattern_type: str = "dilated_sparse"
     hilbert_level: int | None = None
     grid: tuple[int, int] | None = None
+    token_order: str = "row_major"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -104,6 +109,8 @@ class RingAttentionConfig:
             if len(grid) != 2 or any(isinstance(g, bool) or not isinstance(g, int) or g <= 0 for g in grid):
                 raise ValueError(f"grid={self.grid!r} must be two positive integers (H, W)")
             self.grid = grid  # type: ignore[assignment]
+        if self.token_order not in ("row_major", "hilbert"):
+            raise ValueError(f"token_order={self.token_order!r} must be 'row_major' or 'hilbert'")
 
     @classmethod
     def field_names(cls) -> set[str]:

@@ -9,6 +9,12 @@ that travels with them and, after a full turn, arrives back at its owner. Each b
 fed the merged output and logsumexp, which makes it exact. No rank ever holds more than its own
 shard plus the ones in flight, and no full score matrix exists anywhere.
 
+Patterns (dilated, block-sparse) hand the engine :class:`~ring_plugin.patterns.blocks.IndexBlock` s
+instead of slices: strided head and row subsets gathered with one ``index_select``, several groups
+folded into the kernel's batch. Their outputs merge into the same accumulators, so the engine stays
+exact for every pattern. A pattern ring stops after the last step any rank needs (a pattern whose
+pairs all fit in a shard sends nothing) and returns dK/dV accumulators straight to their owners.
+
 Tensors inside the engine are ``(batch, heads, length, head_dim)``.
 """
 
@@ -23,6 +29,7 @@ from ..comm.ring import RingComm
 from ..layout import rank_chunks
 from ..ops.kernels import Kernel
 from ..ops.merge import merge_into
+from ..patterns.blocks import IndexBlock, Pattern
 from .plan import Block, plan_dense_step
 
 StepPlanner = Callable[[tuple[int, ...], tuple[int, ...], int, bool], list[Block]]
@@ -38,15 +45,32 @@ class RingSpec:
     scale: float
     causal: bool
     planner: StepPlanner = plan_dense_step
+    pattern: Pattern | None = None  # when set, blocks come from the pattern, not ``planner``
+    heads: int = 0  # query and K/V head counts (needed by patterns only)
+    kv_heads: int = 0
 
     def chunks(self, rank: int) -> tuple[int, ...]:
         return rank_chunks(self.layout, rank, self.comm.world_size)
 
-    def step_blocks(self, step: int, n_local: int) -> list[Block]:
-        """Blocks of step ``step``, where this rank holds the K/V of rank ``rank - step``."""
-        world, rank = self.comm.world_size, self.comm.rank
+    def step_blocks(self, step: int, n_local: int, rank: int | None = None) -> list[Block | IndexBlock]:
+        """Blocks of step ``step``, where ``rank`` (default: this one) holds the K/V of ``rank - step``."""
+        world = self.comm.world_size
+        rank = self.comm.rank if rank is None else rank
         q_chunks, kv_chunks = self.chunks(rank), self.chunks((rank - step) % world)
-        return self.planner(q_chunks, kv_chunks, n_local // len(q_chunks), self.causal)
+        chunk_len = n_local // len(q_chunks)
+        if self.pattern is None:
+            return list(self.planner(q_chunks, kv_chunks, chunk_len, self.causal))
+        return list(self.pattern.plan(
+            q_chunks, kv_chunks, chunk_len, n_local * world, self.causal, self.heads, self.kv_heads
+        ))
+
+    def last_step(self, n_local: int) -> int:
+        """The last ring step any rank has work in (dense: a full turn). Same on every rank."""
+        world = self.comm.world_size
+        if self.pattern is None:
+            return world - 1
+        busy = [s for s in range(world) if any(self.step_blocks(s, n_local, r) for r in range(world))]
+        return max(busy, default=0)
 
 
 def _expand_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -64,28 +88,91 @@ def _rows(x: torch.Tensor, s: slice) -> torch.Tensor:
     return x if (s.start == 0 and s.stop == x.shape[2]) else x[:, :, s].contiguous()
 
 
+def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x`` (B, H, L, D) at flat ``index`` (G, h, m) -> contiguous (B*G, h, m, D)."""
+    b, h, n, d = x.shape
+    g, hh, m = index.shape
+    return x.reshape(b, h * n, d).index_select(1, index.flatten()).view(b * g, hh, m, d)
+
+
+def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x`` (B, H, L) at flat ``index`` (G, h, m) -> (B*G, h, m)."""
+    b, h, n = x.shape
+    g, hh, m = index.shape
+    return x.reshape(b, h * n).index_select(1, index.flatten()).view(b * g, hh, m)
+
+
+def _flat(y: torch.Tensor, batch: int) -> torch.Tensor:
+    """Undo the batch folding of :func:`_gather`: (B*G, h, m[, D]) -> (B, G*h*m[, D])."""
+    return y.reshape(batch, -1, *y.shape[3:])
+
+
+def _forward_block(spec: RingSpec, q, kv, block, groups, out_acc, lse_acc) -> None:
+    if isinstance(block, IndexBlock):
+        b, h, n, d = q.shape
+        o, lse = spec.kernel.forward(
+            _gather(q, block.q_index), _gather(kv[0], block.kv_index), _gather(kv[1], block.kv_index),
+            block.causal, spec.scale,
+        )
+        idx = block.q_index.flatten()
+        out_view, lse_view = out_acc.view(b, h * n, d), lse_acc.view(b, h * n)
+        o_acc, l_acc = out_view.index_select(1, idx), lse_view.index_select(1, idx)
+        merge_into(o_acc, l_acc, _flat(o, b), _flat(lse, b))
+        out_view.index_copy_(1, idx, o_acc)
+        lse_view.index_copy_(1, idx, l_acc)
+        return
+    kb = _expand_heads(_rows(kv[0], block.kv), groups)
+    vb = _expand_heads(_rows(kv[1], block.kv), groups)
+    o, lse = spec.kernel.forward(_rows(q, block.q), kb, vb, block.causal, spec.scale)
+    merge_into(out_acc[:, :, block.q], lse_acc[:, :, block.q], o, lse)
+
+
+def _backward_block(spec: RingSpec, dout, q, kv, out, lse, block, groups, dq_acc, dkv_step) -> None:
+    if isinstance(block, IndexBlock):
+        b, h, n, d = q.shape
+        qi, ki = block.q_index, block.kv_index
+        dq, dk, dv = spec.kernel.backward(
+            _gather(dout, qi), _gather(q, qi), _gather(kv[0], ki), _gather(kv[1], ki),
+            _gather(out, qi), _gather_rows(lse, qi).contiguous(), block.causal, spec.scale,
+        )
+        hk, nk = kv.shape[2], kv.shape[3]
+        dq_acc.view(b, h * n, d).index_add_(1, qi.flatten(), _flat(dq, b).float())
+        # index_add_ sums duplicates, so K/V heads shared by several query heads (GQA) just work.
+        dkv_step[0].view(b, hk * nk, d).index_add_(1, ki.flatten(), _flat(dk, b).float())
+        dkv_step[1].view(b, hk * nk, d).index_add_(1, ki.flatten(), _flat(dv, b).float())
+        return
+    kb = _expand_heads(_rows(kv[0], block.kv), groups)
+    vb = _expand_heads(_rows(kv[1], block.kv), groups)
+    dq, dk, dv = spec.kernel.backward(
+        _rows(dout, block.q), _rows(q, block.q), kb, vb,
+        _rows(out, block.q), _rows(lse, block.q), block.causal, spec.scale,
+    )
+    dq_acc[:, :, block.q] += dq
+    dkv_step[0][:, :, block.kv] += _reduce_heads(dk.float(), groups)
+    dkv_step[1][:, :, block.kv] += _reduce_heads(dv.float(), groups)
+
+
 class RingAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: RingSpec):  # type: ignore[override]
-        comm, world = spec.comm, spec.comm.world_size
+        comm = spec.comm
         groups = q.shape[1] // k.shape[1]
         n_local = q.shape[2]
         out_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         lse_acc = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
         kv = torch.stack([k, v])
-        for step in range(world):
-            pending = comm.exchange([kv]) if step + 1 < world else None
+        last = spec.last_step(n_local)
+        for step in range(last + 1):
+            pending = comm.exchange([kv]) if step < last else None
             comm.start_compute()
             for block in spec.step_blocks(step, n_local):
-                kb = _expand_heads(_rows(kv[0], block.kv), groups)
-                vb = _expand_heads(_rows(kv[1], block.kv), groups)
-                o, lse = spec.kernel.forward(_rows(q, block.q), kb, vb, block.causal, spec.scale)
-                merge_into(out_acc[:, :, block.q], lse_acc[:, :, block.q], o, lse)
+                _forward_block(spec, q, kv, block, groups, out_acc, lse_acc)
             if pending is not None:
                 (kv,) = pending.wait()
         out = out_acc.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse_acc)
         ctx.spec = spec
+        ctx.last = last
         return out
 
     @staticmethod
@@ -100,20 +187,13 @@ class RingAttentionFunction(torch.autograd.Function):
         kv = torch.stack([k, v])
         dkv_travelling: torch.Tensor | None = None
         pending_dkv = None
-        for step in range(world):
-            pending_kv = comm.exchange([kv]) if step + 1 < world else None
+        last: int = ctx.last
+        for step in range(last + 1):
+            pending_kv = comm.exchange([kv]) if step < last else None
             comm.start_compute()
             dkv_step = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
             for block in spec.step_blocks(step, n_local):
-                kb = _expand_heads(_rows(kv[0], block.kv), groups)
-                vb = _expand_heads(_rows(kv[1], block.kv), groups)
-                dq, dk, dv = spec.kernel.backward(
-                    _rows(dout, block.q), _rows(q, block.q), kb, vb,
-                    _rows(out, block.q), _rows(lse, block.q), block.causal, spec.scale,
-                )
-                dq_acc[:, :, block.q] += dq
-                dkv_step[0][:, :, block.kv] += _reduce_heads(dk.float(), groups)
-                dkv_step[1][:, :, block.kv] += _reduce_heads(dv.float(), groups)
+                _backward_block(spec, dout, q, kv, out, lse, block, groups, dq_acc, dkv_step)
             # The accumulator for this step's K/V owner arrives from the previous rank, which
             # worked on the same K/V one step earlier; add ours and pass it on.
             if pending_dkv is not None:
@@ -121,8 +201,9 @@ class RingAttentionFunction(torch.autograd.Function):
                 dkv_travelling += dkv_step
             else:
                 dkv_travelling = dkv_step
-            if world > 1:
-                pending_dkv = comm.exchange([dkv_travelling])
+            if last > 0:
+                # On to the next rank; after the last step straight home to the K/V owner (rank - last).
+                pending_dkv = comm.exchange([dkv_travelling], shift=1 if step < last else world - last)
             if pending_kv is not None:
                 (kv,) = pending_kv.wait()
         if pending_dkv is not None:

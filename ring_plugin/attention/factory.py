@@ -12,12 +12,15 @@ from .modules import (
     RingDilatedAttentionSDPA,
     StandardRingAttention,
 )
+from .pattern_modules import HilbertRingAttention, RingBlockSparseAttention
 
 _REGISTRY: dict[str, type[RingAttentionBase]] = {
     "standard": StandardRingAttention,
     "sdpa": RingDilatedAttentionSDPA,
     "correct": RingDilatedAttentionCorrect,
     "distributed": DistributedRingAttention,
+    "block_sparse": RingBlockSparseAttention,
+    "hilbert": HilbertRingAttention,
 }
 
 

@@ -19,6 +19,8 @@ from ..comm.validate import agree_or_raise
 from ..config import RingAttentionConfig
 from ..layout import global_positions, sequence_divisor
 from ..ops.kernels import default_scale, select_kernel
+from ..patterns.blocks import Pattern
+from ..patterns.dilated import DilatedPattern
 from .engine import RingSpec, ring_attention
 from .oracle import reference_attention
 
@@ -57,6 +59,18 @@ class RingAttentionBase(nn.Module):
         self.process_group = process_group
         self.stats = RingStats()
         self._check_config()
+        self._pattern: Pattern | None = self.build_pattern()
+
+    def build_pattern(self) -> Pattern | None:
+        """The attention pattern (None = dense): dilated when ``segment_lengths`` are given."""
+        c = self.config
+        if c.segment_lengths is not None and c.dilation_rates is not None:
+            return DilatedPattern(c.segment_lengths, c.dilation_rates)
+        return None
+
+    @property
+    def pattern(self) -> Pattern | None:
+        return self._pattern
 
     def _check_config(self) -> None:
         """Variant-specific checks at construction (dense variants accept every valid config)."""
@@ -72,7 +86,7 @@ class RingAttentionBase(nn.Module):
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool = False
     ) -> torch.Tensor:
-        ring = resolve_ring(self.process_group, self.config.ring_size, self.config.layout)
+        ring = self.resolve_ring()
         error = self._input_error(q, k, v, ring)
         if self.config.check_inputs_across_ranks:
             signature = (*q.shape, *k.shape[2:], _FLOAT_DTYPES.index(q.dtype) if q.dtype in _FLOAT_DTYPES else -1)
@@ -80,6 +94,10 @@ class RingAttentionBase(nn.Module):
         elif error:
             raise ValueError(error)
         return self._attend(q, k, v, bool(is_causal), ring)
+
+    def resolve_ring(self) -> RingContext:
+        """The ring this forward runs on (single-device layers override this)."""
+        return resolve_ring(self.process_group, self.config.ring_size, self.config.layout)
 
     def _input_error(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ring: RingContext) -> str | None:
         """A message naming what is wrong with this rank's inputs, or None."""
@@ -118,7 +136,9 @@ class RingAttentionBase(nn.Module):
 
     def _pattern_error(self, n_global: int, heads: int, ring: RingContext) -> str | None:
         """Variant-specific checks of the global length (e.g. segment divisibility)."""
-        return None
+        if self.pattern is None:
+            return None
+        return self.pattern.error(n_global, n_global // sequence_divisor(ring.layout, ring.world_size), heads)
 
     def _attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, ring: RingContext
@@ -157,12 +177,16 @@ class RingEngineAttention(RingAttentionBase):
             kernel=kernel,
             scale=self.scale_for(q.shape[-1]),
             causal=causal,
+            pattern=self.pattern,
+            heads=q.shape[2],
+            kv_heads=k.shape[2],
         )
         return ring_attention(qt, kt, vt, spec).transpose(1, 2)
 
 
 class StandardRingAttention(RingEngineAttention):
-    """The ring engine, dense (causal or not), with the kernel backend from ``config.backend``."""
+    """The ring engine with the kernel backend from ``config.backend``: dense (causal or not), or
+    LongNet dilated attention when ``segment_lengths``/``dilation_rates`` are given."""
 
     variant = "standard"
 
@@ -207,8 +231,9 @@ class RingDilatedAttentionCorrect(RingAttentionBase):
         return out.index_select(1, rows)
 
     def allowed_pairs(self, n: int, heads: int, device: torch.device) -> torch.Tensor | None:
-        """The (heads, n, n) or (n, n) mask of permitted pairs; None for dense attention."""
-        return None
+        """The (heads, n, n) or (n, n) mask of permitted pairs (bool), or how many times each key
+        counts (int, dilated pairs); None for dense attention."""
+        return None if self.pattern is None else self.pattern.counts(n, heads, device)
 
 
 # Names users of the predecessor library already know.

@@ -21,7 +21,9 @@ def reference_attention(
     """Attention on full ``(batch, n, heads, head_dim)`` tensors, returned in ``q``'s dtype.
 
     ``allowed``: optional bool mask ``(n_q, n_k)`` or ``(heads, n_q, n_k)`` of permitted pairs
-    (combined with causal). ``k``/``v`` may have fewer heads than ``q`` (grouped-query attention).
+    (combined with causal), or an integer tensor of the same shapes saying how many times each key
+    counts (0 = masked; dilated attention counts a key once per pair that selects it).
+    ``k``/``v`` may have fewer heads than ``q`` (grouped-query attention).
     Rows with no permitted key output 0.
     """
     groups = q.shape[2] // k.shape[2]
@@ -35,7 +37,11 @@ def reference_attention(
     if causal:
         keep = keep.tril()
     if allowed is not None:
-        keep = keep & allowed.to(q.device)
+        allowed = allowed.to(q.device)
+        if allowed.dtype != torch.bool:
+            # A key counted c times adds c * exp(score): the same as score + log(c).
+            s = s + torch.log(allowed.clamp(min=1).to(compute_dtype))
+        keep = keep & (allowed != 0)
     s = s.masked_fill(~keep, float("-inf"))
     p = torch.softmax(s, dim=-1)
     p = torch.nan_to_num(p, nan=0.0)  # rows with no permitted key

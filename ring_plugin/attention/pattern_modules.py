@@ -1,0 +1,91 @@
+"""Ring variants defined by a pattern: block-sparse and Hilbert-ordered attention.
+
+Both are the ring engine plus a pattern from :mod:`ring_plugin.patterns`; the dense variants in
+:mod:`.modules` become LongNet dilated attention when given ``segment_lengths``/``dilation_rates``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..comm.collectives import all_gather_sequence
+from ..comm.context import RingContext
+from ..layout import global_positions
+from ..patterns.block_sparse import BlockSparsePattern
+from ..patterns.blocks import Pattern
+from ..patterns.hilbert import hilbert_permutation, inverse_permutation
+from .modules import RingEngineAttention
+
+
+class RingBlockSparseAttention(RingEngineAttention):
+    """Ring attention over a block mask (``block_size``, ``pattern_type``, ``sparsity_ratio``).
+
+    Only allowed (query block, key block) pairs are computed; ring steps with no allowed pair are
+    skipped and the ring stops after the last step any rank needs. ``segment_lengths`` and
+    ``dilation_rates`` are accepted for the predecessor's call shape; the block mask alone defines
+    the pattern. ``block_mask(n)`` shows which block pairs are computed.
+    """
+
+    variant = "block_sparse"
+
+    def build_pattern(self) -> Pattern | None:
+        c = self.config
+        return BlockSparsePattern(c.block_size, c.sparsity_ratio, c.pattern_type)
+
+    def block_mask(self, n: int) -> torch.Tensor:
+        """(n // block_size, n // block_size) bool: which (query block, key block) pairs are computed."""
+        if n <= 0 or n % self.config.block_size:
+            raise ValueError(f"n={n} must be a positive multiple of block_size={self.config.block_size}")
+        assert isinstance(self.pattern, BlockSparsePattern)
+        return self.pattern.mask(n)
+
+
+class HilbertRingAttention(RingEngineAttention):
+    """Attention for tokens of a 2-D grid, computed in generalised Hilbert order.
+
+    ``grid=(H, W)`` (or ``hilbert_level=l`` for a ``2**l`` square; with neither, a square grid is
+    inferred from the length). The pattern (dilated when ``segment_lengths`` are given, else dense)
+    is applied along the Hilbert curve, so segments and shards are compact 2-D regions; causal means
+    causal along the curve. With ``token_order='row_major'`` (default) the layer takes and returns
+    row-major tokens: in a ring it all-gathers the sequence to re-shard it in Hilbert order (exact,
+    O(n) per rank). For O(n/k), shard data already put in Hilbert order with
+    :func:`~ring_plugin.patterns.hilbert_permutation` and pass ``token_order='hilbert'``.
+    """
+
+    variant = "hilbert"
+
+    def grid_for(self, n: int) -> tuple[int, int] | None:
+        c = self.config
+        if c.grid is not None:
+            return c.grid
+        if c.hilbert_level is not None:
+            return (2**c.hilbert_level, 2**c.hilbert_level)
+        side = math.isqrt(n)
+        return (side, side) if side * side == n else None
+
+    def _pattern_error(self, n_global: int, heads: int, ring: RingContext) -> str | None:
+        grid = self.grid_for(n_global)
+        c = self.config
+        if grid is None or grid[0] * grid[1] != n_global:
+            return (
+                f"the sequence length {n_global} must equal the grid's H*W (grid={c.grid}, "
+                f"hilbert_level={c.hilbert_level}); pass grid=(H, W) with H*W == {n_global}"
+            )
+        return super()._pattern_error(n_global, heads, ring)
+
+    def _attend(self, q, k, v, causal, ring):
+        if self.config.token_order == "hilbert":
+            return super()._attend(q, k, v, causal, ring)
+        n_local, world = q.shape[1], ring.world_size
+        grid = self.grid_for(n_local * world)
+        assert grid is not None
+        perm = hilbert_permutation(*grid, device=q.device)
+        mine = global_positions(n_local, ring.layout, ring.rank, world, device=q.device)
+        # This rank's Hilbert-order shard: positions `mine` of the curve, taken from the full sequence.
+        full = [all_gather_sequence(t, 1, ring.layout, ring.group) for t in (q, k, v)]
+        local = [t.index_select(1, perm[mine]) for t in full]
+        out_h = super()._attend(*local, causal, ring)
+        out = all_gather_sequence(out_h, 1, ring.layout, ring.group).index_select(1, inverse_permutation(perm))
+        return out.index_select(1, mine)
