@@ -7,16 +7,27 @@ signature) in one all-gather. If any rank failed, or the ranks disagree, every r
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import torch
 import torch.distributed as dist
+
+from .ring import RingTimeoutError
 
 _SIG_LEN = 12
 
 
 def agree_or_raise(
-    local_error: str | None, signature: tuple[int, ...], group: dist.ProcessGroup | None, device: torch.device
+    local_error: str | None,
+    signature: tuple[int, ...],
+    group: dist.ProcessGroup | None,
+    device: torch.device,
+    timeout: float | None = None,
 ) -> None:
-    """Raise on every rank if any rank reported an error or the signatures differ."""
+    """Raise on every rank if any rank reported an error or the signatures differ.
+
+    ``timeout``: seconds to wait for the other ranks (a dead peer raises ``RingTimeoutError``).
+    """
     world = dist.get_world_size(group) if group is not None else 1
     if world == 1:
         if local_error:
@@ -25,7 +36,15 @@ def agree_or_raise(
     sig = list(signature)[:_SIG_LEN] + [0] * (_SIG_LEN - len(signature))
     mine = torch.tensor([1 if local_error else 0, *sig], dtype=torch.int64, device=device)
     gathered = [torch.empty_like(mine) for _ in range(world)]
-    dist.all_gather(gathered, mine, group=group)
+    work = dist.all_gather(gathered, mine, group=group, async_op=True)
+    try:
+        work.wait(timedelta(seconds=timeout)) if timeout is not None else work.wait()
+    except RuntimeError as err:
+        if timeout is None:
+            raise
+        raise RingTimeoutError(
+            f"ring peers did not answer the input check within {timeout:.1f} s (ring of {world}): {err}"
+        ) from err
     rows = [g.tolist() for g in gathered]
     failed = [r for r, row in enumerate(rows) if row[0]]
     if local_error:

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Sets up .venv (CPU torch, pinned) and runs the linter and the whole test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup_env.sh
+export TORCH_EXTENSIONS_DIR="$PWD/.torch_extensions"  # DeepSpeed compiles its CPU comm op once
+export WANDB_MODE=offline WANDB_SILENT=true
+.venv/bin/ruff check .
+exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
