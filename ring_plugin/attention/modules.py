@@ -90,7 +90,7 @@ class RingAttentionBase(nn.Module):
         error = self._input_error(q, k, v, ring)
         if self.config.check_inputs_across_ranks:
             signature = (*q.shape, *k.shape[2:], _FLOAT_DTYPES.index(q.dtype) if q.dtype in _FLOAT_DTYPES else -1)
-            agree_or_raise(error, tuple(int(s) for s in signature), ring.group, q.device)
+            agree_or_raise(error, tuple(int(s) for s in signature), ring.group, q.device, self.comm_timeout)
         elif error:
             raise ValueError(error)
         return self._attend(q, k, v, bool(is_causal), ring)
@@ -146,6 +146,13 @@ class RingAttentionBase(nn.Module):
         raise NotImplementedError
 
     # ------------------------------------------------------------------------------- helpers
+    default_timeout: ClassVar[float | None] = None
+
+    @property
+    def comm_timeout(self) -> float | None:
+        """Seconds to wait for a ring peer (``config.comm_timeout``, else the variant's default)."""
+        return self.config.comm_timeout if self.config.comm_timeout is not None else self.default_timeout
+
     def scale_for(self, head_dim: int) -> float:
         return self.config.softmax_scale or default_scale(head_dim)
 
@@ -162,7 +169,6 @@ class RingEngineAttention(RingAttentionBase):
 
     follow_sdpa_flags: ClassVar[bool] = False
     collect_stats: ClassVar[bool] = False
-    default_timeout: ClassVar[float | None] = None
 
     def _attend(self, q, k, v, causal, ring):
         qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))
@@ -170,9 +176,8 @@ class RingEngineAttention(RingAttentionBase):
             self.config.backend, q.device, q.dtype, q.shape[-1], follow_sdpa_flags=self.follow_sdpa_flags
         )
         stats = self.stats if (self.collect_stats or self.config.enable_monitoring) else None
-        timeout = self.config.comm_timeout if self.config.comm_timeout is not None else self.default_timeout
         spec = RingSpec(
-            comm=RingComm(ring.group, stats=stats, timeout=timeout),
+            comm=RingComm(ring.group, stats=stats, timeout=self.comm_timeout),
             layout=ring.layout,
             kernel=kernel,
             scale=self.scale_for(q.shape[-1]),
