@@ -46,10 +46,17 @@ class FaultTolerance(Callback):
 
     # ------------------------------------------------------------------ signals
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        # Installed before Lightning's own handlers, which then leave SIGTERM to us.
+        self._install()
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Again after Lightning registered its own SIGTERM handler (which exits without a checkpoint).
+        self._install()
+
+    def _install(self) -> None:
         if self.handle_signals and threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._on_signal)
+                previous = signal.signal(sig, self._on_signal)
+                self._previous.setdefault(sig, previous)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         for sig, handler in self._previous.items():

@@ -1,0 +1,99 @@
+"""Helpers for the app tests: run ``ring-train`` in a subprocess, read its logs back, inject faults."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = [
+    "max_steps=20", "seq_len=64", "data.batch_size=2", "data.val_batches=1", "trainer.val_check_interval=10",
+    "trainer.log_every_n_steps=5", "model.model.n_embd=32", "model.model.n_head=2", "model.model.n_kv_head=2",
+    "callbacks.checkpointing.every_n_train_steps=5", "trainer.enable_progress_bar=false", "comm_timeout=20",
+]
+
+
+def ring_train_cmd(out: Path, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "ring_plugin.app.train", f"hydra.run.dir={out}", *TINY, *overrides]
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(REPO), "HYDRA_FULL_ERROR": "1"}
+
+
+def run_ring_train(out: Path, *overrides: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(ring_train_cmd(out, *overrides), cwd=REPO, env=env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def read_csv_metrics(out: Path) -> list[dict[str, str]]:
+    rows: list[dict[str, str]] = []
+    for path in sorted((out / "csv").glob("version_*/metrics.csv")):
+        with open(path) as f:
+            rows += list(csv.DictReader(f))
+    return rows
+
+
+def _wandb_payloads(data: bytes) -> list[bytes]:
+    """Payloads of a ``.wandb`` file: a 7-byte header, then LevelDB-log records in 32 KiB blocks
+    (each: crc32 u32, length u16, type u8 = full 1 / first 2 / middle 3 / last 4)."""
+    block, pos, out, partial = 32768, 7, [], b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a record header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunk = data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind == 1:
+            out.append(chunk)
+        elif kind == 2:
+            partial = chunk
+        elif kind in (3, 4):
+            partial += chunk
+            if kind == 4:
+                out.append(partial)
+        else:
+            break
+    return out
+
+
+def read_wandb_history(out: Path) -> list[dict[str, Any]]:
+    """History rows of the offline W&B run(s), decoded from wandb's own protobuf records."""
+    from wandb.proto import wandb_internal_pb2
+
+    rows = []
+    for path in sorted(out.glob("wandb/offline-run-*/run-*.wandb")):
+        for payload in _wandb_payloads(path.read_bytes()):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(payload)
+            if record.WhichOneof("record_type") == "history":
+                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                             for item in record.history.item})
+    return rows
+
+
+def final_weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+
+
+class NanGradients(Callback):
+    """Poisons one rank's gradients at the given steps (after DDP's all-reduce, so only that rank sees it)."""
+
+    def __init__(self, steps: list[int], rank: int = 0):
+        self.steps = set(steps)
+        self.rank = rank
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.global_step in self.steps and trainer.global_rank == self.rank:
+            next(p for p in pl_module.parameters() if p.grad is not None).grad.fill_(float("nan"))
