@@ -39,7 +39,7 @@ class Case:
 
     @property
     def name(self) -> str:
-        att = self.model.get("attention", "standard")
+        att = "dilated" if self.model.get("attention_kwargs") else self.model.get("attention", "standard")
         ring = self.ring_size or "all"
         return f"{self.strategy}{self.stage if self.strategy == 'deepspeed' else ''}/ring={ring}/{att}/{self.layout}"
 
@@ -93,7 +93,7 @@ class GradCapture(Callback):
             self.grads = {n: p.grad.clone() for n, p in pl_module.named_parameters()}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.losses.append(float(outputs["loss"]))
+        self.losses.append(float(outputs["loss"].detach()))
 
 
 def reference_step(case: Case, samples: list[dict[str, torch.Tensor]]) -> tuple[float, dict[str, torch.Tensor]]:
