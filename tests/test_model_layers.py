@@ -1,0 +1,112 @@
+"""Single-process checks of the model pieces: the nn.MultiheadAttention drop-in, the block, the GPT."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from ring_plugin.layers import RingMultiheadAttention, TransformerBlock
+from ring_plugin.layers.rotary import RotaryEmbedding, apply_rotary
+from ring_plugin.models import GPTConfig, RingCausalLM, RingGPT
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_mha_loads_torch_state_dict_and_matches(bias, causal, batch_first):
+    torch.manual_seed(0)
+    ref = nn.MultiheadAttention(30, 5, bias=bias, batch_first=batch_first)
+    ring = RingMultiheadAttention(30, 5, bias=bias, batch_first=batch_first)
+    ring.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 12, 30) if batch_first else torch.randn(12, 3, 30)
+    mask = nn.Transformer.generate_square_subsequent_mask(12) if causal else None
+    expected, _ = ref(x, x, x, need_weights=False, attn_mask=mask, is_causal=causal)
+    got, weights = ring(x, x, x, is_causal=causal)
+    assert weights is None
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_mha_separate_kv_dims_load_and_match():
+    torch.manual_seed(0)
+    ref = nn.MultiheadAttention(16, 4, kdim=10, vdim=6, batch_first=True)
+    ring = RingMultiheadAttention(16, 4, kdim=10, vdim=6)
+    ring.load_state_dict(ref.state_dict())
+    q, k, v = torch.randn(2, 8, 16), torch.randn(2, 8, 10), torch.randn(2, 8, 6)
+    torch.testing.assert_close(ring(q, k, v)[0], ref(q, k, v, need_weights=False)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_mha_grouped_query_heads():
+    ring = RingMultiheadAttention(24, 6, num_kv_heads=2)
+    assert ring.in_proj_weight.shape == (24 + 2 * 8, 24)
+    x = torch.randn(2, 8, 24)
+    assert ring(x, x, x, is_causal=True)[0].shape == (2, 8, 24)
+
+
+def test_mha_refuses_what_the_ring_cannot_do():
+    ring = RingMultiheadAttention(8, 2)
+    x = torch.randn(1, 4, 8)
+    with pytest.raises(ValueError, match="need_weights=True is not supported"):
+        ring(x, x, x, need_weights=True)
+    with pytest.raises(ValueError, match="attn_mask and key_padding_mask are not supported in the ring"):
+        ring(x, x, x, attn_mask=torch.zeros(4, 4))
+    with pytest.raises(ValueError, match="attn_mask and key_padding_mask"):
+        ring(x, x, x, key_padding_mask=torch.zeros(1, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="num_kv_heads=3 must divide num_heads=2"):
+        RingMultiheadAttention(8, 2, num_kv_heads=3)
+
+
+def test_rotary_uses_global_positions():
+    """Rotating a shard with its global positions equals slicing the rotated full sequence."""
+    rope = RotaryEmbedding(8)
+    x = torch.randn(1, 16, 2, 8)
+    full = apply_rotary(x, *rope(torch.arange(16)))
+    rows = torch.tensor([4, 5, 6, 7, 8, 9, 10, 11])
+    torch.testing.assert_close(apply_rotary(x[:, rows], *rope(rows)), full[:, rows])
+
+
+def test_block_checkpointing_gives_same_gradients():
+    torch.manual_seed(0)
+    plain = TransformerBlock(24, 3, 1)
+    ckpt = TransformerBlock(24, 3, 1, checkpointing=True)
+    ckpt.load_state_dict(plain.state_dict())
+    cos, sin = RotaryEmbedding(8)(torch.arange(10))
+    x = torch.randn(2, 10, 24)
+    for block in (plain, ckpt):
+        block(x, cos, sin).square().sum().backward()
+    for (name, a), b in zip(plain.named_parameters(), ckpt.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
+
+
+def test_gpt_tied_head_parameters_and_flops():
+    cfg = GPTConfig(vocab_size=100, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, max_seq_len=64)
+    model = RingGPT(cfg)
+    assert model.lm_head is None
+    logits = model(torch.randint(0, 100, (2, 16)), torch.arange(16))
+    assert logits.shape == (2, 16, 100)
+    per_layer = 32 * (4 + 2 * 2) * 8 + 32 * 32 + 2 * 32 * 128 + 2 * 32  # qkv, proj, mlp, two norms
+    assert model.num_parameters() == 100 * 32 + 2 * per_layer + 32
+    matmul = 2 * (32 * 64 + 32 * 32 + 2 * 32 * 128) + 32 * 100
+    attention = 2 * 4 * 4 * 8 * 1024 * 0.5
+    assert model.flops_per_token(1024) == pytest.approx(3 * (2 * matmul + attention))
+    with pytest.raises(ValueError, match="exceeds max_seq_len=64"):
+        model(torch.zeros(1, 2, dtype=torch.long), torch.tensor([0, 64]))
+
+
+def test_gpt_config_errors_name_the_field():
+    with pytest.raises(ValueError, match="n_kv_head=3 must divide n_head=4"):
+        GPTConfig(n_head=4, n_kv_head=3, n_embd=32)
+    with pytest.raises(TypeError, match="unknown GPTConfig field"):
+        RingCausalLM({"n_layers": 2})
+
+
+def test_causal_lm_single_process_loss_is_token_mean():
+    module = RingCausalLM(dict(vocab_size=50, n_layer=1, n_head=2, n_embd=16, max_seq_len=32))
+    ids = torch.randint(0, 50, (2, 8))
+    labels = torch.randint(0, 50, (2, 8))
+    labels[0, :5] = -100
+    batch = {"input_ids": ids, "labels": labels, "position_ids": torch.arange(8).expand(2, 8)}
+    loss = module.training_step(batch, 0)
+    logits = module(ids, torch.arange(8))
+    expected = nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+    torch.testing.assert_close(loss, expected)
