@@ -1,0 +1,186 @@
+"""Shared multi-process harness for the pattern tests (dilated, block-sparse, Hilbert).
+
+Spawning a gloo world costs seconds on a small machine, so every pattern case of every test file
+runs in ONE world of 2 and ONE world of 4 processes (cached per pytest session). Each case returns
+its errors against the oracle (output, dQ, dK, dV), which the test files assert in the parent.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ring_plugin import create_ring_attention, reference_attention, shard_sequence
+from ring_plugin.patterns import DilatedPattern, hilbert_permutation, inverse_permutation
+from ring_plugin.testing import run_in_process_group
+
+Case = dict[str, Any]
+
+
+def _case(variant: str, shape: tuple[int, int, int, int, int], causal: bool, layout: str = "contiguous",
+          dtype: torch.dtype = torch.float32, **kw: Any) -> Case:
+    return {"variant": variant, "shape": shape, "causal": causal, "layout": layout, "dtype": dtype, "kw": kw}
+
+
+def dilated_cases() -> list[Case]:
+    cases = []
+    # Segments shorter than, equal to and longer than a shard (n=32: shard 16 at world 2, 8 at world 4;
+    # zigzag chunks are half that), a segment longer than the sequence (clipped), odd heads, GQA.
+    configs = [
+        ((2, 32, 5, 5, 8), {"segment_lengths": [4, 8, 16], "dilation_rates": [1, 2, 4]}),
+        ((1, 32, 6, 3, 8), {"segment_lengths": [8, 32], "dilation_rates": [2, 3]}),
+        ((2, 32, 3, 1, 8), {"segment_lengths": [16, 64], "dilation_rates": [1, 2]}),
+    ]
+    for shape, kw in configs:
+        for layout in ("contiguous", "zigzag"):
+            for causal in (False, True):
+                cases.append(_case("standard", shape, causal, layout, **kw))
+    shape, kw = configs[0]
+    for variant in ("sdpa", "distributed", "correct"):
+        cases.append(_case(variant, shape, True, "contiguous", **kw))
+    cases.append(_case("standard", shape, True, "zigzag", torch.bfloat16, **kw))
+    cases.append(_case("standard", configs[1][0], False, "contiguous", torch.bfloat16, **configs[1][1]))
+    return cases
+
+
+def block_sparse_cases() -> list[Case]:
+    cases = []
+    shape = (2, 64, 3, 3, 8)
+    for i, (pattern, sparsity) in enumerate(
+        [("local", 0.5), ("local", 0.9), ("dilated_sparse", 0.75), ("dilated_sparse", 0.0),
+         ("global_local", 0.75), ("global_local", 0.9)]
+    ):
+        for causal in (False, True):
+            layout = ("contiguous", "zigzag")[(i + causal) % 2]
+            cases.append(_case("block_sparse", shape, causal, layout, block_size=4,
+                               sparsity_ratio=sparsity, pattern_type=pattern))
+    cases.append(_case("block_sparse", (1, 64, 4, 2, 8), True, "zigzag", torch.bfloat16, block_size=4,
+                       sparsity_ratio=0.5, pattern_type="local"))
+    return cases
+
+
+def hilbert_cases() -> list[Case]:
+    kw = {"segment_lengths": [8, 16], "dilation_rates": [1, 2]}
+    return [
+        _case("hilbert", (2, 64, 3, 3, 8), False, "contiguous", hilbert_level=3, **kw),
+        _case("hilbert", (2, 64, 3, 3, 8), True, "zigzag", hilbert_level=3, **kw),
+        _case("hilbert", (1, 32, 4, 2, 8), True, "contiguous", grid=(4, 8), **kw),
+        _case("hilbert", (2, 48, 3, 3, 8), False, "zigzag", grid=(6, 8), **kw),
+        _case("hilbert", (1, 48, 2, 2, 8), True, "contiguous", grid=(8, 6)),  # dense in Hilbert order
+        _case("hilbert", (1, 48, 3, 3, 8), False, "contiguous", grid=(6, 8), token_order="hilbert", **kw),
+        _case("hilbert", (1, 64, 2, 2, 8), True, "contiguous", torch.bfloat16, grid=(8, 8), **kw),
+    ]
+
+
+def all_cases() -> list[Case]:
+    return dilated_cases() + block_sparse_cases() + hilbert_cases()
+
+
+def _oracle(layer, q, k, v, causal: bool, case: Case):
+    n, heads = q.shape[1], q.shape[2]
+    if case["variant"] == "hilbert" and case["kw"].get("token_order", "row_major") == "row_major":
+        # Oracle: permute into Hilbert order, apply the plain pattern, permute back.
+        grid = layer.grid_for(n)
+        perm = hilbert_permutation(*grid)
+        counts = layer.pattern.counts(n, heads) if layer.pattern is not None else None
+        out = reference_attention(q[:, perm], k[:, perm], v[:, perm], causal=causal, allowed=counts)
+        return out[:, inverse_permutation(perm)]
+    counts = layer.pattern.counts(n, heads) if layer.pattern is not None else None
+    if counts is not None and not isinstance(layer.pattern, DilatedPattern):
+        counts = counts.bool()
+    return reference_attention(q, k, v, causal=causal, allowed=counts)
+
+
+def run_case(rank: int, world: int, case: Case, seed: int) -> list[float]:
+    """Errors of output, dQ, dK, dV against autograd through the oracle (fp32: abs; half: relative)."""
+    b, n, h, hkv, d = case["shape"]
+    dtype, layout, causal = case["dtype"], case["layout"], case["causal"]
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(b, n, hh, d, generator=gen).to(dtype) for hh in (h, hkv, hkv))
+    grad = torch.randn(b, n, h, d, generator=gen).to(dtype)
+    layer = create_ring_attention(case["variant"], layout=layout, **case["kw"])
+    ref_in = [t.double().requires_grad_() for t in (q, k, v)]
+    ref = _oracle(layer, *ref_in, causal, case)
+    (ref * grad.double()).sum().backward()
+    mine = [shard_sequence(t, 1, layout, rank, world).clone().requires_grad_() for t in (q, k, v)]
+    out = layer(*mine, is_causal=causal)
+    (out * shard_sequence(grad, 1, layout, rank, world)).sum().backward()
+    errs = []
+    for got, want in zip([out, *(t.grad for t in mine)], [ref, *(t.grad for t in ref_in)]):
+        want = shard_sequence(want.detach(), 1, layout, rank, world)
+        diff = (got.double() - want).abs().max().item()
+        if dtype != torch.float32:
+            diff /= max(want.abs().max().item(), 1e-6)
+        errs.append(diff)
+    assert torch.isfinite(out).all()
+    return errs
+
+
+def _extra_checks(rank: int, world: int) -> dict[str, Any]:
+    """Communication facts and errors raised before any ring message."""
+    res: dict[str, Any] = {}
+    # Every segment fits in a shard: the ring sends nothing.
+    attn = create_ring_attention("distributed", segment_lengths=[4, 8], dilation_rates=[1, 2])
+    x = [torch.randn(1, 8, 2, 4, requires_grad=True) for _ in range(3)]
+    attn(*x, is_causal=True).sum().backward()
+    res["local_bytes"] = attn.stats.bytes_sent
+    # Block-sparse local window of one block: only the neighbours' shards are needed.
+    bs = create_ring_attention("distributed", segment_lengths=[32], dilation_rates=[1])
+    bs(*x).sum().backward()
+    res["spanning_bytes"] = bs.stats.bytes_sent
+    bad = [
+        ("standard", {"segment_lengths": [12], "dilation_rates": [1]}, 8),  # n=8*world not a multiple of 12
+        ("hilbert", {"grid": (3, 3)}, 8),
+        ("block_sparse", {"block_size": 16}, 8),
+    ]
+    msgs = []
+    for name, kw, n_local in bad:
+        layer = create_ring_attention(name, **kw)
+        t = torch.randn(1, n_local, 2, 4)
+        try:
+            layer(t, t, t)
+            msgs.append(None)
+        except ValueError as err:
+            msgs.append(str(err))
+    res["bad"] = msgs
+    dist.barrier()
+    return res
+
+
+def world_worker(rank: int, world: int) -> dict[str, Any]:
+    cases = all_cases()
+    return {"errors": [run_case(rank, world, c, i) for i, c in enumerate(cases)], "extra": _extra_checks(rank, world)}
+
+
+@functools.cache
+def world_results(world: int) -> tuple[list[list[list[float]]], list[dict[str, Any]]]:
+    """Per rank: errors of every case of :func:`all_cases` in a world of ``world`` processes."""
+    if world == 1:
+        return [[run_case(0, 1, c, i) for i, c in enumerate(all_cases())]], []
+    out = run_in_process_group(world_worker, world, timeout=170)
+    return [r["errors"] for r in out], [r["extra"] for r in out]
+
+
+def case_errors(world: int, kind: str) -> list[tuple[Case, list[float]]]:
+    """(case, worst error over ranks of [out, dq, dk, dv]) for the cases of one kind."""
+    cases = all_cases()
+    errors, _ = world_results(world)
+    rows = []
+    for i, case in enumerate(cases):
+        if _kind(case) == kind:
+            worst = [max(errors[r][i][j] for r in range(len(errors))) for j in range(4)]
+            rows.append((case, worst))
+    return rows
+
+
+def _kind(case: Case) -> str:
+    if case["variant"] in ("block_sparse", "hilbert"):
+        return case["variant"]
+    return "dilated"
+
+
+def tolerance(case: Case) -> float:
+    return 1e-5 if case["dtype"] == torch.float32 else 2e-2

@@ -1,0 +1,108 @@
+"""LongNet dilated attention: every variant vs the oracle at world 1, 2, 4, plus LongNet's own rule."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ring_plugin import (
+    DilatedAttention,
+    MultiheadDilatedAttention,
+    RingAttentionConfig,
+    StandardRingAttention,
+    reference_attention,
+)
+from ring_plugin.patterns import DilatedPattern
+from tests.pattern_world import case_errors, tolerance, world_results
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_dilated_matches_oracle(world: int) -> None:
+    rows = case_errors(world, "dilated")
+    assert len(rows) >= 15
+    for case, errs in rows:
+        assert max(errs) <= tolerance(case), (case, errs)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_local_segments_send_nothing_and_bad_lengths_raise(world: int) -> None:
+    _, extra = world_results(world)
+    for rank_extra in extra:
+        assert rank_extra["local_bytes"] == 0  # every segment fits in a shard: no ring traffic
+        assert rank_extra["spanning_bytes"] > 0
+        assert "multiple of every segment length" in rank_extra["bad"][0]
+
+
+def _longnet(q, k, v, segs, rates, causal):
+    """LongNet written out: per pair, head offset and segment, then weights exp(lse_i)/sum exp(lse_j)."""
+    b, n, h, d = q.shape
+    outs, lses = [], []
+    for w, r in zip(segs, rates):
+        w = min(w, n)
+        o_p = torch.zeros(b, n, h, d, dtype=torch.float64)
+        l_p = torch.full((b, n, h), -math.inf, dtype=torch.float64)
+        for j in range(h):
+            for s in range(n // w):
+                idx = torch.arange(s * w + j % r, (s + 1) * w, r)
+                sc = q[:, idx, j] @ k[:, idx, j].transpose(-1, -2) * d**-0.5
+                if causal:
+                    sc = sc.masked_fill(torch.ones(len(idx), len(idx), dtype=torch.bool).triu(1), -math.inf)
+                o_p[:, idx, j] = torch.softmax(sc, -1) @ v[:, idx, j]
+                l_p[:, idx, j] = torch.logsumexp(sc, -1)
+        outs.append(o_p)
+        lses.append(l_p)
+    weights = torch.softmax(torch.stack(lses), 0).nan_to_num(0.0)
+    return sum(weights[i][..., None] * outs[i] for i in range(len(outs)))
+
+
+@pytest.mark.parametrize("segs,rates", [([8, 16, 48], [1, 2, 4]), ([12, 96], [1, 3]), ([16], [2])])
+@pytest.mark.parametrize("causal", [False, True])
+def test_oracle_is_longnets_rule(segs, rates, causal) -> None:
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 48, 5, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    want = _longnet(q, k, v, segs, rates, causal)
+    got = reference_attention(q, k, v, causal=causal, allowed=DilatedPattern(segs, rates).counts(48, 5))
+    assert (got - want).abs().max() < 1e-12
+    # Gradients through the weights too (nothing detached).
+    g = torch.randn_like(want)
+    gw = torch.autograd.grad((want * g).sum(), (q, k, v))
+    gg = torch.autograd.grad((got * g).sum(), (q, k, v))
+    assert max((a - b).abs().max().item() for a, b in zip(gw, gg)) < 1e-10
+    layer = DilatedAttention(segs, rates)
+    assert (layer(q.float(), k.float(), v.float(), is_causal=causal).double() - want).abs().max() < 1e-5
+
+
+def test_multihead_dilated_matches_projections_plus_oracle() -> None:
+    torch.manual_seed(1)
+    mha = MultiheadDilatedAttention(24, 3, dilation_rates=[1, 2], segment_lengths=[8, 16])
+    x = torch.randn(2, 16, 24)
+    out, weights = mha(x, x, x, is_causal=True)
+    assert weights is None
+    q, k, v = (p(x).view(2, 16, 3, 8) for p in (mha.q_proj, mha.k_proj, mha.v_proj))
+    att = reference_attention(q, k, v, causal=True, allowed=DilatedPattern([8, 16], [1, 2]).counts(16, 3))
+    want = mha.out_proj(mha.norm(att.reshape(2, 16, 24)))
+    assert (out - want).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize(
+    "kw,word",
+    [
+        ({"segment_lengths": [8, 16], "dilation_rates": [1]}, "same length"),
+        ({"segment_lengths": [8, 0], "dilation_rates": [1, 2]}, "positive integers"),
+        ({"segment_lengths": [8, 16], "dilation_rates": [1, -2]}, "positive integers"),
+        ({"segment_lengths": [8]}, "give both or neither"),
+    ],
+)
+def test_bad_dilated_configs_raise(kw, word) -> None:
+    with pytest.raises(ValueError, match=word):
+        StandardRingAttention(**kw)
+    with pytest.raises(ValueError, match=word):
+        RingAttentionConfig(**kw)
+
+
+def test_length_not_multiple_of_segment_raises() -> None:
+    x = torch.randn(1, 24, 2, 4)
+    with pytest.raises(ValueError, match=r"multiple of every segment length.*\[16\]"):
+        DilatedAttention([8, 16], [1, 2])(x, x, x)
