@@ -15,6 +15,18 @@ from .attention.pattern_modules import HilbertRingAttention, RingBlockSparseAtte
 from .comm.context import RingContext, current_ring_context, ring_context
 from .comm.ring import RingStats, RingTimeoutError
 from .config import RingAttentionConfig
+from .layers.compat import (
+    BlockSparseRingAttention,
+    BlockSparseRingDilatedAttention,
+    BlockSparseRingDilatedAttentionFixed,
+    BlockSparseRingDistributedDilatedAttention,
+    BlockSparseRingMultiheadDilatedAttention,
+    EnterpriseDistributedDilatedAttention,
+    HilbertRingMultiheadAttention,
+    RingDilatedAttentionHilbertGPUOptimized,
+    RingDistributedDilatedAttention,
+    RingMultiheadDilatedAttention,
+)
 from .layers.dilated import DilatedAttention, MultiheadDilatedAttention
 from .layout import gather_sequence, global_positions, shard_sequence, unshard_sequence
 from .patterns import block_mask, hilbert_permutation, inverse_permutation
@@ -22,6 +34,16 @@ from .patterns import block_mask, hilbert_permutation, inverse_permutation
 __version__ = "0.1.0"
 
 __all__ = [
+    "BlockSparseRingAttention",
+    "BlockSparseRingDilatedAttention",
+    "BlockSparseRingDilatedAttentionFixed",
+    "BlockSparseRingDistributedDilatedAttention",
+    "BlockSparseRingMultiheadDilatedAttention",
+    "EnterpriseDistributedDilatedAttention",
+    "HilbertRingMultiheadAttention",
+    "RingDilatedAttentionHilbertGPUOptimized",
+    "RingDistributedDilatedAttention",
+    "RingMultiheadDilatedAttention",
     "DilatedAttention",
     "DistributedRingAttention",
     "HilbertRingAttention",
