@@ -71,7 +71,9 @@ def make_trainer(case: Case, world: int, max_steps: int, callbacks: list[Callbac
 
 def make_module(case: Case, seed: int = 0) -> RingCausalLM:
     torch.manual_seed(seed)
-    return RingCausalLM(GPTConfig(**case.model), lr=1e-2, weight_decay=0.1, warmup_steps=2, max_steps=20)
+    # Small loss chunks so the chunked head/loss runs over several chunks per rank (and under ZeRO-3).
+    return RingCausalLM(GPTConfig(**case.model), lr=1e-2, weight_decay=0.1, warmup_steps=2, max_steps=20,
+                        loss_chunk_tokens=6)
 
 
 class GradCapture(Callback):

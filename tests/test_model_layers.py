@@ -9,6 +9,7 @@ from torch import nn
 from ring_plugin.layers import RingMultiheadAttention, TransformerBlock
 from ring_plugin.layers.rotary import RotaryEmbedding, apply_rotary
 from ring_plugin.models import GPTConfig, RingCausalLM, RingGPT
+from ring_plugin.models.loss import linear_cross_entropy_sum
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -110,3 +111,22 @@ def test_causal_lm_single_process_loss_is_token_mean():
     logits = module(ids, torch.arange(8))
     expected = nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
     torch.testing.assert_close(loss, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_chunked_linear_cross_entropy_matches_full_logits(dtype):
+    torch.manual_seed(0)
+    h = torch.randn(2, 37, 16, dtype=dtype, requires_grad=True)
+    w = torch.randn(50, 16, dtype=dtype, requires_grad=True)
+    y = torch.randint(0, 50, (2, 37))
+    y[0, :7] = -100
+    got = linear_cross_entropy_sum(h, w, y, chunk=8)
+    (0.7 * got).backward()
+    grads = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    expected = nn.functional.cross_entropy((h @ w.t()).flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum")
+    (0.7 * expected).backward()
+    tol = dict(atol=1e-12, rtol=1e-12) if dtype == torch.float64 else dict(atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(got, expected, **tol)
+    torch.testing.assert_close(grads[0], h.grad, **tol)
+    torch.testing.assert_close(grads[1], w.grad, **tol)

@@ -92,17 +92,23 @@ class RingGPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """The final-norm hidden states (batch, n_local, n_embd) that the head turns into logits."""
         if position_ids.numel() and int(position_ids.max()) >= self.config.max_seq_len:
             raise ValueError(f"position id {int(position_ids.max())} exceeds max_seq_len={self.config.max_seq_len}")
         x = self.wte(input_ids)
         cos, sin = self.rotary(position_ids)
         for block in self.blocks:
             x = block(x, cos, sin)
-        x = self.norm_f(x)
-        # Tied head: reads wte.weight through the module (ZeRO-3 gathers it on access).
-        weight = self.wte.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(x, weight)
+        return self.norm_f(x)
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        # Read through the module at use time: ZeRO-3 gathers a partitioned weight on access in forward.
+        return self.wte.weight if self.lm_head is None else self.lm_head.weight
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.hidden_states(input_ids, position_ids), self.head_weight)
 
     def num_parameters(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

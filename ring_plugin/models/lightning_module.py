@@ -15,11 +15,9 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from .gpt import GPTConfig, RingGPT
-
-IGNORE_INDEX = -100
+from .loss import IGNORE_INDEX, linear_cross_entropy_sum
 
 
 def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
@@ -38,12 +36,14 @@ class RingCausalLM(pl.LightningModule):
         warmup_steps: int = 0,
         max_steps: int | None = None,
         min_lr_ratio: float = 0.1,
+        loss_chunk_tokens: int = 4096,
     ):
         super().__init__()
         config = model if isinstance(model, GPTConfig) else GPTConfig.from_dict(dict(model))
         self.save_hyperparameters({"model": config.__dict__, "lr": lr, "weight_decay": weight_decay,
                                    "betas": tuple(betas), "warmup_steps": warmup_steps, "max_steps": max_steps,
-                                   "min_lr_ratio": min_lr_ratio})
+                                   "min_lr_ratio": min_lr_ratio,
+                                   "loss_chunk_tokens": loss_chunk_tokens})
         self.config = config
         self.model = RingGPT(config)
         self._val_sums: torch.Tensor | None = None
@@ -57,10 +57,9 @@ class RingCausalLM(pl.LightningModule):
 
     def _local_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum of this rank's token losses, [label count, loss sum, input tokens] to all-reduce)."""
-        logits = self.model(batch["input_ids"], batch["position_ids"])
+        hidden = self.model.hidden_states(batch["input_ids"], batch["position_ids"])
         labels = batch["labels"]
-        loss_sum = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
-                                   reduction="sum")
+        loss_sum = linear_cross_entropy_sum(hidden, self.model.head_weight, labels, self.hparams.loss_chunk_tokens)
         stats = torch.stack([(labels != IGNORE_INDEX).sum().to(torch.float64), loss_sum.detach().double(),
                              torch.tensor(float(labels.numel()), dtype=torch.float64, device=labels.device)])
         return loss_sum, _all_reduce_sum(stats)
