@@ -1,0 +1,168 @@
+"""Pattern benchmarks on the ring: dilated (LongNet), block-sparse and the dense ring for speed-up.
+
+GPU: ``torchrun --nproc_per_node=2 benchmarks/bench_patterns.py --out benchmarks/results/patterns_h200.json``
+CPU smoke (gloo, tiny sizes): ``python benchmarks/bench_patterns.py --smoke``
+
+Each case is timed fwd+bwd with CUDA events (warm-up, median). TFLOP/s count the pattern's own
+FLOPs: 4*n_q*n_k*d per head over the computed pairs, x0.5 under causal, x3.5 for fwd+bwd. Each
+case runs in try/except, so one failure (e.g. OOM) is recorded and the run goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ring_plugin import create_ring_attention
+from ring_plugin.patterns import DilatedPattern
+
+DILATED = {"segment_lengths": [2048, 8192, 32768, 131072], "dilation_rates": [1, 4, 16, 64]}
+
+
+def pattern_flops(name: str, layer, n: int, heads: int, d: int, causal: bool) -> float:
+    """Forward+backward FLOPs of the pairs the pattern computes (x0.5 under causal)."""
+    if name == "dilated":
+        pairs = 0.0
+        assert isinstance(layer.pattern, DilatedPattern)
+        for w, r in layer.pattern.pairs(n):
+            # Every head is in exactly one offset group: (w/r)^2 pairs per segment, n/w segments.
+            pairs += heads * (n / w) * (w / r) ** 2
+    elif name == "block_sparse":
+        mask = layer.block_mask(n)
+        pairs = heads * float(mask.sum()) * layer.config.block_size**2
+    else:
+        pairs = heads * float(n) * n
+    return 4.0 * pairs * d * (0.5 if causal else 1.0) * 3.5
+
+
+def cases(smoke: bool) -> list[dict[str, Any]]:
+    if smoke:
+        small = {"segment_lengths": [16, 32, 64, 128], "dilation_rates": [1, 2, 4, 8]}
+        return [
+            {"name": "dense", "n": 256, "kw": {}},
+            {"name": "dilated", "n": 256, "kw": small},
+            {"name": "block_sparse", "n": 256, "kw": {"block_size": 16, "sparsity_ratio": 0.9}},
+        ]
+    out = []
+    for n in (262144, 1048576):
+        out += [{"name": "dilated", "n": n, "kw": DILATED}, {"name": "dense", "n": n, "kw": {}}]
+    out += [
+        {"name": "block_sparse", "n": 131072,
+         "kw": {"block_size": 128, "sparsity_ratio": 0.9, "pattern_type": "local"}},
+        {"name": "dense", "n": 131072, "kw": {}},
+    ]
+    return out
+
+
+def _timer(device: torch.device):
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        return (lambda: start.record()), (lambda: (end.record(), end.synchronize(), start.elapsed_time(end))[2])
+    mark: list[float] = []
+    return (lambda: mark.append(time.perf_counter())), (lambda: (time.perf_counter() - mark.pop()) * 1e3)
+
+
+def run_pattern_benchmarks(rank: int, world: int, device: torch.device, results: list[dict[str, Any]],
+                           smoke: bool = False, heads: int = 32, head_dim: int = 128, causal: bool = True,
+                           warmup: int = 2, iters: int = 5, max_dense_seconds: float = 60.0) -> None:
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if smoke:
+        heads, head_dim, warmup, iters = 4, 16, 1, 2
+    name_map = {"dense": "standard", "dilated": "standard", "block_sparse": "block_sparse"}
+    for case in cases(smoke):
+        name, n = case["name"], case["n"]
+        row: dict[str, Any] = {"case": name, "n": n, "world": world, "heads": heads, "head_dim": head_dim,
+                               "causal": causal, "dtype": str(dtype), **{k: v for k, v in case["kw"].items()}}
+        try:
+            layer = create_ring_attention(name_map[name], **case["kw"])
+            gen = torch.Generator(device="cpu").manual_seed(0)
+            n_local = n // world
+            q, k, v = (torch.randn(1, n_local, heads, head_dim, generator=gen).to(device, dtype).requires_grad_()
+                       for _ in range(3))
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            start, stop = _timer(device)
+            times = []
+            # The dense 1M ring takes tens of seconds per step: one warm-up, one timed run.
+            warm, reps = (1, 1) if (name == "dense" and n >= 1 << 20) else (warmup, iters)
+            for i in range(warm + reps):
+                start()
+                out = layer(q, k, v, is_causal=causal)
+                out.backward(torch.ones_like(out))
+                ms = stop()
+                q.grad = k.grad = v.grad = None
+                if i >= warm:
+                    times.append(ms)
+                if ms / 1e3 * (warm + reps) > max_dense_seconds and i >= warm:
+                    break  # keep the whole run within a few minutes
+            med = statistics.median(times)
+            flops = pattern_flops(name, layer, n, heads, head_dim, causal) / world
+            row.update(ms=med, tflops_per_gpu=flops / (med / 1e3) / 1e12,
+                       peak_gb=(torch.cuda.max_memory_allocated(device) / 2**30) if device.type == "cuda" else None)
+        except Exception as err:  # noqa: BLE001 - recorded, the run goes on
+            row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        results.append(row)
+        if rank == 0:
+            print(json.dumps(row), flush=True)
+    dense = {r["n"]: r["ms"] for r in results if r["case"] == "dense" and "ms" in r}
+    for r in results:
+        if r["case"] != "dense" and "ms" in r and r["n"] in dense:
+            r["speedup_vs_dense_ring"] = dense[r["n"]] / r["ms"]
+
+
+def _smoke_worker(rank: int, world: int) -> list[dict[str, Any]]:
+    results: list[dict[str, Any]] = []
+    run_pattern_benchmarks(rank, world, torch.device("cpu"), results, smoke=True)
+    return results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--smoke", action="store_true", help="tiny CPU run on 2 gloo processes")
+    ap.add_argument("--heads", type=int, default=32)
+    args = ap.parse_args()
+    if args.smoke:
+        from ring_plugin.testing import run_in_process_group
+
+        results = run_in_process_group(_smoke_worker, 2, timeout=300)[0]
+        device_name = "cpu"
+    else:
+        dist.init_process_group("nccl")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+        results = []
+        run_pattern_benchmarks(rank, world, device, results, heads=args.heads)
+        device_name = torch.cuda.get_device_name(device)
+        if rank != 0:
+            dist.destroy_process_group()
+            return
+    print(f"{'case':14}{'n':>9}{'ms':>10}{'TFLOP/s':>9}{'speedup':>9}{'peak GB':>9}")
+    for r in results:
+        nan = float("nan")
+        print(f"{r['case']:14}{r['n']:>9}{r.get('ms', nan):>10.1f}{r.get('tflops_per_gpu', nan):>9.1f}"
+              f"{r.get('speedup_vs_dense_ring', float('nan')):>9.2f}{(r.get('peak_gb') or float('nan')):>9.1f}"
+              f"  {r.get('error', '')}")
+    report = {"device": device_name, "torch": torch.__version__, "date": datetime.date.today().isoformat(),
+              "results": results}
+    if args.out:
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+    if not args.smoke:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
