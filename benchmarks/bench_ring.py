@@ -167,16 +167,17 @@ def bench_single_gpu(n, h, d, causal, dtype, device, warmup, repeat) -> dict:
     return box[0]
 
 
-def bench_ring(n, h, d, causal, dtype, device, warmup, repeat, layout, backend) -> dict:
+def bench_ring(n, h, d, causal, dtype, device, warmup, repeat, layout, backend, grad_comm_dtype="float32") -> dict:
     world, rank = dist.get_world_size(), dist.get_rank()
     reset_peak(device)
     n_local = n // world
     q, k, v = (torch.randn(1, n_local, h, d, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
     grad = torch.randn(1, n_local, h, d, device=device, dtype=dtype)
-    attn = create_ring_attention("standard", backend=backend, layout=layout, check_inputs_across_ranks=False)
+    attn = create_ring_attention("standard", backend=backend, layout=layout, check_inputs_across_ranks=False,
+                                 grad_comm_dtype=grad_comm_dtype)
     sec = time_fn(_fwd_bwd(lambda a, b, c: attn(a, b, c, is_causal=causal), [q, k, v], grad), warmup, repeat, device)
     out = dict(seconds=sec, tflops_per_gpu=attention_flops(n, h, d, causal) / world / sec / 1e12,
-               peak_gb=peak_gb(device), layout=layout, backend=backend)
+               peak_gb=peak_gb(device), layout=layout, backend=backend, grad_comm_dtype=grad_comm_dtype)
     del q, k, v, grad, rank
     return out
 
@@ -269,6 +270,8 @@ def main() -> None:
                 row: dict = dict(n=n, causal=causal)
                 row["single_gpu_cudnn"] = _guard(bench_single_gpu, *common)
                 row["ring"] = _guard(bench_ring, *common, layout="zigzag", backend="cudnn")
+                row["ring_bf16_grad_comm"] = _guard(bench_ring, *common, layout="zigzag", backend="cudnn",
+                                                    grad_comm_dtype="input")
                 if not args.skip_peers:
                     row["torch_context_parallel"] = _guard(bench_context_parallel, *common)
                     row["deepspeed_ulysses"] = _guard(bench_ulysses, *common)
@@ -303,7 +306,8 @@ def print_table(result: dict) -> None:
     print(header)
     print("-" * len(header))
     for row in result.get("runs", []):
-        for method in ("single_gpu_cudnn", "ring", "torch_context_parallel", "deepspeed_ulysses"):
+        for method in ("single_gpu_cudnn", "ring", "ring_bf16_grad_comm", "torch_context_parallel",
+                       "deepspeed_ulysses"):
             r = row.get(method)
             if r is None:
                 continue

@@ -35,6 +35,9 @@ class RingAttentionConfig:
     contiguous). ``backend``: kernel backend (``'auto'`` picks by device and dtype).
     ``comm_timeout``: seconds to wait for a ring peer before raising (None: wait forever).
     ``oracle_dtype``: compute dtype of the ``correct`` variant (``'float32'`` or ``'float64'``).
+    ``grad_comm_dtype``: dtype of the dK/dV accumulators that travel round the ring in backward:
+    ``'float32'`` (exact sum, the default) or ``'input'`` (the inputs' dtype: half the memory and
+    traffic for bf16, one extra rounding per ring hop).
     ``block_size``/``sparsity_ratio``/``pattern_type``: block-sparse pattern (sparsity = share of block
     pairs skipped). ``grid``/``hilbert_level``: 2-D token grid of the Hilbert variant;
     ``token_order``: order of the tokens handed to it, ``'row_major'`` (it permutes) or ``'hilbert'``
@@ -52,6 +55,7 @@ class RingAttentionConfig:
     enable_monitoring: bool = False
     use_deepspeed: bool = False
     oracle_dtype: str = "float32"
+    grad_comm_dtype: str = "float32"
     check_inputs_across_ranks: bool = True
     # Block-sparse and Hilbert variants.
     block_size: int = 64
@@ -91,6 +95,8 @@ class RingAttentionConfig:
             raise ValueError(f"softmax_scale={self.softmax_scale!r} must be positive or None")
         if self.comm_timeout is not None and not self.comm_timeout > 0:
             raise ValueError(f"comm_timeout={self.comm_timeout!r} must be positive seconds or None")
+        if self.grad_comm_dtype not in ("float32", "input"):
+            raise ValueError(f"grad_comm_dtype={self.grad_comm_dtype!r} must be 'float32' or 'input'")
         if self.oracle_dtype not in ("float32", "float64"):
             raise ValueError(f"oracle_dtype={self.oracle_dtype!r} must be 'float32' or 'float64'")
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size <= 0:

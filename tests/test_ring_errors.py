@@ -117,3 +117,23 @@ def _two_rings_worker(rank: int, world: int) -> float:
 def test_ring_size_smaller_than_world_builds_adjacent_rings():
     errors = run_in_process_group(_two_rings_worker, 4, timeout=90)
     assert max(errors) < 1e-6, errors
+
+
+def _half_grad_comm_worker(rank: int, world: int) -> dict[str, float]:
+    gen = torch.Generator().manual_seed(5)
+    q, k, v, g = (torch.randn(2, 64, 4, 16, generator=gen) for _ in range(4))
+    ref = [t.double().requires_grad_() for t in (q, k, v)]
+    (reference_attention(*ref, causal=True) * g.double()).sum().backward()
+    local = [shard_sequence(t.bfloat16(), 1, "zigzag", rank, world).requires_grad_() for t in (q, k, v)]
+    attn = create_ring_attention("standard", layout="zigzag", grad_comm_dtype="input")
+    (attn(*local, is_causal=True) * shard_sequence(g.bfloat16(), 1, "zigzag", rank, world)).sum().backward()
+    return {
+        name: ((mine.grad.double() - shard_sequence(theirs.grad, 1, "zigzag", rank, world)).abs().max()
+               / theirs.grad.abs().max()).item()
+        for name, mine, theirs in zip(("dq", "dk", "dv"), local, ref)
+    }
+
+
+def test_half_precision_grad_accumulators_stay_within_bf16_tolerance():
+    for errors in run_in_process_group(_half_grad_comm_worker, 4, timeout=90):
+        assert max(errors.values()) < 2e-2, errors

@@ -45,6 +45,9 @@ class RingSpec:
     scale: float
     causal: bool
     planner: StepPlanner = plan_dense_step
+    # dtype of the dK/dV accumulators that travel home: fp32 keeps the sum exact; the input's
+    # half precision halves their memory and traffic at one rounding per hop.
+    grad_dtype: torch.dtype = torch.float32
     pattern: Pattern | None = None  # when set, blocks come from the pattern, not ``planner``
     heads: int = 0  # query and K/V head counts (needed by patterns only)
     kv_heads: int = 0
@@ -77,11 +80,12 @@ def _expand_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x if groups == 1 else x.repeat_interleave(groups, dim=1)
 
 
-def _reduce_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
+def _reduce_heads(x: torch.Tensor, groups: int, dtype: torch.dtype) -> torch.Tensor:
+    """Sum the gradients of query heads that share a K/V head (in ``dtype``, e.g. fp32)."""
     if groups == 1:
         return x
     b, h, n, d = x.shape
-    return x.view(b, h // groups, groups, n, d).sum(2)
+    return x.view(b, h // groups, groups, n, d).sum(2, dtype=dtype)
 
 
 def _rows(x: torch.Tensor, s: slice) -> torch.Tensor:
@@ -127,7 +131,12 @@ def _forward_block(spec: RingSpec, q, kv, block, groups, out_acc, lse_acc) -> No
     merge_into(out_acc[:, :, block.q], lse_acc[:, :, block.q], o, lse)
 
 
-def _backward_block(spec: RingSpec, dout, q, kv, out, lse, block, groups, dq_acc, dkv_step) -> None:
+def _backward_block(spec: RingSpec, dout, q, kv, out, lse, block, groups, dq_acc) -> Callable[[list], None]:
+    """Run one block's backward; add its dQ now and return how to add its dK/dV to an accumulator.
+
+    The dK/dV accumulator of this step only arrives after the compute, so the kernel's outputs are
+    held (no step-sized buffer) and added in place once it is there.
+    """
     if isinstance(block, IndexBlock):
         b, h, n, d = q.shape
         qi, ki = block.q_index, block.kv_index
@@ -135,21 +144,28 @@ def _backward_block(spec: RingSpec, dout, q, kv, out, lse, block, groups, dq_acc
             _gather(dout, qi), _gather(q, qi), _gather(kv[0], ki), _gather(kv[1], ki),
             _gather(out, qi), _gather_rows(lse, qi).contiguous(), block.causal, spec.scale,
         )
-        hk, nk = kv.shape[2], kv.shape[3]
         dq_acc.view(b, h * n, d).index_add_(1, qi.flatten(), _flat(dq, b).float())
-        # index_add_ sums duplicates, so K/V heads shared by several query heads (GQA) just work.
-        dkv_step[0].view(b, hk * nk, d).index_add_(1, ki.flatten(), _flat(dk, b).float())
-        dkv_step[1].view(b, hk * nk, d).index_add_(1, ki.flatten(), _flat(dv, b).float())
-        return
+
+        def add_indexed(acc: list) -> None:
+            hk, nk = acc[0].shape[1], acc[0].shape[2]
+            # index_add_ sums duplicates, so K/V heads shared by several query heads (GQA) just work.
+            for a, g in zip(acc, (dk, dv)):
+                a.view(b, hk * nk, d).index_add_(1, ki.flatten(), _flat(g, b).to(a.dtype))
+
+        return add_indexed
     kb = _expand_heads(_rows(kv[0], block.kv), groups)
     vb = _expand_heads(_rows(kv[1], block.kv), groups)
     dq, dk, dv = spec.kernel.backward(
         _rows(dout, block.q), _rows(q, block.q), kb, vb,
         _rows(out, block.q), _rows(lse, block.q), block.causal, spec.scale,
     )
-    dq_acc[:, :, block.q] += dq
-    dkv_step[0][:, :, block.kv] += _reduce_heads(dk.float(), groups)
-    dkv_step[1][:, :, block.kv] += _reduce_heads(dv.float(), groups)
+    dq_acc[:, :, block.q] += dq  # mixed-dtype in-place add: no fp32 copy of dq
+
+    def add_rows(acc: list) -> None:
+        for a, g in zip(acc, (dk, dv)):
+            a[:, :, block.kv] += _reduce_heads(g, groups, a.dtype)
+
+    return add_rows
 
 
 class RingAttentionFunction(torch.autograd.Function):
@@ -160,15 +176,15 @@ class RingAttentionFunction(torch.autograd.Function):
         n_local = q.shape[2]
         out_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         lse_acc = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
-        kv = torch.stack([k, v])
+        kv = [k, v]  # sent as two messages: no packed copy of the shard
         last = spec.last_step(n_local)
         for step in range(last + 1):
-            pending = comm.exchange([kv]) if step < last else None
+            pending = comm.exchange(kv) if step < last else None
             comm.start_compute()
             for block in spec.step_blocks(step, n_local):
                 _forward_block(spec, q, kv, block, groups, out_acc, lse_acc)
             if pending is not None:
-                (kv,) = pending.wait()
+                kv = pending.wait()
         out = out_acc.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse_acc)
         ctx.spec = spec
@@ -184,34 +200,34 @@ class RingAttentionFunction(torch.autograd.Function):
         n_local = q.shape[2]
         dout = dout.to(q.dtype).contiguous()
         dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        kv = torch.stack([k, v])
-        dkv_travelling: torch.Tensor | None = None
+        kv = [k, v]
+        dkv: list[torch.Tensor] = []  # the travelling dK/dV accumulator of this step's K/V owner
         pending_dkv = None
         last: int = ctx.last
         for step in range(last + 1):
-            pending_kv = comm.exchange([kv]) if step < last else None
+            pending_kv = comm.exchange(kv) if step < last else None
             comm.start_compute()
-            dkv_step = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
-            for block in spec.step_blocks(step, n_local):
-                _backward_block(spec, dout, q, kv, out, lse, block, groups, dq_acc, dkv_step)
+            adds = [
+                _backward_block(spec, dout, q, kv, out, lse, block, groups, dq_acc)
+                for block in spec.step_blocks(step, n_local)
+            ]
             # The accumulator for this step's K/V owner arrives from the previous rank, which
             # worked on the same K/V one step earlier; add ours and pass it on.
             if pending_dkv is not None:
-                (dkv_travelling,) = pending_dkv.wait()
-                dkv_travelling += dkv_step
+                dkv = pending_dkv.wait()
             else:
-                dkv_travelling = dkv_step
+                dkv = [torch.zeros(t.shape, dtype=spec.grad_dtype, device=t.device) for t in (k, v)]
+            for add in adds:
+                add(dkv)
+            del adds
             if last > 0:
                 # On to the next rank; after the last step straight home to the K/V owner (rank - last).
-                pending_dkv = comm.exchange([dkv_travelling], shift=1 if step < last else world - last)
+                pending_dkv = comm.exchange(dkv, shift=1 if step < last else world - last)
             if pending_kv is not None:
-                (kv,) = pending_kv.wait()
+                kv = pending_kv.wait()
         if pending_dkv is not None:
-            (dkv_travelling,) = pending_dkv.wait()  # after a full turn: our own dK/dV
-        assert dkv_travelling is not None
-        dk = dkv_travelling[0].to(k.dtype)
-        dv = dkv_travelling[1].to(v.dtype)
-        return dq_acc.to(q.dtype), dk, dv, None
+            dkv = pending_dkv.wait()  # after a full turn: our own dK/dV
+        return dq_acc.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: RingSpec) -> torch.Tensor:

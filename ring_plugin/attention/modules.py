@@ -182,6 +182,7 @@ class RingEngineAttention(RingAttentionBase):
             kernel=kernel,
             scale=self.scale_for(q.shape[-1]),
             causal=causal,
+            grad_dtype=torch.float32 if self.config.grad_comm_dtype == "float32" else q.dtype,
             pattern=self.pattern,
             heads=q.shape[2],
             kv_heads=k.shape[2],
