@@ -33,23 +33,32 @@ def check_ring_size(ring_size: int | None, world_size: int) -> int:
     return ring_size
 
 
+_CACHE: dict[tuple[object, int], RingGroups] = {}
+
+
 def build_ring_groups(ring_size: int) -> RingGroups:
-    """Create every ring and data-parallel group (collective: all ranks, same order) and return this rank's."""
+    """Create every ring and data-parallel group (collective: all ranks, same order) and return this rank's.
+
+    Cached per default group and ring size, so repeated ``Trainer.fit`` calls reuse the communicators.
+    """
+    key = (dist.group.WORLD, ring_size)
+    if key not in _CACHE:
+        _CACHE[key] = _new_ring_groups(ring_size)
+    return _CACHE[key]
+
+
+def _new_ring_groups(ring_size: int) -> RingGroups:
     world, rank = dist.get_world_size(), dist.get_rank()
     dp_size = world // ring_size
+    # Always fresh groups, even when one spans the world: the ring's point-to-point traffic then has
+    # its own communicator and never interleaves with DDP's/DeepSpeed's collectives on the default one.
     ring = dp = None
-    if ring_size == world:
-        ring = dist.group.WORLD
-    else:
-        for start in range(0, world, ring_size):
-            g = dist.new_group(list(range(start, start + ring_size)))
-            if start <= rank < start + ring_size:
-                ring = g
-    if dp_size == world:
-        dp = dist.group.WORLD
-    else:
-        for offset in range(ring_size):
-            g = dist.new_group(list(range(offset, world, ring_size)))
-            if rank % ring_size == offset:
-                dp = g
+    for start in range(0, world, ring_size):
+        g = dist.new_group(list(range(start, start + ring_size)))
+        if start <= rank < start + ring_size:
+            ring = g
+    for offset in range(ring_size):
+        g = dist.new_group(list(range(offset, world, ring_size)))
+        if rank % ring_size == offset:
+            dp = g
     return RingGroups(ring, dp, ring_size, rank % ring_size, dp_size, rank // ring_size)
