@@ -36,12 +36,14 @@ class Case:
     model: dict[str, Any] = field(default_factory=lambda: dict(TINY))
     batch_size: int = 1
     seq_len: int = 32
+    options: dict[str, Any] = field(default_factory=dict)  # extra strategy arguments
 
     @property
     def name(self) -> str:
         att = "dilated" if self.model.get("attention_kwargs") else self.model.get("attention", "standard")
         ring = self.ring_size or "all"
-        return f"{self.strategy}{self.stage if self.strategy == 'deepspeed' else ''}/ring={ring}/{att}/{self.layout}"
+        kind = f"deepspeed{self.stage}" if self.strategy == "deepspeed" else self.strategy
+        return f"{kind}/ring={ring}/{att}/{self.layout}" + "".join(f"/{k}" for k in sorted(self.options))
 
 
 def make_samples(n: int, seq_len: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
@@ -54,11 +56,11 @@ def make_samples(n: int, seq_len: int, seed: int = 0) -> list[dict[str, torch.Te
     return [{"input_ids": ids[i, :-1].clone(), "labels": labels[i]} for i in range(n)]
 
 
-def make_strategy(case: Case, **kwargs: Any):
+def make_strategy(case: Case):
     if case.strategy == "ddp":
-        return RingStrategy(ring_size=case.ring_size, layout=case.layout, **kwargs)
+        return RingStrategy(ring_size=case.ring_size, layout=case.layout, **case.options)
     return RingDeepSpeedStrategy(stage=case.stage, ring_size=case.ring_size, layout=case.layout,
-                                 logging_level=40, **kwargs)
+                                 logging_level=40, **case.options)
 
 
 def make_trainer(case: Case, world: int, max_steps: int, callbacks: list[Callback], **kwargs: Any) -> Trainer:

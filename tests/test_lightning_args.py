@@ -52,3 +52,9 @@ def test_shard_batch_creates_positions_and_names_bad_length():
     assert out["mask"].shape == (1, 8) and out["meta"] == "kept"
     with pytest.raises(ValueError, match="sequence length 18 .* multiple of 4"):
         shard_batch({"input_ids": torch.zeros(1, 18, dtype=torch.long)}, "zigzag", 0, 2)
+
+
+def test_offload_with_a_torch_optimizer_is_allowed_only_in_our_default_config():
+    assert RingDeepSpeedStrategy(stage=3, offload_optimizer=True).config["zero_force_ds_cpu_optimizer"] is False
+    config = {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}
+    assert "zero_force_ds_cpu_optimizer" not in RingDeepSpeedStrategy(config=config, offload_optimizer=True).config

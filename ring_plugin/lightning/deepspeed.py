@@ -8,6 +8,7 @@ reports a CPU root device; DeepSpeed itself runs ZeRO on CPU with gloo.
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Iterable
 from typing import Any
 
@@ -38,6 +39,11 @@ class RingDeepSpeedStrategy(RingStrategyMixin, DeepSpeedStrategy):
             raise ValueError(f"stage={stage!r} is not a ZeRO stage; valid: {', '.join(map(str, ZERO_STAGES))}")
         self._init_ring(ring_size, layout, sequence_keys)
         super().__init__(stage=stage, **deepspeed_kwargs)
+        user_config = deepspeed_kwargs.get("config") is not None or self.DEEPSPEED_ENV_VAR in os.environ
+        if deepspeed_kwargs.get("offload_optimizer") and not user_config:
+            # The optimizer comes from configure_optimizers (a torch optimizer); DeepSpeed refuses that with
+            # offload unless told otherwise. Return deepspeed.ops.adam.DeepSpeedCPUAdam there for speed.
+            self.config.setdefault("zero_force_ds_cpu_optimizer", False)
 
     @property
     def _on_cuda(self) -> bool:
