@@ -45,8 +45,8 @@ class RingSpec:
     scale: float
     causal: bool
     planner: StepPlanner = plan_dense_step
-    # dtype of the dK/dV accumulators that travel home: fp32 keeps the sum exact; the input's
-    # half precision halves their memory and traffic at one rounding per hop.
+    # dtype of the dQ accumulator and of the dK/dV accumulators that travel home: fp32 keeps the
+    # sums exact; the input's half precision halves their memory and traffic at one rounding a step.
     grad_dtype: torch.dtype = torch.float32
     pattern: Pattern | None = None  # when set, blocks come from the pattern, not ``planner``
     heads: int = 0  # query and K/V head counts (needed by patterns only)
@@ -144,7 +144,7 @@ def _backward_block(spec: RingSpec, dout, q, kv, out, lse, block, groups, dq_acc
             _gather(dout, qi), _gather(q, qi), _gather(kv[0], ki), _gather(kv[1], ki),
             _gather(out, qi), _gather_rows(lse, qi).contiguous(), block.causal, spec.scale,
         )
-        dq_acc.view(b, h * n, d).index_add_(1, qi.flatten(), _flat(dq, b).float())
+        dq_acc.view(b, h * n, d).index_add_(1, qi.flatten(), _flat(dq, b).to(dq_acc.dtype))
 
         def add_indexed(acc: list) -> None:
             hk, nk = acc[0].shape[1], acc[0].shape[2]
@@ -199,7 +199,7 @@ class RingAttentionFunction(torch.autograd.Function):
         groups = q.shape[1] // k.shape[1]
         n_local = q.shape[2]
         dout = dout.to(q.dtype).contiguous()
-        dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        dq_acc = torch.zeros(q.shape, dtype=spec.grad_dtype, device=q.device)
         kv = [k, v]
         dkv: list[torch.Tensor] = []  # the travelling dK/dV accumulator of this step's K/V owner
         pending_dkv = None

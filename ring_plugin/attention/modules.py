@@ -171,7 +171,10 @@ class RingEngineAttention(RingAttentionBase):
     collect_stats: ClassVar[bool] = False
 
     def _attend(self, q, k, v, causal, ring):
-        qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+        # K/V travel, so they are made contiguous; q stays a strided view (the kernels take it as
+        # SDPA does), which saves a copy of the query shard.
+        qt = q.transpose(1, 2)
+        kt, vt = (t.transpose(1, 2).contiguous() for t in (k, v))
         kernel = select_kernel(
             self.config.backend, q.device, q.dtype, q.shape[-1], follow_sdpa_flags=self.follow_sdpa_flags
         )
