@@ -66,7 +66,8 @@ def make_strategy(case: Case):
 def make_trainer(case: Case, world: int, max_steps: int, callbacks: list[Callback], **kwargs: Any) -> Trainer:
     warnings.filterwarnings("ignore")
     options: dict[str, Any] = dict(logger=False, enable_progress_bar=False, enable_model_summary=False,
-                                   num_sanity_val_steps=0, limit_val_batches=0, precision="32-true")
+                                   num_sanity_val_steps=0, limit_val_batches=0, precision="32-true",
+                                   enable_checkpointing=False)
     return Trainer(accelerator="cpu", devices=world, strategy=make_strategy(case), max_steps=max_steps,
                    callbacks=callbacks, **{**options, **kwargs})
 
@@ -109,7 +110,7 @@ def reference_step(case: Case, samples: list[dict[str, torch.Tensor]]) -> tuple[
         logits = module.model(ids, torch.arange(ids.shape[1]))
     loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
     loss.backward()
-    return float(loss), {n: p.grad.clone() for n, p in module.named_parameters()}
+    return float(loss.detach()), {n: p.grad.clone() for n, p in module.named_parameters()}
 
 
 def max_errors(loss: float, grads: dict[str, torch.Tensor], ref_loss: float,
@@ -163,7 +164,7 @@ def resume_case(case: Case, rank: int, world: int, workdir: str) -> dict[str, li
     full = GradCapture()
     saver = ModelCheckpoint(dirpath=ckpt_dir, filename="{step}", every_n_train_steps=2, save_top_k=-1)
     loader = DataLoader(samples, batch_size=case.batch_size)
-    make_trainer(case, world, 5, [full, saver]).fit(make_module(case), loader)
+    make_trainer(case, world, 5, [full, saver], enable_checkpointing=True).fit(make_module(case), loader)
     resumed = GradCapture()
     # A differently initialised model: everything must come from the checkpoint.
     make_trainer(case, world, 5, [resumed]).fit(make_module(case, seed=123), loader,
