@@ -191,3 +191,32 @@ def run_isolated(fn: Any, *args: Any) -> Any:
         return fn(*args)
     except Exception as err:  # noqa: BLE001 - reported per case by the test
         return f"{type(err).__name__}: {err}"
+
+
+def multihead_case(rank: int, world: int, causal: bool) -> dict[str, float]:
+    """RingMultiheadAttention on zigzag shards vs nn.MultiheadAttention on the full sequence: output
+    rows and parameter gradients (summed over the ring)."""
+    import torch.distributed as dist
+
+    from ring_plugin.layers import RingMultiheadAttention
+    from ring_plugin.layout import shard_sequence
+
+    torch.manual_seed(0)
+    ref = torch.nn.MultiheadAttention(30, 5, batch_first=True)
+    ring = RingMultiheadAttention(30, 5)
+    ring.load_state_dict(ref.state_dict())
+    x, weight = torch.randn(2, 16, 30), torch.randn(2, 16, 30)
+    mask = torch.nn.Transformer.generate_square_subsequent_mask(16) if causal else None
+    expected = ref(x, x, x, need_weights=False, attn_mask=mask, is_causal=causal)[0]
+    (expected * weight).sum().backward()
+    mine = shard_sequence(x, 1, "zigzag", rank, world)
+    with ring_context(dist.group.WORLD, "zigzag"):
+        got = ring(mine, mine, mine, is_causal=causal)[0]
+    (got * shard_sequence(weight, 1, "zigzag", rank, world)).sum().backward()
+    grad_err = 0.0
+    ref_params = dict(ref.named_parameters())
+    for name, p in ring.named_parameters():
+        dist.all_reduce(p.grad)
+        grad_err = max(grad_err, float((p.grad - ref_params[name].grad).abs().max()))
+    out_err = float((got - shard_sequence(expected, 1, "zigzag", rank, world)).abs().max())
+    return {"out": out_err, "grad": grad_err}

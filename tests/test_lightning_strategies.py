@@ -36,6 +36,8 @@ RESUME = [Case("ddp"), Case("deepspeed", 2), Case("deepspeed", 3)]
 def world2_worker(rank: int, world: int, workdir: str) -> dict:
     out = {c.name: H.run_isolated(H.equivalence_case, c, rank, world) for c in WORLD2}
     out["validate"] = H.run_isolated(H.validate_case, Case("ddp"), rank, world)
+    for causal in (False, True):
+        out[f"multihead/causal={causal}"] = H.run_isolated(H.multihead_case, rank, world, causal)
     out["ring_size=3"] = H.run_isolated(H.equivalence_case, Case("ddp", ring_size=3), rank, world)
     for c in RESUME:
         out["resume/" + c.name] = H.run_isolated(H.resume_case, c, rank, world, workdir)
@@ -80,6 +82,14 @@ def test_world4_step_matches_one_process(world4, name):
 def test_validation_loss_is_full_sequence_mean(world2):
     assert isinstance(world2["validate"], dict), world2["validate"]
     assert world2["validate"]["loss"] < 1e-5
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("causal", [False, True])
+def test_multihead_on_two_ranks_matches_torch(world2, causal):
+    result = world2[f"multihead/causal={causal}"]
+    assert isinstance(result, dict), result
+    assert result["out"] < 1e-5 and result["grad"] < 1e-5, result
 
 
 @pytest.mark.timeout(300)
