@@ -58,3 +58,21 @@ def test_offload_with_a_torch_optimizer_is_allowed_only_in_our_default_config():
     assert RingDeepSpeedStrategy(stage=3, offload_optimizer=True).config["zero_force_ds_cpu_optimizer"] is False
     config = {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}
     assert "zero_force_ds_cpu_optimizer" not in RingDeepSpeedStrategy(config=config, offload_optimizer=True).config
+
+
+def test_resumable_loader_skips_only_in_the_saved_epoch():
+    from types import SimpleNamespace
+
+    from ring_plugin.lightning import ResumableLoader
+
+    inner = SimpleNamespace(items=[0, 1, 2, 3], worker_init_fn=None)
+    position = {"epoch": 1, "batches": 3}
+    loader = ResumableLoader(inner.items, lambda: dict(position))
+    assert loader.state_dict() == {"epoch": 1, "batches": 3}
+    loader.load_state_dict({"epoch": 1, "batches": 3})
+    assert list(loader) == [3] and list(loader) == [0, 1, 2, 3]  # skips once
+    loader.load_state_dict({"epoch": 0, "batches": 3})  # saved in an epoch that has ended
+    assert list(loader) == [0, 1, 2, 3]
+    wrapped = ResumableLoader(inner, lambda: dict(position))
+    wrapped.worker_init_fn = print
+    assert inner.worker_init_fn is print and wrapped.items == [0, 1, 2, 3]

@@ -15,10 +15,19 @@ class ResumableLoader:
     Lightning still calls ``set_epoch`` on the distributed sampler.
     """
 
+    _OWN = ("loader", "_position", "_resume")
+
     def __init__(self, loader: Any, position: Callable[[], dict[str, int]]):
         self.loader = loader
         self._position = position
         self._resume: dict[str, int] | None = None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Lightning sets e.g. worker_init_fn after wrapping: it belongs to the wrapped loader.
+        if name in self._OWN:
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.loader, name, value)
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -33,7 +42,7 @@ class ResumableLoader:
         yield from it
 
     def __getattr__(self, name: str) -> Any:
-        if name == "loader":  # not set yet (e.g. during unpickling)
+        if name in self._OWN:  # not set yet (e.g. during unpickling)
             raise AttributeError(name)
         return getattr(self.loader, name)
 
