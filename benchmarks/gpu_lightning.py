@@ -227,6 +227,8 @@ def main() -> None:
     result["wall_seconds"] = time.perf_counter() - t0
     if rank == 0:
         _report(result, args.out, "smoke" if smoke else f"{world}gpu")
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def _report(result: dict, out: str, tag: str) -> None:
@@ -234,7 +236,7 @@ def _report(result: dict, out: str, tag: str) -> None:
         print(f"{row['strategy']:>22}: loss err {row['loss_abs_err']:.2e}, "
               f"grad max rel err {row['grad_max_rel_err']:.2e} ({row['grad_worst_param']}) ok={row['ok']}")
     t = result["train"]
-    print(f"train {t['params'] / 1e6:.0f}M params, {t['seq_len']} tokens on {t['gpus']} GPU(s): "
+    print(f"train {t['params']:,} params, {t['seq_len']} tokens on {t['gpus']} GPU(s): "
           f"{t['tokens_per_s']:.0f} tokens/s, {t['tflops_per_gpu']:.1f} TFLOP/s per GPU, "
           f"MFU {100 * t['mfu']:.1f}% of {t['peak_tflops_assumed']:.0f}; peak memory "
           + ", ".join(f"{m['peak_allocated_gib'] or 0:.1f} GiB" for m in t["memory"]))

@@ -111,8 +111,9 @@ class RingGPT(nn.Module):
         return F.linear(self.hidden_states(input_ids, position_ids), self.head_weight)
 
     def num_parameters(self, non_embedding: bool = False) -> int:
-        n = sum(p.numel() for p in self.parameters())
-        return n - self.wte.weight.numel() if non_embedding else n
+        """Parameter count (the tied head counted once); ZeRO-3 partitioned tensors count in full."""
+        n = sum(_numel(p) for p in self.parameters())
+        return n - _numel(self.wte.weight) if non_embedding else n
 
     def keys_per_query(self, seq_len: int) -> float:
         """Average number of keys one query attends to (before the causal halving)."""
@@ -137,3 +138,8 @@ class RingGPT(nn.Module):
         matmul_weights = c.n_layer * per_layer + c.n_embd * c.vocab_size
         attention = c.n_layer * c.n_head * 4 * hd * self.keys_per_query(seq_len) * 0.5
         return 3.0 * (2.0 * matmul_weights + attention)
+
+
+def _numel(p: torch.Tensor) -> int:
+    # ZeRO-3 leaves an empty tensor on each rank and keeps the full size in ds_numel.
+    return int(getattr(p, "ds_numel", p.numel()))
