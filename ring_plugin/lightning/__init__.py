@@ -11,9 +11,9 @@
     trainer.fit(module, dataloader)  # batches: full-length input_ids and pre-shifted labels
 
 The strategy shards each batch along the sequence; ranks of one ring read the same samples. With
-your own LightningModule, compute a loss whose gradients, summed over every rank, give the full
-batch's gradient divided by the world size, as ``RingCausalLM`` does (a per-rank mean does this
-whenever every rank holds the same number of labelled tokens).
+your own LightningModule, compute a loss whose gradients, averaged over every rank (what DDP and
+DeepSpeed do), give the full batch's gradient, as ``RingCausalLM`` does; a per-rank mean loss does
+this whenever every rank holds the same number of labelled tokens.
 """
 
 from .ddp import RingStrategy
