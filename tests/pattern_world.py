@@ -34,6 +34,11 @@ def dilated_cases() -> list[Case]:
         ((1, 32, 6, 3, 8), {"segment_lengths": [8, 32], "dilation_rates": [2, 3]}),
         ((2, 32, 3, 1, 8), {"segment_lengths": [16, 64], "dilation_rates": [1, 2]}),
     ]
+    # One segment spanning the whole ring, rate 4: only the dilated quarter of K/V travels.
+    for layout in ("contiguous", "zigzag"):
+        for causal in (False, True):
+            cases.append(_case("standard", (2, 32, 4, 4, 8), causal, layout,
+                               segment_lengths=[32], dilation_rates=[4]))
     for shape, kw in configs:
         for layout in ("contiguous", "zigzag"):
             for causal in (False, True):
@@ -119,6 +124,22 @@ def run_case(rank: int, world: int, case: Case, seed: int) -> list[float]:
     return errs
 
 
+def _dilated_bytes(world: int) -> dict[str, list[int]]:
+    """Bytes this rank sends (forward, then forward+backward) for one segment = the whole sequence at
+    rate 4, causal and not, and for the dense ring on the same shapes (4 heads, shard of 8 rows)."""
+    res: dict[str, list[int]] = {}
+    gen = torch.Generator().manual_seed(7)
+    x = [torch.randn(2, 8, 4, 16, generator=gen, requires_grad=True) for _ in range(3)]
+    for name, kw in (("dilated", {"segment_lengths": [8 * world], "dilation_rates": [4]}), ("dense", {})):
+        for causal in (False, True):
+            attn = create_ring_attention("distributed", **kw)
+            out = attn(*x, is_causal=causal)
+            fwd = attn.stats.bytes_sent
+            out.sum().backward()
+            res[f"{name}_{'causal' if causal else 'full'}"] = [fwd, attn.stats.bytes_sent]
+    return res
+
+
 def _extra_checks(rank: int, world: int) -> dict[str, Any]:
     """Communication facts and errors raised before any ring message."""
     res: dict[str, Any] = {}
@@ -131,6 +152,7 @@ def _extra_checks(rank: int, world: int) -> dict[str, Any]:
     bs = create_ring_attention("distributed", segment_lengths=[32], dilation_rates=[1])
     bs(*x).sum().backward()
     res["spanning_bytes"] = bs.stats.bytes_sent
+    res["sparse_bytes"] = _dilated_bytes(world)
     bad = [
         ("standard", {"segment_lengths": [12], "dilation_rates": [1]}, 8),  # n=8*world not a multiple of 12
         ("hilbert", {"grid": (3, 3)}, 8),

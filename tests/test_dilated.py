@@ -35,6 +35,26 @@ def test_local_segments_send_nothing_and_bad_lengths_raise(world: int) -> None:
         assert "multiple of every segment length" in rank_extra["bad"][0]
 
 
+@pytest.mark.parametrize("world", [2, 4])
+def test_spanning_segment_sends_only_the_dilated_share(world: int) -> None:
+    # One segment = the whole sequence, rate 4, 4 heads: head j keeps positions j mod 4, so each rank
+    # packs a quarter of its K/V rows and sends them straight to each rank that reads them: forward
+    # sends (ranks that read us) x (compact K + V); backward sends K/V again plus the compact dK/dV
+    # back to their owners. The dense ring sends the whole K/V world - 1 times.
+    _, extra = world_results(world)
+    shard_kv = 2 * (2 * 4 * 8 * 16) * 4  # K and V: batch 2, 4 heads, 8 rows, head_dim 16, fp32
+    compact = shard_kv // 4
+    for rank, rank_extra in enumerate(extra):
+        got = rank_extra["sparse_bytes"]
+        assert got["dense_full"][0] == (world - 1) * shard_kv
+        assert got["dilated_full"] == [(world - 1) * compact, 3 * (world - 1) * compact]
+        assert got["dilated_full"][0] * 4 == got["dense_full"][0]
+        # Causal: only later ranks read our keys; we return dK/dV to every earlier rank we read.
+        later, earlier = world - 1 - rank, rank
+        assert got["dilated_causal"] == [later * compact, (2 * later + earlier) * compact]
+        assert got["dense_causal"][0] == (world - 1) * shard_kv
+
+
 def _longnet(q, k, v, segs, rates, causal):
     """LongNet written out: per pair, head offset and segment, then weights exp(lse_i)/sum exp(lse_j)."""
     b, n, h, d = q.shape

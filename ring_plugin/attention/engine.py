@@ -1,10 +1,10 @@
 """The ring engine: one autograd function that every ring variant runs on.
 
-Forward: K/V (packed into one buffer) travel round the ring with ``batch_isend_irecv``; the next
+Dense forward: K/V (as two messages) travel round the ring with ``batch_isend_irecv``; the next
 shard is in flight while the current one is computed. Each step's blocks (from the plan) are
 computed by a logsumexp-returning kernel and merged into fp32 ``(out, lse)`` accumulators.
 
-Backward: K/V travel round again; each step's dK/dV contribution is added to an fp32 accumulator
+Dense backward: K/V travel round again; each step's dK/dV contribution is added to an fp32 accumulator
 that travels with them and, after a full turn, arrives back at its owner. Each block's backward is
 fed the merged output and logsumexp, which makes it exact. No rank ever holds more than its own
 shard plus the ones in flight, and no full score matrix exists anywhere.
@@ -12,16 +12,22 @@ shard plus the ones in flight, and no full score matrix exists anywhere.
 Patterns (dilated, block-sparse) hand the engine :class:`~ring_plugin.patterns.blocks.IndexBlock` s
 instead of slices: strided head and row subsets gathered with one ``index_select``, several groups
 folded into the kernel's batch. Their outputs merge into the same accumulators, so the engine stays
-exact for every pattern. A pattern ring stops after the last step any rank needs (a pattern whose
-pairs all fit in a shard sends nothing) and returns dK/dV accumulators straight to their owners.
+exact for every pattern. A pattern does not turn the whole ring: its work with the rank's own shard
+is local, and only the K/V rows another rank's blocks read travel, straight to that rank (the ranks
+that share a segment form the sub-ring; a dilated pair sends ~1/r of each shard it spans, a pair
+whose segments fit in a shard sends nothing). Rows are packed into a compact ``(B, 1, M, D)`` buffer
+whose blocks index it directly; in backward the compact dK/dV come straight back to their owner and
+are scattered (``index_add_``) into its dK/dV. Who sends what in which round is derived from the
+config and global shapes only, so every rank posts matching messages in the same order.
 
 Tensors inside the engine are ``(batch, heads, length, head_dim)``.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -67,13 +73,59 @@ class RingSpec:
             q_chunks, kv_chunks, chunk_len, n_local * world, self.causal, self.heads, self.kv_heads
         ))
 
-    def last_step(self, n_local: int) -> int:
-        """The last ring step any rank has work in (dense: a full turn). Same on every rank."""
-        world = self.comm.world_size
-        if self.pattern is None:
-            return world - 1
-        busy = [s for s in range(world) if any(self.step_blocks(s, n_local, r) for r in range(world))]
-        return max(busy, default=0)
+    def peer_rounds(self, n_local: int) -> list[PeerRound]:
+        """A pattern's direct exchanges (see :func:`peer_rounds`), cached on the pattern."""
+        assert self.pattern is not None
+        key = (self.comm.rank, self.comm.world_size, self.layout, n_local, self.causal, self.heads, self.kv_heads)
+        cache = _ROUNDS_CACHE.setdefault(self.pattern, {})
+        if key not in cache:
+            cache[key] = peer_rounds(self, n_local)
+        return cache[key]
+
+
+@dataclass(frozen=True)
+class PeerRound:
+    """One round of a pattern's direct exchanges: this rank sends to ``rank + shift`` and receives
+    from ``rank - shift`` (either may be empty: ``send_rows``/``recv_rows`` of size 0)."""
+
+    shift: int
+    send_rows: torch.Tensor  # sorted flat rows (kv_head * L + row) of our K/V that rank + shift reads
+    recv_rows: torch.Tensor  # sorted flat rows of rank - shift's K/V that our blocks read
+    blocks: list[IndexBlock] = field(default_factory=list)  # our queries vs the compact received rows
+
+
+_ROUNDS_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _rows_read(blocks: list[IndexBlock]) -> torch.Tensor:
+    if not blocks:
+        return torch.empty(0, dtype=torch.int64)
+    return torch.unique(torch.cat([b.kv_index.flatten() for b in blocks]))  # sorted
+
+
+def peer_rounds(spec: RingSpec, n_local: int) -> list[PeerRound]:
+    """The rounds of a pattern's exchanges for this rank, from config and global shapes only.
+
+    Round ``t`` pairs each rank ``a`` with ``a - t`` (receive) and ``a + t`` (send). The rounds are the
+    shifts in which any rank reads another's K/V; every rank runs all of them (posting nothing where
+    it has nothing to send or receive), so messages between two ranks are posted in the same order
+    on both sides. A sender packs exactly the rows the receiver's blocks read: the receiver's
+    ``recv_rows`` and the sender's ``send_rows`` are the same computation.
+    """
+    world, rank = spec.comm.world_size, spec.comm.rank
+    rounds = []
+    for t in range(1, world):
+        if not any(spec.step_blocks(t, n_local, a) for a in range(world)):
+            continue
+        mine = spec.step_blocks(t, n_local)  # our queries, K/V of rank - t
+        recv_rows = _rows_read(mine)  # type: ignore[arg-type]
+        blocks = [
+            IndexBlock(b.q_index, torch.searchsorted(recv_rows, b.kv_index), b.causal)  # type: ignore[union-attr]
+            for b in mine
+        ]
+        send_rows = _rows_read(spec.step_blocks(t, n_local, (rank + t) % world))  # type: ignore[arg-type]
+        rounds.append(PeerRound(t, send_rows, recv_rows, blocks))
+    return rounds
 
 
 def _expand_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -168,6 +220,23 @@ def _backward_block(spec: RingSpec, dout, q, kv, out, lse, block, groups, dq_acc
     return add_rows
 
 
+def _pack(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Rows ``rows`` (flat ``head * L + row``) of ``x`` (B, H, L, D) as a compact (B, 1, M, D)."""
+    b, h, n, d = x.shape
+    return x.reshape(b, h * n, d).index_select(1, rows.to(x.device)).unsqueeze(1)
+
+
+def _compact_like(x: torch.Tensor, rows: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    return torch.empty((x.shape[0], 1, rows.numel(), x.shape[3]), dtype=dtype or x.dtype, device=x.device)
+
+
+def _post_kv(comm: RingComm, rd: PeerRound, k: torch.Tensor, v: torch.Tensor):
+    """Send our rows that rank + shift reads; receive the rows we read of rank - shift's K/V."""
+    send = [_pack(k, rd.send_rows), _pack(v, rd.send_rows)] if rd.send_rows.numel() else None
+    recv = [_compact_like(k, rd.recv_rows), _compact_like(v, rd.recv_rows)] if rd.recv_rows.numel() else None
+    return comm.exchange_with(send, comm.rank + rd.shift, recv, comm.rank - rd.shift)
+
+
 class RingAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: RingSpec):  # type: ignore[override]
@@ -176,58 +245,123 @@ class RingAttentionFunction(torch.autograd.Function):
         n_local = q.shape[2]
         out_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         lse_acc = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
-        kv = [k, v]  # sent as two messages: no packed copy of the shard
-        last = spec.last_step(n_local)
-        for step in range(last + 1):
-            pending = comm.exchange(kv) if step < last else None
+        if spec.pattern is None:
+            kv = [k, v]  # sent as two messages: no packed copy of the shard
+            last = comm.world_size - 1
+            for step in range(last + 1):
+                pending = comm.exchange(kv) if step < last else None
+                comm.start_compute()
+                for block in spec.step_blocks(step, n_local):
+                    _forward_block(spec, q, kv, block, groups, out_acc, lse_acc)
+                if pending is not None:
+                    kv = pending.wait()
+        else:
+            rounds = spec.peer_rounds(n_local)
+            pending = _post_kv(comm, rounds[0], k, v) if rounds else None
             comm.start_compute()
-            for block in spec.step_blocks(step, n_local):
-                _forward_block(spec, q, kv, block, groups, out_acc, lse_acc)
-            if pending is not None:
+            for block in spec.step_blocks(0, n_local):  # our own shard: no message
+                _forward_block(spec, q, [k, v], block, groups, out_acc, lse_acc)
+            for i, rd in enumerate(rounds):
+                assert pending is not None
                 kv = pending.wait()
+                pending = _post_kv(comm, rounds[i + 1], k, v) if i + 1 < len(rounds) else None
+                comm.start_compute()
+                for block in rd.blocks:
+                    _forward_block(spec, q, kv, block, groups, out_acc, lse_acc)
+                del kv
         out = out_acc.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse_acc)
         ctx.spec = spec
-        ctx.last = last
         return out
 
     @staticmethod
     def backward(ctx, dout: torch.Tensor):  # type: ignore[override]
         q, k, v, out, lse = ctx.saved_tensors
         spec: RingSpec = ctx.spec
-        comm, world = spec.comm, spec.comm.world_size
-        groups = q.shape[1] // k.shape[1]
-        n_local = q.shape[2]
         dout = dout.to(q.dtype).contiguous()
         dq_acc = torch.zeros(q.shape, dtype=spec.grad_dtype, device=q.device)
-        kv = [k, v]
-        dkv: list[torch.Tensor] = []  # the travelling dK/dV accumulator of this step's K/V owner
-        pending_dkv = None
-        last: int = ctx.last
-        for step in range(last + 1):
-            pending_kv = comm.exchange(kv) if step < last else None
-            comm.start_compute()
-            adds = [
-                _backward_block(spec, dout, q, kv, out, lse, block, groups, dq_acc)
-                for block in spec.step_blocks(step, n_local)
-            ]
-            # The accumulator for this step's K/V owner arrives from the previous rank, which
-            # worked on the same K/V one step earlier; add ours and pass it on.
-            if pending_dkv is not None:
-                dkv = pending_dkv.wait()
-            else:
-                dkv = [torch.zeros(t.shape, dtype=spec.grad_dtype, device=t.device) for t in (k, v)]
-            for add in adds:
-                add(dkv)
-            del adds
-            if last > 0:
-                # On to the next rank; after the last step straight home to the K/V owner (rank - last).
-                pending_dkv = comm.exchange(dkv, shift=1 if step < last else world - last)
-            if pending_kv is not None:
-                kv = pending_kv.wait()
+        if spec.pattern is None:
+            dk, dv = _dense_backward(spec, dout, q, k, v, out, lse, dq_acc)
+        else:
+            dk, dv = _pattern_backward(spec, dout, q, k, v, out, lse, dq_acc)
+        return dq_acc.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
+
+
+def _dense_backward(spec: RingSpec, dout, q, k, v, out, lse, dq_acc) -> list[torch.Tensor]:
+    """K/V turn round the ring again; the dK/dV accumulator travels with them back to its owner."""
+    comm, world = spec.comm, spec.comm.world_size
+    groups = q.shape[1] // k.shape[1]
+    n_local = q.shape[2]
+    kv = [k, v]
+    dkv: list[torch.Tensor] = []  # the travelling dK/dV accumulator of this step's K/V owner
+    pending_dkv = None
+    last = world - 1
+    for step in range(last + 1):
+        pending_kv = comm.exchange(kv) if step < last else None
+        comm.start_compute()
+        adds = [
+            _backward_block(spec, dout, q, kv, out, lse, block, groups, dq_acc)
+            for block in spec.step_blocks(step, n_local)
+        ]
+        # The accumulator for this step's K/V owner arrives from the previous rank, which
+        # worked on the same K/V one step earlier; add ours and pass it on.
         if pending_dkv is not None:
-            dkv = pending_dkv.wait()  # after a full turn: our own dK/dV
-        return dq_acc.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None
+            dkv = pending_dkv.wait()
+        else:
+            dkv = [torch.zeros(t.shape, dtype=spec.grad_dtype, device=t.device) for t in (k, v)]
+        for add in adds:
+            add(dkv)
+        del adds
+        if last > 0:
+            pending_dkv = comm.exchange(dkv)  # on to the next rank; after the last step: home
+        if pending_kv is not None:
+            kv = pending_kv.wait()
+    if pending_dkv is not None:
+        dkv = pending_dkv.wait()  # after a full turn: our own dK/dV
+    return dkv
+
+
+def _pattern_backward(spec: RingSpec, dout, q, k, v, out, lse, dq_acc) -> list[torch.Tensor]:
+    """The forward's rounds again; each round's compact dK/dV go straight back to their owner (rank -
+    shift) while we receive, from rank + shift, what it computed for the rows we sent it."""
+    comm = spec.comm
+    groups = q.shape[1] // k.shape[1]
+    n_local = q.shape[2]
+    rounds = spec.peer_rounds(n_local)
+    dkv = [torch.zeros(t.shape, dtype=spec.grad_dtype, device=t.device) for t in (k, v)]
+    pending_kv = _post_kv(comm, rounds[0], k, v) if rounds else None
+    comm.start_compute()
+    for block in spec.step_blocks(0, n_local):
+        _backward_block(spec, dout, q, [k, v], out, lse, block, groups, dq_acc)(dkv)
+    returning = None  # (exchange, rows): contributions to our rows, on their way home
+
+    def scatter_home(pending, rows: torch.Tensor) -> None:
+        got = pending.wait()
+        if got:
+            idx = rows.to(k.device)
+            for acc, g in zip(dkv, got):
+                b, h, n, d = acc.shape
+                acc.view(b, h * n, d).index_add_(1, idx, g.squeeze(1).to(acc.dtype))
+
+    for i, rd in enumerate(rounds):
+        assert pending_kv is not None
+        kv = pending_kv.wait()
+        pending_kv = _post_kv(comm, rounds[i + 1], k, v) if i + 1 < len(rounds) else None
+        comm.start_compute()
+        acc = None
+        if rd.recv_rows.numel():
+            acc = [torch.zeros(t.shape, dtype=spec.grad_dtype, device=t.device) for t in kv]
+            for block in rd.blocks:
+                _backward_block(spec, dout, q, kv, out, lse, block, groups, dq_acc)(acc)
+        del kv
+        recv = [_compact_like(t, rd.send_rows, spec.grad_dtype) for t in (k, v)] if rd.send_rows.numel() else None
+        pending = comm.exchange_with(acc, comm.rank - rd.shift, recv, comm.rank + rd.shift)
+        if returning is not None:
+            scatter_home(*returning)
+        returning = (pending, rd.send_rows)
+    if returning is not None:
+        scatter_home(*returning)
+    return dkv
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: RingSpec) -> torch.Tensor:

@@ -103,6 +103,32 @@ class RingComm:
             self.stats.messages += len(tensors)
         return PendingExchange(works, recv, self)
 
+    def exchange_with(
+        self,
+        send: list[torch.Tensor] | None,
+        to: int,
+        recv: list[torch.Tensor] | None,
+        frm: int,
+    ) -> PendingExchange:
+        """Start sending ``send`` to ring rank ``to`` and receiving into ``recv`` from ring rank ``frm``.
+
+        The direct exchanges of a sub-ring (the ranks that share a segment): either side may be
+        ``None``, and the caller sizes ``recv`` from the config and global shapes, exactly as the
+        sender sizes what it sends, so both sides post matching messages in the same order.
+        """
+        ops = []
+        if send:
+            peer = dist.get_global_rank(self.group, to % self.world_size)
+            ops += [dist.P2POp(dist.isend, t.contiguous(), peer, self.group) for t in send]
+        if recv:
+            peer = dist.get_global_rank(self.group, frm % self.world_size)
+            ops += [dist.P2POp(dist.irecv, r, peer, self.group) for r in recv]
+        works = dist.batch_isend_irecv(ops) if ops else []
+        if self.stats is not None and send:
+            self.stats.bytes_sent += sum(t.numel() * t.element_size() for t in send)
+            self.stats.messages += len(send)
+        return PendingExchange(works, list(recv or []), self)
+
     # Timing: the time between two waits is compute; the wait itself is time lost to the ring.
     def start_compute(self) -> None:
         if self.stats is not None:
