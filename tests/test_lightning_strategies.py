@@ -30,7 +30,7 @@ OFFLOAD = dict(offload_optimizer=True, offload_parameters=True)
 WORLD2 = _equivalence_cases(2) + [Case("deepspeed", 0), Case("deepspeed", 3, options=OFFLOAD)]
 WORLD4 = _equivalence_cases(4) + [Case("ddp", ring_size=2, batch_size=2), Case("deepspeed", 2, ring_size=2),
                                   Case("deepspeed", 3, ring_size=2, batch_size=2)]
-RESUME = [Case("ddp"), Case("deepspeed", 2), Case("deepspeed", 3)]
+RESUME = [Case("ddp"), Case("deepspeed", 2), Case("deepspeed", 3), Case("ddp", ring_size=1)]
 
 
 def world2_worker(rank: int, world: int, workdir: str) -> dict:
