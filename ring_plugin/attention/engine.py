@@ -163,7 +163,8 @@ def _flat(y: torch.Tensor, batch: int) -> torch.Tensor:
     return y.reshape(batch, -1, *y.shape[3:])
 
 
-def _forward_block(spec: RingSpec, q, kv, block, groups, out_acc, lse_acc) -> None:
+def _forward_block(spec: RingSpec, q, kv, block, groups, out_acc, lse_acc, first: bool = False) -> None:
+    """Compute one block and merge it into the accumulators (``first``: they are still empty)."""
     if isinstance(block, IndexBlock):
         b, h, n, d = q.shape
         o, lse = spec.kernel.forward(
@@ -180,6 +181,10 @@ def _forward_block(spec: RingSpec, q, kv, block, groups, out_acc, lse_acc) -> No
     kb = _expand_heads(_rows(kv[0], block.kv), groups)
     vb = _expand_heads(_rows(kv[1], block.kv), groups)
     o, lse = spec.kernel.forward(_rows(q, block.q), kb, vb, block.causal, spec.scale)
+    if first and block.q == slice(0, q.shape[2]):
+        out_acc.copy_(o)  # nothing to merge with yet
+        lse_acc.copy_(lse)
+        return
     merge_into(out_acc[:, :, block.q], lse_acc[:, :, block.q], o, lse)
 
 
@@ -251,8 +256,8 @@ class RingAttentionFunction(torch.autograd.Function):
             for step in range(last + 1):
                 pending = comm.exchange(kv) if step < last else None
                 comm.start_compute()
-                for block in spec.step_blocks(step, n_local):
-                    _forward_block(spec, q, kv, block, groups, out_acc, lse_acc)
+                for i, block in enumerate(spec.step_blocks(step, n_local)):
+                    _forward_block(spec, q, kv, block, groups, out_acc, lse_acc, first=step == 0 and i == 0)
                 if pending is not None:
                     kv = pending.wait()
         else:

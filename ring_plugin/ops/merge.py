@@ -16,5 +16,6 @@ def merge_into(out_acc: torch.Tensor, lse_acc: torch.Tensor, out: torch.Tensor, 
     safe = torch.where(torch.isinf(new), torch.zeros_like(new), new)
     w_old = torch.exp(lse_acc - safe).unsqueeze(-1)
     w_new = torch.exp(lse - safe).unsqueeze(-1)
-    out_acc.mul_(w_old).add_(out.float() * w_new)
+    # one fused multiply-add, reading ``out`` in its own dtype (no fp32 copy of it)
+    out_acc.mul_(w_old).addcmul_(out, w_new)
     lse_acc.copy_(new)
