@@ -51,13 +51,17 @@ def cases(smoke: bool) -> list[dict[str, Any]]:
             {"name": "dilated", "n": 256, "kw": small},
             {"name": "block_sparse", "n": 256, "kw": {"block_size": 16, "sparsity_ratio": 0.9}},
         ]
+    # Each case runs in its best layout: the dense causal ring balanced (zigzag); the local patterns
+    # contiguous, where segments and local blocks stay inside a shard.
+    dense = {"layout": "zigzag"}
     out = []
     for n in (262144, 1048576):
-        out += [{"name": "dilated", "n": n, "kw": DILATED}, {"name": "dense", "n": n, "kw": {}}]
+        out += [{"name": "dilated", "n": n, "kw": {**DILATED, "layout": "contiguous"}},
+                {"name": "dense", "n": n, "kw": dense}]
     out += [
         {"name": "block_sparse", "n": 131072,
-         "kw": {"block_size": 128, "sparsity_ratio": 0.9, "pattern_type": "local"}},
-        {"name": "dense", "n": 131072, "kw": {}},
+         "kw": {"block_size": 128, "sparsity_ratio": 0.9, "pattern_type": "local", "layout": "contiguous"}},
+        {"name": "dense", "n": 131072, "kw": dense},
     ]
     return out
 

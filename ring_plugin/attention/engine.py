@@ -166,6 +166,7 @@ def _flat(y: torch.Tensor, batch: int) -> torch.Tensor:
 def _forward_block(spec: RingSpec, q, kv, block, groups, out_acc, lse_acc, first: bool = False) -> None:
     """Compute one block and merge it into the accumulators (``first``: they are still empty)."""
     if isinstance(block, IndexBlock):
+        block = block.on(q.device)
         b, h, n, d = q.shape
         o, lse = spec.kernel.forward(
             _gather(q, block.q_index), _gather(kv[0], block.kv_index), _gather(kv[1], block.kv_index),
@@ -195,6 +196,7 @@ def _backward_block(spec: RingSpec, dout, q, kv, out, lse, block, groups, dq_acc
     held (no step-sized buffer) and added in place once it is there.
     """
     if isinstance(block, IndexBlock):
+        block = block.on(q.device)
         b, h, n, d = q.shape
         qi, ki = block.q_index, block.kv_index
         dq, dk, dv = spec.kernel.backward(

@@ -27,6 +27,16 @@ class IndexBlock:
     def groups(self) -> int:
         return self.q_index.shape[0]
 
+    def on(self, device: torch.device) -> IndexBlock:
+        """This block with its indices on ``device``: plans are built (and cached) on the CPU, and
+        each block is copied to an accelerator once, not at every call."""
+        if self.q_index.device == device:
+            return self
+        copies = self.__dict__.setdefault("_copies", {})  # frozen: no setattr, but __dict__ is ours
+        if device not in copies:
+            copies[device] = IndexBlock(self.q_index.to(device), self.kv_index.to(device), self.causal)
+        return copies[device]
+
 
 class Pattern(Protocol):
     """What the engine and the oracle need from a pattern."""
