@@ -10,6 +10,8 @@ restarts them after a failure; either way the run resumes from its newest comple
 from __future__ import annotations
 
 import os
+import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -54,11 +56,35 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     ckpt_path = resolve_resume(cfg.resume, cfg.paths.checkpoints)
     if ckpt_path is not None and trainer.is_global_zero:
         print(f"[ring-train] resuming from {ckpt_path}", flush=True)
-    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    except BaseException as err:
+        _exit_if_distributed(trainer, err)
+        raise
     summary = summarize(trainer, cfg)
     if trainer.is_global_zero:
         print(format_summary(summary), flush=True)
     return summary
+
+
+def _exit_if_distributed(trainer: pl.Trainer, err: BaseException) -> None:
+    """End a failed multi-process run now, with the error on stderr, instead of raising.
+
+    After a dead or silent peer (``RingTimeoutError`` or a process-group timeout), collectives that
+    never completed can block interpreter shutdown forever; a launcher (torchrun, Lightning) only sees
+    the failure, and restarts the job, once this process has exited.
+    """
+    if trainer.world_size <= 1 or isinstance(err, SystemExit):
+        return
+    traceback.print_exception(err, file=sys.stderr)
+    print(f"[ring-train] rank {trainer.global_rank} failed: {type(err).__name__}: {err}", file=sys.stderr,
+          flush=True)
+    # Lightning's own launcher started the other ranks as children of rank 0: do not leave them behind.
+    for child in getattr(getattr(trainer.strategy, "launcher", None), "procs", None) or []:
+        if child.poll() is None:
+            child.kill()
+    sys.stdout.flush()
+    os._exit(1)
 
 
 def _callback(trainer: pl.Trainer, kind: type) -> Any:

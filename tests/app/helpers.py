@@ -97,3 +97,29 @@ class NanGradients(Callback):
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.global_step in self.steps and trainer.global_rank == self.rank:
             next(p for p in pl_module.parameters() if p.grad is not None).grad.fill_(float("nan"))
+
+
+class HangOnce(Callback):
+    """Rank ``rank`` stops answering at ``step`` on the first torchrun attempt: alive but silent, a dead ring peer.
+
+    It writes ``marker`` (the time it went silent) and sleeps; SIGTERM (torchrun tearing the group down)
+    ends it at once. Later attempts (``TORCHELASTIC_RESTART_COUNT`` > 0) train normally.
+    """
+
+    def __init__(self, step: int, marker: str, rank: int = 1):
+        self.step = step
+        self.marker = marker
+        self.rank = rank
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+        if not (first_attempt and trainer.global_step == self.step and trainer.global_rank == self.rank):
+            return
+        import signal
+        import time
+
+        signal.signal(signal.SIGTERM, lambda *_: os._exit(143))
+        Path(self.marker).write_text(str(time.time()))
+        time.sleep(600)
+        os._exit(1)
