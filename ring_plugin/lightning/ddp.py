@@ -26,5 +26,6 @@ class RingStrategy(RingStrategyMixin, DDPStrategy):
         super().__init__(**ddp_kwargs)
 
     def setup_distributed(self) -> None:
+        self._init_elastic()
         super().setup_distributed()
         self._setup_ring()

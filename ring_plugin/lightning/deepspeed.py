@@ -60,6 +60,7 @@ class RingDeepSpeedStrategy(RingStrategyMixin, DeepSpeedStrategy):
             DDPStrategy.setup_environment(self)
 
     def setup_distributed(self) -> None:
+        self._init_elastic()
         if self._on_cuda:
             super().setup_distributed()
         else:

@@ -11,9 +11,11 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+from torch.distributed.constants import default_pg_timeout
 
 from ..comm.context import RingContext, clear_ring_context, set_ring_context
 from ..layout import check_layout
+from .elastic import init_elastic_process_group
 from .groups import RingGroups, build_ring_groups, check_ring_size
 from .resumable import ResumableLoader
 from .sharding import shard_batch
@@ -33,6 +35,14 @@ class RingStrategyMixin:
         self.sequence_keys = tuple(sequence_keys)
         self.ring_groups: RingGroups | None = None
         self.ring_context: RingContext | None = None
+
+    def _init_elastic(self) -> None:
+        """Under torchrun, create the default group on a per-attempt store (see ``elastic.py``)."""
+        self.set_world_ranks()  # type: ignore[attr-defined]
+        init_elastic_process_group(
+            self._get_process_group_backend(), self.global_rank, self.world_size,  # type: ignore[attr-defined]
+            self._timeout or default_pg_timeout,  # type: ignore[attr-defined]
+        )
 
     def _setup_ring(self) -> None:
         """Build the groups and activate the ring context (after the default process group exists)."""

@@ -27,13 +27,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("restarts", [
-    0,
-    pytest.param(1, marks=pytest.mark.xfail(strict=False, reason=(
-        "flaky: torchrun keeps one agent store across restarts and the restarted ranks can read the previous "
-        "attempt's gloo addresses (connectFullMesh: connection refused); needs a per-attempt PrefixStore "
-        "in RingStrategy's process-group setup"))),
-])
+@pytest.mark.parametrize("restarts", [0, 1])
 def test_silent_peer_times_out_and_torchrun_restarts_from_the_checkpoint(tmp_path: Path, restarts: int) -> None:
     out, marker = tmp_path / "run", tmp_path / "hung_at"
     # Static rendezvous: rank 0 hosts a fresh store on every attempt (the agent's store, which --standalone
