@@ -4,8 +4,9 @@ Dense forward: K/V (as two messages) travel round the ring with ``batch_isend_ir
 shard is in flight while the current one is computed. Each step's blocks (from the plan) are
 computed by a logsumexp-returning kernel and merged into fp32 ``(out, lse)`` accumulators.
 
-Dense backward: K/V travel round again; each step's dK/dV contribution is added to an fp32 accumulator
-that travels with them and, after a full turn, arrives back at its owner. Each block's backward is
+Dense backward: K/V travel round again; each step's dK/dV contribution is added to an accumulator
+(fp32 by default, ``RingSpec.grad_dtype``) that travels with them and, after a full turn, arrives back
+at its owner. Each block's backward is
 fed the merged output and logsumexp, which makes it exact. No rank ever holds more than its own
 shard plus the ones in flight, and no full score matrix exists anywhere.
 
