@@ -28,12 +28,14 @@ from .layers.compat import (
     RingMultiheadDilatedAttention,
 )
 from .layers.dilated import DilatedAttention, MultiheadDilatedAttention
+from .layers.multihead import RingMultiheadAttention
 from .layout import gather_sequence, global_positions, shard_sequence, unshard_sequence
 from .patterns import block_mask, hilbert_permutation, inverse_permutation
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "RingMultiheadAttention",
     "BlockSparseRingAttention",
     "BlockSparseRingDilatedAttention",
     "BlockSparseRingDilatedAttentionFixed",
