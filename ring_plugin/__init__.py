@@ -15,18 +15,8 @@ from .attention.pattern_modules import HilbertRingAttention, RingBlockSparseAtte
 from .comm.context import RingContext, current_ring_context, ring_context
 from .comm.ring import RingStats, RingTimeoutError
 from .config import RingAttentionConfig
-from .layers.compat import (
-    BlockSparseRingAttention,
-    BlockSparseRingDilatedAttention,
-    BlockSparseRingDilatedAttentionFixed,
-    BlockSparseRingDistributedDilatedAttention,
-    BlockSparseRingMultiheadDilatedAttention,
-    EnterpriseDistributedDilatedAttention,
-    HilbertRingMultiheadAttention,
-    RingDilatedAttentionHilbertGPUOptimized,
-    RingDistributedDilatedAttention,
-    RingMultiheadDilatedAttention,
-)
+from .layers import compat as _compat
+from .layers.compat import *  # noqa: F403 - the predecessor's names, listed in compat.__all__
 from .layers.dilated import DilatedAttention, MultiheadDilatedAttention
 from .layers.multihead import RingMultiheadAttention
 from .layout import gather_sequence, global_positions, shard_sequence, unshard_sequence
@@ -35,29 +25,19 @@ from .patterns import block_mask, hilbert_permutation, inverse_permutation
 __version__ = "0.1.0"
 
 __all__ = [
-    "RingMultiheadAttention",
-    "BlockSparseRingAttention",
-    "BlockSparseRingDilatedAttention",
-    "BlockSparseRingDilatedAttentionFixed",
-    "BlockSparseRingDistributedDilatedAttention",
-    "BlockSparseRingMultiheadDilatedAttention",
-    "EnterpriseDistributedDilatedAttention",
-    "HilbertRingMultiheadAttention",
-    "RingDilatedAttentionHilbertGPUOptimized",
-    "RingDistributedDilatedAttention",
-    "RingMultiheadDilatedAttention",
     "DilatedAttention",
     "DistributedRingAttention",
     "HilbertRingAttention",
     "MultiheadDilatedAttention",
-    "RingBlockSparseAttention",
     "RingAttentionBase",
     "RingAttentionConfig",
+    "RingBlockSparseAttention",
     "RingContext",
     "RingDilatedAttention",
     "RingDilatedAttentionCorrect",
     "RingDilatedAttentionProduction",
     "RingDilatedAttentionSDPA",
+    "RingMultiheadAttention",
     "RingStats",
     "RingTimeoutError",
     "StandardRingAttention",
@@ -74,4 +54,5 @@ __all__ = [
     "ring_context",
     "shard_sequence",
     "unshard_sequence",
+    *_compat.__all__,
 ]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .blocks import BlockBuilder, IndexBlock, chunk_pairs
+from .blocks import BlockBuilder, CachedPattern, IndexBlock, chunk_pairs
 
 
 def block_mask(n_blocks: int, sparsity_ratio: float, pattern_type: str) -> torch.Tensor:
@@ -37,12 +37,12 @@ def block_mask(n_blocks: int, sparsity_ratio: float, pattern_type: str) -> torch
     raise ValueError(f"pattern_type={pattern_type!r} is not known; valid: local, dilated_sparse, global_local")
 
 
-class BlockSparsePattern:
+class BlockSparsePattern(CachedPattern):
     def __init__(self, block_size: int, sparsity_ratio: float, pattern_type: str):
         self.block_size = block_size
         self.sparsity_ratio = sparsity_ratio
         self.pattern_type = pattern_type
-        self._cache: dict[tuple, list[IndexBlock]] = {}
+        super().__init__()
 
     def mask(self, n: int) -> torch.Tensor:
         return block_mask(n // self.block_size, self.sparsity_ratio, self.pattern_type)
@@ -54,12 +54,6 @@ class BlockSparsePattern:
                 f"global length {n_global}): blocks may not straddle ranks"
             )
         return None
-
-    def plan(self, q_chunks, kv_chunks, chunk_len, n_global, causal, heads, kv_heads) -> list[IndexBlock]:
-        key = (q_chunks, kv_chunks, chunk_len, n_global, causal, heads, kv_heads)
-        if key not in self._cache:
-            self._cache[key] = self._plan(*key)
-        return self._cache[key]
 
     def _plan(self, q_chunks, kv_chunks, chunk_len, n, causal, heads, kv_heads) -> list[IndexBlock]:
         bs = self.block_size

@@ -57,6 +57,22 @@ class Pattern(Protocol):
     def error(self, n_global: int, chunk_len: int, heads: int) -> str | None: ...
 
 
+class CachedPattern:
+    """A pattern whose plans are pure functions of their arguments, so each is built once."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple, list[IndexBlock]] = {}
+
+    def plan(self, q_chunks, kv_chunks, chunk_len, n_global, causal, heads, kv_heads) -> list[IndexBlock]:
+        key = (q_chunks, kv_chunks, chunk_len, n_global, causal, heads, kv_heads)
+        if key not in self._cache:
+            self._cache[key] = self._plan(*key)
+        return self._cache[key]
+
+    def _plan(self, q_chunks, kv_chunks, chunk_len, n, causal, heads, kv_heads) -> list[IndexBlock]:
+        raise NotImplementedError
+
+
 Unit = tuple[tuple[int, ...], torch.Tensor, torch.Tensor]  # (query heads, query rows, key rows)
 
 

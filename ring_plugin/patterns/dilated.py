@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .blocks import BlockBuilder, IndexBlock, chunk_pairs
+from .blocks import BlockBuilder, CachedPattern, IndexBlock, chunk_pairs
 
 
 def dilated_error(segment_lengths: list[int], dilation_rates: list[int], n_global: int) -> str | None:
@@ -33,23 +33,17 @@ def _kept(start: int, stop: int, base: int, offset: int, rate: int) -> torch.Ten
     return torch.arange(first, stop, rate, dtype=torch.int64) if first < stop else torch.empty(0, dtype=torch.int64)
 
 
-class DilatedPattern:
+class DilatedPattern(CachedPattern):
     def __init__(self, segment_lengths: list[int], dilation_rates: list[int]):
         self.segment_lengths = list(segment_lengths)
         self.dilation_rates = list(dilation_rates)
-        self._cache: dict[tuple, list[IndexBlock]] = {}
+        super().__init__()
 
     def error(self, n_global: int, chunk_len: int, heads: int) -> str | None:
         return dilated_error(self.segment_lengths, self.dilation_rates, n_global)
 
     def pairs(self, n: int) -> list[tuple[int, int]]:
         return [(min(w, n), r) for w, r in zip(self.segment_lengths, self.dilation_rates)]
-
-    def plan(self, q_chunks, kv_chunks, chunk_len, n_global, causal, heads, kv_heads) -> list[IndexBlock]:
-        key = (q_chunks, kv_chunks, chunk_len, n_global, causal, heads, kv_heads)
-        if key not in self._cache:
-            self._cache[key] = self._plan(*key)
-        return self._cache[key]
 
     def _plan(self, q_chunks, kv_chunks, chunk_len, n, causal, heads, kv_heads) -> list[IndexBlock]:
         builder = BlockBuilder(heads, kv_heads, len(q_chunks) * chunk_len, len(kv_chunks) * chunk_len)
