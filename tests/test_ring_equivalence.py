@@ -24,19 +24,25 @@ def _cases():
     return list(itertools.product(VARIANTS, LAYOUTS, (False, True), DTYPES, range(len(SHAPES))))
 
 
-def _errors(rank: int, world: int, variant, layout, causal, dtype, shape_idx) -> dict[str, float]:
+def _inputs_and_oracle(causal: bool, shape_idx: int):
+    """Full-sequence q, k, v, output gradient g, and the fp64 oracle's output and leaves (with grads)."""
     b, n, h, hkv, d = SHAPES[shape_idx]
     gen = torch.Generator().manual_seed(1000 + shape_idx)
     q, k, v, g = (torch.randn(b, n, hh, d, generator=gen) for hh in (h, hkv, hkv, h))
     ref = [t.double().requires_grad_() for t in (q, k, v)]
     ref_out = reference_attention(*ref, causal=causal)
     (ref_out * g.double()).sum().backward()
+    return (q, k, v, g), ref_out.detach(), ref
+
+
+def _errors(rank: int, world: int, variant, layout, causal, dtype, shape_idx) -> dict[str, float]:
+    (q, k, v, g), ref_out, ref = _inputs_and_oracle(causal, shape_idx)
     local = [shard_sequence(t.to(dtype), 1, layout, rank, world).requires_grad_() for t in (q, k, v)]
     attn = create_ring_attention(variant, layout=layout)
     out = attn(*local, is_causal=causal)
     (out * shard_sequence(g.to(dtype), 1, layout, rank, world)).sum().backward()
     errs = {}
-    pairs = [("out", out.detach(), ref_out.detach())] + [
+    pairs = [("out", out.detach(), ref_out)] + [
         (name, mine.grad, theirs.grad) for name, mine, theirs in zip(("dq", "dk", "dv"), local, ref)
     ]
     for name, mine, theirs in pairs:
@@ -87,17 +93,12 @@ def test_matches_oracle(errors_by_world, world, dtype):
 
 def _single_process_bf16_errors(causal: bool, shape_idx: int) -> dict[str, float]:
     """Error of one plain bf16 ``scaled_dot_product_attention`` call on the whole sequence."""
-    b, n, h, hkv, d = SHAPES[shape_idx]
-    gen = torch.Generator().manual_seed(1000 + shape_idx)
-    q, k, v, g = (torch.randn(b, n, hh, d, generator=gen) for hh in (h, hkv, hkv, h))
-    ref = [t.double().requires_grad_() for t in (q, k, v)]
-    ref_out = reference_attention(*ref, causal=causal)
-    (ref_out * g.double()).sum().backward()
+    (q, k, v, g), ref_out, ref = _inputs_and_oracle(causal, shape_idx)
     low = [t.to(torch.bfloat16).transpose(1, 2).requires_grad_() for t in (q, k, v)]
-    out = torch.nn.functional.scaled_dot_product_attention(*low, is_causal=causal, enable_gqa=hkv != h)
+    out = torch.nn.functional.scaled_dot_product_attention(*low, is_causal=causal, enable_gqa=k.shape[2] != q.shape[2])
     (out * g.to(torch.bfloat16).transpose(1, 2)).sum().backward()
     errs = {}
-    pairs = [("out", out.detach().transpose(1, 2), ref_out.detach())] + [
+    pairs = [("out", out.detach().transpose(1, 2), ref_out)] + [
         (name, mine.grad.transpose(1, 2), theirs.grad) for name, mine, theirs in zip(("dq", "dk", "dv"), low, ref)
     ]
     for name, mine, theirs in pairs:
