@@ -175,6 +175,10 @@ def _forward_block(spec: RingSpec, q, kv, block, groups, out_acc, lse_acc, first
         )
         idx = block.q_index.flatten()
         out_view, lse_view = out_acc.view(b, h * n, d), lse_acc.view(b, h * n)
+        if first:  # a block's (head, row) sets are disjoint: nothing to merge with yet
+            out_view.index_copy_(1, idx, _flat(o, b).float())
+            lse_view.index_copy_(1, idx, _flat(lse, b).float())
+            return
         o_acc, l_acc = out_view.index_select(1, idx), lse_view.index_select(1, idx)
         merge_into(o_acc, l_acc, _flat(o, b), _flat(lse, b))
         out_view.index_copy_(1, idx, o_acc)
@@ -249,6 +253,10 @@ class RingAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: RingSpec):  # type: ignore[override]
         comm = spec.comm
+        if spec.pattern is not None:
+            # Pattern blocks gather rows through a flat (heads * L) view: copy a strided q once here
+            # rather than once per block.
+            q = q.contiguous()
         groups = q.shape[1] // k.shape[1]
         n_local = q.shape[2]
         out_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
@@ -267,8 +275,8 @@ class RingAttentionFunction(torch.autograd.Function):
             rounds = spec.peer_rounds(n_local)
             pending = _post_kv(comm, rounds[0], k, v) if rounds else None
             comm.start_compute()
-            for block in spec.step_blocks(0, n_local):  # our own shard: no message
-                _forward_block(spec, q, [k, v], block, groups, out_acc, lse_acc)
+            for i, block in enumerate(spec.step_blocks(0, n_local)):  # our own shard: no message
+                _forward_block(spec, q, [k, v], block, groups, out_acc, lse_acc, first=i == 0)
             for i, rd in enumerate(rounds):
                 assert pending is not None
                 kv = pending.wait()
