@@ -39,8 +39,6 @@ from ..ops.merge import merge_into
 from ..patterns.blocks import IndexBlock, Pattern
 from .plan import Block, plan_dense_step
 
-StepPlanner = Callable[[tuple[int, ...], tuple[int, ...], int, bool], list[Block]]
-
 
 @dataclass(frozen=True)
 class RingSpec:
@@ -51,11 +49,10 @@ class RingSpec:
     kernel: Kernel
     scale: float
     causal: bool
-    planner: StepPlanner = plan_dense_step
     # dtype of the dQ accumulator and of the dK/dV accumulators that travel home: fp32 keeps the
     # sums exact; the input's half precision halves their memory and traffic at one rounding a step.
     grad_dtype: torch.dtype = torch.float32
-    pattern: Pattern | None = None  # when set, blocks come from the pattern, not ``planner``
+    pattern: Pattern | None = None  # when set, blocks come from the pattern, else dense
     heads: int = 0  # query and K/V head counts (needed by patterns only)
     kv_heads: int = 0
 
@@ -69,7 +66,7 @@ class RingSpec:
         q_chunks, kv_chunks = self.chunks(rank), self.chunks((rank - step) % world)
         chunk_len = n_local // len(q_chunks)
         if self.pattern is None:
-            return list(self.planner(q_chunks, kv_chunks, chunk_len, self.causal))
+            return plan_dense_step(q_chunks, kv_chunks, chunk_len, self.causal)
         return list(self.pattern.plan(
             q_chunks, kv_chunks, chunk_len, n_local * world, self.causal, self.heads, self.kv_heads
         ))

@@ -81,27 +81,9 @@ class RingComm:
             self.prev_peer = dist.get_global_rank(group, (self.rank - 1) % self.world_size)
         self._mark = time.perf_counter()
 
-    def exchange(self, tensors: list[torch.Tensor], shift: int = 1) -> PendingExchange:
-        """Start sending ``tensors`` to the next rank and receiving same-shaped ones from the previous.
-
-        ``shift``: send to ``rank + shift`` and receive from ``rank - shift`` instead (a ring that
-        stopped early sends each dK/dV accumulator straight home).
-        """
-        recv = [torch.empty_like(t) for t in tensors]
-        if shift % self.world_size == 1 % self.world_size:
-            to, frm = self.next_peer, self.prev_peer
-        else:
-            to = dist.get_global_rank(self.group, (self.rank + shift) % self.world_size)
-            frm = dist.get_global_rank(self.group, (self.rank - shift) % self.world_size)
-        ops = []
-        for t, r in zip(tensors, recv):
-            ops.append(dist.P2POp(dist.isend, t.contiguous(), to, self.group))
-            ops.append(dist.P2POp(dist.irecv, r, frm, self.group))
-        works = dist.batch_isend_irecv(ops)
-        if self.stats is not None:
-            self.stats.bytes_sent += sum(t.numel() * t.element_size() for t in tensors)
-            self.stats.messages += len(tensors)
-        return PendingExchange(works, recv, self)
+    def exchange(self, tensors: list[torch.Tensor]) -> PendingExchange:
+        """Start sending ``tensors`` to the next rank and receiving same-shaped ones from the previous."""
+        return self.exchange_with(tensors, self.rank + 1, [torch.empty_like(t) for t in tensors], self.rank - 1)
 
     def exchange_with(
         self,
