@@ -21,6 +21,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+# bench_ring (this folder) also puts the repository on sys.path, so no install is needed.
+from bench_ring import fwd_bwd_attention_flops
+
 from ring_plugin import create_ring_attention
 from ring_plugin.patterns import DilatedPattern
 
@@ -40,7 +43,7 @@ def pattern_flops(name: str, layer, n: int, heads: int, d: int, causal: bool) ->
         pairs = heads * float(mask.sum()) * layer.config.block_size**2
     else:
         pairs = heads * float(n) * n
-    return 4.0 * pairs * d * (0.5 if causal else 1.0) * 3.5
+    return fwd_bwd_attention_flops(pairs, d, causal)
 
 
 def cases(smoke: bool) -> list[dict[str, Any]]:

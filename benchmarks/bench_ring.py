@@ -34,9 +34,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ring_plugin import create_ring_attention, reference_attention, shard_sequence  # noqa: E402
 
 
+def fwd_bwd_attention_flops(pairs: float, head_dim: int, causal: bool) -> float:
+    """FLOPs of fwd+bwd attention over ``pairs`` (query, key, head) triples: 4·d each, x0.5 causal, x3.5."""
+    return 4.0 * pairs * head_dim * (0.5 if causal else 1.0) * 3.5
+
+
 def attention_flops(n: int, heads: int, head_dim: int, causal: bool, batch: int = 1) -> float:
-    """FLOPs of fwd+bwd dense attention over n tokens (x0.5 causal, x3.5 fwd+bwd)."""
-    return 4.0 * n * n * head_dim * heads * batch * (0.5 if causal else 1.0) * 3.5
+    """FLOPs of fwd+bwd dense attention over n tokens."""
+    return fwd_bwd_attention_flops(float(n) * n * heads * batch, head_dim, causal)
 
 
 def time_fn(fn: Callable[[], None], warmup: int, repeat: int, device: torch.device) -> float:
