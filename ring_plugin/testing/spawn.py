@@ -18,7 +18,8 @@ from typing import Any
 import torch.multiprocessing as mp
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on localhost that is free now (for a rendezvous of spawned processes)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -45,7 +46,7 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, qu
 def run_in_process_group(fn: Callable, world_size: int, *args: Any, timeout: float = 120.0) -> list[Any]:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue), daemon=True)
              for r in range(world_size)]
     for p in procs:

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import threading
@@ -14,17 +13,12 @@ import pytest
 import torch
 
 from ring_plugin.callbacks.checkpointing import checkpoints_newest_first
+from ring_plugin.testing import free_port
 
 from .helpers import REPO, TINY, env
 
 pytestmark = pytest.mark.timeout(200)
 COMM_TIMEOUT = 15
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("restarts", [0, 1])
@@ -34,7 +28,7 @@ def test_silent_peer_times_out_and_torchrun_restarts_from_the_checkpoint(tmp_pat
     # reuses across restarts, can hand the restarted ranks stale gloo addresses: "connectFullMesh failed").
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--rdzv-backend=static", "--master-addr=127.0.0.1",
-        f"--master-port={_free_port()}", "--nnodes=1", "--node-rank=0", "--nproc-per-node=2",
+        f"--master-port={free_port()}", "--nnodes=1", "--node-rank=0", "--nproc-per-node=2",
         f"--max-restarts={restarts}",
         "--monitor-interval=0.5", "-m", "ring_plugin.app.train", f"hydra.run.dir={out}", *TINY,
         "max_steps=16", "callbacks.checkpointing.every_n_train_steps=8", "trainer.val_check_interval=100",
