@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 # bench_ring (this folder) also puts the repository on sys.path, so no install is needed.
-from bench_ring import fwd_bwd_attention_flops
+from bench_ring import fwd_bwd_attention_flops, oracle_errors
 
 from ring_plugin import create_ring_attention
 from ring_plugin.patterns import DilatedPattern
@@ -67,6 +67,64 @@ def cases(smoke: bool) -> list[dict[str, Any]]:
         {"name": "dense", "n": 131072, "kw": dense},
     ]
     return out
+
+
+def equivalence_cases(smoke: bool) -> list[dict[str, Any]]:
+    """Pattern layers vs the fp64 oracle: view blocks (local segments), index blocks (segments spanning
+    ranks, grouped-query K/V) and block-sparse (its GPU path and the engine path), both layouts."""
+    if smoke:
+        dil = {"segment_lengths": [16, 32, 64], "dilation_rates": [1, 2, 4]}
+        return [{"name": "standard", "shape": (1, 128, 4, 4, 16), "kw": dil, "layout": "zigzag", "causal": True},
+                {"name": "block_sparse", "shape": (1, 128, 4, 4, 16), "causal": True, "layout": "contiguous",
+                 "kw": {"block_size": 16, "sparsity_ratio": 0.5}}]
+    spanning = {"segment_lengths": [256, 1024, 2048, 4096], "dilation_rates": [1, 4, 16, 64]}
+    local = {"segment_lengths": [128, 512, 1024, 2048], "dilation_rates": [1, 2, 4, 8]}
+    out = []
+    for layout in ("contiguous", "zigzag"):
+        for causal in (False, True):
+            out.append({"name": "standard", "shape": (1, 4096, 8, 8, 128), "kw": spanning, "layout": layout,
+                        "causal": causal})
+            out.append({"name": "standard", "shape": (2, 4096, 8, 8, 128), "kw": local, "layout": layout,
+                        "causal": causal})
+    out.append({"name": "standard", "shape": (1, 4096, 8, 2, 128), "kw": spanning, "layout": "zigzag",
+                "causal": True})  # grouped-query: index blocks
+    out.append({"name": "standard", "shape": (1, 4096, 8, 8, 128), "kw": {**local, "backend": "flash"},
+                "layout": "contiguous", "causal": True})
+    out.append({"name": "standard", "shape": (1, 4096, 8, 8, 64), "kw": local, "layout": "contiguous",
+                "causal": True, "dtype": torch.float32})
+    for pattern in ("local", "dilated_sparse", "global_local"):
+        for causal in (False, True):
+            for backend in ("auto", "cudnn"):
+                out.append({"name": "block_sparse", "shape": (1, 4096, 8, 8, 128), "layout": "contiguous",
+                            "causal": causal, "kw": {"block_size": 128, "sparsity_ratio": 0.75,
+                                                     "pattern_type": pattern, "backend": backend}})
+    out.append({"name": "block_sparse", "shape": (1, 4096, 8, 4, 128), "layout": "zigzag", "causal": True,
+                "kw": {"block_size": 64, "sparsity_ratio": 0.75, "pattern_type": "local"}})
+    return out
+
+
+def check_patterns(rank: int, world: int, device: torch.device, smoke: bool = False) -> list[dict[str, Any]]:
+    rows = []
+    for case in equivalence_cases(smoke):
+        dtype = case.get("dtype", torch.bfloat16 if device.type == "cuda" else torch.float32)
+        row: dict[str, Any] = {"variant": case["name"], "shape": list(case["shape"]), "layout": case["layout"],
+                               "causal": case["causal"], "dtype": str(dtype), **case["kw"]}
+        try:
+            layer = create_ring_attention(case["name"], layout=case["layout"], **case["kw"])
+            n, heads = case["shape"][1], case["shape"][2]
+            allowed = layer.pattern.counts(n, heads, device)
+            if case["name"] == "block_sparse":
+                allowed = allowed.bool()
+            errs = oracle_errors(rank, world, device, layer, case["shape"], case["layout"], case["causal"], dtype,
+                                 allowed)
+            tol = 1e-4 if dtype == torch.float32 else 2e-2
+            row.update(errs, passed=bool(max(errs[f"{x}_rel"] for x in ("out", "dq", "dk", "dv")) < tol))
+        except Exception as err:  # noqa: BLE001 - recorded as a failure, the run goes on
+            row.update(passed=False, error=f"{type(err).__name__}: {str(err)[:300]}")
+        rows.append(row)
+        if rank == 0:
+            print(json.dumps(row), flush=True)
+    return rows
 
 
 def _timer(device: torch.device):
@@ -127,10 +185,11 @@ def run_pattern_benchmarks(rank: int, world: int, device: torch.device, results:
             r["speedup_vs_dense_ring"] = dense[r["n"]] / r["ms"]
 
 
-def _smoke_worker(rank: int, world: int) -> list[dict[str, Any]]:
+def _smoke_worker(rank: int, world: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     results: list[dict[str, Any]] = []
+    equivalence = check_patterns(rank, world, torch.device("cpu"), smoke=True)
     run_pattern_benchmarks(rank, world, torch.device("cpu"), results, smoke=True)
-    return results
+    return equivalence, results
 
 
 def main() -> None:
@@ -138,11 +197,12 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run on 2 gloo processes")
     ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--skip-equivalence", action="store_true")
     args = ap.parse_args()
     if args.smoke:
         from ring_plugin.testing import run_in_process_group
 
-        results = run_in_process_group(_smoke_worker, 2, timeout=300)[0]
+        equivalence, results = run_in_process_group(_smoke_worker, 2, timeout=300)[0]
         device_name = "cpu"
     else:
         dist.init_process_group("nccl")
@@ -150,11 +210,17 @@ def main() -> None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
         results = []
+        equivalence = [] if args.skip_equivalence else check_patterns(rank, world, device)
         run_pattern_benchmarks(rank, world, device, results, heads=args.heads)
         device_name = torch.cuda.get_device_name(device)
         if rank != 0:
             dist.destroy_process_group()
             return
+    bad = [r for r in equivalence if not r["passed"]]
+    worst = max((r.get(f"{x}_rel", 0.0) for r in equivalence for x in ("out", "dq", "dk", "dv")), default=0.0)
+    print(f"equivalence vs oracle: {len(equivalence) - len(bad)}/{len(equivalence)} pass, worst rel {worst:.2e}")
+    for r in bad:
+        print("  FAILED", {k: r.get(k) for k in ("variant", "layout", "causal", "backend", "pattern_type", "error")})
     print(f"{'case':14}{'n':>9}{'ms':>10}{'TFLOP/s':>9}{'speedup':>9}{'peak GB':>9}")
     for r in results:
         nan = float("nan")
@@ -162,7 +228,7 @@ def main() -> None:
               f"{r.get('speedup_vs_dense_ring', float('nan')):>9.2f}{(r.get('peak_gb') or float('nan')):>9.1f}"
               f"  {r.get('error', '')}")
     report = {"device": device_name, "torch": torch.__version__, "date": datetime.date.today().isoformat(),
-              "results": results}
+              "equivalence": equivalence, "results": results}
     if args.out:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out, "w") as f:

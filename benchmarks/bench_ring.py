@@ -84,6 +84,35 @@ def reset_peak(device: torch.device) -> None:
 
 
 # ------------------------------------------------------------------------------------- equivalence
+def oracle_errors(rank: int, world: int, device: torch.device, attn: torch.nn.Module, shape: tuple[int, ...],
+                  layout: str, causal: bool, dtype: torch.dtype, allowed: torch.Tensor | None = None) -> dict:
+    """Max abs and relative errors of ``attn``'s output and dQ/dK/dV vs the fp64 oracle, over all ranks.
+
+    ``shape`` is (batch, n, heads, kv_heads, head_dim); ``allowed`` the oracle's pattern (None: dense).
+    """
+    b, n, h, hkv, d = shape
+    gen = torch.Generator(device="cpu").manual_seed(1234)
+    full = [torch.randn(b, n, hh, d, generator=gen) for hh in (h, hkv, hkv, h)]
+    q, k, v, g = (t.to(device) for t in full)
+    ref = [t.double().requires_grad_() for t in (q, k, v)]
+    ref_out = reference_attention(*ref, causal=causal, allowed=allowed)
+    (ref_out * g.double()).sum().backward()
+    local = [shard_sequence(t.to(dtype), 1, layout, rank, world).requires_grad_() for t in (q, k, v)]
+    out = attn(*local, is_causal=causal)
+    (out * shard_sequence(g.to(dtype), 1, layout, rank, world)).sum().backward()
+    errs = {}
+    for label, mine, theirs in (("out", out.detach(), ref_out.detach()),
+                                *zip(("dq", "dk", "dv"), (t.grad for t in local), (t.grad for t in ref))):
+        theirs = shard_sequence(theirs, 1, layout, rank, world)
+        diff = (mine.double() - theirs).abs().max()
+        scale = theirs.abs().max().clamp_min(1e-12)
+        stat = torch.stack([diff, diff / scale])
+        dist.all_reduce(stat, op=dist.ReduceOp.MAX)
+        errs[f"{label}_abs"] = float(stat[0])
+        errs[f"{label}_rel"] = float(stat[1])
+    return errs
+
+
 def check_equivalence(rank: int, world: int, device: torch.device, smoke: bool) -> list[dict]:
     """Every dense variant and backend vs the fp64 oracle, output and gradients, over this world."""
     rows = []
@@ -97,33 +126,14 @@ def check_equivalence(rank: int, world: int, device: torch.device, smoke: bool) 
                     cases.append(("standard", backend, layout, causal, dtype))
         for name in ("sdpa", "distributed", "correct"):
             cases.append((name, "auto", "zigzag", True, dtype))
-    b, n, h, hkv, d = (2, 64, 5, 5, 16) if smoke else (2, 2048, 6, 2, 128)
+    shape = (2, 64, 5, 5, 16) if smoke else (2, 2048, 6, 2, 128)
     for name, backend, layout, causal, dtype in cases:
-        gen = torch.Generator(device="cpu").manual_seed(1234)
-        full = [torch.randn(b, n, hh, d, generator=gen) for hh in (h, hkv, hkv, h)]
-        q, k, v, g = (t.to(device) for t in full)
-        ref = [t.double().requires_grad_() for t in (q, k, v)]
-        ref_out = reference_attention(*ref, causal=causal)
-        (ref_out * g.double()).sum().backward()
-        local = [shard_sequence(t.to(dtype), 1, layout, rank, world).requires_grad_() for t in (q, k, v)]
         attn = create_ring_attention(name, backend=backend, layout=layout)
-        out = attn(*local, is_causal=causal)
-        (out * shard_sequence(g.to(dtype), 1, layout, rank, world)).sum().backward()
-        errs = {}
-        out = out.detach()
-        for label, mine, theirs in (("out", out, ref_out), *zip(("dq", "dk", "dv"), (t.grad for t in local),
-                                                                    (t.grad for t in ref))):
-            theirs = shard_sequence(theirs, 1, layout, rank, world)
-            diff = (mine.double() - theirs).abs().max()
-            scale = theirs.abs().max().clamp_min(1e-12)
-            stat = torch.stack([diff, diff / scale])
-            dist.all_reduce(stat, op=dist.ReduceOp.MAX)
-            errs[f"{label}_abs"] = float(stat[0])
-            errs[f"{label}_rel"] = float(stat[1])
+        errs = oracle_errors(rank, world, device, attn, shape, layout, causal, dtype)
         tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
         worst = max(errs[f"{x}_rel"] for x in ("out", "dq", "dk", "dv"))
         rows.append(dict(variant=name, backend=backend, layout=layout, causal=causal, dtype=str(dtype),
-                         world=world, shape=[b, n, h, hkv, d], **errs, passed=bool(worst < tol)))
+                         world=world, shape=list(shape), **errs, passed=bool(worst < tol)))
     return rows
 
 

@@ -14,7 +14,7 @@ from ring_plugin import (
     StandardRingAttention,
     reference_attention,
 )
-from ring_plugin.patterns import DilatedPattern
+from ring_plugin.patterns import DilatedPattern, ViewBlock
 from tests.pattern_world import case_errors, tolerance, world_results
 
 
@@ -126,3 +126,28 @@ def test_length_not_multiple_of_segment_raises() -> None:
     x = torch.randn(1, 24, 2, 4)
     with pytest.raises(ValueError, match=r"multiple of every segment length.*\[16\]"):
         DilatedAttention([8, 16], [1, 2])(x, x, x)
+
+
+def test_regular_dilated_pairs_plan_as_views_with_few_calls() -> None:
+    # The config on a 128K shard, 32 heads: offsets fold into the head axis, so each pair is
+    # at most 4 kernel calls on strided views (1 + 4 + 2 + 1), with no gathered index blocks.
+    pattern = DilatedPattern([2048, 8192, 32768, 131072], [1, 4, 16, 64])
+    blocks = pattern.plan((0,), (0,), 131072, 262144, True, 32, 32)
+    assert all(isinstance(b, ViewBlock) for b in blocks)
+    assert [b.heads for b in blocks] == [32, 8, 8, 8, 8, 16, 16, 32]
+    assert [b.groups for b in blocks] == [64, 16, 16, 16, 16, 4, 4, 1]
+    # Grouped-query K/V fall back to index blocks (a query head's K/V head is not a strided step).
+    assert not any(isinstance(b, ViewBlock) for b in pattern.plan((0,), (0,), 4096, 8192, True, 8, 2))
+
+
+@pytest.mark.parametrize("head_step", [(3, 0), (1, 1)])
+def test_view_block_reads_the_rows_its_indices_name(head_step) -> None:
+    block = ViewBlock(groups=2, group_stride=12, heads=2, head_start=1, head_step=head_step, q_start=1,
+                      q_rows=3, kv_start=2, kv_rows=4, row_step=3, causal=False)
+    x = torch.arange(2 * 7 * 30 * 4, dtype=torch.float32).view(2, 7, 30, 4)
+    idx = block.index_block(30, 30)
+    for view, flat in ((block.q_view(x), idx.q_index), (block.kv_view(x), idx.kv_index)):
+        gathered = x.reshape(2, 7 * 30, 4)[:, flat.flatten()].view(2, *flat.shape, 4)
+        assert torch.equal(view, gathered)
+    lse = x[..., 0]
+    assert torch.equal(block.q_view(lse), block.q_view(x)[..., 0])

@@ -11,8 +11,11 @@ fed the merged output and logsumexp, which makes it exact. No rank ever holds mo
 shard plus the ones in flight, and no full score matrix exists anywhere.
 
 Patterns (dilated, block-sparse) hand the engine :class:`~ring_plugin.patterns.blocks.IndexBlock` s
-instead of slices: strided head and row subsets gathered with one ``index_select``, several groups
-folded into the kernel's batch. Their outputs merge into the same accumulators, so the engine stays
+or :class:`~ring_plugin.patterns.blocks.ViewBlock` s instead of slices. A view block's rows form a
+regular grid (segments x heads x strided rows), so the kernel reads strided views of the shard and
+merges through views of the accumulators: nothing is copied. An index block names irregular head
+and row subsets, gathered with one ``index_select``; either kind folds its groups into the kernel's
+batch. Their outputs merge into the same accumulators, so the engine stays
 exact for every pattern. A pattern does not turn the whole ring: its work with the rank's own shard
 is local, and only the K/V rows another rank's blocks read travel, straight to that rank (the ranks
 that share a segment form the sub-ring; a dilated pair sends ~1/r of each shard it spans, a pair
@@ -36,7 +39,7 @@ from ..comm.ring import RingComm
 from ..layout import rank_chunks
 from ..ops.kernels import Kernel
 from ..ops.merge import merge_into
-from ..patterns.blocks import IndexBlock, Pattern
+from ..patterns.blocks import IndexBlock, Pattern, ViewBlock
 from .plan import Block, plan_dense_step
 
 
@@ -59,7 +62,7 @@ class RingSpec:
     def chunks(self, rank: int) -> tuple[int, ...]:
         return rank_chunks(self.layout, rank, self.comm.world_size)
 
-    def step_blocks(self, step: int, n_local: int, rank: int | None = None) -> list[Block | IndexBlock]:
+    def step_blocks(self, step: int, n_local: int, rank: int | None = None) -> list[Block | IndexBlock | ViewBlock]:
         """Blocks of step ``step``, where ``rank`` (default: this one) holds the K/V of ``rank - step``."""
         world = self.comm.world_size
         rank = self.comm.rank if rank is None else rank
@@ -95,6 +98,11 @@ class PeerRound:
 _ROUNDS_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def _indexed(blocks: list, n_local: int) -> list[IndexBlock]:
+    """A step's pattern blocks as flat indices: K/V from another rank arrive packed, not as a shard."""
+    return [b.index_block(n_local, n_local) if isinstance(b, ViewBlock) else b for b in blocks]
+
+
 def _rows_read(blocks: list[IndexBlock]) -> torch.Tensor:
     if not blocks:
         return torch.empty(0, dtype=torch.int64)
@@ -115,13 +123,10 @@ def peer_rounds(spec: RingSpec, n_local: int) -> list[PeerRound]:
     for t in range(1, world):
         if not any(spec.step_blocks(t, n_local, a) for a in range(world)):
             continue
-        mine = spec.step_blocks(t, n_local)  # our queries, K/V of rank - t
-        recv_rows = _rows_read(mine)  # type: ignore[arg-type]
-        blocks = [
-            IndexBlock(b.q_index, torch.searchsorted(recv_rows, b.kv_index), b.causal)  # type: ignore[union-attr]
-            for b in mine
-        ]
-        send_rows = _rows_read(spec.step_blocks(t, n_local, (rank + t) % world))  # type: ignore[arg-type]
+        mine = _indexed(spec.step_blocks(t, n_local), n_local)  # our queries, K/V of rank - t
+        recv_rows = _rows_read(mine)
+        blocks = [IndexBlock(b.q_index, torch.searchsorted(recv_rows, b.kv_index), b.causal) for b in mine]
+        send_rows = _rows_read(_indexed(spec.step_blocks(t, n_local, (rank + t) % world), n_local))
         rounds.append(PeerRound(t, send_rows, recv_rows, blocks))
     return rounds
 
@@ -163,6 +168,19 @@ def _flat(y: torch.Tensor, batch: int) -> torch.Tensor:
 
 def _forward_block(spec: RingSpec, q, kv, block, groups, out_acc, lse_acc, first: bool = False) -> None:
     """Compute one block and merge it into the accumulators (``first``: they are still empty)."""
+    if isinstance(block, ViewBlock):
+        o, lse = spec.kernel.forward(
+            block.q_view(q).flatten(0, 1), block.kv_view(kv[0]).flatten(0, 1), block.kv_view(kv[1]).flatten(0, 1),
+            block.causal, spec.scale,
+        )
+        o_acc, l_acc = block.q_view(out_acc), block.q_view(lse_acc)
+        o, lse = o.unflatten(0, o_acc.shape[:2]), lse.unflatten(0, o_acc.shape[:2])
+        if first:  # a block's (head, row) sets are disjoint: nothing to merge with yet
+            o_acc.copy_(o)
+            l_acc.copy_(lse)
+        else:
+            merge_into(o_acc, l_acc, o, lse)
+        return
     if isinstance(block, IndexBlock):
         block = block.on(q.device)
         b, h, n, d = q.shape
@@ -197,6 +215,20 @@ def _backward_block(spec: RingSpec, dout, q, kv, out, lse, block, groups, dq_acc
     The dK/dV accumulator of this step only arrives after the compute, so the kernel's outputs are
     held (no step-sized buffer) and added in place once it is there.
     """
+    if isinstance(block, ViewBlock):
+        qv = block.q_view(q)
+        dq, dk, dv = spec.kernel.backward(
+            block.q_view(dout).flatten(0, 1), qv.flatten(0, 1), block.kv_view(kv[0]).flatten(0, 1),
+            block.kv_view(kv[1]).flatten(0, 1), block.q_view(out).flatten(0, 1),
+            block.q_view(lse).flatten(0, 1).contiguous(), block.causal, spec.scale,
+        )
+        block.q_view(dq_acc).add_(dq.unflatten(0, qv.shape[:2]))
+
+        def add_viewed(acc: list) -> None:
+            for a, g in zip(acc, (dk, dv)):  # a block's key rows are disjoint: a plain in-place add
+                block.kv_view(a).add_(g.unflatten(0, qv.shape[:2]))
+
+        return add_viewed
     if isinstance(block, IndexBlock):
         block = block.on(q.device)
         b, h, n, d = q.shape
@@ -246,14 +278,23 @@ def _post_kv(comm: RingComm, rd: PeerRound, k: torch.Tensor, v: torch.Tensor):
     return comm.exchange_with(send, comm.rank + rd.shift, recv, comm.rank - rd.shift)
 
 
+def _flat_forms(spec: RingSpec, n_local: int, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors as contiguous ``(B, H, L, D)`` where index blocks or packing need their flat
+    ``(heads * L)`` rows (copied once per call, not once per block); views serve view blocks."""
+    flat = bool(spec.peer_rounds(n_local)) or any(
+        not isinstance(b, ViewBlock) for b in spec.step_blocks(0, n_local)
+    )
+    return tuple(t.contiguous() for t in tensors) if flat else tensors
+
+
+def _pick(block, views, flats):
+    return views if isinstance(block, ViewBlock) else flats
+
+
 class RingAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: RingSpec):  # type: ignore[override]
         comm = spec.comm
-        if spec.pattern is not None:
-            # Pattern blocks gather rows through a flat (heads * L) view: copy a strided q once here
-            # rather than once per block.
-            q = q.contiguous()
         groups = q.shape[1] // k.shape[1]
         n_local = q.shape[2]
         out_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
@@ -270,17 +311,19 @@ class RingAttentionFunction(torch.autograd.Function):
                     kv = pending.wait()
         else:
             rounds = spec.peer_rounds(n_local)
-            pending = _post_kv(comm, rounds[0], k, v) if rounds else None
+            qf, kf, vf = _flat_forms(spec, n_local, q, k, v)
+            pending = _post_kv(comm, rounds[0], kf, vf) if rounds else None
             comm.start_compute()
             for i, block in enumerate(spec.step_blocks(0, n_local)):  # our own shard: no message
-                _forward_block(spec, q, [k, v], block, groups, out_acc, lse_acc, first=i == 0)
+                qb, kvb = _pick(block, (q, [k, v]), (qf, [kf, vf]))
+                _forward_block(spec, qb, kvb, block, groups, out_acc, lse_acc, first=i == 0)
             for i, rd in enumerate(rounds):
                 assert pending is not None
                 kv = pending.wait()
-                pending = _post_kv(comm, rounds[i + 1], k, v) if i + 1 < len(rounds) else None
+                pending = _post_kv(comm, rounds[i + 1], kf, vf) if i + 1 < len(rounds) else None
                 comm.start_compute()
                 for block in rd.blocks:
-                    _forward_block(spec, q, kv, block, groups, out_acc, lse_acc)
+                    _forward_block(spec, qf, kv, block, groups, out_acc, lse_acc)
                 del kv
         out = out_acc.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse_acc)
@@ -342,10 +385,12 @@ def _pattern_backward(spec: RingSpec, dout, q, k, v, out, lse, dq_acc) -> list[t
     n_local = q.shape[2]
     rounds = spec.peer_rounds(n_local)
     dkv = [torch.zeros(t.shape, dtype=spec.grad_dtype, device=t.device) for t in (k, v)]
-    pending_kv = _post_kv(comm, rounds[0], k, v) if rounds else None
+    qf, kf, vf = _flat_forms(spec, n_local, q, k, v)
+    pending_kv = _post_kv(comm, rounds[0], kf, vf) if rounds else None
     comm.start_compute()
     for block in spec.step_blocks(0, n_local):
-        _backward_block(spec, dout, q, [k, v], out, lse, block, groups, dq_acc)(dkv)
+        qb, kvb = _pick(block, (q, [k, v]), (qf, [kf, vf]))
+        _backward_block(spec, dout, qb, kvb, out, lse, block, groups, dq_acc)(dkv)
     returning = None  # (exchange, rows): contributions to our rows, on their way home
 
     def scatter_home(pending, rows: torch.Tensor) -> None:
@@ -359,13 +404,13 @@ def _pattern_backward(spec: RingSpec, dout, q, k, v, out, lse, dq_acc) -> list[t
     for i, rd in enumerate(rounds):
         assert pending_kv is not None
         kv = pending_kv.wait()
-        pending_kv = _post_kv(comm, rounds[i + 1], k, v) if i + 1 < len(rounds) else None
+        pending_kv = _post_kv(comm, rounds[i + 1], kf, vf) if i + 1 < len(rounds) else None
         comm.start_compute()
         acc = None
         if rd.recv_rows.numel():
             acc = [torch.zeros(t.shape, dtype=spec.grad_dtype, device=t.device) for t in kv]
             for block in rd.blocks:
-                _backward_block(spec, dout, q, kv, out, lse, block, groups, dq_acc)(acc)
+                _backward_block(spec, dout, qf, kv, out, lse, block, groups, dq_acc)(acc)
         del kv
         recv = [_compact_like(t, rd.send_rows, spec.grad_dtype) for t in (k, v)] if rd.send_rows.numel() else None
         pending = comm.exchange_with(acc, comm.rank - rd.shift, recv, comm.rank + rd.shift)

@@ -31,6 +31,7 @@ class RingAttentionBase(nn.Module):
     """Shared construction, validation and ring resolution. Subclasses implement :meth:`_attend`."""
 
     variant: ClassVar[str] = "base"
+    accepts_flex: ClassVar[bool] = False  # backend='flex' (block-sparse only)
 
     def __init__(
         self,
@@ -74,6 +75,11 @@ class RingAttentionBase(nn.Module):
 
     def _check_config(self) -> None:
         """Variant-specific checks at construction (dense variants accept every valid config)."""
+        if self.config.backend == "flex" and not self.accepts_flex:
+            raise ValueError(
+                f"backend='flex' selects the gathered block-sparse path and is valid for the 'block_sparse' "
+                f"variant only; the {self.variant!r} variant takes a kernel backend ('auto', 'cudnn', ...)"
+            )
         if self.config.use_deepspeed:
             try:
                 import deepspeed  # noqa: F401
@@ -171,15 +177,24 @@ class RingEngineAttention(RingAttentionBase):
     collect_stats: ClassVar[bool] = False
 
     def _attend(self, q, k, v, causal, ring):
-        # K/V travel, so they are made contiguous; q stays a strided view (the kernels take it as
-        # SDPA does), which saves a copy of the query shard.
-        qt = q.transpose(1, 2)
-        kt, vt = (t.transpose(1, 2).contiguous() for t in (k, v))
+        # The dense ring sends K/V whole, so they are made contiguous; q stays a strided view (the
+        # kernels take it as SDPA does), which saves a copy of the query shard. Patterns read strided
+        # views of all three (and copy only where they gather rows).
+        qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+        if self.pattern is None:
+            kt, vt = kt.contiguous(), vt.contiguous()
+        return ring_attention(qt, kt, vt, self.ring_spec(q, k, causal, ring)).transpose(1, 2)
+
+    def ring_spec(
+        self, q: torch.Tensor, k: torch.Tensor, causal: bool, ring: RingContext, backend: str | None = None
+    ) -> RingSpec:
+        """The engine's spec for ``(batch, n_local, heads, head_dim)`` inputs (``backend``: the kernel
+        backend, default ``config.backend``)."""
         kernel = select_kernel(
-            self.config.backend, q.device, q.dtype, q.shape[-1], follow_sdpa_flags=self.follow_sdpa_flags
+            backend or self.config.backend, q.device, q.dtype, q.shape[-1], follow_sdpa_flags=self.follow_sdpa_flags
         )
         stats = self.stats if (self.collect_stats or self.config.enable_monitoring) else None
-        spec = RingSpec(
+        return RingSpec(
             comm=RingComm(ring.group, stats=stats, timeout=self.comm_timeout),
             layout=ring.layout,
             kernel=kernel,
@@ -190,7 +205,6 @@ class RingEngineAttention(RingAttentionBase):
             heads=q.shape[2],
             kv_heads=k.shape[2],
         )
-        return ring_attention(qt, kt, vt, spec).transpose(1, 2)
 
 
 class StandardRingAttention(RingEngineAttention):

@@ -5,6 +5,10 @@ kernel's batch dimension, ``h`` heads and ``m`` rows each, which query rows atte
 Indices are flat: ``head * L + row`` into a ``(heads, L)`` shard, so one ``index_select`` gathers a
 strided head subset and a strided row subset at once, and grouped-query K/V need no head expansion
 (the key index simply points at the shared K/V head).
+
+A :class:`ViewBlock` is the same idea for rows that form a regular grid (segments at a fixed stride,
+rows at a fixed step, heads at a fixed step): the kernel reads strided *views* of the shard and its
+outputs are merged through views of the accumulators, so nothing is gathered or scattered.
 """
 
 from __future__ import annotations
@@ -38,6 +42,61 @@ class IndexBlock:
         return copies[device]
 
 
+@dataclass(frozen=True)
+class ViewBlock:
+    """``groups`` x ``heads`` x rows blocks on a regular grid of a ``(heads, L)`` shard.
+
+    Element ``(g, a, i)`` of the query side is head ``head_start + a * head_step[0]``, row
+    ``q_start + g * group_stride + a * head_step[1] + i * row_step``; the key side is the same with
+    ``kv_start``/``kv_rows``. ``head_step = (1, 1)`` walks heads and rows together, which is how
+    dilated offsets ``j mod r`` of consecutive heads become one kernel call. Query and key heads
+    are the same (no grouped-query sharing). Groups fold into the kernel's batch; ``causal`` marks
+    square blocks whose query and key rows are the same positions.
+    """
+
+    groups: int
+    group_stride: int
+    heads: int
+    head_start: int
+    head_step: tuple[int, int]
+    q_start: int
+    q_rows: int
+    kv_start: int
+    kv_rows: int
+    row_step: int
+    causal: bool
+
+    def view(self, x: torch.Tensor, start: int, rows: int) -> torch.Tensor:
+        """The ``(B, groups, heads, rows[, D])`` view of ``x`` (``(B, H, L[, D])``, any strides)."""
+        sb, sh, sl = x.stride()[:3]
+        tail = tuple(x.shape[3:])
+        dh, dr = self.head_step
+        return x.as_strided(
+            (x.shape[0], self.groups, self.heads, rows, *tail),
+            (sb, self.group_stride * sl, dh * sh + dr * sl, self.row_step * sl, *x.stride()[3:]),
+            x.storage_offset() + self.head_start * sh + start * sl,
+        )
+
+    def q_view(self, x: torch.Tensor) -> torch.Tensor:
+        return self.view(x, self.q_start, self.q_rows)
+
+    def kv_view(self, x: torch.Tensor) -> torch.Tensor:
+        return self.view(x, self.kv_start, self.kv_rows)
+
+    def index_block(self, len_q: int, len_kv: int) -> IndexBlock:
+        """The same block as flat indices (for K/V that arrive packed from another rank)."""
+        g = torch.arange(self.groups)[:, None, None] * self.group_stride
+        a = torch.arange(self.heads)[None, :, None]
+        heads = self.head_start + a * self.head_step[0]
+
+        def flat(start: int, rows: int, length: int) -> torch.Tensor:
+            row = start + g + a * self.head_step[1] + torch.arange(rows)[None, None, :] * self.row_step
+            return heads * length + row
+
+        return IndexBlock(flat(self.q_start, self.q_rows, len_q), flat(self.kv_start, self.kv_rows, len_kv),
+                          self.causal)
+
+
 class Pattern(Protocol):
     """What the engine and the oracle need from a pattern."""
 
@@ -50,7 +109,7 @@ class Pattern(Protocol):
         causal: bool,
         heads: int,
         kv_heads: int,
-    ) -> list[IndexBlock]: ...
+    ) -> list[IndexBlock | ViewBlock]: ...
 
     def counts(self, n: int, heads: int, device: torch.device | None = None) -> torch.Tensor: ...
 
@@ -61,15 +120,15 @@ class CachedPattern:
     """A pattern whose plans are pure functions of their arguments, so each is built once."""
 
     def __init__(self) -> None:
-        self._cache: dict[tuple, list[IndexBlock]] = {}
+        self._cache: dict[tuple, list[IndexBlock | ViewBlock]] = {}
 
-    def plan(self, q_chunks, kv_chunks, chunk_len, n_global, causal, heads, kv_heads) -> list[IndexBlock]:
+    def plan(self, q_chunks, kv_chunks, chunk_len, n_global, causal, heads, kv_heads) -> list[IndexBlock | ViewBlock]:
         key = (q_chunks, kv_chunks, chunk_len, n_global, causal, heads, kv_heads)
         if key not in self._cache:
             self._cache[key] = self._plan(*key)
         return self._cache[key]
 
-    def _plan(self, q_chunks, kv_chunks, chunk_len, n, causal, heads, kv_heads) -> list[IndexBlock]:
+    def _plan(self, q_chunks, kv_chunks, chunk_len, n, causal, heads, kv_heads) -> list[IndexBlock | ViewBlock]:
         raise NotImplementedError
 
 

@@ -5,13 +5,18 @@ Pair ``(w, r)``, head ``j``: offset ``o = j mod r``; the sequence is cut into se
 other (causal by position when asked). Pairs combine with weights ``exp(lse_i) / sum_j exp(lse_j)``,
 which is one softmax over the union of the pairs' keys, a key counted once per pair selecting it:
 so every (pair, offset, segment) is one more block merged into the same ``(out, lse)``.
+
+Where the rows form a regular grid (``r`` divides the segment and the chunk, one head per K/V head)
+the blocks are :class:`ViewBlock` s, read as strided views with no gather: segments fold into the
+kernel's batch, and the offsets go either one call per offset (heads ``o, o+r, ...``) or one call
+per run of ``r`` consecutive heads (head ``c*r + a`` at offset ``a``), whichever makes fewer calls.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .blocks import BlockBuilder, CachedPattern, IndexBlock, chunk_pairs
+from .blocks import BlockBuilder, CachedPattern, IndexBlock, ViewBlock, chunk_pairs
 
 
 def dilated_error(segment_lengths: list[int], dilation_rates: list[int], n_global: int) -> str | None:
@@ -33,6 +38,40 @@ def _kept(start: int, stop: int, base: int, offset: int, rate: int) -> torch.Ten
     return torch.arange(first, stop, rate, dtype=torch.int64) if first < stop else torch.empty(0, dtype=torch.int64)
 
 
+def _grid_blocks(w: int, r: int, lq: int, qs: int, lk: int, ks: int, chunk_len: int, heads: int,
+                 kv_heads: int, causal: bool) -> list[ViewBlock] | None:
+    """The (pair, chunk pair) as strided views, or None where its rows are not a regular grid."""
+    if heads != kv_heads or w % r or chunk_len % r:
+        return None
+    if w <= chunk_len:
+        # Whole segments inside the chunks: only a chunk with itself meets them, segments fold.
+        if chunk_len % w:
+            return None
+        if qs != ks:
+            return []
+        groups, rows = chunk_len // w, w // r
+    else:
+        # Chunks inside segments: pairs exist only within one segment.
+        if w % chunk_len:
+            return None  # a chunk straddles two segments
+        if qs // w != ks // w:
+            return []
+        groups, rows = 1, chunk_len // r
+    per_offset = min(r, heads)  # calls with heads o, o+r, ... at offset o
+    per_run = -(-heads // r)  # calls with r consecutive heads, head c*r + a at offset a
+    blocks = []
+    if per_offset <= per_run:
+        for o in range(per_offset):
+            blocks.append(ViewBlock(groups, w, len(range(o, heads, r)), o, (r, 0), lq + o, rows,
+                                    lk + o, rows, r, causal))
+    else:
+        for c in range(per_run):
+            first = c * r
+            blocks.append(ViewBlock(groups, w, min(r, heads - first), first, (1, 1), lq, rows, lk, rows, r,
+                                    causal))
+    return blocks
+
+
 class DilatedPattern(CachedPattern):
     def __init__(self, segment_lengths: list[int], dilation_rates: list[int]):
         self.segment_lengths = list(segment_lengths)
@@ -45,10 +84,15 @@ class DilatedPattern(CachedPattern):
     def pairs(self, n: int) -> list[tuple[int, int]]:
         return [(min(w, n), r) for w, r in zip(self.segment_lengths, self.dilation_rates)]
 
-    def _plan(self, q_chunks, kv_chunks, chunk_len, n, causal, heads, kv_heads) -> list[IndexBlock]:
+    def _plan(self, q_chunks, kv_chunks, chunk_len, n, causal, heads, kv_heads) -> list[IndexBlock | ViewBlock]:
         builder = BlockBuilder(heads, kv_heads, len(q_chunks) * chunk_len, len(kv_chunks) * chunk_len)
+        views: list[IndexBlock | ViewBlock] = []
         for p, (w, r) in enumerate(self.pairs(n)):
             for lq, qs, lk, ks, same in chunk_pairs(q_chunks, kv_chunks, chunk_len, causal):
+                grid = _grid_blocks(w, r, lq, qs, lk, ks, chunk_len, heads, kv_heads, causal and same)
+                if grid is not None:
+                    views += grid
+                    continue
                 # Segments meeting both chunks; only those hold pairs of this step.
                 first = max(qs, ks) // w
                 last = (min(qs, ks) + chunk_len - 1) // w
@@ -61,7 +105,7 @@ class DilatedPattern(CachedPattern):
                         kv_rows = _kept(k_lo, k_hi, base, o, r) - ks + lk
                         # Same chunk: query and key positions are one set, so a square causal block.
                         builder.add((p, lk), tuple(range(o, heads, r)), q_rows, kv_rows, causal and same)
-        return builder.blocks()
+        return views + builder.blocks()
 
     def counts(self, n: int, heads: int, device: torch.device | None = None) -> torch.Tensor:
         """(heads, n, n) int: how many pairs let query i of head h see key j (oracle's weights)."""
