@@ -137,13 +137,16 @@ def _timer(device: torch.device):
 
 def run_pattern_benchmarks(rank: int, world: int, device: torch.device, results: list[dict[str, Any]],
                            smoke: bool = False, heads: int = 32, head_dim: int = 128, causal: bool = True,
-                           warmup: int = 2, iters: int = 5, max_dense_seconds: float = 60.0) -> None:
+                           warmup: int = 2, iters: int = 5, max_dense_seconds: float = 60.0,
+                           only: list[str] | None = None) -> None:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if smoke:
         heads, head_dim, warmup, iters = 4, 16, 1, 2
     name_map = {"dense": "standard", "dilated": "standard", "block_sparse": "block_sparse"}
     for case in cases(smoke):
         name, n = case["name"], case["n"]
+        if only is not None and name not in only:
+            continue
         row: dict[str, Any] = {"case": name, "n": n, "world": world, "heads": heads, "head_dim": head_dim,
                                "causal": causal, "dtype": str(dtype), **{k: v for k, v in case["kw"].items()}}
         try:
@@ -198,6 +201,7 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run on 2 gloo processes")
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--skip-equivalence", action="store_true")
+    ap.add_argument("--cases", default="dense,dilated,block_sparse", help="comma-separated timed cases")
     args = ap.parse_args()
     if args.smoke:
         from ring_plugin.testing import run_in_process_group
@@ -211,7 +215,7 @@ def main() -> None:
         torch.cuda.set_device(device)
         results = []
         equivalence = [] if args.skip_equivalence else check_patterns(rank, world, device)
-        run_pattern_benchmarks(rank, world, device, results, heads=args.heads)
+        run_pattern_benchmarks(rank, world, device, results, heads=args.heads, only=args.cases.split(","))
         device_name = torch.cuda.get_device_name(device)
         if rank != 0:
             dist.destroy_process_group()
