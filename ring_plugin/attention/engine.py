@@ -278,13 +278,25 @@ def _post_kv(comm: RingComm, rd: PeerRound, k: torch.Tensor, v: torch.Tensor):
     return comm.exchange_with(send, comm.rank + rd.shift, recv, comm.rank - rd.shift)
 
 
+def _views_only(spec: RingSpec, n_local: int) -> bool:
+    """Whether a pattern's work is all view blocks on our own shard (no gathers, no packing)."""
+    if spec.pattern is None or spec.peer_rounds(n_local):
+        return False
+    return all(isinstance(b, ViewBlock) for b in spec.step_blocks(0, n_local))
+
+
 def _flat_forms(spec: RingSpec, n_local: int, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The tensors as contiguous ``(B, H, L, D)`` where index blocks or packing need their flat
     ``(heads * L)`` rows (copied once per call, not once per block); views serve view blocks."""
-    flat = bool(spec.peer_rounds(n_local)) or any(
-        not isinstance(b, ViewBlock) for b in spec.step_blocks(0, n_local)
-    )
-    return tuple(t.contiguous() for t in tensors) if flat else tensors
+    return tensors if _views_only(spec, n_local) else tuple(t.contiguous() for t in tensors)
+
+
+def _new(shape, dtype, device, fill: float, seq_major: bool) -> torch.Tensor:
+    """A ``(B, H, L[, D])`` tensor, stored ``(B, L, H[, D])`` when ``seq_major``: view blocks then read
+    outputs and gradients in the same layout as the module's q/k/v, which the kernels want."""
+    if not seq_major:
+        return torch.full(shape, fill, dtype=dtype, device=device)
+    return torch.full((shape[0], shape[2], shape[1], *shape[3:]), fill, dtype=dtype, device=device).transpose(1, 2)
 
 
 def _pick(block, views, flats):
@@ -297,8 +309,9 @@ class RingAttentionFunction(torch.autograd.Function):
         comm = spec.comm
         groups = q.shape[1] // k.shape[1]
         n_local = q.shape[2]
-        out_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        lse_acc = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
+        seq_major = _views_only(spec, n_local)
+        out_acc = _new(q.shape, torch.float32, q.device, 0.0, seq_major)
+        lse_acc = _new(q.shape[:3], torch.float32, q.device, float("-inf"), seq_major)
         if spec.pattern is None:
             kv = [k, v]  # sent as two messages: no packed copy of the shard
             last = comm.world_size - 1
@@ -334,8 +347,11 @@ class RingAttentionFunction(torch.autograd.Function):
     def backward(ctx, dout: torch.Tensor):  # type: ignore[override]
         q, k, v, out, lse = ctx.saved_tensors
         spec: RingSpec = ctx.spec
-        dout = dout.to(q.dtype).contiguous()
-        dq_acc = torch.zeros(q.shape, dtype=spec.grad_dtype, device=q.device)
+        seq_major = _views_only(spec, q.shape[2])
+        # out and dout in one layout: the kernels' backward reads them side by side.
+        dout = dout.to(q.dtype)
+        dout = dout.transpose(1, 2).contiguous().transpose(1, 2) if seq_major else dout.contiguous()
+        dq_acc = _new(q.shape, spec.grad_dtype, q.device, 0.0, seq_major)
         if spec.pattern is None:
             dk, dv = _dense_backward(spec, dout, q, k, v, out, lse, dq_acc)
         else:
@@ -384,7 +400,8 @@ def _pattern_backward(spec: RingSpec, dout, q, k, v, out, lse, dq_acc) -> list[t
     groups = q.shape[1] // k.shape[1]
     n_local = q.shape[2]
     rounds = spec.peer_rounds(n_local)
-    dkv = [torch.zeros(t.shape, dtype=spec.grad_dtype, device=t.device) for t in (k, v)]
+    seq_major = _views_only(spec, n_local)
+    dkv = [_new(t.shape, spec.grad_dtype, t.device, 0.0, seq_major) for t in (k, v)]
     qf, kf, vf = _flat_forms(spec, n_local, q, k, v)
     pending_kv = _post_kv(comm, rounds[0], kf, vf) if rounds else None
     comm.start_compute()
