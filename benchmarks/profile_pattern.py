@@ -1,6 +1,6 @@
 """Where a pattern layer's fwd+bwd time goes: torch.profiler over a few steps, top CUDA ops by time.
 
-``torchrun --nproc_per_node=2 benchmarks/profile_pattern.py --n 262144 --variant standard \\
+``torchrun --nproc_per_node=2 benchmarks/profile_pattern.py --length 262144 --variant standard \\
     --kw '{"segment_lengths": [2048, 8192, 32768, 131072], "dilation_rates": [1, 4, 16, 64]}'``
 """
 
@@ -23,7 +23,7 @@ from ring_plugin import create_ring_attention  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--n", type=int, default=262144)
+    ap.add_argument("--length", type=int, default=262144)
     ap.add_argument("--variant", default="standard")
     ap.add_argument("--kw", default="{}", help="layer keyword arguments as JSON")
     ap.add_argument("--heads", type=int, default=32)
@@ -36,7 +36,7 @@ def main() -> None:
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     torch.cuda.set_device(device)
     layer = create_ring_attention(args.variant, **json.loads(args.kw))
-    n_local = args.n // dist.get_world_size()
+    n_local = args.length // dist.get_world_size()
     q, k, v = (torch.randn(1, n_local, args.heads, args.head_dim, device=device, dtype=torch.bfloat16)
                .requires_grad_() for _ in range(3))
 

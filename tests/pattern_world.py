@@ -64,6 +64,20 @@ def block_sparse_cases() -> list[Case]:
                                sparsity_ratio=sparsity, pattern_type=pattern))
     cases.append(_case("block_sparse", (1, 64, 4, 2, 8), True, "zigzag", torch.bfloat16, block_size=4,
                        sparsity_ratio=0.5, pattern_type="local"))
+    # The gathered path (fetched rows + one masked call; on CPU the exact masked softmax).
+    flex = [
+        ("local", 0.5, False, "contiguous", torch.float32, {}),
+        ("local", 0.75, True, "zigzag", torch.float32, {}),
+        ("dilated_sparse", 0.75, True, "contiguous", torch.float32, {}),
+        ("dilated_sparse", 0.5, False, "zigzag", torch.bfloat16, {}),
+        ("global_local", 0.75, True, "zigzag", torch.float32, {}),
+        ("global_local", 0.9, False, "contiguous", torch.bfloat16, {"grad_comm_dtype": "input"}),
+    ]
+    for pattern, sparsity, causal, layout, dtype, kw in flex:
+        cases.append(_case("block_sparse", shape, causal, layout, dtype, block_size=4, sparsity_ratio=sparsity,
+                           pattern_type=pattern, backend="flex", **kw))
+    cases.append(_case("block_sparse", (1, 64, 4, 2, 8), True, "zigzag", torch.bfloat16, block_size=4,
+                       sparsity_ratio=0.5, pattern_type="global_local", backend="flex"))  # GQA
     return cases
 
 
@@ -140,6 +154,32 @@ def _dilated_bytes(world: int) -> dict[str, list[int]]:
     return res
 
 
+def _gathered_bytes(rank: int, world: int) -> dict[str, list[int]]:
+    """Bytes the gathered block-sparse path sends (forward, forward+backward), and the K/V rows the
+    mask says other ranks read of ours and we read of theirs ('local', contiguous, 2 K/V heads)."""
+    res: dict[str, list[int]] = {}
+    gen = torch.Generator().manual_seed(11)
+    n_local = 16
+    n = n_local * world
+    owner = torch.arange(n) // n_local
+    for causal in (False, True):
+        layer = create_ring_attention("block_sparse", backend="flex", block_size=4, sparsity_ratio=0.5,
+                                      pattern_type="local", layout="contiguous", enable_monitoring=True)
+        x = [torch.randn(1, n_local, h, 4, generator=gen).requires_grad_() for h in (4, 2, 2)]
+        out = layer(*x, is_causal=causal)
+        fwd = layer.stats.bytes_sent
+        out.sum().backward()
+        allowed = layer.pattern.counts(n, 4).bool()
+        if causal:
+            allowed &= torch.ones(n, n, dtype=torch.bool).tril()
+        mine = owner == rank
+        # A row read by several ranks is sent to each of them.
+        sent = sum(int(allowed[owner == a][:, mine].any(0).sum()) for a in range(world) if a != rank)
+        read = int(allowed[mine][:, ~mine].any(0).sum())
+        res["causal" if causal else "full"] = [fwd, layer.stats.bytes_sent, sent, read]
+    return res
+
+
 def _extra_checks(rank: int, world: int) -> dict[str, Any]:
     """Communication facts and errors raised before any ring message."""
     res: dict[str, Any] = {}
@@ -153,6 +193,7 @@ def _extra_checks(rank: int, world: int) -> dict[str, Any]:
     bs(*x).sum().backward()
     res["spanning_bytes"] = bs.stats.bytes_sent
     res["sparse_bytes"] = _dilated_bytes(world)
+    res["gathered_bytes"] = _gathered_bytes(rank, world)
     bad = [
         ("standard", {"segment_lengths": [12], "dilation_rates": [1]}, 8),  # n=8*world not a multiple of 12
         ("hilbert", {"grid": (3, 3)}, 8),

@@ -13,9 +13,25 @@ from tests.pattern_world import case_errors, tolerance, world_results
 @pytest.mark.parametrize("world", [1, 2, 4])
 def test_block_sparse_matches_oracle(world: int) -> None:
     rows = case_errors(world, "block_sparse")
-    assert len(rows) >= 13
+    assert len(rows) >= 20
+    assert sum(c["kw"].get("backend") == "flex" for c, _ in rows) >= 7
     for case, errs in rows:
         assert max(errs) <= tolerance(case), (case, errs)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_gathered_path_sends_exactly_the_rows_read(world: int) -> None:
+    # Forward: K and V (fp32, 2 heads x 4 dims) of exactly the rows other ranks' queries may read;
+    # backward adds the fp32 dK/dV of the rows this rank read.
+    row_bytes = 2 * 2 * 4 * 4
+    totals = {"full": 0, "causal": 0}
+    for extra in world_results(world)[1]:
+        for name, (fwd, both, sent, read) in extra["gathered_bytes"].items():
+            assert fwd == sent * row_bytes, (name, fwd, sent)
+            assert both - fwd == read * row_bytes, (name, both, read)
+            assert world > 2 or sent < 16  # less than the 16-row shard travels to the one peer
+            totals[name] += sent
+    assert totals["full"] > 0 and totals["causal"] > 0
 
 
 @pytest.mark.parametrize("world", [2, 4])

@@ -16,6 +16,7 @@ from ..layout import global_positions
 from ..patterns.block_sparse import BlockSparsePattern
 from ..patterns.blocks import Pattern
 from ..patterns.hilbert import hilbert_permutation, inverse_permutation
+from .gathered import gathered_attention
 from .modules import RingEngineAttention
 
 
@@ -26,9 +27,14 @@ class RingBlockSparseAttention(RingEngineAttention):
     skipped and the ring stops after the last step any rank needs. ``segment_lengths`` and
     ``dilation_rates`` are accepted for the predecessor's call shape; the block mask alone defines
     the pattern. ``block_mask(n)`` shows which block pairs are computed.
+
+    ``backend='flex'`` (and ``'auto'`` for CUDA half-precision inputs) runs the gathered path
+    instead: the K/V rows of other ranks that this rank reads are fetched, then one masked attention
+    call (flex_attention on CUDA, an exact masked softmax elsewhere) covers every allowed pair.
     """
 
     variant = "block_sparse"
+    accepts_flex = True
 
     def build_pattern(self) -> Pattern | None:
         c = self.config
@@ -40,6 +46,20 @@ class RingBlockSparseAttention(RingEngineAttention):
             raise ValueError(f"n={n} must be a positive multiple of block_size={self.config.block_size}")
         assert isinstance(self.pattern, BlockSparsePattern)
         return self.pattern.mask(n)
+
+    def uses_gathered_path(self, q: torch.Tensor) -> bool:
+        """Whether a call on ``q`` runs the gathered path (flex is the fast GPU kernel for block
+        masks; the engine's gathered blocks and fp32 merges cost more there)."""
+        backend = self.config.backend
+        half = q.dtype in (torch.float16, torch.bfloat16)
+        return backend == "flex" or (backend == "auto" and q.is_cuda and half)
+
+    def _attend(self, q, k, v, causal, ring):
+        if not self.uses_gathered_path(q):
+            return super()._attend(q, k, v, causal, ring)
+        spec = self.ring_spec(q, k, causal, ring, backend="auto")  # the engine kernel is unused here
+        qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # q stays a strided view
+        return gathered_attention(qt, kt, vt, spec).transpose(1, 2)
 
 
 class HilbertRingAttention(RingEngineAttention):

@@ -1,6 +1,7 @@
 """Attention kernels that return a logsumexp, with matching backward calls.
 
-Every kernel takes contiguous ``(batch, heads, length, head_dim)`` tensors with the same head count,
+Every kernel takes ``(batch, heads, length, head_dim)`` tensors (strided views with a unit-stride last
+dim are fine: the pattern views are read in place) with the same head count,
 and a causal flag that is only ever used on square blocks (query and key chunks at the same global
 positions), so top-left and bottom-right causal alignment agree. The forward returns the output in
 the input dtype (or fp32) and the logsumexp as fp32 ``(batch, heads, length)``; the backward
@@ -18,7 +19,9 @@ import torch
 
 aten = torch.ops.aten
 
-BACKENDS = ("auto", "cudnn", "flash", "efficient", "math", "cpu_flash")
+# 'flex' is not a kernel of this module: it selects block-sparse attention's gathered path (one
+# flex_attention call, :mod:`ring_plugin.attention.gathered`) and is valid for that variant only.
+BACKENDS = ("auto", "cudnn", "flash", "efficient", "math", "cpu_flash", "flex")
 
 ForwardFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool, float], tuple[torch.Tensor, torch.Tensor]]
 BackwardFn = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
@@ -167,6 +170,11 @@ def select_kernel(backend: str, device: torch.device, dtype: torch.dtype, head_d
     the switches set by ``torch.nn.attention.sdpa_kernel``, as ``scaled_dot_product_attention`` does.
     """
     check_backend(backend)
+    if backend == "flex":
+        raise ValueError(
+            "backend='flex' is not a ring-engine kernel: it is valid for block-sparse attention "
+            "(variant 'block_sparse') only, which then runs one flex_attention call"
+        )
     half = dtype in (torch.float16, torch.bfloat16)
     if backend == "auto":
         if device.type == "cuda":
