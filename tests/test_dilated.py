@@ -136,6 +136,8 @@ def test_regular_dilated_pairs_plan_as_views_with_few_calls() -> None:
     assert all(isinstance(b, ViewBlock) for b in blocks)
     assert [b.heads for b in blocks] == [32, 8, 8, 8, 8, 16, 16, 32]
     assert [b.groups for b in blocks] == [64, 16, 16, 16, 16, 4, 4, 1]
+    # The rate-1 pair covers every (head, row) once: it initialises the accumulators.
+    assert [b.covers(32, 131072) for b in blocks] == [True] + [False] * 7
     # Grouped-query K/V fall back to index blocks (a query head's K/V head is not a strided step).
     assert not any(isinstance(b, ViewBlock) for b in pattern.plan((0,), (0,), 4096, 8192, True, 8, 2))
 

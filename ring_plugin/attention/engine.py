@@ -209,8 +209,10 @@ def _forward_block(spec: RingSpec, q, kv, block, groups, out_acc, lse_acc, first
     merge_into(out_acc[:, :, block.q], lse_acc[:, :, block.q], o, lse)
 
 
-def _backward_block(spec: RingSpec, dout, q, kv, out, lse, block, groups, dq_acc) -> Callable[[list], None]:
-    """Run one block's backward; add its dQ now and return how to add its dK/dV to an accumulator.
+def _backward_block(spec: RingSpec, dout, q, kv, out, lse, block, groups, dq_acc,
+                    first: bool = False) -> Callable[[list], None]:
+    """Run one block's backward; add its dQ now and return how to add its dK/dV to an accumulator
+    (``first``: a view block covering every row, whose gradients initialise the empty accumulators).
 
     The dK/dV accumulator of this step only arrives after the compute, so the kernel's outputs are
     held (no step-sized buffer) and added in place once it is there.
@@ -222,11 +224,13 @@ def _backward_block(spec: RingSpec, dout, q, kv, out, lse, block, groups, dq_acc
             block.kv_view(kv[1]).flatten(0, 1), block.q_view(out).flatten(0, 1),
             block.q_view(lse).flatten(0, 1).contiguous(), block.causal, spec.scale,
         )
-        block.q_view(dq_acc).add_(dq.unflatten(0, qv.shape[:2]))
+        dq_view = block.q_view(dq_acc)
+        (dq_view.copy_ if first else dq_view.add_)(dq.unflatten(0, qv.shape[:2]))
 
         def add_viewed(acc: list) -> None:
             for a, g in zip(acc, (dk, dv)):  # a block's key rows are disjoint: a plain in-place add
-                block.kv_view(a).add_(g.unflatten(0, qv.shape[:2]))
+                view = block.kv_view(a)
+                (view.copy_ if first else view.add_)(g.unflatten(0, qv.shape[:2]))
 
         return add_viewed
     if isinstance(block, IndexBlock):
@@ -285,18 +289,30 @@ def _views_only(spec: RingSpec, n_local: int) -> bool:
     return all(isinstance(b, ViewBlock) for b in spec.step_blocks(0, n_local))
 
 
+def _first_covers(spec: RingSpec, n_local: int) -> bool:
+    """Whether a view-only pattern's first block writes every accumulator row: then they start empty
+    (no zero fill) and that block's outputs are copied in, not added."""
+    if not _views_only(spec, n_local):
+        return False
+    first = spec.step_blocks(0, n_local)[0]
+    return spec.heads == spec.kv_heads and first.covers(spec.heads, n_local)  # type: ignore[union-attr]
+
+
 def _flat_forms(spec: RingSpec, n_local: int, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The tensors as contiguous ``(B, H, L, D)`` where index blocks or packing need their flat
     ``(heads * L)`` rows (copied once per call, not once per block); views serve view blocks."""
     return tensors if _views_only(spec, n_local) else tuple(t.contiguous() for t in tensors)
 
 
-def _new(shape, dtype, device, fill: float, seq_major: bool) -> torch.Tensor:
-    """A ``(B, H, L[, D])`` tensor, stored ``(B, L, H[, D])`` when ``seq_major``: view blocks then read
-    outputs and gradients in the same layout as the module's q/k/v, which the kernels want."""
-    if not seq_major:
-        return torch.full(shape, fill, dtype=dtype, device=device)
-    return torch.full((shape[0], shape[2], shape[1], *shape[3:]), fill, dtype=dtype, device=device).transpose(1, 2)
+def _new(shape, dtype, device, fill: float | None, seq_major: bool) -> torch.Tensor:
+    """A ``(B, H, L[, D])`` tensor filled with ``fill`` (None: uninitialised), stored ``(B, L, H[, D])``
+    when ``seq_major``: view blocks then read outputs and gradients in the same layout as the
+    module's q/k/v, which the kernels want."""
+    if seq_major:
+        shape = (shape[0], shape[2], shape[1], *shape[3:])
+    t = torch.empty(shape, dtype=dtype, device=device) if fill is None else torch.full(shape, fill, dtype=dtype,
+                                                                                     device=device)
+    return t.transpose(1, 2) if seq_major else t
 
 
 def _pick(block, views, flats):
@@ -309,9 +325,9 @@ class RingAttentionFunction(torch.autograd.Function):
         comm = spec.comm
         groups = q.shape[1] // k.shape[1]
         n_local = q.shape[2]
-        seq_major = _views_only(spec, n_local)
-        out_acc = _new(q.shape, torch.float32, q.device, 0.0, seq_major)
-        lse_acc = _new(q.shape[:3], torch.float32, q.device, float("-inf"), seq_major)
+        seq_major, empty = _views_only(spec, n_local), _first_covers(spec, n_local)
+        out_acc = _new(q.shape, torch.float32, q.device, None if empty else 0.0, seq_major)
+        lse_acc = _new(q.shape[:3], torch.float32, q.device, None if empty else float("-inf"), seq_major)
         if spec.pattern is None:
             kv = [k, v]  # sent as two messages: no packed copy of the shard
             last = comm.world_size - 1
@@ -351,7 +367,8 @@ class RingAttentionFunction(torch.autograd.Function):
         # out and dout in one layout: the kernels' backward reads them side by side.
         dout = dout.to(q.dtype)
         dout = dout.transpose(1, 2).contiguous().transpose(1, 2) if seq_major else dout.contiguous()
-        dq_acc = _new(q.shape, spec.grad_dtype, q.device, 0.0, seq_major)
+        dq_acc = _new(q.shape, spec.grad_dtype, q.device, None if _first_covers(spec, q.shape[2]) else 0.0,
+                      seq_major)
         if spec.pattern is None:
             dk, dv = _dense_backward(spec, dout, q, k, v, out, lse, dq_acc)
         else:
@@ -400,14 +417,14 @@ def _pattern_backward(spec: RingSpec, dout, q, k, v, out, lse, dq_acc) -> list[t
     groups = q.shape[1] // k.shape[1]
     n_local = q.shape[2]
     rounds = spec.peer_rounds(n_local)
-    seq_major = _views_only(spec, n_local)
-    dkv = [_new(t.shape, spec.grad_dtype, t.device, 0.0, seq_major) for t in (k, v)]
+    seq_major, empty = _views_only(spec, n_local), _first_covers(spec, n_local)
+    dkv = [_new(t.shape, spec.grad_dtype, t.device, None if empty else 0.0, seq_major) for t in (k, v)]
     qf, kf, vf = _flat_forms(spec, n_local, q, k, v)
     pending_kv = _post_kv(comm, rounds[0], kf, vf) if rounds else None
     comm.start_compute()
-    for block in spec.step_blocks(0, n_local):
+    for i, block in enumerate(spec.step_blocks(0, n_local)):
         qb, kvb = _pick(block, (q, [k, v]), (qf, [kf, vf]))
-        _backward_block(spec, dout, qb, kvb, out, lse, block, groups, dq_acc)(dkv)
+        _backward_block(spec, dout, qb, kvb, out, lse, block, groups, dq_acc, first=empty and i == 0)(dkv)
     returning = None  # (exchange, rows): contributions to our rows, on their way home
 
     def scatter_home(pending, rows: torch.Tensor) -> None:

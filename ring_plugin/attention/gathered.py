@@ -101,8 +101,12 @@ class GatherKV(torch.autograd.Function):
         spec: RingSpec = ctx.spec
         comm, n, gd = spec.comm, ctx.n_local, spec.grad_dtype
         b, hk, _, d = dk_all.shape
-        # Our own rows' gradients, summed with what comes home in grad_dtype (fp32 by default).
-        dkv = [g[:, :, :n].to(gd, memory_format=torch.contiguous_format, copy=True) for g in (dk_all, dv_all)]
+        own = [g[:, :, :n] for g in (dk_all, dv_all)]
+        if any(rd.send_rows.numel() for rd in ctx.rounds):
+            # Our own rows' gradients, summed with what comes home in grad_dtype (fp32 by default).
+            dkv = [g.to(gd, memory_format=torch.contiguous_format, copy=True) for g in own]
+        else:
+            dkv = own  # nothing comes home (e.g. the first rank under causal): no accumulator
 
         def scatter_home(pending, rows: torch.Tensor) -> None:
             got = pending.wait()

@@ -83,6 +83,14 @@ class ViewBlock:
     def kv_view(self, x: torch.Tensor) -> torch.Tensor:
         return self.view(x, self.kv_start, self.kv_rows)
 
+    def covers(self, heads: int, length: int) -> bool:
+        """Whether the block's query rows, and its key rows, are every (head, row) of a ``(heads,
+        length)`` shard exactly once (e.g. a rate-1 dilated pair): its outputs can initialise the
+        accumulators instead of being added to zeros."""
+        return (self.heads == heads and self.head_start == 0 and self.head_step == (1, 0) and self.row_step == 1
+                and self.q_start == self.kv_start == 0 and self.q_rows == self.kv_rows == self.group_stride
+                and self.groups * self.group_stride == length)
+
     def index_block(self, len_q: int, len_kv: int) -> IndexBlock:
         """The same block as flat indices (for K/V that arrive packed from another rank)."""
         g = torch.arange(self.groups)[:, None, None] * self.group_stride
