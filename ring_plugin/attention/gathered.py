@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 _TILE = 128  # flex's sparse block size: the BlockMask describes 128 x 128 tiles
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # pattern -> {key: geometry / mask}
 _FLEX: Callable[..., torch.Tensor] | None = None
+_MAX_GEOMETRIES = 64
 # BlockMasks are shared by every layer with the same pattern parameters (not cached per pattern
 # object): one mask_mod object means one compiled flex kernel, where compiled flex guards on the
 # mask_mod function (and stops compiling after a few recompiles). Few keys: one per geometry.
@@ -245,8 +246,13 @@ def flex_block_mask(geo: Geometry, device: torch.device) -> BlockMask:
 def _flex() -> Callable[..., torch.Tensor]:
     global _FLEX
     if _FLEX is None:  # compiled on first use: importing the package must not touch the compiler
+        # Each block-mask geometry (pattern, shard, rank) is one compiled specialisation. Dynamo's
+        # default of 8 per function would silently fall back to eager flex (which materialises the
+        # scores) in a model with many geometries, so allow more.
+        import torch._dynamo.config as dynamo_config
         from torch.nn.attention.flex_attention import flex_attention
 
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, _MAX_GEOMETRIES)
         _FLEX = torch.compile(flex_attention, dynamic=False)
     return _FLEX
 
