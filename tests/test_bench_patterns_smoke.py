@@ -1,0 +1,28 @@
+"""``benchmarks/bench_patterns.py --smoke`` runs end to end on CPU (2 gloo processes, tiny sizes)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.timeout(240)
+def test_bench_patterns_smoke(tmp_path):
+    out = tmp_path / "patterns.json"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "bench_patterns.py"), "--smoke", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert [r["variant"] for r in report["equivalence"]] == ["standard", "block_sparse"]
+    for row in report["equivalence"]:  # fp32 on CPU: the pattern layers equal the fp64 oracle
+        assert row["passed"] and max(row[f"{x}_rel"] for x in ("out", "dq", "dk", "dv")) < 1e-4, row
+    timed = {r["case"]: r for r in report["results"]}
+    assert set(timed) == {"dense", "dilated", "block_sparse"}
+    assert all(r["ms"] > 0 and "error" not in r for r in timed.values())
+    assert timed["dilated"]["speedup_vs_dense_ring"] > 0
