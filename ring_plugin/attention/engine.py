@@ -271,8 +271,8 @@ def _pack(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return x.reshape(b, h * n, d).index_select(1, rows.to(x.device)).unsqueeze(1)
 
 
-def _compact_like(x: torch.Tensor, rows: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    return torch.empty((x.shape[0], 1, rows.numel(), x.shape[3]), dtype=dtype or x.dtype, device=x.device)
+def _compact_like(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    return torch.empty((x.shape[0], 1, rows.numel(), x.shape[3]), dtype=x.dtype, device=x.device)
 
 
 def _post_kv(comm: RingComm, rd: PeerRound, k: torch.Tensor, v: torch.Tensor):
@@ -298,10 +298,10 @@ def _first_covers(spec: RingSpec, n_local: int) -> bool:
     return spec.heads == spec.kv_heads and first.covers(spec.heads, n_local)  # type: ignore[union-attr]
 
 
-def _flat_forms(spec: RingSpec, n_local: int, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def _flat_forms(views_only: bool, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The tensors as contiguous ``(B, H, L, D)`` where index blocks or packing need their flat
     ``(heads * L)`` rows (copied once per call, not once per block); views serve view blocks."""
-    return tensors if _views_only(spec, n_local) else tuple(t.contiguous() for t in tensors)
+    return tensors if views_only else tuple(t.contiguous() for t in tensors)
 
 
 def _new(shape, dtype, device, fill: float | None, seq_major: bool) -> torch.Tensor:
@@ -319,15 +319,49 @@ def _pick(block, views, flats):
     return views if isinstance(block, ViewBlock) else flats
 
 
+class GradsHome:
+    """The return trip of a pattern's exchanges in backward: each round sends the compact dK/dV of the
+    rows we read back to their owner (rank - shift) and receives, from rank + shift, what it computed
+    for the rows we sent it; those are added (``index_add_``) into ``dkv`` while the next round runs."""
+
+    def __init__(self, comm: RingComm, dkv: list[torch.Tensor]):
+        self.comm, self.dkv = comm, dkv
+        self._returning = None  # (exchange, rows): contributions to our rows, on their way home
+
+    def post(self, rd: PeerRound, grads: list[torch.Tensor] | None) -> None:
+        """Send this round's compact ``grads`` (None: nothing read) and post the receive of ours."""
+        comm = self.comm
+        recv = [_compact_like(t, rd.send_rows) for t in self.dkv] if rd.send_rows.numel() else None
+        pending = comm.exchange_with(grads, comm.rank - rd.shift, recv, comm.rank + rd.shift)
+        self._scatter()
+        self._returning = (pending, rd.send_rows)
+
+    def finish(self) -> list[torch.Tensor]:
+        self._scatter()
+        return self.dkv
+
+    def _scatter(self) -> None:
+        if self._returning is None:
+            return
+        pending, rows = self._returning
+        self._returning = None
+        got = pending.wait()
+        if got:
+            idx = rows.to(self.dkv[0].device)
+            for acc, g in zip(self.dkv, got):
+                b, h, n, d = acc.shape
+                acc.view(b, h * n, d).index_add_(1, idx, g.squeeze(1).to(acc.dtype))
+
+
 class RingAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: RingSpec):  # type: ignore[override]
         comm = spec.comm
         groups = q.shape[1] // k.shape[1]
         n_local = q.shape[2]
-        seq_major, empty = _views_only(spec, n_local), _first_covers(spec, n_local)
-        out_acc = _new(q.shape, torch.float32, q.device, None if empty else 0.0, seq_major)
-        lse_acc = _new(q.shape[:3], torch.float32, q.device, None if empty else float("-inf"), seq_major)
+        views_only, empty = _views_only(spec, n_local), _first_covers(spec, n_local)
+        out_acc = _new(q.shape, torch.float32, q.device, None if empty else 0.0, views_only)
+        lse_acc = _new(q.shape[:3], torch.float32, q.device, None if empty else float("-inf"), views_only)
         if spec.pattern is None:
             kv = [k, v]  # sent as two messages: no packed copy of the shard
             last = comm.world_size - 1
@@ -340,7 +374,7 @@ class RingAttentionFunction(torch.autograd.Function):
                     kv = pending.wait()
         else:
             rounds = spec.peer_rounds(n_local)
-            qf, kf, vf = _flat_forms(spec, n_local, q, k, v)
+            qf, kf, vf = _flat_forms(views_only, q, k, v)
             pending = _post_kv(comm, rounds[0], kf, vf) if rounds else None
             comm.start_compute()
             for i, block in enumerate(spec.step_blocks(0, n_local)):  # our own shard: no message
@@ -417,24 +451,15 @@ def _pattern_backward(spec: RingSpec, dout, q, k, v, out, lse, dq_acc) -> list[t
     groups = q.shape[1] // k.shape[1]
     n_local = q.shape[2]
     rounds = spec.peer_rounds(n_local)
-    seq_major, empty = _views_only(spec, n_local), _first_covers(spec, n_local)
-    dkv = [_new(t.shape, spec.grad_dtype, t.device, None if empty else 0.0, seq_major) for t in (k, v)]
-    qf, kf, vf = _flat_forms(spec, n_local, q, k, v)
+    views_only, empty = _views_only(spec, n_local), _first_covers(spec, n_local)
+    dkv = [_new(t.shape, spec.grad_dtype, t.device, None if empty else 0.0, views_only) for t in (k, v)]
+    qf, kf, vf = _flat_forms(views_only, q, k, v)
     pending_kv = _post_kv(comm, rounds[0], kf, vf) if rounds else None
     comm.start_compute()
     for i, block in enumerate(spec.step_blocks(0, n_local)):
         qb, kvb = _pick(block, (q, [k, v]), (qf, [kf, vf]))
         _backward_block(spec, dout, qb, kvb, out, lse, block, groups, dq_acc, first=empty and i == 0)(dkv)
-    returning = None  # (exchange, rows): contributions to our rows, on their way home
-
-    def scatter_home(pending, rows: torch.Tensor) -> None:
-        got = pending.wait()
-        if got:
-            idx = rows.to(k.device)
-            for acc, g in zip(dkv, got):
-                b, h, n, d = acc.shape
-                acc.view(b, h * n, d).index_add_(1, idx, g.squeeze(1).to(acc.dtype))
-
+    home = GradsHome(comm, dkv)
     for i, rd in enumerate(rounds):
         assert pending_kv is not None
         kv = pending_kv.wait()
@@ -446,13 +471,8 @@ def _pattern_backward(spec: RingSpec, dout, q, k, v, out, lse, dq_acc) -> list[t
             for block in rd.blocks:
                 _backward_block(spec, dout, qf, kv, out, lse, block, groups, dq_acc)(acc)
         del kv
-        recv = [_compact_like(t, rd.send_rows, spec.grad_dtype) for t in (k, v)] if rd.send_rows.numel() else None
-        pending = comm.exchange_with(acc, comm.rank - rd.shift, recv, comm.rank + rd.shift)
-        if returning is not None:
-            scatter_home(*returning)
-        returning = (pending, rd.send_rows)
-    if returning is not None:
-        scatter_home(*returning)
+        home.post(rd, acc)
+    home.finish()
     return dkv
 
 

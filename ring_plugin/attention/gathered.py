@@ -24,7 +24,7 @@ import torch
 
 from ..layout import global_positions
 from ..patterns.block_sparse import BlockSparsePattern
-from .engine import PeerRound, RingSpec, _compact_like, _post_kv
+from .engine import GradsHome, PeerRound, RingSpec, _post_kv
 
 if TYPE_CHECKING:
     from torch.nn.attention.flex_attention import BlockMask
@@ -109,14 +109,7 @@ class GatherKV(torch.autograd.Function):
         else:
             dkv = own  # nothing comes home (e.g. the first rank under causal): no accumulator
 
-        def scatter_home(pending, rows: torch.Tensor) -> None:
-            got = pending.wait()
-            if got:
-                idx = rows.to(dk_all.device)
-                for acc, g in zip(dkv, got):
-                    acc.view(b, hk * n, d).index_add_(1, idx, g.squeeze(1))
-
-        returning = None
+        home = GradsHome(comm, dkv)
         off = n
         for rd in ctx.rounds:
             r = rd.recv_rows.numel() // hk
@@ -124,13 +117,8 @@ class GatherKV(torch.autograd.Function):
             if r:
                 send = [g[:, :, off : off + r].to(gd).reshape(b, 1, hk * r, d) for g in (dk_all, dv_all)]
                 off += r
-            recv = [_compact_like(dk_all, rd.send_rows, gd) for _ in range(2)] if rd.send_rows.numel() else None
-            pending = comm.exchange_with(send, comm.rank - rd.shift, recv, comm.rank + rd.shift)
-            if returning is not None:
-                scatter_home(*returning)
-            returning = (pending, rd.send_rows)
-        if returning is not None:
-            scatter_home(*returning)
+            home.post(rd, send)
+        home.finish()
         return dkv[0].to(ctx.dtype), dkv[1].to(ctx.dtype), None, None
 
 
