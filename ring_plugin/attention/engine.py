@@ -322,19 +322,25 @@ def _pick(block, views, flats):
 class GradsHome:
     """The return trip of a pattern's exchanges in backward: each round sends the compact dK/dV of the
     rows we read back to their owner (rank - shift) and receives, from rank + shift, what it computed
-    for the rows we sent it; those are added (``index_add_``) into ``dkv`` while the next round runs."""
+    for the rows we sent it; those are added (``index_add_``) into ``dkv`` while the next round runs.
+
+    ``dkv`` are ``(B, rows, ...)``: a contribution of M rows arrives as ``(B, M, ...)`` and lands on the
+    rows of dim 1 that :meth:`post` names (flat ``head * L + row`` rows for the engine's
+    ``(B, H * L, D)`` views; sequence rows for the gathered path's ``(B, L, H, D)``).
+    """
 
     def __init__(self, comm: RingComm, dkv: list[torch.Tensor]):
         self.comm, self.dkv = comm, dkv
         self._returning = None  # (exchange, rows): contributions to our rows, on their way home
 
-    def post(self, rd: PeerRound, grads: list[torch.Tensor] | None) -> None:
-        """Send this round's compact ``grads`` (None: nothing read) and post the receive of ours."""
-        comm = self.comm
-        recv = [_compact_like(t, rd.send_rows) for t in self.dkv] if rd.send_rows.numel() else None
-        pending = comm.exchange_with(grads, comm.rank - rd.shift, recv, comm.rank + rd.shift)
+    def post(self, shift: int, grads: list[torch.Tensor] | None, home: torch.Tensor) -> None:
+        """Send this round's compact ``grads`` (None: nothing read) to rank - shift and post the
+        receive of the contributions rank + shift computed for our rows ``home`` (of dim 1)."""
+        comm, m = self.comm, home.numel()
+        recv = [t.new_empty((t.shape[0], m, *t.shape[2:])) for t in self.dkv] if m else None
+        pending = comm.exchange_with(grads, comm.rank - shift, recv, comm.rank + shift)
         self._scatter()
-        self._returning = (pending, rd.send_rows)
+        self._returning = (pending, home)
 
     def finish(self) -> list[torch.Tensor]:
         self._scatter()
@@ -349,8 +355,7 @@ class GradsHome:
         if got:
             idx = rows.to(self.dkv[0].device)
             for acc, g in zip(self.dkv, got):
-                b, h, n, d = acc.shape
-                acc.view(b, h * n, d).index_add_(1, idx, g.squeeze(1).to(acc.dtype))
+                acc.index_add_(1, idx, g.to(acc.dtype))
 
 
 class RingAttentionFunction(torch.autograd.Function):
@@ -459,7 +464,8 @@ def _pattern_backward(spec: RingSpec, dout, q, k, v, out, lse, dq_acc) -> list[t
     for i, block in enumerate(spec.step_blocks(0, n_local)):
         qb, kvb = _pick(block, (q, [k, v]), (qf, [kf, vf]))
         _backward_block(spec, dout, qb, kvb, out, lse, block, groups, dq_acc, first=empty and i == 0)(dkv)
-    home = GradsHome(comm, dkv)
+    # Contributions land on flat (B, H * L, D) rows; with rounds dkv are contiguous (B, H, L, D).
+    home = GradsHome(comm, [t.view(t.shape[0], -1, t.shape[3]) for t in dkv] if rounds else [])
     for i, rd in enumerate(rounds):
         assert pending_kv is not None
         kv = pending_kv.wait()
@@ -471,7 +477,7 @@ def _pattern_backward(spec: RingSpec, dout, q, k, v, out, lse, dq_acc) -> list[t
             for block in rd.blocks:
                 _backward_block(spec, dout, qf, kv, out, lse, block, groups, dq_acc)(acc)
         del kv
-        home.post(rd, acc)
+        home.post(rd.shift, acc, rd.send_rows)
     home.finish()
     return dkv
 

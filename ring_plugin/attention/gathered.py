@@ -9,8 +9,8 @@ of other ranks that this rank's queries read are fetched first (the engine's dir
 go back to their owners (:class:`GatherKV`).
 
 The masked call is ``flex_attention`` with a ``BlockMask`` on CUDA (compiled once, lazily), and an
-exact dense masked softmax elsewhere (flex has no CPU backward). Tensors are ``(batch, heads,
-length, head_dim)``.
+exact dense masked softmax elsewhere (flex has no CPU backward). Tensors are ``(batch, length,
+heads, head_dim)`` like the module's; the kernels see ``(batch, heads, length, head_dim)`` views.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 
 from ..layout import global_positions
 from ..patterns.block_sparse import BlockSparsePattern
-from .engine import GradsHome, PeerRound, RingSpec, _post_kv
+from .engine import GradsHome, RingSpec
 
 if TYPE_CHECKING:
     from torch.nn.attention.flex_attention import BlockMask
@@ -57,69 +57,119 @@ def _aligned(pos: torch.Tensor, size: int) -> bool:
     return bool((runs - runs[:, :1] == torch.arange(size)).all() and (runs[:, 0] % size == 0).all())
 
 
-def _rows_per_head(rd: PeerRound, kv_heads: int, n_local: int) -> torch.Tensor:
-    """The local rows (R,) of rank - shift that we read: block-sparse reads the same rows in every
-    K/V head, so the flat received rows are (kv_heads, R) and land as a (B, kv_heads, R, D) tensor."""
-    rows = rd.recv_rows
-    per = rows.view(kv_heads, -1) if rows.numel() % kv_heads == 0 else None
+@dataclass(frozen=True)
+class RowRound:
+    """One round of the engine's direct exchanges (:class:`~.engine.PeerRound`) as sequence rows:
+    block-sparse reads the same rows in every K/V head, so a round moves whole ``(H_kv, D)`` rows."""
+
+    shift: int
+    send_rows: torch.Tensor  # (S,) our local rows that rank + shift reads
+    recv_rows: torch.Tensor  # (R,) local rows of rank - shift that we read
+
+
+def _same_in_every_head(flat: torch.Tensor, kv_heads: int, n_local: int, shift: int) -> torch.Tensor:
+    """Flat ``kv_head * L + row`` rows -> the (R,) rows, checking that every K/V head has the same."""
+    per = flat.view(kv_heads, -1) if flat.numel() % kv_heads == 0 else None
     if per is None or not bool((per - torch.arange(kv_heads)[:, None] * n_local == per[:1]).all()):
         raise ValueError(
-            f"the gathered path needs every K/V head to read the same rows (round shift={rd.shift}, "
-            f"{rows.numel()} rows over {kv_heads} heads); use backend='auto' on CPU or a kernel backend"
+            f"the gathered path needs every K/V head to read the same rows (round shift={shift}, "
+            f"{flat.numel()} rows over {kv_heads} heads); use backend='auto' on CPU or a kernel backend"
         )
     return per[0]
 
 
+def row_rounds(spec: RingSpec, n_local: int, kv_heads: int) -> list[RowRound]:
+    """This rank's exchanges as :class:`RowRound` s (cached on the pattern)."""
+
+    def build() -> list[RowRound]:
+        def rows(rd, flat):
+            return _same_in_every_head(flat, kv_heads, n_local, rd.shift)
+
+        return [RowRound(rd.shift, rows(rd, rd.send_rows), rows(rd, rd.recv_rows)) for rd in spec.peer_rounds(n_local)]
+
+    return _cached(spec, n_local, kv_heads, "rounds", build)
+
+
+def _home_rows(rounds: list[RowRound]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The rows other ranks read of ours (sorted) and, per round, where its sent rows sit among them."""
+    rows = torch.unique(torch.cat([rd.send_rows for rd in rounds])) if rounds else torch.empty(0, dtype=torch.long)
+    return rows, [torch.searchsorted(rows, rd.send_rows) for rd in rounds]
+
+
+def _landing(buf: torch.Tensor) -> torch.Tensor:
+    """Where a message for ``buf`` (a slice of ``[own ; fetched]``) is received: itself where
+    contiguous (batch 1), else a temporary that is copied in after the wait."""
+    return buf if buf.is_contiguous() else torch.empty_like(buf, memory_format=torch.contiguous_format)
+
+
 # --------------------------------------------------------------------------------------- fetching
 class GatherKV(torch.autograd.Function):
-    """``(k, v)`` of this rank -> ``[own ; fetched]`` K and V, ``(B, kv_heads, L + R, D)``.
+    """``(k, v)`` of this rank, ``(B, L, H_kv, D)`` -> ``[own ; fetched]`` K and V, ``(B, L + R, H_kv, D)``.
 
+    Sequence-major like the module's tensors: our rows are copied in once, fetched rows are received
+    in place, and the gradient of our rows is a slice of the kernel's dK/dV (no transposing copies).
     Forward runs every round's exchange (round i + 1 is posted before round i is waited on).
-    Backward sends each round's dK/dV rows back to rank - shift and receives, from rank + shift, the
-    contributions to the rows we sent; every rank runs every round in the same order, posting
-    nothing where it has nothing to send or receive (as the engine's pattern backward does).
+    Backward sends each round's dK/dV rows back to rank - shift and adds, in ``grad_dtype``, what
+    rank + shift computed for the rows we sent it; only those rows are accumulated and rounded again.
+    Every rank runs every round in the same order, posting nothing where it has nothing to move.
     """
 
     @staticmethod
-    def forward(ctx, k: torch.Tensor, v: torch.Tensor, spec: RingSpec, rounds: list[PeerRound]):  # type: ignore[override]
+    def forward(ctx, k: torch.Tensor, v: torch.Tensor, spec: RingSpec, rounds: list[RowRound]):  # type: ignore[override]
         comm = spec.comm
-        b, hk, n, d = k.shape
-        ks, vs = [k], [v]
-        pending = _post_kv(comm, rounds[0], k, v)
+        b, n, hk, d = k.shape
+        total = n + sum(rd.recv_rows.numel() for rd in rounds)
+        k_all, v_all = (t.new_empty((b, total, hk, d)) for t in (k, v))
+        slots, off = [], n
+        for rd in rounds:
+            r = rd.recv_rows.numel()
+            slots.append([t[:, off : off + r] for t in (k_all, v_all)] if r else None)
+            off += r
+
+        def post(i: int):
+            rd, slot = rounds[i], slots[i]
+            send = [t.index_select(1, rd.send_rows.to(t.device)) for t in (k, v)] if rd.send_rows.numel() else None
+            recv = [_landing(t) for t in slot] if slot else None
+            return comm.exchange_with(send, comm.rank + rd.shift, recv, comm.rank - rd.shift)
+
+        pending = post(0)
+        k_all[:, :n].copy_(k)  # while round 0 is in flight
+        v_all[:, :n].copy_(v)
         for i in range(len(rounds)):
-            following = _post_kv(comm, rounds[i + 1], k, v) if i + 1 < len(rounds) else None
+            following = post(i + 1) if i + 1 < len(rounds) else None
             got = pending.wait()
             pending = following  # type: ignore[assignment]
             comm.start_compute()
-            if got:  # (B, 1, kv_heads * R, D), head-major: a free view as (B, kv_heads, R, D)
-                ks.append(got[0].view(b, hk, -1, d))
-                vs.append(got[1].view(b, hk, -1, d))
-        ctx.spec, ctx.rounds, ctx.n_local, ctx.dtype = spec, rounds, n, k.dtype
-        return torch.cat(ks, 2), torch.cat(vs, 2)
+            for dst, src in zip(slots[i] or [], got or []):
+                if src.data_ptr() != dst.data_ptr():
+                    dst.copy_(src)
+        ctx.spec, ctx.rounds, ctx.n_local = spec, rounds, n
+        return k_all, v_all
 
     @staticmethod
     def backward(ctx, dk_all: torch.Tensor, dv_all: torch.Tensor):  # type: ignore[override]
         spec: RingSpec = ctx.spec
-        comm, n, gd = spec.comm, ctx.n_local, spec.grad_dtype
-        b, hk, _, d = dk_all.shape
-        own = [g[:, :, :n] for g in (dk_all, dv_all)]
-        if any(rd.send_rows.numel() for rd in ctx.rounds):
-            # Our own rows' gradients, summed with what comes home in grad_dtype (fp32 by default).
-            dkv = [g.to(gd, memory_format=torch.contiguous_format, copy=True) for g in own]
-        else:
-            dkv = own  # nothing comes home (e.g. the first rank under causal): no accumulator
-
-        home = GradsHome(comm, dkv)
+        rounds: list[RowRound] = ctx.rounds
+        n, gd = ctx.n_local, spec.grad_dtype
+        own = [g[:, :n] for g in (dk_all, dv_all)]
+        rows, where = _home_rows(rounds)
+        # The rows other ranks read: their contributions are summed with ours in grad_dtype (fp32 by
+        # default), then written back; every other row's gradient is the kernel's own.
+        acc = [g.index_select(1, rows.to(g.device)).to(gd) for g in own] if rows.numel() else []
+        home = GradsHome(spec.comm, acc)
         off = n
-        for rd in ctx.rounds:
-            r = rd.recv_rows.numel() // hk
-            send = None
-            if r:
-                send = [g[:, :, off : off + r].to(gd).reshape(b, 1, hk * r, d) for g in (dk_all, dv_all)]
-                off += r
-            home.post(rd, send)
+        for rd, at in zip(rounds, where):
+            r = rd.recv_rows.numel()
+            fetched = [g[:, off : off + r] for g in (dk_all, dv_all)]
+            send = [g.to(gd, memory_format=torch.contiguous_format) for g in fetched] if r else None
+            off += r
+            home.post(rd.shift, send, at)
         home.finish()
-        return dkv[0].to(ctx.dtype), dkv[1].to(ctx.dtype), None, None
+        if rows.numel():
+            # dK/dV come from the kernel's backward for [own ; fetched], whose only use is that kernel.
+            for g, a in zip(own, acc):
+                g.index_copy_(1, rows.to(g.device), a.to(g.dtype))
+        return own[0], own[1], None, None
 
 
 # --------------------------------------------------------------------------------------- geometry
@@ -151,9 +201,9 @@ def geometry(spec: RingSpec, n_local: int, kv_heads: int) -> Geometry:
         rank, world, bs = spec.comm.rank, spec.comm.world_size, pattern.block_size
         pos_q = global_positions(n_local, spec.layout, rank, world)
         parts = [pos_q]
-        for rd in spec.peer_rounds(n_local):
+        for rd in row_rounds(spec, n_local, kv_heads):
             owner = (rank - rd.shift) % world
-            parts.append(global_positions(n_local, spec.layout, owner, world)[_rows_per_head(rd, kv_heads, n_local)])
+            parts.append(global_positions(n_local, spec.layout, owner, world)[rd.recv_rows])
         pos_k = torch.cat(parts)
         # Own and fetched rows are whole pattern blocks (blocks never straddle chunks), so local row
         # r lies in local block r // bs and one block of keys is one block of the pattern.
@@ -249,16 +299,16 @@ def _flex() -> Callable[..., torch.Tensor]:
 def gathered_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: RingSpec, use_flex: bool | None = None
 ) -> torch.Tensor:
-    """Block-sparse attention of ``q`` (B, H, L, D; may be a strided view) over our ``k``/``v``
-    (B, H_kv, L, D) plus the rows fetched from other ranks; returns (B, H, L, D).
+    """Block-sparse attention of ``q`` (B, L, H, D) over our ``k``/``v`` (B, L, H_kv, D) plus the rows
+    fetched from other ranks; returns (B, L, H, D). The kernels see ``(B, H, L, D)`` views.
 
     ``use_flex`` (default: CUDA inputs) picks flex_attention, else the exact dense masked path.
     """
-    n_local, kv_heads = q.shape[2], k.shape[1]
+    n_local, kv_heads = q.shape[1], k.shape[2]
     geo = geometry(spec, n_local, kv_heads)  # validates that every K/V head reads the same rows
-    rounds = spec.peer_rounds(n_local)
-    k, v = k.contiguous(), v.contiguous()  # rows are packed through a flat (heads * L) view
+    rounds = row_rounds(spec, n_local, kv_heads)
     k_all, v_all = GatherKV.apply(k, v, spec, rounds) if rounds else (k, v)
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k_all, v_all))
     if use_flex is None:
         use_flex = q.is_cuda
     if use_flex:
@@ -267,7 +317,8 @@ def gathered_attention(
         key = (p.block_size, p.sparsity_ratio, p.pattern_type, *_key(spec, n_local, kv_heads, str(q.device)))
         if key not in _FLEX_MASKS:
             _FLEX_MASKS[key] = flex_block_mask(geo, q.device)
-        block_mask = _FLEX_MASKS[key]
-        return _flex()(q, k_all, v_all, block_mask=block_mask, scale=spec.scale, enable_gqa=kv_heads < q.shape[1])
-    allowed = _cached(spec, n_local, kv_heads, f"dense:{q.device}", lambda: geo.allowed().to(q.device))
-    return dense_masked_attention(q, k_all, v_all, allowed, spec.scale)
+        out = _flex()(qt, kt, vt, block_mask=_FLEX_MASKS[key], scale=spec.scale, enable_gqa=kv_heads < q.shape[2])
+    else:
+        allowed = _cached(spec, n_local, kv_heads, f"dense:{q.device}", lambda: geo.allowed().to(q.device))
+        out = dense_masked_attention(qt, kt, vt, allowed, spec.scale)
+    return out.transpose(1, 2)

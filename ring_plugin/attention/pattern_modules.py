@@ -58,8 +58,7 @@ class RingBlockSparseAttention(RingEngineAttention):
         if not self.uses_gathered_path(q):
             return super()._attend(q, k, v, causal, ring)
         spec = self.ring_spec(q, k, causal, ring, backend="auto")  # the engine kernel is unused here
-        qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # q stays a strided view
-        return gathered_attention(qt, kt, vt, spec).transpose(1, 2)
+        return gathered_attention(q, k, v, spec)
 
 
 class HilbertRingAttention(RingEngineAttention):
