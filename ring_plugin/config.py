@@ -37,7 +37,8 @@ class RingAttentionConfig:
     ``oracle_dtype``: compute dtype of the ``correct`` variant (``'float32'`` or ``'float64'``).
     ``grad_comm_dtype``: dtype of the dK/dV accumulators that travel round the ring in backward:
     ``'float32'`` (exact sum, the default) or ``'input'`` (the inputs' dtype: half the memory and
-    traffic for bf16, one extra rounding per ring hop).
+    traffic for bf16, one extra rounding per ring hop). The gathered block-sparse path sends its
+    kernel's own dK/dV rows as they are (inputs' dtype) and sums them at home in this dtype.
     ``block_size``/``sparsity_ratio``/``pattern_type``: block-sparse pattern (sparsity = share of block
     pairs skipped). ``grid``/``hilbert_level``: 2-D token grid of the Hilbert variant;
     ``token_order``: order of the tokens handed to it, ``'row_major'`` (it permutes) or ``'hilbert'``

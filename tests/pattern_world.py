@@ -162,10 +162,11 @@ def _gathered_bytes(rank: int, world: int) -> dict[str, list[int]]:
     n_local = 16
     n = n_local * world
     owner = torch.arange(n) // n_local
-    for causal in (False, True):
+    for name, causal, dtype in (("full", False, torch.float32), ("causal", True, torch.float32),
+                                ("causal_bf16", True, torch.bfloat16)):
         layer = create_ring_attention("block_sparse", backend="flex", block_size=4, sparsity_ratio=0.5,
                                       pattern_type="local", layout="contiguous", enable_monitoring=True)
-        x = [torch.randn(1, n_local, h, 4, generator=gen).requires_grad_() for h in (4, 2, 2)]
+        x = [torch.randn(1, n_local, h, 4, generator=gen).to(dtype).requires_grad_() for h in (4, 2, 2)]
         out = layer(*x, is_causal=causal)
         fwd = layer.stats.bytes_sent
         out.sum().backward()
@@ -176,7 +177,7 @@ def _gathered_bytes(rank: int, world: int) -> dict[str, list[int]]:
         # A row read by several ranks is sent to each of them.
         sent = sum(int(allowed[owner == a][:, mine].any(0).sum()) for a in range(world) if a != rank)
         read = int(allowed[mine][:, ~mine].any(0).sum())
-        res["causal" if causal else "full"] = [fwd, layer.stats.bytes_sent, sent, read]
+        res[name] = [fwd, layer.stats.bytes_sent, sent, read]
     return res
 
 

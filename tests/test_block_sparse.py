@@ -21,17 +21,18 @@ def test_block_sparse_matches_oracle(world: int) -> None:
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_gathered_path_sends_exactly_the_rows_read(world: int) -> None:
-    # Forward: K and V (fp32, 2 heads x 4 dims) of exactly the rows other ranks' queries may read;
-    # backward adds the fp32 dK/dV of the rows this rank read.
-    row_bytes = 2 * 2 * 4 * 4
-    totals = {"full": 0, "causal": 0}
+    # Forward: K and V (2 heads x 4 dims) of exactly the rows other ranks' queries may read;
+    # backward adds the dK/dV of the rows this rank read, in the kernel's dtype (bf16 stays bf16:
+    # the default fp32 grad_comm_dtype is where they are summed, not what they travel in).
+    totals = {"full": 0, "causal": 0, "causal_bf16": 0}
     for extra in world_results(world)[1]:
         for name, (fwd, both, sent, read) in extra["gathered_bytes"].items():
+            row_bytes = 2 * 2 * 4 * (2 if name.endswith("bf16") else 4)
             assert fwd == sent * row_bytes, (name, fwd, sent)
             assert both - fwd == read * row_bytes, (name, both, read)
             assert world > 2 or sent < 16  # less than the 16-row shard travels to the one peer
             totals[name] += sent
-    assert totals["full"] > 0 and totals["causal"] > 0
+    assert totals["full"] > 0 and totals["causal"] > 0 and totals["causal_bf16"] == totals["causal"]
 
 
 @pytest.mark.parametrize("world", [2, 4])

@@ -329,15 +329,21 @@ class GradsHome:
     ``(B, H * L, D)`` views; sequence rows for the gathered path's ``(B, L, H, D)``).
     """
 
-    def __init__(self, comm: RingComm, dkv: list[torch.Tensor]):
-        self.comm, self.dkv = comm, dkv
+    def __init__(self, comm: RingComm, dkv: list[torch.Tensor], wire_dtype: torch.dtype | None = None):
+        # wire_dtype: what contributions travel in (default: dkv's). A kernel's own bf16 gradients
+        # travel as bf16: widening them before the send adds bytes, not precision.
+        self.comm, self.dkv, self.wire_dtype = comm, dkv, wire_dtype
         self._returning = None  # (exchange, rows): contributions to our rows, on their way home
 
-    def post(self, shift: int, grads: list[torch.Tensor] | None, home: torch.Tensor) -> None:
+    def post(self, shift: int, grads: list[torch.Tensor] | None, home: torch.Tensor | slice) -> None:
         """Send this round's compact ``grads`` (None: nothing read) to rank - shift and post the
-        receive of the contributions rank + shift computed for our rows ``home`` (of dim 1)."""
-        comm, m = self.comm, home.numel()
-        recv = [t.new_empty((t.shape[0], m, *t.shape[2:])) for t in self.dkv] if m else None
+        receive of the contributions rank + shift computed for our rows ``home`` of dim 1 (an index,
+        or a ``slice(start, stop)`` where they are one run: then they are added in place, no scatter)."""
+        comm = self.comm
+        m = home.stop - home.start if isinstance(home, slice) else home.numel()
+        recv = None
+        if m:
+            recv = [t.new_empty((t.shape[0], m, *t.shape[2:]), dtype=self.wire_dtype or t.dtype) for t in self.dkv]
         pending = comm.exchange_with(grads, comm.rank - shift, recv, comm.rank + shift)
         self._scatter()
         self._returning = (pending, home)
@@ -352,10 +358,15 @@ class GradsHome:
         pending, rows = self._returning
         self._returning = None
         got = pending.wait()
-        if got:
-            idx = rows.to(self.dkv[0].device)
+        if not got:
+            return
+        if isinstance(rows, slice):
             for acc, g in zip(self.dkv, got):
-                acc.index_add_(1, idx, g.to(acc.dtype))
+                acc[:, rows].add_(g)
+            return
+        idx = rows.to(self.dkv[0].device)
+        for acc, g in zip(self.dkv, got):
+            acc.index_add_(1, idx, g.to(acc.dtype))
 
 
 class RingAttentionFunction(torch.autograd.Function):

@@ -90,10 +90,18 @@ def row_rounds(spec: RingSpec, n_local: int, kv_heads: int) -> list[RowRound]:
     return _cached(spec, n_local, kv_heads, "rounds", build)
 
 
-def _home_rows(rounds: list[RowRound]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """The rows other ranks read of ours (sorted) and, per round, where its sent rows sit among them."""
+def _as_run(idx: torch.Tensor) -> torch.Tensor | slice:
+    """``idx`` as ``slice(a, b)`` where it is exactly ``a, a + 1, ..., b - 1`` (a view, not a scatter)."""
+    if idx.numel() and bool((idx == torch.arange(int(idx[0]), int(idx[0]) + idx.numel())).all()):
+        return slice(int(idx[0]), int(idx[0]) + idx.numel())
+    return idx
+
+
+def _home_rows(rounds: list[RowRound]) -> tuple[torch.Tensor | slice, list[torch.Tensor | slice]]:
+    """The rows other ranks read of ours (sorted) and, per round, where its sent rows sit among them;
+    each as a slice where it is one run (a local window's rows usually are)."""
     rows = torch.unique(torch.cat([rd.send_rows for rd in rounds])) if rounds else torch.empty(0, dtype=torch.long)
-    return rows, [torch.searchsorted(rows, rd.send_rows) for rd in rounds]
+    return _as_run(rows), [_as_run(torch.searchsorted(rows, rd.send_rows)) for rd in rounds]
 
 
 def _landing(buf: torch.Tensor) -> torch.Tensor:
@@ -152,22 +160,29 @@ class GatherKV(torch.autograd.Function):
         rounds: list[RowRound] = ctx.rounds
         n, gd = ctx.n_local, spec.grad_dtype
         own = [g[:, :n] for g in (dk_all, dv_all)]
-        rows, where = _home_rows(rounds)
+        rows, where = _cached(spec, n, dk_all.shape[2], "home rows", lambda: _home_rows(rounds))
+        run = isinstance(rows, slice)
         # The rows other ranks read: their contributions are summed with ours in grad_dtype (fp32 by
-        # default), then written back; every other row's gradient is the kernel's own.
-        acc = [g.index_select(1, rows.to(g.device)).to(gd) for g in own] if rows.numel() else []
-        home = GradsHome(spec.comm, acc)
+        # default), then written back; every other row's gradient is the kernel's own. Contributions
+        # travel in the kernel's dtype (they are its outputs) and widen on arrival.
+        if run:
+            acc = [g[:, rows].to(gd) for g in own]
+        else:
+            acc = [g.index_select(1, rows.to(g.device)).to(gd) for g in own] if rows.numel() else []
+        home = GradsHome(spec.comm, acc, wire_dtype=dk_all.dtype)
         off = n
         for rd, at in zip(rounds, where):
             r = rd.recv_rows.numel()
             fetched = [g[:, off : off + r] for g in (dk_all, dv_all)]
-            send = [g.to(gd, memory_format=torch.contiguous_format) for g in fetched] if r else None
+            send = [g.contiguous() for g in fetched] if r else None
             off += r
             home.post(rd.shift, send, at)
         home.finish()
-        if rows.numel():
-            # dK/dV come from the kernel's backward for [own ; fetched], whose only use is that kernel.
-            for g, a in zip(own, acc):
+        # dK/dV come from the kernel's backward for [own ; fetched], whose only use is that kernel.
+        for g, a in zip(own, acc):
+            if run:
+                g[:, rows].copy_(a)
+            else:
                 g.index_copy_(1, rows.to(g.device), a.to(g.dtype))
         return own[0], own[1], None, None
 
@@ -291,7 +306,22 @@ def _flex() -> Callable[..., torch.Tensor]:
         from torch.nn.attention.flex_attention import flex_attention
 
         dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, _MAX_GEOMETRIES)
-        _FLEX = torch.compile(flex_attention, dynamic=False)
+        compiled = torch.compile(flex_attention, dynamic=False)
+        # Our output and its gradient are (B, L, H, D) rows seen as (B, H, L, D). AOTAutograd (before
+        # torch 2.13) traces the backward for contiguous (B, H, L, D) gradients and copies every
+        # incoming one into that layout; told to expect the output's own strides, it copies nothing.
+        # The option is read while the graph is traced, i.e. inside the call, and set only there.
+        import torch._functorch.config as functorch_config
+
+        same_strides = {"guess_tangent_strides_as_outputs": True}
+        if not hasattr(functorch_config, "guess_tangent_strides_as_outputs"):
+            same_strides = {}
+
+        def flex(*args: Any, **kwargs: Any) -> torch.Tensor:
+            with functorch_config.patch(**same_strides):
+                return compiled(*args, **kwargs)
+
+        _FLEX = flex
     return _FLEX
 
 
