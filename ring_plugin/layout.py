@@ -10,6 +10,8 @@ order equals global order) and the chunk length; everything else is derived from
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 
@@ -50,6 +52,35 @@ def global_positions(
         )
     c = n_local // len(chunks)
     return torch.cat([torch.arange(i * c, (i + 1) * c, device=device) for i in chunks])
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """Which global chunks every rank of a ring holds: ``chunks[r]`` ascending, all of equal length.
+
+    The engine and the planners read only this, so a layout is data, not a name: the named layouts
+    build it from the ring size alone.
+    """
+
+    name: str
+    chunks: tuple[tuple[int, ...], ...]
+
+    @classmethod
+    def named(cls, layout: str, world_size: int) -> ShardLayout:
+        return cls(layout, tuple(rank_chunks(layout, r, world_size) for r in range(world_size)))
+
+    @property
+    def world_size(self) -> int:
+        return len(self.chunks)
+
+    @property
+    def chunks_per_rank(self) -> int:
+        return len(self.chunks[0])
+
+    def positions(self, n_local: int, rank: int, device: torch.device | None = None) -> torch.Tensor:
+        """Global positions (int64) of the ``n_local`` rows ``rank`` holds, in local order."""
+        c = n_local // self.chunks_per_rank
+        return torch.cat([torch.arange(i * c, (i + 1) * c, device=device) for i in self.chunks[rank]])
 
 
 def shard_sequence(x: torch.Tensor, dim: int, layout: str, rank: int, world_size: int) -> torch.Tensor:

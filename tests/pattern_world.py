@@ -165,7 +165,7 @@ def _gathered_bytes(rank: int, world: int) -> dict[str, list[int]]:
     for name, causal, dtype in (("full", False, torch.float32), ("causal", True, torch.float32),
                                 ("causal_bf16", True, torch.bfloat16)):
         layer = create_ring_attention("block_sparse", backend="flex", block_size=4, sparsity_ratio=0.5,
-                                      pattern_type="local", layout="contiguous", enable_monitoring=True)
+                                      pattern_type="local", layout="contiguous", collect_stats=True)
         x = [torch.randn(1, n_local, h, 4, generator=gen).to(dtype).requires_grad_() for h in (4, 2, 2)]
         out = layer(*x, is_causal=causal)
         fwd = layer.stats.bytes_sent

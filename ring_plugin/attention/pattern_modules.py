@@ -16,7 +16,7 @@ from ..layout import global_positions
 from ..patterns.block_sparse import BlockSparsePattern
 from ..patterns.blocks import Pattern
 from ..patterns.hilbert import hilbert_permutation, inverse_permutation
-from .gathered import gathered_attention
+from .gathered import GatheredPlan, build_gathered_plan, gathered_attention
 from .modules import RingEngineAttention
 
 
@@ -54,11 +54,19 @@ class RingBlockSparseAttention(RingEngineAttention):
         half = q.dtype in (torch.float16, torch.bfloat16)
         return backend == "flex" or (backend == "auto" and q.is_cuda and half)
 
-    def _attend(self, q, k, v, causal, ring):
+    def _attend(self, q, k, v, causal, ring, documents=None):
         if not self.uses_gathered_path(q):
             return super()._attend(q, k, v, causal, ring)
-        spec = self.ring_spec(q, k, causal, ring, backend="auto")  # the engine kernel is unused here
-        return gathered_attention(q, k, v, spec)
+        call = self.ring_call(q, k, causal, ring, backend="auto")  # the flex/masked call is the kernel here
+        return gathered_attention(q, k, v, call, self.gathered_plan(call, q.shape[1]))
+
+    def gathered_plan(self, call, n_local: int) -> GatheredPlan:
+        """The gathered path's plan: the exchange plan's rounds as sequence rows, plus the geometry."""
+        c = self.config
+        pattern_key = ("block_sparse", c.block_size, c.sparsity_ratio, c.pattern_type)
+        return self._plans.get(self.plan_key(call, n_local, "gathered"),
+                               lambda: build_gathered_plan(self.pattern, pattern_key, call,
+                                                           self.exchange_plan(call, n_local)))
 
 
 class HilbertRingAttention(RingEngineAttention):
@@ -94,7 +102,7 @@ class HilbertRingAttention(RingEngineAttention):
             )
         return super()._pattern_error(n_global, heads, ring)
 
-    def _attend(self, q, k, v, causal, ring):
+    def _attend(self, q, k, v, causal, ring, documents=None):
         if self.config.token_order == "hilbert":
             return super()._attend(q, k, v, causal, ring)
         n_local, world = q.shape[1], ring.world_size

@@ -49,7 +49,7 @@ class RingStrategyMixin:
         size = check_ring_size(self.ring_size, self.world_size)
         self.ring_groups = build_ring_groups(size)
         clear_ring_context()
-        self.ring_context = set_ring_context(self.ring_groups.ring, self.layout)
+        self.ring_context = set_ring_context(self.ring_groups.ring, self.layout, mesh=self.ring_groups.mesh)
 
     def _require_groups(self) -> RingGroups:
         if self.ring_groups is None:

@@ -116,14 +116,10 @@ class RingGPT(nn.Module):
         return n - _numel(self.wte.weight) if non_embedding else n
 
     def keys_per_query(self, seq_len: int) -> float:
-        """Average number of keys one query attends to (before the causal halving)."""
-        kw = self.config.attention_kwargs
-        if kw.get("segment_lengths"):
-            # Dilated: per pair (w, r) a head keeps 1/r of the queries, each sees w/r keys.
-            return sum(min(w, seq_len) / r**2 for w, r in zip(kw["segment_lengths"], kw["dilation_rates"]))
-        if self.config.attention == "block_sparse":
-            return seq_len * (1.0 - kw.get("sparsity_ratio", 0.9))
-        return float(seq_len)
+        """Average number of keys one query attends to (before the causal halving): the attention
+        layer's pattern says (dense: every key)."""
+        pattern = self.blocks[0].attn.attn.pattern
+        return float(seq_len) if pattern is None else pattern.keys_per_query(seq_len)
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward + backward = 3x forward), for MFU.

@@ -40,23 +40,22 @@ def check_backend(backend: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- math
-def _math_forward(q, k, v, causal, scale):
+def math_forward(q, k, v, causal, scale, allowed=None):
+    """``allowed``: an optional bool mask broadcasting to the scores (B, H, Lq, Lk), e.g. documents."""
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     s = torch.matmul(q.to(compute), k.to(compute).transpose(-1, -2)) * scale
-    if causal:
-        s = s.masked_fill(_causal_mask(s), float("-inf"))
+    s = _masked(s, causal, allowed)
     lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - _finite(lse).unsqueeze(-1))
     out = torch.matmul(p, v.to(compute))
     return out, lse.float()  # unrounded: the merge is in fp32
 
 
-def _math_backward(dout, q, k, v, out, lse, causal, scale):
+def math_backward(dout, q, k, v, out, lse, causal, scale, allowed=None):
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     qc, kc, vc, doc = (t.to(compute) for t in (q, k, v, dout))
     s = torch.matmul(qc, kc.transpose(-1, -2)) * scale
-    if causal:
-        s = s.masked_fill(_causal_mask(s), float("-inf"))
+    s = _masked(s, causal, allowed)
     p = torch.exp(s - _finite(lse.to(compute)).unsqueeze(-1))
     dp = torch.matmul(doc, vc.transpose(-1, -2))
     delta = (doc * out.to(compute)).sum(-1, keepdim=True)
@@ -65,6 +64,14 @@ def _math_backward(dout, q, k, v, out, lse, causal, scale):
     dk = torch.matmul(ds.transpose(-1, -2), qc) * scale
     dv = torch.matmul(p.transpose(-1, -2), doc)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _masked(s: torch.Tensor, causal: bool, allowed: torch.Tensor | None) -> torch.Tensor:
+    if causal:
+        s = s.masked_fill(_causal_mask(s), float("-inf"))
+    if allowed is not None:
+        s = s.masked_fill(~allowed, float("-inf"))
+    return s
 
 
 def _causal_mask(s: torch.Tensor) -> torch.Tensor:
@@ -139,7 +146,7 @@ def _efficient_backward(dout, q, k, v, out, lse, causal, scale):
 
 
 KERNELS: dict[str, Kernel] = {
-    "math": Kernel("math", _math_forward, _math_backward),
+    "math": Kernel("math", math_forward, math_backward),
     "cpu_flash": Kernel("cpu_flash", _cpu_flash_forward, _cpu_flash_backward),
     "cudnn": Kernel("cudnn", _cudnn_forward, _cudnn_backward),
     "flash": Kernel("flash", _flash_forward, _flash_backward),
