@@ -1,0 +1,209 @@
+"""Packed documents on the ring, on GPUs: exactness over NCCL, then speed against one GPU's varlen call.
+
+Run: ``torchrun --nproc_per_node=2 benchmarks/bench_packed.py`` (``--smoke``: tiny CPU/gloo run).
+
+1. Equivalence: the ring with ``document_ids`` (contiguous and zigzag, causal and not, bf16 and fp32,
+   grouped-query heads) against the fp64 oracle of the document mask.
+2. Timing at 128K tokens, 32 heads x 128, bf16, fwd+bwd, documents of a seeded log-normal generator:
+   the ring in each layout; the same documents on ONE GPU as one varlen flash call over the whole
+   packed sequence (the practical limit); the dense causal ring. Rates are per GPU on the FLOPs the
+   document mask needs (causal pairs inside documents), so ``ring / one GPU`` is the efficiency.
+   The work imbalance of each layout is the planner's count (allowed pairs per rank, max / mean).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_ring import fwd_bwd_attention_flops, oracle_errors, peak_gb, reset_peak, time_fn  # noqa: E402
+
+from ring_plugin import create_ring_attention, shard_sequence  # noqa: E402
+from ring_plugin.attention.oracle import document_mask  # noqa: E402
+from ring_plugin.layout import ShardLayout  # noqa: E402
+
+
+def document_lengths(n: int, mean: float, seed: int) -> list[int]:
+    """Seeded log-normal document lengths (sigma 1.0, so a few exceed a shard) summing exactly to n."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths: list[int] = []
+    mu = float(torch.log(torch.tensor(mean))) - 0.5
+    while sum(lengths) < n:
+        lengths.append(max(1, int(torch.exp(mu + torch.randn(1, generator=gen)).item())))
+    lengths[-1] -= sum(lengths) - n
+    return [x for x in lengths if x > 0]
+
+
+def ids_of(lengths: list[int]) -> torch.Tensor:
+    return torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))[None]
+
+
+def causal_pairs(lengths: list[int]) -> float:
+    return float(sum(x * (x + 1) // 2 for x in lengths))
+
+
+def rank_work(ids: torch.Tensor, layout: str, world: int, causal: bool) -> list[float]:
+    """Allowed (query, key) pairs whose queries each rank holds (the planner's FLOP count)."""
+    n = ids.shape[1]
+    _, first = torch.unique_consecutive(ids[0], return_counts=True)
+    start = torch.repeat_interleave(torch.cumsum(first, 0) - first, first)
+    pos = torch.arange(n)
+    per_row = (pos - start + 1) if causal else torch.repeat_interleave(first, first)
+    shards = ShardLayout.named(layout, world)
+    return [float(per_row[shards.positions(n // world, r)].sum()) for r in range(world)]
+
+
+def one_gpu_varlen(lengths: list[int], heads: int, d: int, device: torch.device, warmup: int, repeat: int) -> dict:
+    """One varlen flash call (fwd + bwd) over the whole packed sequence on this GPU."""
+    n = sum(lengths)
+    q, k, v, dout = (torch.randn(n, heads, d, device=device, dtype=torch.bfloat16) for _ in range(4))
+    cu = torch.tensor([0, *lengths], device=device).cumsum(0).to(torch.int32)
+    mx = max(lengths)
+    aten = torch.ops.aten
+    rng = torch.zeros(2, dtype=torch.int64, device=device)
+
+    def run() -> None:
+        out, lse, *_ = aten._flash_attention_forward(q, k, v, cu, cu, mx, mx, 0.0, True, False)
+        aten._flash_attention_backward(dout, q, k, v, out, lse, cu, cu, mx, mx, 0.0, True, rng,
+                                       torch.empty(0, device=device))
+
+    reset_peak(device)
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(repeat):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        s.record()
+        run()
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    times.sort()
+    return {"seconds": times[len(times) // 2], "peak_gb": torch.cuda.max_memory_allocated(device) / 1e9}
+
+
+def ring_time(lengths, layout, heads, d, rank, world, device, warmup, repeat, with_docs=True) -> dict:
+    n = sum(lengths)
+    gen = torch.Generator().manual_seed(5)
+    full = [torch.randn(1, n, heads, d, generator=gen, dtype=torch.bfloat16) for _ in range(4)]
+    q, k, v, g = (shard_sequence(t, 1, layout, rank, world).to(device) for t in full)
+    for t in (q, k, v):
+        t.requires_grad_()
+    ids = shard_sequence(ids_of(lengths), 1, layout, rank, world).to(device)
+    attn = create_ring_attention("standard", layout=layout)
+    kwargs = {"document_ids": ids} if with_docs else {}
+
+    def run() -> None:
+        for t in (q, k, v):
+            t.grad = None
+        attn(q, k, v, is_causal=True, **kwargs).backward(g)
+
+    reset_peak(device)
+    seconds = time_fn(run, warmup, repeat, device)
+    return {"seconds": seconds, "peak_gb": peak_gb(device)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--length", type=int, default=131072)
+    ap.add_argument("--mean-doc", type=float, default=8192)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=5)
+    args = ap.parse_args()
+    backend = "gloo" if args.smoke else "nccl"
+    dist.init_process_group(backend)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cpu") if args.smoke else torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    heads, d = (4, 16) if args.smoke else (32, 128)
+
+    # 1. exactness over this world's backend
+    eq_n, eq_mean = (64, 12.0) if args.smoke else (8192, 1024.0)
+    eq_lengths = document_lengths(eq_n, eq_mean, 11)
+    ids = ids_of(eq_lengths)
+    equivalence = []
+    for dtype in (torch.bfloat16, torch.float32):
+        for layout in ("contiguous", "zigzag"):
+            for causal in (True, False):
+                attn = create_ring_attention("standard", layout=layout)
+                shape = (1, eq_n, 8 if not args.smoke else 4, 2, 128 if not args.smoke else 16)
+                errs = oracle_errors(rank, world, device, attn, shape, layout, causal, dtype,
+                                     allowed=document_mask(ids).to(device), document_ids=ids)
+                tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+                worst = max(errs[f"{x}_rel"] for x in ("out", "dq", "dk", "dv"))
+                equivalence.append(dict(layout=layout, causal=causal, dtype=str(dtype), **errs,
+                                        passed=bool(worst < tol)))
+
+    # 2. timing
+    runs = []
+    n = 256 if args.smoke else args.length
+    for seed in args.seeds:
+        lengths = document_lengths(n, args.mean_doc if not args.smoke else 40.0, seed)
+        flops = fwd_bwd_attention_flops(causal_pairs(lengths) * heads, d, causal=False)
+        row: dict = {"seed": seed, "documents": len(lengths), "longest": max(lengths), "mask_tflop": flops / 1e12}
+        if device.type == "cuda":
+            single = one_gpu_varlen(lengths, heads, d, device, args.warmup, args.repeat) if rank == 0 else {}
+            dist.barrier()
+            if rank == 0:
+                single["tflops"] = flops / single["seconds"] / 1e12
+                row["one_gpu_varlen"] = single
+        for layout in ("zigzag", "contiguous"):
+            r = ring_time(lengths, layout, heads, d, rank, world, device, args.warmup, args.repeat)
+            r["tflops_per_gpu"] = flops / world / r["seconds"] / 1e12
+            work = rank_work(ids_of(lengths), layout, world, True)
+            r["imbalance"] = max(work) / (sum(work) / len(work))
+            row[f"ring_{layout}"] = r
+        dense = ring_time(lengths, "zigzag", heads, d, rank, world, device, args.warmup, args.repeat, False)
+        dense_flops = fwd_bwd_attention_flops(float(n) * n * heads, d, True)
+        dense["tflops_per_gpu"] = dense_flops / world / dense["seconds"] / 1e12
+        row["dense_causal_ring"] = dense
+        if "one_gpu_varlen" in row:
+            for layout in ("zigzag", "contiguous"):
+                row[f"ring_{layout}"]["vs_one_gpu_rate"] = (row[f"ring_{layout}"]["tflops_per_gpu"]
+                                                            / row["one_gpu_varlen"]["tflops"])
+        runs.append(row)
+
+    if rank == 0:
+        result = {
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "gpus": world, "torch": torch.__version__, "date": datetime.date.today().isoformat(),
+            "heads": heads, "head_dim": d, "dtype": "bfloat16", "length": n,
+            "generator": {"kind": "log-normal, sigma 1.0", "mean": args.mean_doc, "seeds": args.seeds},
+            "flops": "fwd+bwd = 3.5 x 4 x d x (causal pairs inside documents) x heads",
+            "equivalence": equivalence, "runs": runs,
+        }
+        out_dir = Path(args.out)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tag = "smoke" if args.smoke else f"{world}x{torch.cuda.get_device_name(device).split()[-1]}"
+        path = out_dir / f"bench_packed_{tag}_{result['date']}.json"
+        path.write_text(json.dumps(result, indent=1))
+        print(f"equivalence: {sum(e['passed'] for e in equivalence)}/{len(equivalence)} passed; "
+              f"worst bf16 rel {max(e['out_rel'] for e in equivalence if 'bfloat16' in e['dtype']):.2e}")
+        for row in runs:
+            single = row.get("one_gpu_varlen", {})
+            print(f"seed {row['seed']}: {row['documents']} docs (longest {row['longest']}), "
+                  f"1 GPU varlen {single.get('tflops', float('nan')):.0f} TFLOP/s; "
+                  + "; ".join(f"{lay} {row[f'ring_{lay}']['tflops_per_gpu']:.0f} TFLOP/s/GPU "
+                              f"({row[f'ring_{lay}'].get('vs_one_gpu_rate', float('nan')):.2f}x, "
+                              f"imbalance {row[f'ring_{lay}']['imbalance']:.3f})" for lay in ("zigzag", "contiguous"))
+                  + f"; dense causal ring {row['dense_causal_ring']['tflops_per_gpu']:.0f}")
+        print(f"wrote {path}")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
