@@ -87,7 +87,11 @@ def _(block: Block, call: RingCall, dout, q, kv, out, lse, dq_acc, first: bool =
 def _(block: DocumentBlock, call: RingCall, q, kv, out_acc, lse_acc, first: bool = False) -> None:
     o, lse = document_forward(_rows(q, block.q), _rows(kv[0], block.kv), _rows(kv[1], block.kv),
                               block.q_docs, block.k_docs, block.causal, call.scale)
-    merge_into(out_acc[:, :, block.q], lse_acc[:, :, block.q], o, lse)  # accumulators start 0 / -inf
+    if first and block.q == slice(0, q.shape[2]):
+        out_acc.copy_(o)  # nothing to merge with yet
+        lse_acc.copy_(lse)
+        return
+    merge_into(out_acc[:, :, block.q], lse_acc[:, :, block.q], o, lse)
 
 
 @backward_block.register

@@ -9,11 +9,13 @@ attends within documents only (:mod:`ring_plugin.ops.document_kernels`).
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from ..cache import BoundedCache
 from ..layout import ShardLayout
 from .plan import Block
 
@@ -31,9 +33,11 @@ class DocumentBlock:
 
 @dataclass(frozen=True)
 class RingDocuments:
-    """Document ids of every rank's rows: ``by_rank[r]`` is rank r's (B, n_local), in local order (CPU)."""
+    """Document ids of every rank's rows, ``by_rank[r]`` rank r's (B, n_local) in local order (CPU),
+    and the layout they were sharded in (for ``balanced``, rebuilt from the ids themselves)."""
 
     by_rank: torch.Tensor  # (world, B, n_local) int64
+    layout: ShardLayout
 
     def blocks(self, dense: list[Block], q_rank: int, kv_rank: int) -> list[DocumentBlock]:
         """``dense`` restricted to documents; blocks where no sample shares a document are dropped."""
@@ -60,28 +64,72 @@ def document_ids_error(ids: object, q: torch.Tensor) -> str | None:
     return None
 
 
-def gather_documents(ids: torch.Tensor, group: dist.ProcessGroup | None, layout: ShardLayout) -> RingDocuments:
+def gather_documents(ids: torch.Tensor, group: dist.ProcessGroup | None, layout: str,
+                     world_size: int) -> RingDocuments:
     """Every rank's ids (one all-gather), checked to be one non-decreasing global sequence.
 
     Raises the same ``ValueError`` on every rank (each judges the same gathered ids).
     """
     ids = ids.contiguous()
-    if group is None or layout.world_size == 1:
+    if group is None or world_size == 1:
         by_rank = ids.cpu()[None]
     else:
-        parts = [torch.empty_like(ids) for _ in range(layout.world_size)]
+        parts = [torch.empty_like(ids) for _ in range(world_size)]
         dist.all_gather(parts, ids, group=group)
         by_rank = torch.stack(parts).cpu()
-    world, batch, n_local = by_rank.shape
-    per = layout.chunks_per_rank
-    chunk = n_local // per
-    global_ids = torch.empty(batch, world * n_local, dtype=torch.int64)
-    for r in range(world):
-        for i, c in enumerate(layout.chunks[r]):
-            global_ids[:, c * chunk : (c + 1) * chunk] = by_rank[r][:, i * chunk : (i + 1) * chunk]
-    if bool((global_ids[:, 1:] < global_ids[:, :-1]).any()):
+    if layout == "balanced":
+        shards = _BALANCED.get(_fingerprint(by_rank), lambda: _balanced_layout(by_rank))
+    else:
+        shards = ShardLayout.named(layout, world_size)
+    if bool((_global_ids(by_rank, shards).diff(dim=1) < 0).any()):
         raise ValueError(
             "document_ids of the ring's shards do not form one non-decreasing sequence in the "
-            f"{layout.name!r} layout: each rank must pass its own shard of the same global document_ids"
+            f"{layout!r} layout: each rank must pass its own shard of the same global document_ids"
         )
-    return RingDocuments(by_rank)
+    return RingDocuments(by_rank, shards)
+
+
+def _global_ids(by_rank: torch.Tensor, shards: ShardLayout) -> torch.Tensor:
+    world, batch, n_local = by_rank.shape
+    chunk = n_local // shards.chunks_per_rank
+    pieces = by_rank.view(world, batch, shards.chunks_per_rank, chunk)
+    out = torch.empty(batch, shards.num_chunks, chunk, dtype=by_rank.dtype)
+    for r, owned in enumerate(shards.chunks):
+        out[:, list(owned)] = pieces[r]
+    return out.view(batch, -1)
+
+
+_BALANCED: BoundedCache[ShardLayout] = BoundedCache(16)  # every layer of a step sees the same ids
+
+
+def _fingerprint(by_rank: torch.Tensor) -> tuple:
+    return (tuple(by_rank.shape), hashlib.blake2b(by_rank.numpy().tobytes(), digest_size=16).digest())
+
+
+def _balanced_layout(by_rank: torch.Tensor) -> ShardLayout:
+    """The balanced layout the shards were cut in, rebuilt from the shards alone.
+
+    For each chunk count the balancer could have chosen, cut every shard into its chunks and put the
+    chunks in global order: ids never decrease, so ordering chunks by their (first, last) ids per
+    sample is the global order, up to chunks that hold one document only, which are interchangeable
+    as ids. The balancer, a pure function of those global ids, then names each chunk's position; the
+    count whose layout reproduces every shard is the one used.
+    """
+    from ..balance import balanced_chunks, chunk_counts
+
+    world, batch, n_local = by_rank.shape
+    for c in chunk_counts(world * n_local, world):
+        if n_local % c:
+            continue
+        chunk = n_local // c
+        pieces = by_rank.view(world, batch, c, chunk).permute(0, 2, 1, 3).reshape(world * c, batch, chunk)
+        key = torch.stack([pieces[:, :, 0], pieces[:, :, -1]], dim=2).reshape(world * c, -1).tolist()
+        order = sorted(range(world * c), key=lambda i: key[i])
+        global_ids = pieces[order].permute(1, 0, 2).reshape(batch, -1)
+        shards = ShardLayout("balanced", balanced_chunks(global_ids, world))
+        if shards.chunks_per_rank == c and torch.equal(_global_ids(by_rank, shards), global_ids):
+            return shards
+    raise ValueError(
+        "document_ids of the ring's shards are not a layout='balanced' sharding of one global sequence: "
+        "shard every tensor with shard_sequence(x, 1, 'balanced', rank, world_size, document_ids=global_ids)"
+    )

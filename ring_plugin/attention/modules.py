@@ -18,7 +18,7 @@ from ..comm.context import RingContext, resolve_ring
 from ..comm.ring import RingComm, RingStats
 from ..comm.validate import agree_or_raise
 from ..config import RingAttentionConfig
-from ..layout import ShardLayout, gather_sequence, global_positions, sequence_divisor
+from ..layout import ShardLayout, sequence_divisor, unshard_sequence
 from ..ops.kernels import default_scale, select_kernel
 from ..patterns.blocks import Pattern
 from ..patterns.dilated import DilatedPattern
@@ -26,7 +26,7 @@ from .call import RingCall
 from .dense_ring import DenseRingAttention
 from .documents import RingDocuments, document_ids_error, gather_documents
 from .exchange import ExchangePlan, build_exchange_plan
-from .oracle import reference_attention
+from .oracle import document_mask, reference_attention
 from .peer_ring import PeerRingAttention
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -95,7 +95,7 @@ class RingAttentionBase(nn.Module):
         global, non-decreasing document numbers of packed sequences; a query then attends only to keys
         of its own document (and causally if ``is_causal``)."""
         ring = self.resolve_ring()
-        error = self._input_error(q, k, v, ring) or self._documents_error(document_ids, q)
+        error = self._input_error(q, k, v, ring) or self._documents_error(document_ids, q, ring)
         if self.config.check_inputs_across_ranks:
             # Every check above ran before this first collective, so a bad input on any rank
             # (even a non-tensor) becomes the same ValueError on every rank.
@@ -105,11 +105,13 @@ class RingAttentionBase(nn.Module):
             raise ValueError(error)
         documents = None
         if document_ids is not None:
-            documents = gather_documents(document_ids, ring.group, ShardLayout.named(ring.layout, ring.world_size))
+            documents = gather_documents(document_ids, ring.group, ring.layout, ring.world_size)
         return self._attend(q, k, v, bool(is_causal), ring, documents)
 
-    def _documents_error(self, document_ids: object, q: torch.Tensor) -> str | None:
+    def _documents_error(self, document_ids: object, q: torch.Tensor, ring: RingContext) -> str | None:
         if document_ids is None:
+            if ring.layout == "balanced":
+                return "layout='balanced' needs document_ids: it is the layout of packed documents"
             return None
         if self.pattern is not None:
             return (f"document_ids are supported by the dense variants (standard, sdpa, distributed, correct); "
@@ -249,7 +251,7 @@ class RingEngineAttention(RingAttentionBase):
         )
         return RingCall(
             comm=RingComm(ring.group, stats=self.stats if self.collects_stats else None, timeout=self.comm_timeout),
-            layout=ShardLayout.named(ring.layout, ring.world_size),
+            layout=documents.layout if documents is not None else ShardLayout.named(ring.layout, ring.world_size),
             kernel=kernel,
             scale=self.scale_for(q.shape[-1]),
             causal=causal,
@@ -297,16 +299,16 @@ class RingDilatedAttentionCorrect(RingAttentionBase):
     variant = "correct"
 
     def _attend(self, q, k, v, causal, ring, documents=None):
-        full = [all_gather_sequence(t, 1, ring.layout, ring.group) for t in (q, k, v)]
+        layout = documents.layout if documents is not None else ShardLayout.named(ring.layout, ring.world_size)
+        full = [all_gather_sequence(t, 1, layout, ring.group) for t in (q, k, v)]
         allowed = self.allowed_pairs(full[0].shape[1], full[0].shape[2], q.device)
-        if documents is not None:
-            ids = gather_sequence(documents.by_rank[ring.rank].to(q.device), 1, ring.layout, ring.group)
-            allowed = (ids[:, :, None] == ids[:, None, :]).unsqueeze(1)  # (B, 1, n, n); no pattern here
+        if documents is not None:  # no pattern here: the document mask alone
+            allowed = document_mask(unshard_sequence(list(documents.by_rank), 1, layout)).to(q.device)
         compute = torch.float64 if self.config.oracle_dtype == "float64" else torch.float32
         out = reference_attention(
             *full, causal=causal, scale=self.scale_for(q.shape[-1]), allowed=allowed, compute_dtype=compute
         )
-        rows = global_positions(q.shape[1], ring.layout, ring.rank, ring.world_size, device=q.device)
+        rows = layout.positions(q.shape[1], ring.rank, device=q.device)
         return out.index_select(1, rows)
 
     def allowed_pairs(self, n: int, heads: int, device: torch.device) -> torch.Tensor | None:
