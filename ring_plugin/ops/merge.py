@@ -19,3 +19,44 @@ def merge_into(out_acc: torch.Tensor, lse_acc: torch.Tensor, out: torch.Tensor, 
     # one fused multiply-add, reading ``out`` in its own dtype (no fp32 copy of it)
     out_acc.mul_(w_old).addcmul_(out, w_new)
     lse_acc.copy_(new)
+
+
+class StableRingAccumulator:
+    """Attention over several key blocks, merged one block at a time: the fp32 ``(out, lse)`` pair of
+    :func:`merge_into`, usable on its own.
+
+    ``output_shape`` is the output's ``(..., L, D)``; ``update(out, lse)`` takes one block's partial
+    attention ``out`` (any float dtype) and its logsumexp ``lse`` (``(..., L)``); ``get_output()`` is
+    attention over every block seen, in ``dtype``. The accumulators ``output`` and ``lse`` stay fp32
+    whatever ``dtype`` is: that is what keeps the merge exact in half precision. Rows no block covers
+    stay 0 (lse -inf), never NaN::
+
+        acc = StableRingAccumulator(q.shape, device=q.device, dtype=q.dtype)
+        for k_blk, v_blk in blocks:
+            acc.update(*kernel.forward(q, k_blk, v_blk, False, scale))
+        out = acc.get_output()
+    """
+
+    def __init__(self, output_shape: tuple[int, ...] | torch.Size, device: torch.device | str | None = None,
+                 dtype: torch.dtype = torch.float32):
+        shape = tuple(output_shape)
+        if len(shape) < 2 or any(not isinstance(s, int) or s < 0 for s in shape):
+            raise ValueError(f"output_shape={output_shape!r} must be (..., L, D) non-negative sizes")
+        if not dtype.is_floating_point:
+            raise ValueError(f"dtype={dtype} must be a floating point dtype (the dtype of get_output())")
+        self.dtype = dtype
+        self.output = torch.zeros(shape, dtype=torch.float32, device=device)
+        self.lse = torch.full(shape[:-1], float("-inf"), dtype=torch.float32, device=device)
+
+    def update(self, new_output: torch.Tensor, new_lse: torch.Tensor) -> None:
+        """Merge one block's ``(out, lse)`` into the running result."""
+        if tuple(new_output.shape) != tuple(self.output.shape) or tuple(new_lse.shape) != tuple(self.lse.shape):
+            raise ValueError(
+                f"update(new_output {tuple(new_output.shape)}, new_lse {tuple(new_lse.shape)}) must match the "
+                f"accumulator's output {tuple(self.output.shape)} and lse {tuple(self.lse.shape)}"
+            )
+        merge_into(self.output, self.lse, new_output, new_lse)
+
+    def get_output(self) -> torch.Tensor:
+        """Attention over every block merged so far, in ``dtype``."""
+        return self.output.to(self.dtype)
