@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from .attention.engine import RingAttentionFunction
+from .attention import engine
 from .attention.modules import DistributedRingAttention, RingAttentionBase
 from .attention.pattern_modules import HilbertBlockSparseAttention, HilbertRingAttention, RingBlockSparseAttention
 from .comm.ring import RingStats
@@ -55,6 +55,18 @@ class BlockSparseRingMultiheadDilatedAttention(_FixedAttentionMultihead):
 
     def _attention_for(self, kwargs: dict[str, Any]) -> str:
         return "hilbert_block_sparse" if kwargs.pop("use_hilbert", False) else "block_sparse"
+
+
+class RingAttentionFunction(engine.RingAttentionFunction):
+    """The ring engine's autograd function: ``RingAttentionFunction.apply(q, k, v, spec)``.
+
+    ``q``/``k``/``v`` are this rank's shards as ``(batch, heads, n_local, head_dim)`` (``k``/``v``
+    contiguous, possibly fewer heads); ``spec`` is the call's non-tensor description, built by a layer
+    for inputs shaped ``(batch, n_local, heads, head_dim)``:
+    ``layer.ring_spec(q_bnhd, k_bnhd, causal, layer.resolve_ring())``. Returns the output shard in
+    ``q``'s layout; backward returns dQ/dK/dV for the shards (the engine's exchange included). Inputs
+    are not validated here: a layer's ``forward`` does that on every rank before any message.
+    """
 
 
 # Layers.
