@@ -136,7 +136,7 @@ def all_cases() -> list[Case]:
     return cases
 
 
-def _oracle(layer, q, k, v, causal: bool):
+def oracle(layer, q, k, v, causal: bool):
     """Dense attention with the pattern's mask (dilated: its counts); a Hilbert layer taking
     row-major tokens: permute into Hilbert order, the same, permute back."""
     n, heads = q.shape[1], q.shape[2]
@@ -159,7 +159,7 @@ def run_case(rank: int, world: int, case: Case) -> list[float]:
     grad = torch.randn(b, n, h, d, generator=gen).to(dtype)
     layer = create_ring_attention(case["variant"], layout=layout, **case["kw"])
     ref_in = [t.double().requires_grad_() for t in (q, k, v)]
-    ref = _oracle(layer, *ref_in, causal)
+    ref = oracle(layer, *ref_in, causal)
     (ref * grad.double()).sum().backward()
     mine = [shard_sequence(t, 1, layout, rank, world).clone().requires_grad_() for t in (q, k, v)]
     out = layer(*mine, is_causal=causal)

@@ -195,18 +195,6 @@ def test_migration_names() -> None:
     assert EnterpriseDistributedDilatedAttention is DistributedRingAttention
 
 
-def test_multihead_alias_uses_block_sparse() -> None:
-    from ring_plugin import BlockSparseRingMultiheadDilatedAttention
-
-    mha = BlockSparseRingMultiheadDilatedAttention(16, 2, block_size=4, sparsity_ratio=0.5, pattern_type="local")
-    assert isinstance(mha.attention, RingBlockSparseAttention)
-    x = torch.randn(2, 16, 16)
-    out, _ = mha(x, x, x)
-    q, k, v = (t.view(2, 16, 2, 8) for t in mha._project(x, x, x))
-    att = reference_attention(q, k, v, allowed=mha.attention.pattern.counts(16, 2).bool())
-    assert (out - mha.out_proj(att.reshape(2, 16, 16))).abs().max() < 1e-5
-
-
 # The seed list of implementations: its 14 classes, and its supporting classes.
 SEED_IMPLEMENTATIONS = [
     "StandardRingAttention", "HilbertRingAttention", "DistributedRingAttention", "BlockSparseRingAttention",
