@@ -3,7 +3,8 @@
 A user migrating from the predecessor changes the import line only. Single-layer names are the
 variants themselves; multi-head names are :class:`~ring_plugin.layers.multihead.RingMultiheadAttention`
 with the attention variant fixed (tiny subclasses, so ``isinstance`` checks keep working); the
-utilities are the library's own classes under their old names. What each name maps to, and what
+utilities are the library's own classes under their old names (``RingAttentionFunction``: the engine's
+autograd function, subclassed only to document its call here). What each name maps to, and what
 replaces the predecessor's internal mixins and state classes: docs/variants.md, "Migration".
 """
 
