@@ -12,7 +12,7 @@ from .modules import (
     RingDilatedAttentionSDPA,
     StandardRingAttention,
 )
-from .pattern_modules import HilbertRingAttention, RingBlockSparseAttention
+from .pattern_modules import HilbertBlockSparseAttention, HilbertRingAttention, RingBlockSparseAttention
 
 _REGISTRY: dict[str, type[RingAttentionBase]] = {
     "standard": StandardRingAttention,
@@ -21,6 +21,7 @@ _REGISTRY: dict[str, type[RingAttentionBase]] = {
     "distributed": DistributedRingAttention,
     "block_sparse": RingBlockSparseAttention,
     "hilbert": HilbertRingAttention,
+    "hilbert_block_sparse": HilbertBlockSparseAttention,
 }
 
 

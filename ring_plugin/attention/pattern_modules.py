@@ -1,6 +1,6 @@
-"""Ring variants defined by a pattern: block-sparse and Hilbert-ordered attention.
+"""Ring variants defined by a pattern: block-sparse, Hilbert-ordered, and block-sparse in Hilbert order.
 
-Both are the ring engine plus a pattern from :mod:`ring_plugin.patterns`; the dense variants in
+Each is the ring engine plus a pattern from :mod:`ring_plugin.patterns`; the dense variants in
 :mod:`.modules` become LongNet dilated attention when given ``segment_lengths``/``dilation_rates``.
 """
 
@@ -116,3 +116,19 @@ class HilbertRingAttention(RingEngineAttention):
         out_h = super()._attend(*local, causal, ring)
         out = all_gather_sequence(out_h, 1, ring.layout, ring.group).index_select(1, inverse_permutation(perm))
         return out.index_select(1, mine)
+
+
+class HilbertBlockSparseAttention(HilbertRingAttention, RingBlockSparseAttention):
+    """Block-sparse attention along the Hilbert curve of a 2-D token grid.
+
+    The Hilbert variant's ordering composed with the block-sparse pattern: tokens are put in Hilbert
+    order (``grid=(H, W)`` or ``hilbert_level``; ``token_order`` as in :class:`HilbertRingAttention`),
+    cut into blocks of ``block_size`` consecutive curve positions, and the block mask
+    (``pattern_type``, ``sparsity_ratio``) is applied to those blocks, so a block is a compact 2-D
+    patch, a ``local`` window a 2-D neighbourhood, and blocks are computed in curve order. Exactly:
+    ``x[:, perm]`` with ``perm = hilbert_permutation(H, W)``, block-sparse attention, then
+    ``[:, inverse_permutation(perm)]``. Same FLOPs as :class:`RingBlockSparseAttention` at the same
+    sparsity; ``block_mask(n)`` is the mask over curve-order blocks.
+    """
+
+    variant = "hilbert_block_sparse"
