@@ -3,8 +3,8 @@
 A user migrating from the predecessor changes the import line only. Single-layer names are the
 variants themselves; multi-head names are :class:`~ring_plugin.layers.multihead.RingMultiheadAttention`
 with the attention variant fixed (tiny subclasses, so ``isinstance`` checks keep working); the
-utilities are the library's own classes under their old names (``RingAttentionFunction``: the engine's
-autograd function, subclassed only to document its call here). What each name maps to, and what
+utilities are the library's own classes under their old names (``RingAttentionFunction``: the dense
+ring's autograd function, subclassed only to document its call here). What each name maps to, and what
 replaces the predecessor's internal mixins and state classes: docs/variants.md, "Migration".
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from .attention import engine
+from .attention.dense_ring import DenseRingAttention
 from .attention.modules import DistributedRingAttention, RingAttentionBase
 from .attention.pattern_modules import HilbertBlockSparseAttention, HilbertRingAttention, RingBlockSparseAttention
 from .comm.ring import RingStats
@@ -58,14 +58,14 @@ class BlockSparseRingMultiheadDilatedAttention(_FixedAttentionMultihead):
         return "hilbert_block_sparse" if kwargs.pop("use_hilbert", False) else "block_sparse"
 
 
-class RingAttentionFunction(engine.RingAttentionFunction):
-    """The ring engine's autograd function: ``RingAttentionFunction.apply(q, k, v, spec)``.
+class RingAttentionFunction(DenseRingAttention):
+    """The ring engine's autograd function (the dense ring): ``RingAttentionFunction.apply(q, k, v, call)``.
 
     ``q``/``k``/``v`` are this rank's shards as ``(batch, heads, n_local, head_dim)`` (``k``/``v``
-    contiguous, possibly fewer heads); ``spec`` is the call's non-tensor description, built by a layer
+    contiguous, possibly fewer heads); ``call`` is the call's non-tensor description, built by a layer
     for inputs shaped ``(batch, n_local, heads, head_dim)``:
-    ``layer.ring_spec(q_bnhd, k_bnhd, causal, layer.resolve_ring())``. Returns the output shard in
-    ``q``'s layout; backward returns dQ/dK/dV for the shards (the engine's exchange included). Inputs
+    ``layer.ring_call(q_bnhd, k_bnhd, causal, layer.resolve_ring())``. Returns the output shard in
+    ``q``'s layout; backward returns dQ/dK/dV for the shards (the ring's exchange included). Inputs
     are not validated here: a layer's ``forward`` does that on every rank before any message.
     """
 

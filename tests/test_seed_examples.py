@@ -132,12 +132,12 @@ def utility_errors(rank: int, world: int) -> dict[str, float]:
         return max(errs)
 
     errors = {"BaseRingAttention": error(UserRing(layout="contiguous")(*mine))}
-    # The engine's autograd function on (batch, heads, n_local, head_dim) shards and a layer's spec.
+    # The engine's autograd function on (batch, heads, n_local, head_dim) shards and a layer's call.
     layer = StandardRingAttention(layout="contiguous")
-    spec = layer.ring_spec(mine[0], mine[1], False, layer.resolve_ring())
+    call = layer.ring_call(mine[0], mine[1], False, layer.resolve_ring())
     qt, kt, vt = (t.transpose(1, 2) for t in mine)
     errors["RingAttentionFunction"] = error(RingAttentionFunction.apply(qt, kt.contiguous(), vt.contiguous(),
-                                                                        spec).transpose(1, 2))
+                                                                        call).transpose(1, 2))
     # .stats: the dense forward sends K and V (fp64) to the next rank world - 1 times.
     attn = DistributedRingAttention(layout="contiguous")
     attn(*mine)

@@ -103,10 +103,10 @@ class RingAttentionBase(nn.Module):
             agree_or_raise(error, signature, ring.group, _device_of(q, ring), self.comm_timeout)
         elif error:
             raise ValueError(error)
-        documents = None
-        if document_ids is not None:
-            documents = gather_documents(document_ids, ring.group, ring.layout, ring.world_size)
-        return self._attend(q, k, v, bool(is_causal), ring, documents)
+        if document_ids is None:
+            return self._attend(q, k, v, bool(is_causal), ring)  # subclasses may not take documents
+        documents = gather_documents(document_ids, ring.group, ring.layout, ring.world_size)
+        return self._attend(q, k, v, bool(is_causal), ring, documents=documents)
 
     def _documents_error(self, document_ids: object, q: torch.Tensor, ring: RingContext) -> str | None:
         if document_ids is None:
