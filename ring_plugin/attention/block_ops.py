@@ -19,11 +19,12 @@ import torch
 
 from ..cache import BoundedCache
 from ..ops.document_kernels import document_backward, document_forward
+from ..ops.kernels import band_backward, band_forward
 from ..ops.merge import merge_into
 from ..patterns.blocks import IndexBlock, ViewBlock
 from .call import RingCall
 from .documents import DocumentBlock
-from .plan import Block
+from .plan import BandBlock, Block
 
 AddGrads = Callable[[list[torch.Tensor]], None]
 
@@ -78,6 +79,32 @@ def _(block: Block, call: RingCall, dout, q, kv, out, lse, dq_acc, first: bool =
     def add(acc: list[torch.Tensor]) -> None:
         for a, g in zip(acc, (dk, dv)):
             a[:, :, block.kv] += _reduce_heads(g, call.groups, a.dtype)
+
+    return add
+
+
+# ---------------------------------------------------------------------------------- sliding window
+@forward_block.register
+def _(block: BandBlock, call: RingCall, q, kv, out_acc, lse_acc, first: bool = False) -> None:
+    o, lse = band_forward(_rows(q, block.q), _rows(kv[0], block.kv), _rows(kv[1], block.kv), block.left,
+                          block.right, call.scale)
+    if first and block.q == slice(0, q.shape[2]):
+        out_acc.copy_(o)
+        lse_acc.copy_(lse)
+        return
+    merge_into(out_acc[:, :, block.q], lse_acc[:, :, block.q], o, lse)
+
+
+@backward_block.register
+def _(block: BandBlock, call: RingCall, dout, q, kv, out, lse, dq_acc, first: bool = False) -> AddGrads:
+    rows = block.q
+    dq, dk, dv = band_backward(_rows(dout, rows), _rows(q, rows), _rows(kv[0], block.kv), _rows(kv[1], block.kv),
+                               _rows(out, rows), _rows(lse, rows), block.left, block.right, call.scale)
+    dq_acc[:, :, rows] += dq
+
+    def add(acc: list[torch.Tensor]) -> None:
+        for a, g in zip(acc, (dk, dv)):
+            a[:, :, block.kv] += g
 
     return add
 

@@ -14,7 +14,7 @@ from ..comm.ring import RingComm
 from ..layout import ShardLayout
 from ..ops.kernels import Kernel
 from .documents import DocumentBlock, RingDocuments
-from .plan import Block, plan_dense_step
+from .plan import BandBlock, Block, plan_dense_step, plan_window_step
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,7 @@ class RingCall:
     # sums exact; the input's half precision halves their memory and traffic at one rounding a step.
     grad_dtype: torch.dtype = torch.float32
     documents: RingDocuments | None = None  # packed documents: attend within a document only
+    window: int | None = None  # causal sliding window: a key at most window - 1 positions back
 
     @property
     def groups(self) -> int:
@@ -44,10 +45,12 @@ class RingCall:
         rank = self.comm.rank if rank is None else rank
         return (rank - step) % self.comm.world_size
 
-    def dense_blocks(self, step: int, n_local: int) -> list[Block] | list[DocumentBlock]:
-        """The blocks of ring step ``step`` for this rank: dense (optionally causal), restricted to
-        documents when the call has them (blocks sharing no document are skipped)."""
+    def dense_blocks(self, step: int, n_local: int) -> list[Block] | list[DocumentBlock] | list[Block | BandBlock]:
+        """The blocks of ring step ``step`` for this rank: dense (optionally causal), restricted to a
+        sliding window or to documents when the call has them (blocks left empty are skipped)."""
         rank, owner = self.comm.rank, self.kv_owner(step)
         q_chunks = self.chunks(rank)
+        if self.window is not None:
+            return plan_window_step(q_chunks, self.chunks(owner), n_local // len(q_chunks), self.window)
         blocks = plan_dense_step(q_chunks, self.chunks(owner), n_local // len(q_chunks), self.causal)
         return blocks if self.documents is None else self.documents.blocks(blocks, rank, owner)

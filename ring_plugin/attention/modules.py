@@ -36,6 +36,7 @@ class RingAttentionBase(nn.Module):
     """Shared construction, validation and ring resolution. Subclasses implement :meth:`_attend`."""
 
     variant: ClassVar[str] = "base"
+    takes_window: ClassVar[bool] = False  # sliding_window= (dense variants)
     accepts_flex: ClassVar[bool] = False  # backend='flex' (block-sparse only)
 
     def __init__(
@@ -89,24 +90,42 @@ class RingAttentionBase(nn.Module):
     # -------------------------------------------------------------------------------- forward
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool = False,
-        document_ids: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None, sliding_window: int | None = None,
     ) -> torch.Tensor:
         """``document_ids``: this rank's shard ``(batch, n_local)`` (int64, same layout as ``q``) of the
         global, non-decreasing document numbers of packed sequences; a query then attends only to keys
-        of its own document (and causally if ``is_causal``)."""
+        of its own document (and causally if ``is_causal``). ``sliding_window=W`` (causal only): a query
+        at position p sees keys at positions ``p - W < position <= p`` (Mistral / Qwen2 local windows)."""
         ring = self.resolve_ring()
-        error = self._input_error(q, k, v, ring) or self._documents_error(document_ids, q, ring)
+        error = (self._input_error(q, k, v, ring) or self._documents_error(document_ids, q, ring)
+                 or self._window_error(sliding_window, is_causal, document_ids))
         if self.config.check_inputs_across_ranks:
             # Every check above ran before this first collective, so a bad input on any rank
             # (even a non-tensor) becomes the same ValueError on every rank.
-            signature = (*_signature(q, k), document_ids is not None) if error is None else ()
+            signature = (*_signature(q, k), document_ids is not None, sliding_window or 0) if error is None else ()
             agree_or_raise(error, signature, ring.group, _device_of(q, ring), self.comm_timeout)
         elif error:
             raise ValueError(error)
-        if document_ids is None:
-            return self._attend(q, k, v, bool(is_causal), ring)  # subclasses may not take documents
-        documents = gather_documents(document_ids, ring.group, ring.layout, ring.world_size)
-        return self._attend(q, k, v, bool(is_causal), ring, documents=documents)
+        masks: dict[str, Any] = {}  # subclasses that take neither mask keep the plain call shape
+        if document_ids is not None:
+            masks["documents"] = gather_documents(document_ids, ring.group, ring.layout, ring.world_size)
+        if sliding_window is not None:
+            masks["window"] = int(sliding_window)
+        return self._attend(q, k, v, bool(is_causal), ring, **masks)
+
+    def _window_error(self, window: object, is_causal: bool, document_ids: object) -> str | None:
+        if window is None:
+            return None
+        if isinstance(window, bool) or not isinstance(window, int) or window <= 0:
+            return f"sliding_window={window!r} must be a positive integer (keys at most W - 1 positions back)"
+        if not is_causal:
+            return f"sliding_window={window} is a causal window: call with is_causal=True"
+        if document_ids is not None:
+            return "sliding_window together with document_ids is not supported yet; pass one of them"
+        if self.pattern is not None or not self.takes_window:
+            return f"sliding_window is supported by the dense variants (standard, sdpa, distributed, correct), " \
+                   f"not by {self.variant!r}"
+        return None
 
     def _documents_error(self, document_ids: object, q: torch.Tensor, ring: RingContext) -> str | None:
         if document_ids is None:
@@ -208,17 +227,18 @@ class RingEngineAttention(RingAttentionBase):
 
     follow_sdpa_flags: ClassVar[bool] = False
     stats_by_default: ClassVar[bool] = False
+    takes_window = True
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._plans: BoundedCache[Any] = BoundedCache(32)  # exchange plans, keyed by what defines them
 
-    def _attend(self, q, k, v, causal, ring, documents=None):
+    def _attend(self, q, k, v, causal, ring, documents=None, window=None):
         # The dense ring sends K/V whole, so they are made contiguous; q stays a strided view (the
         # kernels take it as SDPA does), which saves a copy of the query shard. Patterns read strided
         # views of all three (and copy only where they gather rows).
         qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
-        call = self.ring_call(q, k, causal, ring, documents=documents)
+        call = self.ring_call(q, k, causal, ring, documents=documents, window=window)
         if self.pattern is None:
             out = DenseRingAttention.apply(qt, kt.contiguous(), vt.contiguous(), call)
         else:
@@ -242,7 +262,7 @@ class RingEngineAttention(RingAttentionBase):
 
     def ring_call(
         self, q: torch.Tensor, k: torch.Tensor, causal: bool, ring: RingContext, backend: str | None = None,
-        documents: RingDocuments | None = None,
+        documents: RingDocuments | None = None, window: int | None = None,
     ) -> RingCall:
         """The engine's call for ``(batch, n_local, heads, head_dim)`` inputs (``backend``: the kernel
         backend, default ``config.backend``)."""
@@ -259,6 +279,7 @@ class RingEngineAttention(RingAttentionBase):
             kv_heads=k.shape[2],
             grad_dtype=torch.float32 if self.config.grad_comm_dtype == "float32" else q.dtype,
             documents=documents,
+            window=window,
         )
 
 
@@ -298,12 +319,17 @@ class RingDilatedAttentionCorrect(RingAttentionBase):
 
     variant = "correct"
 
-    def _attend(self, q, k, v, causal, ring, documents=None):
+    takes_window = True
+
+    def _attend(self, q, k, v, causal, ring, documents=None, window=None):
         layout = documents.layout if documents is not None else ShardLayout.named(ring.layout, ring.world_size)
         full = [all_gather_sequence(t, 1, layout, ring.group) for t in (q, k, v)]
         allowed = self.allowed_pairs(full[0].shape[1], full[0].shape[2], q.device)
         if documents is not None:  # no pattern here: the document mask alone
             allowed = document_mask(unshard_sequence(list(documents.by_rank), 1, layout)).to(q.device)
+        if window is not None:
+            pos = torch.arange(full[0].shape[1], device=q.device)
+            allowed = pos[:, None] - pos[None, :] < window  # with causal: the last `window` keys
         compute = torch.float64 if self.config.oracle_dtype == "float64" else torch.float32
         out = reference_attention(
             *full, causal=causal, scale=self.scale_for(q.shape[-1]), allowed=allowed, compute_dtype=compute

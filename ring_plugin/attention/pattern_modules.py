@@ -35,6 +35,7 @@ class RingBlockSparseAttention(RingEngineAttention):
 
     variant = "block_sparse"
     accepts_flex = True
+    takes_window = False
 
     def build_pattern(self) -> Pattern | None:
         c = self.config
@@ -82,6 +83,7 @@ class HilbertRingAttention(RingEngineAttention):
     """
 
     variant = "hilbert"
+    takes_window = False
 
     def grid_for(self, n: int) -> tuple[int, int] | None:
         c = self.config

@@ -215,3 +215,54 @@ def select_kernel(backend: str, device: torch.device, dtype: torch.dtype, head_d
 
 def default_scale(head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim)
+
+
+# ------------------------------------------------------------------------------------ band (window)
+# A sliding window seen from one ring block: local query i sees local keys i - left .. i + right
+# (equal query and key lengths). Flash takes such a window natively; elsewhere the exact math kernel
+# with the band as a mask.
+def _band_mask(lq: int, lk: int, left: int, right: int, device: torch.device) -> torch.Tensor:
+    i = torch.arange(lq, device=device)[:, None]
+    j = torch.arange(lk, device=device)[None, :]
+    return (j >= i - left) & (j <= i + right)
+
+
+def _uses_flash_band(q: torch.Tensor) -> bool:
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+
+
+def _expand_kv(k: torch.Tensor, heads: int) -> torch.Tensor:
+    g = heads // k.shape[1]
+    return k if g == 1 else k.repeat_interleave(g, dim=1)
+
+
+def band_forward(q, k, v, left: int, right: int, scale: float):
+    """``(out, lse)`` of ``(B, H, L, D)`` tensors under the band; ``k``/``v`` may have fewer heads."""
+    if _uses_flash_band(q):
+        out, lse, *_ = aten._flash_attention_forward(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, None, q.shape[2], k.shape[2], 0.0,
+            False, False, scale=scale, window_size_left=left, window_size_right=right,
+        )
+        return out.transpose(1, 2), lse
+    heads = q.shape[1]
+    return math_forward(q, _expand_kv(k, heads), _expand_kv(v, heads), False, scale,
+                        _band_mask(q.shape[2], k.shape[2], left, right, q.device))
+
+
+def band_backward(dout, q, k, v, out, lse, left: int, right: int, scale: float):
+    """``(dq, dk, dv)`` under the band, fed the merged ``out``/``lse`` (dk/dv with k's head count)."""
+    if _uses_flash_band(q):
+        rng = torch.zeros(2, dtype=torch.int64, device=q.device)  # no dropout: the RNG state is unused
+        dq, dk, dv = aten._flash_attention_backward(
+            dout.transpose(1, 2), q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), out.transpose(1, 2),
+            lse.contiguous(), None, None, q.shape[2], k.shape[2], 0.0, False, rng, torch.empty(0, device=q.device),
+            scale=scale, window_size_left=left, window_size_right=right,
+        )
+        return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+    heads, kv_heads = q.shape[1], k.shape[1]
+    dq, dk, dv = math_backward(dout, q, _expand_kv(k, heads), _expand_kv(v, heads), out, lse, False, scale,
+                               _band_mask(q.shape[2], k.shape[2], left, right, q.device))
+    if kv_heads != heads:
+        b, _, n, d = dk.shape
+        dk, dv = (g.view(b, kv_heads, heads // kv_heads, n, d).sum(2) for g in (dk, dv))
+    return dq, dk, dv
