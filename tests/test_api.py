@@ -213,3 +213,15 @@ def test_bad_inputs_raise_clear_errors(q_shape, k_shape, dtypes, word):
     k = torch.randn(*k_shape, dtype=dtypes[1])
     with pytest.raises(ValueError, match=word):
         create_ring_attention("standard")(q, k, k)
+
+
+def test_predecessor_keywords_are_translated_or_warned():
+    from ring_plugin import RingBlockSparseAttention, StandardRingAttention
+
+    assert StandardRingAttention(enable_monitoring=True).config.collect_stats is True
+    assert StandardRingAttention(enable_monitoring=True).collects_stats
+    assert not StandardRingAttention().collects_stats
+    with pytest.warns(UserWarning, match="use_deepspeed=True has no effect: DeepSpeed is chosen by the strategy"):
+        StandardRingAttention(use_deepspeed=True)
+    with pytest.warns(UserWarning, match=r"segment_lengths=\[64\] / dilation_rates=\[1\] do not change"):
+        RingBlockSparseAttention(segment_lengths=[64], dilation_rates=[1])

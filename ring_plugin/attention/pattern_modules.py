@@ -7,6 +7,7 @@ Each is the ring engine plus a pattern from :mod:`ring_plugin.patterns`; the den
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -25,8 +26,9 @@ class RingBlockSparseAttention(RingEngineAttention):
 
     Only allowed (query block, key block) pairs are computed; ring steps with no allowed pair are
     skipped and the ring stops after the last step any rank needs. ``segment_lengths`` and
-    ``dilation_rates`` are accepted for the predecessor's call shape; the block mask alone defines
-    the pattern. ``block_mask(n)`` shows which block pairs are computed.
+    ``dilation_rates`` are accepted for the predecessor's call shape with a warning that they change
+    nothing: the block mask alone defines the pattern. ``block_mask(n)`` shows which block pairs are
+    computed.
 
     ``backend='flex'`` (and ``'auto'`` for CUDA half-precision inputs) runs the gathered path
     instead: the K/V rows of other ranks that this rank reads are fetched, then one masked attention
@@ -39,6 +41,12 @@ class RingBlockSparseAttention(RingEngineAttention):
 
     def build_pattern(self) -> Pattern | None:
         c = self.config
+        if c.segment_lengths is not None:
+            warnings.warn(
+                f"segment_lengths={c.segment_lengths} / dilation_rates={c.dilation_rates} do not change "
+                f"{type(self).__name__}: the block mask (block_size, sparsity_ratio, pattern_type) alone "
+                "defines block-sparse attention; for LongNet dilated attention use StandardRingAttention",
+                UserWarning, stacklevel=3)
         return BlockSparsePattern(c.block_size, c.sparsity_ratio, c.pattern_type)
 
     def block_mask(self, n: int) -> torch.Tensor:
