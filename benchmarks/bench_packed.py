@@ -113,6 +113,11 @@ def ring_time(lengths, layout, heads, d, rank, world, device, warmup, repeat, wi
     return {"seconds": seconds, "peak_gb": peak_gb(device)}
 
 
+def say(rank: int, text: str) -> None:
+    if rank == 0:
+        print(text, flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="benchmarks/results")
@@ -124,7 +129,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args()
     backend = "gloo" if args.smoke else "nccl"
-    dist.init_process_group(backend)
+    # A hang (a bug) fails with a traceback after two minutes instead of eating the run's time limit.
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=120))
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cpu") if args.smoke else torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     if device.type == "cuda":
@@ -147,6 +153,7 @@ def main() -> None:
                 worst = max(errs[f"{x}_rel"] for x in ("out", "dq", "dk", "dv"))
                 equivalence.append(dict(layout=layout, causal=causal, dtype=str(dtype), **errs,
                                         passed=bool(worst < tol)))
+                say(rank, f"equivalence {layout} causal={causal} {dtype}: worst rel {worst:.2e}")
 
     # 2. timing
     runs = []
@@ -155,6 +162,7 @@ def main() -> None:
         lengths = document_lengths(n, args.mean_doc if not args.smoke else 40.0, seed)
         flops = fwd_bwd_attention_flops(causal_pairs(lengths) * heads, d, causal=False)
         row: dict = {"seed": seed, "documents": len(lengths), "longest": max(lengths), "mask_tflop": flops / 1e12}
+        say(rank, f"seed {seed}: {len(lengths)} documents, longest {max(lengths)}")
         if device.type == "cuda":
             single = one_gpu_varlen(lengths, heads, d, device, args.warmup, args.repeat) if rank == 0 else {}
             dist.barrier()
@@ -163,6 +171,7 @@ def main() -> None:
                 row["one_gpu_varlen"] = single
         for layout in ("zigzag", "contiguous"):
             r = ring_time(lengths, layout, heads, d, rank, world, device, args.warmup, args.repeat)
+            say(rank, f"  ring {layout}: {r['seconds'] * 1e3:.1f} ms")
             r["tflops_per_gpu"] = flops / world / r["seconds"] / 1e12
             work = rank_work(ids_of(lengths), layout, world, True)
             r["imbalance"] = max(work) / (sum(work) / len(work))
