@@ -54,14 +54,17 @@ def _check_world_size(world_size: int) -> None:
         raise ValueError(f"world_size={world_size!r} must be a positive integer")
 
 
-def _chunk_work(document_ids: torch.Tensor, num_chunks: int, causal: bool) -> np.ndarray:
-    """Work of each of ``num_chunks`` equal chunks, summed over the batch (int64)."""
-    ids = _batched(document_ids)
-    n = ids.shape[1]
+def _token_work(document_ids: torch.Tensor, causal: bool) -> np.ndarray:
+    """Work of every position, summed over the batch (int64)."""
+    return mask_work(_batched(document_ids), causal).sum(0).cpu().numpy().astype(np.int64)
+
+
+def _chunk_work(token_work: np.ndarray, num_chunks: int) -> np.ndarray:
+    """Work of each of ``num_chunks`` equal chunks."""
+    n = len(token_work)
     if n % num_chunks:
         raise ValueError(f"document_ids has n={n} positions, not a multiple of {num_chunks} chunks")
-    work = mask_work(ids, causal).sum(0)
-    return work.view(num_chunks, n // num_chunks).sum(1).cpu().numpy().astype(np.int64)
+    return token_work.reshape(num_chunks, n // num_chunks).sum(1)
 
 
 def _assign(work: np.ndarray, world_size: int) -> list[list[int]]:
@@ -125,9 +128,10 @@ def balanced_chunks(
     while n % (world_size * c) == 0 and n // (world_size * c) >= min_chunk:
         candidates.append(c)
         c *= 2
+    token_work = _token_work(ids, causal)
     best: tuple[float, list[list[int]]] | None = None
     for c in candidates:
-        work = _chunk_work(ids, world_size * c, causal)
+        work = _chunk_work(token_work, world_size * c)
         ranks = _assign(work, world_size)
         score = _imbalance_of(np.array([work[r].sum() for r in ranks]))
         if best is None or score < best[0]:
@@ -149,7 +153,7 @@ def rank_work(document_ids: torch.Tensor, chunks: Chunks, causal: bool = True) -
     flat = sorted(i for r in chunks for i in r)
     if flat != list(range(len(flat))):
         raise ValueError(f"chunks={chunks} must hold every chunk index 0..{len(flat) - 1} exactly once")
-    work = _chunk_work(document_ids, len(flat), causal)
+    work = _chunk_work(_token_work(document_ids, causal), len(flat))
     return torch.tensor([int(work[list(r)].sum()) for r in chunks], dtype=torch.int64)
 
 
