@@ -52,6 +52,7 @@ from .layout import rank_chunks
 
 TARGET_IMBALANCE = 1.05
 MIN_CHUNK = 64
+_RANKS_AT_ONCE = 64  # ring_step_work: (runs, ranks) tables for this many ranks at a time
 
 Chunks = tuple[tuple[int, ...], ...]
 
@@ -297,19 +298,35 @@ def ring_step_work(document_ids: torch.Tensor, owners: torch.Tensor, world_size:
     when the ranks exchange in lock-step.
     """
     ids = _batched(document_ids)
+    mask_work(ids, causal)  # validates the ids
     owners = owners.expand_as(ids)
-    n = ids.shape[1]
     out = torch.zeros(world_size, world_size, dtype=torch.int64)
-    index = torch.arange(n)
     for row, own in zip(ids, owners):
-        causal_len = mask_work(row, True)
-        first = index - causal_len + 1  # first position of each token's document
-        last = first + mask_work(row, False) - 1
-        end = index if causal else last
-        for b in range(world_size):
-            # Keys on rank b in [first, end] of each query: a difference of running counts.
-            count = torch.cat([torch.zeros(1, dtype=torch.int64), (own == b).long().cumsum(0)])
-            out[:, b] += torch.zeros(world_size, dtype=torch.int64).index_add_(0, own, count[end + 1] - count[first])
+        # Runs of one document on one rank: all work is between runs of one document.
+        new_run = torch.ones_like(row, dtype=torch.bool)
+        new_run[1:] = (row[1:] != row[:-1]) | (own[1:] != own[:-1])
+        starts = new_run.nonzero().flatten()
+        length = torch.diff(starts, append=torch.tensor([len(row)]))
+        doc, rank = row[starts], own[starts]
+        doc_start = torch.ones_like(doc, dtype=torch.bool)
+        doc_start[1:] = doc[1:] != doc[:-1]
+        first_run = torch.where(doc_start, torch.arange(len(doc)), 0).cummax(0).values
+        for lo in range(0, world_size, _RANKS_AT_ONCE):
+            ranks = torch.arange(lo, min(lo + _RANKS_AT_ONCE, world_size))
+            on_rank = (rank[:, None] == ranks[None, :]).long() * length[:, None]  # (runs, ranks)
+            before = on_rank.cumsum(0) - on_rank  # tokens on each rank in earlier runs...
+            before -= before[first_run]  # ...of the same document
+            if causal:
+                keys = before
+            else:
+                last_run = torch.cat([doc_start[1:], torch.tensor([True])]).nonzero().flatten()
+                doc_total = (before + on_rank)[last_run]  # tokens of each document on each rank
+                keys = doc_total[torch.cumsum(doc_start.long(), 0) - 1] - on_rank  # own run counted below
+            out[:, lo : lo + len(ranks)] += torch.zeros(world_size, len(ranks), dtype=torch.int64).index_add_(
+                0, rank, keys * length[:, None])
+        within = length * (length + 1) // 2 if causal else length * length  # a run with itself
+        out += torch.zeros(world_size, world_size, dtype=torch.int64).index_put_(
+            (rank, rank), within, accumulate=True)
     return out
 
 

@@ -2,22 +2,35 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from ring_plugin.balance import (
     balanced_chunks,
+    balanced_positions,
+    chunk_owners,
     document_ids_from_lengths,
     head_tail_rank_work,
     imbalance,
     layout_chunks,
     layout_imbalance,
+    layout_owners,
     packed_document_lengths,
+    positions_owners,
     rank_work,
+    ring_step_imbalance,
+    ring_step_work,
 )
 from ring_plugin.documents import document_ids_error, document_ids_from_position_ids, mask_work
 
 N_128K = 128 * 1024
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _brute_mask_work(ids: torch.Tensor, causal: bool) -> torch.Tensor:
@@ -135,3 +148,89 @@ def test_balanced_edge_cases() -> None:
         balanced_chunks(one_doc, 0)
     with pytest.raises(ValueError, match="document_ids"):
         balanced_chunks(torch.zeros(2, 2, 4, dtype=torch.long), 2)
+
+
+def _brute_step_work(ids: torch.Tensor, owners: torch.Tensor, world_size: int, causal: bool) -> torch.Tensor:
+    """Oracle: M[a, b] counted from the dense document mask."""
+    allowed = ids[:, None] == ids[None, :]
+    if causal:
+        allowed &= torch.ones_like(allowed).tril()
+    onehot = torch.nn.functional.one_hot(owners, world_size).long()
+    return onehot.T @ allowed.long() @ onehot
+
+
+def test_ring_step_work_by_hand_and_oracle() -> None:
+    ids = torch.tensor([0, 0, 0, 0, 1, 1, 2, 2])
+    contiguous = chunk_owners(layout_chunks("contiguous", 2), 8)
+    assert ring_step_work(ids, contiguous, 2).tolist() == [[10, 0], [0, 6]]
+    zigzag = chunk_owners(layout_chunks("zigzag", 2), 8)
+    assert zigzag.tolist() == [0, 0, 1, 1, 1, 1, 0, 0]
+    steps = ring_step_work(ids, zigzag, 2)
+    assert steps.tolist() == [[6, 0], [4, 6]]
+    assert ring_step_imbalance(steps) == (6 + 4) / 8  # step 0: max(6, 6); step 1: max(M[0, 1], M[1, 0])
+    gen = torch.Generator().manual_seed(0)
+    for world_size in (2, 3, 4):
+        batch = torch.stack([document_ids_from_lengths(packed_document_lengths(96, s, mean=12)) for s in range(2)])
+        owners = torch.randint(0, world_size, batch.shape, generator=gen)
+        for causal in (True, False):
+            want = sum(_brute_step_work(i, o, world_size, causal) for i, o in zip(batch, owners))
+            assert torch.equal(ring_step_work(batch, owners, world_size, causal), want)
+
+
+def _assert_positions(positions: torch.Tensor, n: int, world_size: int) -> None:
+    assert positions.shape == (world_size, n // world_size) and positions.dtype == torch.int64
+    assert torch.equal(positions.flatten().sort().values, torch.arange(n))
+    assert bool((positions[:, 1:] > positions[:, :-1]).all())  # ascending: local order is global order
+
+
+@pytest.mark.parametrize("world_size", [2, 4, 8, 16])
+def test_balanced_positions_even_every_ring_step(world_size: int) -> None:
+    ids = document_ids_from_lengths(packed_document_lengths(N_128K, seed=world_size))
+    for causal in (True, False):
+        positions = balanced_positions(ids, world_size, causal)
+        _assert_positions(positions, N_128K, world_size)
+        owners = positions_owners(positions)
+        assert torch.equal(owners, layout_owners(ids.clone(), "balanced_positions", world_size, causal)[0])  # pure
+        step = ring_step_imbalance(ring_step_work(ids, owners, world_size, causal))
+        assert step <= 1.05
+        assert step < layout_imbalance(ids, "zigzag", world_size, causal, per="step")
+
+
+def test_balanced_positions_edge_cases() -> None:
+    # One document: split head-tail into 8 pieces of 128, which is exactly zigzag.
+    one_doc = balanced_positions(torch.zeros(1024, dtype=torch.long), 4)
+    zigzag = torch.arange(1024).view(8, 128)
+    assert torch.equal(one_doc, torch.stack([torch.cat([zigzag[r], zigzag[7 - r]]) for r in range(4)]))
+    # 1024 one-token documents: equal weights go round-robin.
+    assert torch.equal(balanced_positions(torch.arange(1024), 4), torch.arange(1024).view(256, 4).T)
+    # A document longer than a shard beside small ones; a batch gets one permutation per sample.
+    batch = torch.stack([document_ids_from_lengths([100, 3000, 100, 896]), document_ids_from_lengths([4000, 96])])
+    positions = balanced_positions(batch, 4)
+    assert positions.shape == (2, 4, 1024)
+    for row, pos in zip(batch, positions):
+        _assert_positions(pos, 4096, 4)
+        assert torch.equal(pos, balanced_positions(row, 4))
+        assert ring_step_imbalance(ring_step_work(row, positions_owners(pos), 4)) <= 1.05
+    with pytest.raises(ValueError, match="world_size=3"):
+        balanced_positions(torch.zeros(1024, dtype=torch.long), 3)
+    with pytest.raises(ValueError, match="non-decreasing"):
+        balanced_positions(torch.tensor([0, 1, 0, 1]), 2)
+
+
+@pytest.mark.timeout(120)
+def test_packed_balance_benchmark_smoke(tmp_path: Path) -> None:
+    out, plot = tmp_path / "balance.json", tmp_path / "balance.png"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "packed_balance.py"), "--n-tokens", "16384", "--seeds", "2",
+           "--rings", "2", "4", "--mean", "1024", "--out", str(out), "--plot", str(plot)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=100,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["generator"]["mean"] == 1024 and plot.stat().st_size > 0
+    for seed, longest in enumerate(report["documents"]["longest"]):
+        assert longest == max(packed_document_lengths(16384, seed, mean=1024))
+    for mask, causal in (("causal", True), ("bidirectional", False)):
+        row = report["results"][mask]["4"]
+        ids = document_ids_from_lengths(packed_document_lengths(16384, 1, mean=1024))
+        assert row["zigzag"]["imbalance_per_seed"][1] == layout_imbalance(ids, "zigzag", 4, causal)
+        assert row["balanced"]["imbalance_max"] <= 1.05
