@@ -229,8 +229,9 @@ def test_packed_balance_benchmark_smoke(tmp_path: Path) -> None:
     assert report["generator"]["mean"] == 1024 and plot.stat().st_size > 0
     for seed, longest in enumerate(report["documents"]["longest"]):
         assert longest == max(packed_document_lengths(16384, seed, mean=1024))
+    ids = document_ids_from_lengths(packed_document_lengths(16384, 1, mean=1024))
     for mask, causal in (("causal", True), ("bidirectional", False)):
         row = report["results"][mask]["4"]
-        ids = document_ids_from_lengths(packed_document_lengths(16384, 1, mean=1024))
-        assert row["zigzag"]["imbalance_per_seed"][1] == layout_imbalance(ids, "zigzag", 4, causal)
-        assert row["balanced"]["imbalance_max"] <= 1.05
+        assert row["zigzag"]["rank_per_seed"][1] == layout_imbalance(ids, "zigzag", 4, causal)
+        assert row["zigzag"]["step_per_seed"][1] == layout_imbalance(ids, "zigzag", 4, causal, per="step")
+        assert row["balanced"]["rank_max"] <= 1.05 and row["balanced_positions"]["step_max"] <= 1.05
