@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -50,6 +51,15 @@ def test_document_ids_from_position_ids_hand_cases() -> None:
     assert document_ids_from_position_ids(torch.tensor([0, 1, 3, 4], dtype=torch.int32)).tolist() == [0, 0, 1, 1]
     with pytest.raises(ValueError, match="position_ids"):
         document_ids_from_position_ids(torch.zeros(1, 2, 3, dtype=torch.long))
+
+
+def test_docs_example_runs_as_written() -> None:
+    text = (REPO / "docs" / "packed.md").read_text()
+    example = re.findall(r"```python\n(.*?)```", text, re.S)[0]
+    ns: dict = {}
+    exec(compile(example, "docs/packed.md", "exec"), ns)
+    assert ns["ids"].tolist() == [[0, 0, 0, 1, 1, 2, 2, 2, 2]]
+    assert ns["mask_work"](ns["ids"], causal=True).tolist() == [[1, 2, 3, 1, 2, 1, 2, 3, 4]]
 
 
 def test_document_ids_error_names_each_problem() -> None:
