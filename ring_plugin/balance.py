@@ -280,8 +280,8 @@ def owner_rank_work(document_ids: torch.Tensor, owners: torch.Tensor, world_size
                     causal: bool = True) -> torch.Tensor:
     """Attention work (int64, summed over the batch) of each rank, ``owners`` naming the rank of every token
     ((n,) for every row, or one row per sample)."""
-    ids = _batched(document_ids)
-    owners = owners.expand_as(ids).reshape(-1)
+    ids = _batched(document_ids).cpu()
+    owners = owners.cpu().expand_as(ids).reshape(-1)
     return torch.zeros(world_size, dtype=torch.int64).index_add_(0, owners, mask_work(ids, causal).reshape(-1))
 
 
@@ -297,9 +297,9 @@ def ring_step_work(document_ids: torch.Tensor, owners: torch.Tensor, world_size:
     In ring step ``s`` rank ``r`` holds the K/V of rank ``r - s``, so step ``s`` costs ``max_r M[r, r - s]``
     when the ranks exchange in lock-step.
     """
-    ids = _batched(document_ids)
+    ids = _batched(document_ids).cpu()
     mask_work(ids, causal)  # validates the ids
-    owners = owners.expand_as(ids)
+    owners = owners.cpu().expand_as(ids)
     out = torch.zeros(world_size, world_size, dtype=torch.int64)
     for row, own in zip(ids, owners):
         # Runs of one document on one rank: all work is between runs of one document.

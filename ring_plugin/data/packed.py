@@ -157,7 +157,7 @@ class PackedSynthetic(Dataset):
         # One extra label slot: the token after the last document belongs to no document of this sample.
         tokens = torch.cat([*docs, torch.zeros(1, dtype=torch.long)])
         starts = torch.zeros(self.seq_len + 1, dtype=torch.bool)
-        starts[torch.tensor(lengths[:-1]).cumsum(0)] = True
+        starts[torch.tensor(lengths[:-1], dtype=torch.long).cumsum(0)] = True
         starts[-1] = True
         return packed_sample(tokens, starts)
 

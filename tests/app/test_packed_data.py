@@ -85,6 +85,9 @@ def test_synthetic_documents_are_copy_tasks_and_deterministic() -> None:
             assert tokens[k] == SEP
             assert tokens[k + 1 :] == [tokens[i % k] for i in range(len(tokens) - 1 - k)]
     assert int(doc[-1]) >= 3  # several documents per sample
+    one = PackedSynthetic(seq_len=16, vocab_size=64, num_samples=1, mean_doc_len=1000, seed=0)[0]  # one document
+    assert one["document_ids"].tolist() == [0] * 16 and one["position_ids"].tolist() == list(range(16))
+    assert one["labels"].tolist() == one["input_ids"][1:].tolist() + [-100]
 
 
 def test_packed_documents_factory_errors(tmp_path: Path) -> None:
