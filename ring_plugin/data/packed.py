@@ -11,8 +11,8 @@ Sources:
   separator belongs to the document it ends, so the last word predicts it).
 * ``PackedTextFolder``: a folder of text files, byte-level (vocabulary 256), one file one document.
 * ``PackedSynthetic``: seeded documents with long-tailed lengths (``balance.packed_document_lengths``), each
-  a copy task (random tokens, ``SEP``, the same tokens again), so a small CPU run shows learning: the copied
-  half becomes predictable, the random half stays at chance (loss floor about half of ``ln(vocab_size - 13)``).
+  a short pattern repeated, so a small CPU run shows learning: every token after a document's first period
+  is predictable from that document.
 
 The corpora are cut like ``TokenFileDataset`` (window ``i`` starts at ``i * stride``; documents run across
 windows); the synthetic samples hold whole documents. Every sample is a pure function of its index, so a
@@ -29,7 +29,7 @@ from torch.utils.data import Dataset
 
 from ..balance import packed_document_lengths
 from .files import TokenFileDataset, _WindowDataset
-from .tasks import FIRST_FREE, IGNORE_INDEX, SEP, _generator
+from .tasks import FIRST_FREE, IGNORE_INDEX, _generator
 
 SOURCES = ("synthetic", "token_file", "text_folder")
 
@@ -121,27 +121,33 @@ class PackedTextFolder(_WindowDataset):
 
 
 class PackedSynthetic(Dataset):
-    """Seeded packed documents, each a copy task: ``k`` random tokens, ``SEP``, then those tokens again.
+    """Seeded packed documents, each a short pattern of distinct tokens repeated to the document's length.
 
-    Document lengths follow ``packed_document_lengths(seq_len, ..., mean=mean_doc_len, sigma=sigma)`` and
-    fill the sample exactly; documents of 1 or 2 tokens are random tokens only.
+    Each document draws its period (2 to ``max_period`` tokens) and pattern; after the first period every
+    token repeats the one a period earlier, so it is predictable from its own document alone (an induction
+    head learns it). Document lengths follow ``packed_document_lengths(seq_len, ..., mean=mean_doc_len,
+    sigma=sigma)`` and fill the sample exactly.
     """
 
     def __init__(self, seq_len: int = 256, vocab_size: int = 64, num_samples: int = 100_000,
-                 mean_doc_len: float = 64.0, sigma: float = 1.0, seed: int = 0):
+                 mean_doc_len: float = 64.0, sigma: float = 1.0, max_period: int = 8, seed: int = 0):
         if seq_len <= 0:
             raise ValueError(f"seq_len={seq_len} must be positive")
         if num_samples <= 0:
             raise ValueError(f"num_samples={num_samples} must be positive")
-        if vocab_size <= FIRST_FREE + 1:
-            raise ValueError(f"vocab_size={vocab_size} must exceed {FIRST_FREE + 1} (markers and content tokens)")
         if mean_doc_len < 1 or sigma < 0:
             raise ValueError(f"mean_doc_len={mean_doc_len} must be >= 1 and sigma={sigma} >= 0")
+        if max_period < 2:
+            raise ValueError(f"max_period={max_period} must be at least 2")
+        if vocab_size - FIRST_FREE < max_period:
+            raise ValueError(f"vocab_size={vocab_size} leaves {vocab_size - FIRST_FREE} pattern tokens (ids from "
+                             f"{FIRST_FREE}); max_period={max_period} needs as many distinct ones")
         self.seq_len = seq_len
         self.vocab_size = vocab_size
         self.num_samples = num_samples
         self.mean_doc_len = mean_doc_len
         self.sigma = sigma
+        self.max_period = max_period
         self.seed = seed
 
     def __len__(self) -> int:
@@ -162,25 +168,23 @@ class PackedSynthetic(Dataset):
         return packed_sample(tokens, starts)
 
     def _document(self, length: int, gen: torch.Generator) -> torch.Tensor:
-        k = (length - 1) // 2
-        if k == 0:
-            return torch.randint(FIRST_FREE, self.vocab_size, (length,), generator=gen)
-        content = torch.randint(FIRST_FREE, self.vocab_size, (k,), generator=gen)
-        copy = content.repeat(length // k + 1)[: length - 1 - k]  # k or k + 1 tokens: wraps around
-        return torch.cat([content, torch.tensor([SEP]), copy])
+        period = int(torch.randint(2, self.max_period + 1, (1,), generator=gen))
+        pattern = FIRST_FREE + torch.randperm(self.vocab_size - FIRST_FREE, generator=gen)[:period]
+        return pattern.repeat(length // period + 1)[:length]
 
 
 def packed_documents(source: str = "synthetic", seq_len: int = 256, path: str | None = None,
                      eot_token: int | None = None, dtype: str = "uint16", pattern: str = "*",
                      stride: int | None = None, vocab_size: int = 64, num_samples: int = 100_000,
-                     mean_doc_len: float = 64.0, sigma: float = 1.0, seed: int = 0) -> Dataset:
+                     mean_doc_len: float = 64.0, sigma: float = 1.0, max_period: int = 8, seed: int = 0) -> Dataset:
     """The packed dataset of ``source`` (``synthetic``, ``token_file`` or ``text_folder``), for configs.
 
     ``token_file`` uses ``path``, ``eot_token``, ``dtype``, ``stride``; ``text_folder`` uses ``path``, ``pattern``,
-    ``stride``; ``synthetic`` uses ``vocab_size``, ``num_samples``, ``mean_doc_len``, ``sigma``, ``seed``.
+    ``stride``; ``synthetic`` uses ``vocab_size``, ``num_samples``, ``mean_doc_len``, ``sigma``, ``max_period``,
+    ``seed``.
     """
     if source == "synthetic":
-        return PackedSynthetic(seq_len, vocab_size, num_samples, mean_doc_len, sigma, seed)
+        return PackedSynthetic(seq_len, vocab_size, num_samples, mean_doc_len, sigma, max_period, seed)
     if source not in SOURCES:
         raise ValueError(f"source={source!r} is not a packed data source; valid: {', '.join(SOURCES)}")
     if not path:

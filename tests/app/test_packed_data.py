@@ -10,7 +10,6 @@ import torch
 from hydra.utils import instantiate
 
 from ring_plugin.data import PackedSynthetic, PackedTextFolder, PackedTokenFile, packed_documents
-from ring_plugin.data.tasks import SEP
 from ring_plugin.documents import document_ids_from_position_ids
 
 from .test_config import _compose
@@ -68,11 +67,11 @@ def test_text_folder_one_file_one_document(tmp_path: Path) -> None:
         PackedTextFolder(tmp_path / "a.txt", seq_len=4)
 
 
-def test_synthetic_documents_are_copy_tasks_and_deterministic() -> None:
-    ds = PackedSynthetic(seq_len=256, vocab_size=64, num_samples=10, mean_doc_len=24, seed=5)
+def test_synthetic_documents_repeat_a_pattern_and_are_deterministic() -> None:
+    ds = PackedSynthetic(seq_len=256, vocab_size=64, num_samples=10, mean_doc_len=24, max_period=5, seed=5)
     s = ds[3]
     _check_consistent(s, 256)
-    assert torch.equal(s["input_ids"], PackedSynthetic(256, 64, 10, 24, seed=5)[3]["input_ids"])
+    assert torch.equal(s["input_ids"], PackedSynthetic(256, 64, 10, 24, max_period=5, seed=5)[3]["input_ids"])
     assert not torch.equal(s["input_ids"], ds[4]["input_ids"])
     ids, labels, doc = s["input_ids"], s["labels"], s["document_ids"]
     last_of_doc = torch.cat([doc[1:] != doc[:-1], torch.tensor([True])])
@@ -80,14 +79,17 @@ def test_synthetic_documents_are_copy_tasks_and_deterministic() -> None:
     assert torch.equal(labels[~last_of_doc], ids[1:][~last_of_doc[:-1]])
     for d in range(int(doc[-1]) + 1):
         tokens = ids[doc == d].tolist()
-        k = (len(tokens) - 1) // 2
-        if k:
-            assert tokens[k] == SEP
-            assert tokens[k + 1 :] == [tokens[i % k] for i in range(len(tokens) - 1 - k)]
+        # The period: the first repeated token; the pattern's tokens are distinct and then repeat.
+        period = next((i for i in range(1, len(tokens)) if tokens[i] == tokens[0]), len(tokens))
+        assert 2 <= period <= 5 or period == len(tokens) < 5
+        assert len(set(tokens[:period])) == period and min(tokens) >= 13
+        assert tokens == [tokens[i % period] for i in range(len(tokens))]
     assert int(doc[-1]) >= 3  # several documents per sample
     one = PackedSynthetic(seq_len=16, vocab_size=64, num_samples=1, mean_doc_len=1000, seed=0)[0]  # one document
     assert one["document_ids"].tolist() == [0] * 16 and one["position_ids"].tolist() == list(range(16))
     assert one["labels"].tolist() == one["input_ids"][1:].tolist() + [-100]
+    with pytest.raises(ValueError, match="max_period=60"):
+        PackedSynthetic(vocab_size=64, max_period=60)
 
 
 def test_packed_documents_factory_errors(tmp_path: Path) -> None:
