@@ -113,10 +113,10 @@ class PackedTextFolder(_WindowDataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         tokens = torch.from_numpy(self.window(index))
         start = index * self.stride
-        file_starts = torch.from_numpy(self.tokens.starts[:-1])
+        file_starts = self.tokens.starts  # ascending: the files that start inside this window are one run
+        lo, hi = np.searchsorted(file_starts, [start, start + len(tokens)])
         starts = torch.zeros_like(tokens, dtype=torch.bool)
-        inside = file_starts[(file_starts >= start) & (file_starts < start + len(tokens))]
-        starts[inside - start] = True
+        starts[torch.from_numpy(file_starts[lo:hi] - start)] = True
         return packed_sample(tokens, starts)
 
 
