@@ -138,14 +138,9 @@ def balanced_chunks(
     n = ids.shape[1]
     if n == 0 or n % world_size:
         raise ValueError(f"document_ids has n={n} positions: it must be a positive multiple of world_size={world_size}")
-    candidates = [1]
-    c = 2
-    while n % (world_size * c) == 0 and n // (world_size * c) >= min_chunk:
-        candidates.append(c)
-        c *= 2
     token_work = _token_work(ids, causal)
     best: tuple[float, list[list[int]]] | None = None
-    for c in candidates:
+    for c in chunk_counts(n, world_size, min_chunk):
         work = _chunk_work(token_work, world_size * c)
         ranks = _assign(work, world_size)
         score = _imbalance_of(np.array([work[r].sum() for r in ranks]))
@@ -155,6 +150,17 @@ def balanced_chunks(
             break
     assert best is not None
     return tuple(tuple(r) for r in best[1])
+
+
+def chunk_counts(n: int, world_size: int, min_chunk: int = MIN_CHUNK) -> list[int]:
+    """The chunks-per-rank candidates of the balanced layout for ``n`` positions, in the order tried:
+    1, 2, 4, ... while ``world_size * c`` divides ``n`` and a chunk keeps ``min_chunk`` tokens."""
+    candidates = [1]
+    c = 2
+    while n % (world_size * c) == 0 and n // (world_size * c) >= min_chunk:
+        candidates.append(c)
+        c *= 2
+    return candidates
 
 
 def balanced_positions(document_ids: torch.Tensor, world_size: int, causal: bool = True, *,

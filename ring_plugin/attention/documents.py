@@ -126,6 +126,8 @@ def _balanced_layout(by_rank: torch.Tensor) -> ShardLayout:
         key = torch.stack([pieces[:, :, 0], pieces[:, :, -1]], dim=2).reshape(world * c, -1).tolist()
         order = sorted(range(world * c), key=lambda i: key[i])
         global_ids = pieces[order].permute(1, 0, 2).reshape(batch, -1)
+        if bool((global_ids.diff(dim=1) < 0).any()):
+            continue  # not this chunk count: its chunks do not line up into one sequence
         shards = ShardLayout("balanced", balanced_chunks(global_ids, world))
         if shards.chunks_per_rank == c and torch.equal(_global_ids(by_rank, shards), global_ids):
             return shards
