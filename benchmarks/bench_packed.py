@@ -5,10 +5,11 @@ Run: ``torchrun --nproc_per_node=2 benchmarks/bench_packed.py`` (``--smoke``: ti
 1. Equivalence: the ring with ``document_ids`` (contiguous and zigzag, causal and not, bf16 and fp32,
    grouped-query heads) against the fp64 oracle of the document mask.
 2. Timing at 128K tokens, 32 heads x 128, bf16, fwd+bwd, documents of a seeded log-normal generator:
-   the ring in each layout; the same documents on ONE GPU as one varlen flash call over the whole
-   packed sequence (the practical limit); the dense causal ring. Rates are per GPU on the FLOPs the
-   document mask needs (causal pairs inside documents), so ``ring / one GPU`` is the efficiency.
-   The work imbalance of each layout is the planner's count (allowed pairs per rank, max / mean).
+   the ring in each layout (balanced, zigzag, contiguous); the same documents on ONE GPU as one
+   varlen flash call over the whole packed sequence (the practical limit); the dense causal ring.
+   Rates are per GPU on the FLOPs the document mask needs (causal pairs inside documents), so
+   ``ring / one GPU`` is the efficiency. The work imbalance of each layout is the planner's count:
+   per rank (max / mean) and per lock-step ring step (``ring_plugin.balance.ring_step_imbalance``).
 """
 
 from __future__ import annotations
@@ -29,37 +30,17 @@ from bench_ring import fwd_bwd_attention_flops, oracle_errors, peak_gb, reset_pe
 
 from ring_plugin import create_ring_attention, shard_sequence  # noqa: E402
 from ring_plugin.attention.oracle import document_mask  # noqa: E402
-from ring_plugin.layout import ShardLayout  # noqa: E402
+from ring_plugin.balance import document_ids_from_lengths, layout_imbalance, packed_document_lengths  # noqa: E402
 
-
-def document_lengths(n: int, mean: float, seed: int) -> list[int]:
-    """Seeded log-normal document lengths (sigma 1.0, so a few exceed a shard) summing exactly to n."""
-    gen = torch.Generator().manual_seed(seed)
-    lengths: list[int] = []
-    mu = float(torch.log(torch.tensor(mean))) - 0.5
-    while sum(lengths) < n:
-        lengths.append(max(1, int(torch.exp(mu + torch.randn(1, generator=gen)).item())))
-    lengths[-1] -= sum(lengths) - n
-    return [x for x in lengths if x > 0]
+LAYOUTS = ("balanced", "zigzag", "contiguous")
 
 
 def ids_of(lengths: list[int]) -> torch.Tensor:
-    return torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))[None]
+    return document_ids_from_lengths(lengths)[None]
 
 
 def causal_pairs(lengths: list[int]) -> float:
     return float(sum(x * (x + 1) // 2 for x in lengths))
-
-
-def rank_work(ids: torch.Tensor, layout: str, world: int, causal: bool) -> list[float]:
-    """Allowed (query, key) pairs whose queries each rank holds (the planner's FLOP count)."""
-    n = ids.shape[1]
-    _, first = torch.unique_consecutive(ids[0], return_counts=True)
-    start = torch.repeat_interleave(torch.cumsum(first, 0) - first, first)
-    pos = torch.arange(n)
-    per_row = (pos - start + 1) if causal else torch.repeat_interleave(first, first)
-    shards = ShardLayout.named(layout, world)
-    return [float(per_row[shards.positions(n // world, r)].sum()) for r in range(world)]
 
 
 def one_gpu_varlen(lengths: list[int], heads: int, d: int, device: torch.device, warmup: int, repeat: int) -> dict:
@@ -96,10 +77,10 @@ def ring_time(lengths, layout, heads, d, rank, world, device, warmup, repeat, wi
     n = sum(lengths)
     gen = torch.Generator().manual_seed(5)
     full = [torch.randn(1, n, heads, d, generator=gen, dtype=torch.bfloat16) for _ in range(4)]
-    q, k, v, g = (shard_sequence(t, 1, layout, rank, world).to(device) for t in full)
+    q, k, v, g = (shard_sequence(t, 1, layout, rank, world, document_ids=ids_of(lengths)).to(device) for t in full)
     for t in (q, k, v):
         t.requires_grad_()
-    ids = shard_sequence(ids_of(lengths), 1, layout, rank, world).to(device)
+    ids = shard_sequence(ids_of(lengths), 1, layout, rank, world, document_ids=ids_of(lengths)).to(device)
     attn = create_ring_attention("standard", layout=layout)
     kwargs = {"document_ids": ids} if with_docs else {}
 
@@ -139,7 +120,7 @@ def main() -> None:
 
     # 1. exactness over this world's backend
     eq_n, eq_mean = (64, 12.0) if args.smoke else (8192, 1024.0)
-    eq_lengths = document_lengths(eq_n, eq_mean, 11)
+    eq_lengths = packed_document_lengths(eq_n, 11, mean=eq_mean)
     ids = ids_of(eq_lengths)
     equivalence = []
     for dtype in (torch.bfloat16, torch.float32):
@@ -159,7 +140,7 @@ def main() -> None:
     runs = []
     n = 256 if args.smoke else args.length
     for seed in args.seeds:
-        lengths = document_lengths(n, args.mean_doc if not args.smoke else 40.0, seed)
+        lengths = packed_document_lengths(n, seed, mean=args.mean_doc if not args.smoke else 40.0)
         flops = fwd_bwd_attention_flops(causal_pairs(lengths) * heads, d, causal=False)
         row: dict = {"seed": seed, "documents": len(lengths), "longest": max(lengths), "mask_tflop": flops / 1e12}
         say(rank, f"seed {seed}: {len(lengths)} documents, longest {max(lengths)}")
@@ -169,19 +150,19 @@ def main() -> None:
             if rank == 0:
                 single["tflops"] = flops / single["seconds"] / 1e12
                 row["one_gpu_varlen"] = single
-        for layout in ("zigzag", "contiguous"):
+        for layout in LAYOUTS:
             r = ring_time(lengths, layout, heads, d, rank, world, device, args.warmup, args.repeat)
             say(rank, f"  ring {layout}: {r['seconds'] * 1e3:.1f} ms")
             r["tflops_per_gpu"] = flops / world / r["seconds"] / 1e12
-            work = rank_work(ids_of(lengths), layout, world, True)
-            r["imbalance"] = max(work) / (sum(work) / len(work))
+            r["imbalance"] = layout_imbalance(ids_of(lengths), layout, world, per="rank")
+            r["step_imbalance"] = layout_imbalance(ids_of(lengths), layout, world, per="step")
             row[f"ring_{layout}"] = r
         dense = ring_time(lengths, "zigzag", heads, d, rank, world, device, args.warmup, args.repeat, False)
         dense_flops = fwd_bwd_attention_flops(float(n) * n * heads, d, True)
         dense["tflops_per_gpu"] = dense_flops / world / dense["seconds"] / 1e12
         row["dense_causal_ring"] = dense
         if "one_gpu_varlen" in row:
-            for layout in ("zigzag", "contiguous"):
+            for layout in LAYOUTS:
                 row[f"ring_{layout}"]["vs_one_gpu_rate"] = (row[f"ring_{layout}"]["tflops_per_gpu"]
                                                             / row["one_gpu_varlen"]["tflops"])
         runs.append(row)
@@ -191,7 +172,8 @@ def main() -> None:
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "gpus": world, "torch": torch.__version__, "date": datetime.date.today().isoformat(),
             "heads": heads, "head_dim": d, "dtype": "bfloat16", "length": n,
-            "generator": {"kind": "log-normal, sigma 1.0", "mean": args.mean_doc, "seeds": args.seeds},
+            "generator": {"kind": "ring_plugin.balance.packed_document_lengths (log-normal, sigma 1.0)",
+                          "mean": args.mean_doc, "seeds": args.seeds},
             "flops": "fwd+bwd = 3.5 x 4 x d x (causal pairs inside documents) x heads",
             "equivalence": equivalence, "runs": runs,
         }
@@ -208,7 +190,8 @@ def main() -> None:
                   f"1 GPU varlen {single.get('tflops', float('nan')):.0f} TFLOP/s; "
                   + "; ".join(f"{lay} {row[f'ring_{lay}']['tflops_per_gpu']:.0f} TFLOP/s/GPU "
                               f"({row[f'ring_{lay}'].get('vs_one_gpu_rate', float('nan')):.2f}x, "
-                              f"imbalance {row[f'ring_{lay}']['imbalance']:.3f})" for lay in ("zigzag", "contiguous"))
+                              f"imbalance {row[f'ring_{lay}']['imbalance']:.3f} rank / "
+                              f"{row[f'ring_{lay}']['step_imbalance']:.3f} step)" for lay in LAYOUTS)
                   + f"; dense causal ring {row['dense_causal_ring']['tflops_per_gpu']:.0f}")
         print(f"wrote {path}")
     dist.destroy_process_group()
