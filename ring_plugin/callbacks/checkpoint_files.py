@@ -160,6 +160,18 @@ def newest_complete_checkpoint(dirpath: str | Path) -> Path | None:
     return usable[0] if usable else None
 
 
+def rotate(directory: Path, keep_last: int, protect: set[Path]) -> list[Path]:
+    """Delete all but the ``keep_last`` newest checkpoints of ``directory`` (whichever run wrote them),
+    except those in ``protect``, and manifests left without a checkpoint; returns what was deleted."""
+    deleted = [p for p in checkpoints_newest_first(directory)[keep_last:] if p not in protect]
+    for path in deleted:
+        remove_checkpoint(path)
+    for manifest in directory.glob("*" + MANIFEST_SUFFIX):  # left by a write interrupted before its rename
+        if not manifest.with_name(manifest.name.removesuffix(MANIFEST_SUFFIX)).exists():
+            manifest.unlink(missing_ok=True)
+    return deleted
+
+
 def remove_checkpoint(checkpoint: Path) -> None:
     """Delete a checkpoint and its manifest."""
     if checkpoint.is_dir():

@@ -25,10 +25,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from .agree import all_ranks
 from .checkpoint_files import (
     PARTIAL_SUFFIX,
-    checkpoints_newest_first,
     fsync_tree,
     is_healthy,
-    remove_checkpoint,
+    rotate,
     write_manifest,
 )
 
@@ -105,18 +104,9 @@ class AtomicModelCheckpoint(ModelCheckpoint):
         self._last_checkpoint_saved = filepath
         if healthy:
             self.last_good = Path(filepath)
-        if trainer.is_global_zero:
-            self._rotate(Path(filepath))
-
-    def _rotate(self, written: Path) -> None:
-        """Delete all but the ``keep_last`` newest checkpoints, never the one just written nor the last good one."""
-        for old in checkpoints_newest_first(written.parent)[self.keep_last:]:
-            if old == written or old == self.last_good:
-                continue
-            remove_checkpoint(old)
-        for manifest in written.parent.glob("*.manifest.json"):  # left by an interrupted write
-            if not (written.parent / manifest.name.removesuffix(".manifest.json")).exists():
-                manifest.unlink(missing_ok=True)
+        if trainer.is_global_zero:  # never the one just written, never the last good one
+            protect = {Path(filepath)} | ({self.last_good} if self.last_good is not None else set())
+            rotate(Path(filepath).parent, self.keep_last, protect)
 
 
 def save_atomic(trainer: pl.Trainer, filepath: str, healthy: bool = True) -> None:

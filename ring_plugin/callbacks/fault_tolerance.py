@@ -140,7 +140,9 @@ class FaultTolerance(Callback):
         self.rollbacks += 1
         self.rollbacks_to_target += 1
         self.consecutive = 0
-        ckpt.release()  # the weights are a healthy checkpoint's again
+        # Still no checkpoint until a step is finite: one now would copy the rollback target and hide
+        # from max_rollbacks that the run has not made progress.
+        ckpt.hold(f"rolled back to {path.name}; no finite step since")
         if trainer.is_global_zero:
             print(f"[ring-train] rolled back weights and optimizer to {path} (rollback {self.rollbacks_to_target} "
                   f"of at most {self.max_rollbacks} to it); data continues forward", flush=True)
