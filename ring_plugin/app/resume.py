@@ -8,6 +8,7 @@ instead of deleting them, so a later ``auto`` cannot pick a checkpoint of the ab
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -63,14 +64,14 @@ def set_aside(checkpoints: list[Path], directory: Path) -> None:
     target = directory / time.strftime("set_aside_%Y%m%d_%H%M%S")
     target.mkdir(exist_ok=True)
     for path in checkpoints:
-        os.replace(path, target / path.name)
-        if manifest_path(path).exists():
-            os.replace(manifest_path(path), target / manifest_path(path).name)
+        for item in (path, manifest_path(path)):
+            with contextlib.suppress(FileNotFoundError):  # no manifest, or another launcher's rank 0 was first
+                os.replace(item, target / item.name)
     print(f"[ring-train] moved {len(checkpoints)} checkpoint(s) that this run will not continue from to {target}",
           flush=True)
 
 
 def _is_rank_zero() -> bool:
-    """Before the process group exists: torchrun sets RANK; Lightning's launcher starts the other ranks
-    later, with LOCAL_RANK/NODE_RANK set, so a process without any of them is rank 0."""
-    return all(os.environ.get(key, "0") == "0" for key in ("RANK", "LOCAL_RANK", "NODE_RANK"))
+    """Before the process group exists: torchrun sets RANK, SLURM SLURM_PROCID; Lightning's launcher
+    starts the other ranks later, with LOCAL_RANK/NODE_RANK set, so a process without any is rank 0."""
+    return all(os.environ.get(key, "0") == "0" for key in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK"))

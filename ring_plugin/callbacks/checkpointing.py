@@ -65,7 +65,7 @@ class AtomicModelCheckpoint(ModelCheckpoint):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
-        if trainer.ckpt_path and Path(trainer.ckpt_path).parent == Path(self.dirpath or "."):
+        if trainer.ckpt_path and Path(trainer.ckpt_path).resolve().parent == Path(self.dirpath or ".").resolve():
             resumed = Path(trainer.ckpt_path)  # verified by the resume logic before training started
             self._last_global_step_saved = trainer.global_step  # a signal now need not rewrite it
             if is_healthy(resumed):

@@ -100,3 +100,19 @@ def test_rotation_counts_earlier_runs_and_keeps_the_last_good(tmp_path: Path) ->
     assert checkpoints_newest_first(tmp_path) == [paths[25], paths[20], paths[10]]
     assert sorted(p.name for p in tmp_path.glob("*.manifest.json")) == sorted(
         manifest_path(paths[s]).name for s in (10, 20, 25))
+
+
+def test_directory_checkpoints_verify_every_file(tmp_path: Path) -> None:
+    """DeepSpeed writes a directory per checkpoint: each of its files is in the manifest."""
+    path, partial = tmp_path / "step000005.ckpt", tmp_path / "step000005.ckpt.partial"
+    (partial / "checkpoint").mkdir(parents=True)
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_1_optim_states.pt"):
+        torch.save({"w": torch.arange(100.0)}, partial / "checkpoint" / name)
+    write_manifest(path, partial, 5, True)
+    partial.rename(path)
+    assert verify(path) is None
+    shard = path / "checkpoint" / "zero_pp_rank_1_optim_states.pt"
+    corrupt_tensor_bytes(shard, count=64)
+    assert verify(path) == f"checksum mismatch in {shard} (damaged since it was written)"
+    shard.unlink()
+    assert verify(path) == f"{shard} is missing"
