@@ -13,6 +13,7 @@ should be short so that a dead peer ends the job quickly.
 
 from __future__ import annotations
 
+import atexit
 from collections.abc import Iterable
 from datetime import timedelta
 from typing import Any
@@ -71,11 +72,12 @@ class RingStrategyMixin:
             wait_for_workers=True,
         )
         device = self.root_device  # type: ignore[attr-defined]
-        dist.init_process_group(
-            self._get_process_group_backend(), store=store, rank=rank, world_size=world,  # type: ignore[attr-defined]
-            timeout=self._timeout or default_pg_timeout,  # type: ignore[attr-defined]
-            device_id=device if device.type == "cuda" else None,
-        )
+        backend = self._get_process_group_backend()  # type: ignore[attr-defined]
+        peer_timeout = self._timeout or default_pg_timeout  # type: ignore[attr-defined]  # Lightning's `timeout`
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=peer_timeout,
+                                device_id=device if device.type == "cuda" else None)
+        if backend == "nccl":  # as Lightning does: torch warns about an NCCL group left at exit
+            atexit.register(_destroy_process_group)
 
     def _setup_ring(self) -> None:
         """Build the groups and activate the ring context (after the default process group exists)."""
@@ -112,3 +114,7 @@ class RingStrategyMixin:
         self.ring_context = None
         super().teardown()  # type: ignore[misc]
 
+
+def _destroy_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
