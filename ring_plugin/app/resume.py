@@ -34,8 +34,8 @@ def resolve_resume(resume: str, checkpoint_dir: str | Path) -> str | None:
         return None
     if resume == "auto":
         found = scan(directory)
-        if found.usable:
-            return str(found.usable[0])
+        if found.found is not None:
+            return str(found.found)
         if found.rejected:
             raise ResumeError(
                 f"resume=auto: none of the {len(found.rejected)} checkpoint(s) in {directory} can be used:\n"

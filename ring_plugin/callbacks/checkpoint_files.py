@@ -127,37 +127,34 @@ def checkpoints_newest_first(dirpath: str | Path) -> list[Path]:
 
 @dataclass
 class Scan:
-    """The checkpoints of a directory, newest first: the ones that verify and the rejected ones with why."""
+    """The newest checkpoint of a directory that can be used (or None), and the newer ones rejected, with why."""
 
-    usable: list[Path] = field(default_factory=list)
+    found: Path | None = None
     rejected: list[tuple[Path, str]] = field(default_factory=list)
 
     def report(self) -> str:
         return "\n".join(f"  {path}: {reason}" for path, reason in self.rejected)
 
 
-def scan(dirpath: str | Path, healthy_only: bool = False, stop_at_first: bool = True) -> Scan:
-    """Verify checkpoints newest first (until the first usable one, with ``stop_at_first``), printing each
-    rejection. ``healthy_only`` also rejects those written while non-finite steps were being skipped."""
+def scan(dirpath: str | Path, healthy_only: bool = False) -> Scan:
+    """Verify checkpoints newest first until one can be used, printing each rejection. ``healthy_only``
+    also rejects those written while non-finite steps were being skipped (no rollback target)."""
     result = Scan()
     for path in checkpoints_newest_first(dirpath):
         reason = verify(path)
         if reason is None and healthy_only and not is_healthy(path):
             reason = "written while non-finite steps were being skipped"
         if reason is None:
-            result.usable.append(path)
-            if stop_at_first:
-                break
-        else:
-            result.rejected.append((path, reason))
-            print(f"[ring-train] skipping checkpoint {path}: {reason}", flush=True)
+            result.found = path
+            break
+        result.rejected.append((path, reason))
+        print(f"[ring-train] skipping checkpoint {path}: {reason}", flush=True)
     return result
 
 
 def newest_complete_checkpoint(dirpath: str | Path) -> Path | None:
     """The newest checkpoint under ``dirpath`` that verifies; damaged ones are skipped with their reason."""
-    usable = scan(dirpath).usable
-    return usable[0] if usable else None
+    return scan(dirpath).found
 
 
 def rotate(directory: Path, keep_last: int, protect: set[Path]) -> list[Path]:

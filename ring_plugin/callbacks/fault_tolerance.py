@@ -119,12 +119,12 @@ class FaultTolerance(Callback):
         what = (f"{self.consecutive} non-finite steps in a row at step {trainer.global_step} "
                 f"(callbacks.fault_tolerance.max_consecutive_nonfinite={self.max_consecutive_nonfinite})")
         found = scan(ckpt.dirpath, healthy_only=True) if ckpt is not None and ckpt.dirpath else None
-        if found is None or not found.usable:
+        if found is None or found.found is None:
             raise RollbackExhaustedError(
                 f"{what} and no healthy checkpoint to roll back to"
                 + (f"; rejected:\n{found.report()}" if found is not None and found.rejected else "")
             )
-        path = found.usable[0]
+        path = found.found
         if str(path) != self.rollback_target:  # a newer healthy checkpoint: the run made progress
             self.rollback_target, self.rollbacks_to_target = str(path), 0
         if self.rollbacks_to_target >= self.max_rollbacks:

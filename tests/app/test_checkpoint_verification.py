@@ -84,9 +84,9 @@ def test_checkpoint_without_manifest_must_load_completely(tmp_path: Path) -> Non
 def test_rollback_candidates_skip_checkpoints_written_while_skipping(tmp_path: Path, capsys) -> None:
     good, unhealthy = _write(tmp_path, 5), _write(tmp_path, 10, healthy=False)
     assert json.loads(manifest_path(unhealthy).read_text())["healthy"] is False
-    assert scan(tmp_path).usable == [unhealthy]  # resuming from it is fine: its weights are intact
+    assert scan(tmp_path).found == unhealthy  # resuming from it is fine: its weights are intact
     found = scan(tmp_path, healthy_only=True)
-    assert found.usable == [good]
+    assert found.found == good
     assert found.rejected == [(unhealthy, "written while non-finite steps were being skipped")]
     assert "skipping checkpoint" in capsys.readouterr().out
 
