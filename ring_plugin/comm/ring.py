@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 
 class RingPeerError(RuntimeError):
-    """A ring peer failed during an exchange (base of the two cases below)."""
+    """A ring peer failed during an exchange; the subclasses say how, when the backend's error tells."""
 
 
 class RingTimeoutError(RingPeerError):
