@@ -57,9 +57,12 @@ def varlen_runs(q_docs: torch.Tensor, k_docs: torch.Tensor, device: torch.device
         nk = torch.searchsorted(kd, docs, right=True) - torch.searchsorted(kd, docs)
         lq += nq.tolist()
         lk += nk.tolist()
-    cu_q = torch.tensor(lq, dtype=torch.int64).cumsum(0).to(torch.int32)
-    cu_k = torch.tensor(lk, dtype=torch.int64).cumsum(0).to(torch.int32)
-    return VarlenRuns(cu_q.to(device), cu_k.to(device), max(lq), max(lk))
+    cu = torch.stack([torch.tensor(lq, dtype=torch.int64), torch.tensor(lk, dtype=torch.int64)]).cumsum(1)
+    if device.type == "cuda":
+        # From pinned memory, asynchronously: a pageable copy would wait for every queued kernel, so
+        # the host could never run ahead of the GPU (one stall per block).
+        cu = cu.to(torch.int32).pin_memory().to(device, non_blocking=True)
+    return VarlenRuns(cu[0], cu[1], max(lq), max(lk))
 
 
 def _packed(x: torch.Tensor) -> torch.Tensor:
