@@ -13,7 +13,7 @@ from .attention.modules import (
 from .attention.oracle import reference_attention
 from .attention.pattern_modules import HilbertBlockSparseAttention, HilbertRingAttention, RingBlockSparseAttention
 from .comm.context import RingContext, current_ring_context, ring_context
-from .comm.ring import RingStats, RingTimeoutError
+from .comm.ring import RingPeerClosedError, RingPeerError, RingStats, RingTimeoutError
 from .compat import (
     BaseRingAttention,
     BlockSparseRingAttention,
@@ -56,6 +56,8 @@ __all__ = [
     "RingDilatedAttentionSDPA",
     "RingMultiheadAttention",
     "RingStats",
+    "RingPeerClosedError",
+    "RingPeerError",
     "RingTimeoutError",
     "StandardRingAttention",
     "available_ring_attention",

@@ -15,6 +15,8 @@ from ring_plugin import RingMultiheadAttention, create_ring_attention, reference
 from ring_plugin.attention.oracle import document_mask
 from ring_plugin.testing import run_in_process_group
 
+from .errors import shard_errors
+
 N = 48  # global length: divisible by 2 * 4 (zigzag at world 4); chunks of 6 at world 4
 # name -> document lengths (sum N); chosen against the chunk sizes 48, 24, 12 and 6
 DOCUMENTS = {
@@ -76,13 +78,8 @@ def _errors(rank, world, variant, layout, causal, dtype, docs) -> dict[str, floa
         out = attn(*local, is_causal=causal, document_ids=local_ids)
         (out * shard_sequence(g.to(dtype), 1, layout, rank, world)).sum().backward()
         grads = [t.grad for t in local]
-    errs = {}
-    pairs = [("out", out.detach(), ref_out)] + list(zip(("dq", "dk", "dv"), grads, (t.grad for t in ref)))
-    for name, mine, theirs in pairs:
-        diff = (mine.double() - shard_sequence(theirs, 1, layout, rank, world)).abs().max().item()
-        errs[name + "_abs"] = diff
-        errs[name + "_rel"] = diff / max(theirs.abs().max().item(), 1e-12)
-    return errs
+    pairs = [("out", out, ref_out)] + list(zip(("dq", "dk", "dv"), grads, (t.grad for t in ref)))
+    return shard_errors(pairs, lambda t: shard_sequence(t, 1, layout, rank, world))
 
 
 def _worker(rank: int, world: int, cases) -> list[dict[str, float]]:

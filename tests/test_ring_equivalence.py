@@ -13,6 +13,8 @@ import torch
 from ring_plugin import create_ring_attention, reference_attention, shard_sequence
 from ring_plugin.testing import run_in_process_group
 
+from .errors import shard_errors
+
 VARIANTS = ("standard", "sdpa", "distributed", "correct")
 LAYOUTS = ("contiguous", "zigzag")
 # (batch, n_global, heads, kv_heads, head_dim): odd head counts, grouped-query attention, batch > 1
@@ -41,16 +43,10 @@ def _errors(rank: int, world: int, variant, layout, causal, dtype, shape_idx) ->
     attn = create_ring_attention(variant, layout=layout)
     out = attn(*local, is_causal=causal)
     (out * shard_sequence(g.to(dtype), 1, layout, rank, world)).sum().backward()
-    errs = {}
-    pairs = [("out", out.detach(), ref_out)] + [
+    pairs = [("out", out, ref_out)] + [
         (name, mine.grad, theirs.grad) for name, mine, theirs in zip(("dq", "dk", "dv"), local, ref)
     ]
-    for name, mine, theirs in pairs:
-        scale = max(theirs.abs().max().item(), 1e-12)  # relative to the whole tensor, as for one process
-        diff = (mine.double() - shard_sequence(theirs, 1, layout, rank, world)).abs().max().item()
-        errs[name + "_abs"] = diff
-        errs[name + "_rel"] = diff / scale
-    return errs
+    return shard_errors(pairs, lambda t: shard_sequence(t, 1, layout, rank, world))
 
 
 def _worker(rank: int, world: int, cases) -> list[dict[str, float]]:

@@ -12,6 +12,8 @@ import torch
 from ring_plugin import create_ring_attention, reference_attention, shard_sequence
 from ring_plugin.testing import run_in_process_group
 
+from .errors import shard_errors
+
 N = 48  # chunks of 6 at world 4 (zigzag)
 WINDOWS = (1, 4, 7, 13, 30, 48, 100)
 VARIANTS = ("standard", "sdpa", "distributed", "correct")
@@ -36,14 +38,8 @@ def _errors(rank: int, world: int, variant: str, layout: str, dtype: torch.dtype
     local = [shard_sequence(t.to(dtype), 1, layout, rank, world).requires_grad_() for t in (q, k, v)]
     out = create_ring_attention(variant, layout=layout)(*local, is_causal=True, sliding_window=window)
     (out * shard_sequence(g.to(dtype), 1, layout, rank, world)).sum().backward()
-    errs = {}
-    pairs = [("out", out.detach(), ref_out)] + list(zip(("dq", "dk", "dv"), (t.grad for t in local),
-                                                        (t.grad for t in ref)))
-    for name, mine, theirs in pairs:
-        diff = (mine.double() - shard_sequence(theirs.detach(), 1, layout, rank, world)).abs().max().item()
-        errs[name + "_abs"] = diff
-        errs[name + "_rel"] = diff / max(theirs.abs().max().item(), 1e-12)
-    return errs
+    pairs = [("out", out, ref_out)] + list(zip(("dq", "dk", "dv"), (t.grad for t in local), (t.grad for t in ref)))
+    return shard_errors(pairs, lambda t: shard_sequence(t, 1, layout, rank, world))
 
 
 def _worker(rank: int, world: int, cases) -> list[dict[str, float]]:

@@ -56,15 +56,29 @@ def _reduce_heads(x: torch.Tensor, groups: int, dtype: torch.dtype) -> torch.Ten
     return x.view(b, h // groups, groups, n, d).sum(2, dtype=dtype)
 
 
+def _write_rows(out_acc, lse_acc, rows: slice, o, lse, first: bool) -> None:
+    """Merge a block's ``(o, lse)`` into the accumulators' query ``rows`` (copied in where it is the
+    first block and covers every row: nothing to merge with yet)."""
+    if first and rows == slice(0, out_acc.shape[2]):
+        out_acc.copy_(o)
+        lse_acc.copy_(lse)
+        return
+    merge_into(out_acc[:, :, rows], lse_acc[:, :, rows], o, lse)
+
+
+def _add_to_rows(kv_rows: slice, dk: torch.Tensor, dv: torch.Tensor) -> AddGrads:
+    def add(acc: list[torch.Tensor]) -> None:
+        for a, g in zip(acc, (dk, dv)):
+            a[:, :, kv_rows] += g
+
+    return add
+
+
 @forward_block.register
 def _(block: Block, call: RingCall, q, kv, out_acc, lse_acc, first: bool = False) -> None:
     kb, vb = (_expand_heads(_rows(t, block.kv), call.groups) for t in kv)
     o, lse = call.kernel.forward(_rows(q, block.q), kb, vb, block.causal, call.scale)
-    if first and block.q == slice(0, q.shape[2]):
-        out_acc.copy_(o)
-        lse_acc.copy_(lse)
-        return
-    merge_into(out_acc[:, :, block.q], lse_acc[:, :, block.q], o, lse)
+    _write_rows(out_acc, lse_acc, block.q, o, lse, first)
 
 
 @backward_block.register
@@ -75,12 +89,8 @@ def _(block: Block, call: RingCall, dout, q, kv, out, lse, dq_acc, first: bool =
         _rows(dout, rows), _rows(q, rows), kb, vb, _rows(out, rows), _rows(lse, rows), block.causal, call.scale
     )
     dq_acc[:, :, rows] += dq  # mixed-dtype in-place add: no fp32 copy of dq
-
-    def add(acc: list[torch.Tensor]) -> None:
-        for a, g in zip(acc, (dk, dv)):
-            a[:, :, block.kv] += _reduce_heads(g, call.groups, a.dtype)
-
-    return add
+    # summed over query heads in the accumulator's dtype (fp32 by default), then added
+    return _add_to_rows(block.kv, *(_reduce_heads(g, call.groups, call.grad_dtype) for g in (dk, dv)))
 
 
 # ---------------------------------------------------------------------------------- sliding window
@@ -88,11 +98,7 @@ def _(block: Block, call: RingCall, dout, q, kv, out, lse, dq_acc, first: bool =
 def _(block: BandBlock, call: RingCall, q, kv, out_acc, lse_acc, first: bool = False) -> None:
     o, lse = band_forward(_rows(q, block.q), _rows(kv[0], block.kv), _rows(kv[1], block.kv), block.left,
                           block.right, call.scale)
-    if first and block.q == slice(0, q.shape[2]):
-        out_acc.copy_(o)
-        lse_acc.copy_(lse)
-        return
-    merge_into(out_acc[:, :, block.q], lse_acc[:, :, block.q], o, lse)
+    _write_rows(out_acc, lse_acc, block.q, o, lse, first)
 
 
 @backward_block.register
@@ -101,12 +107,7 @@ def _(block: BandBlock, call: RingCall, dout, q, kv, out, lse, dq_acc, first: bo
     dq, dk, dv = band_backward(_rows(dout, rows), _rows(q, rows), _rows(kv[0], block.kv), _rows(kv[1], block.kv),
                                _rows(out, rows), _rows(lse, rows), block.left, block.right, call.scale)
     dq_acc[:, :, rows] += dq
-
-    def add(acc: list[torch.Tensor]) -> None:
-        for a, g in zip(acc, (dk, dv)):
-            a[:, :, block.kv] += g
-
-    return add
+    return _add_to_rows(block.kv, dk, dv)
 
 
 # ------------------------------------------------------------------------------ packed documents
@@ -114,11 +115,7 @@ def _(block: BandBlock, call: RingCall, dout, q, kv, out, lse, dq_acc, first: bo
 def _(block: DocumentBlock, call: RingCall, q, kv, out_acc, lse_acc, first: bool = False) -> None:
     o, lse = document_forward(_rows(q, block.q), _rows(kv[0], block.kv), _rows(kv[1], block.kv),
                               block.q_docs, block.k_docs, block.causal, call.scale)
-    if first and block.q == slice(0, q.shape[2]):
-        out_acc.copy_(o)  # nothing to merge with yet
-        lse_acc.copy_(lse)
-        return
-    merge_into(out_acc[:, :, block.q], lse_acc[:, :, block.q], o, lse)
+    _write_rows(out_acc, lse_acc, block.q, o, lse, first)
 
 
 @backward_block.register
@@ -129,12 +126,7 @@ def _(block: DocumentBlock, call: RingCall, dout, q, kv, out, lse, dq_acc, first
         _rows(lse, rows), block.q_docs, block.k_docs, block.causal, call.scale,
     )
     dq_acc[:, :, rows] += dq
-
-    def add(acc: list[torch.Tensor]) -> None:
-        for a, g in zip(acc, (dk, dv)):
-            a[:, :, block.kv] += g
-
-    return add
+    return _add_to_rows(block.kv, dk, dv)
 
 
 # --------------------------------------------------------------------------------- strided views
