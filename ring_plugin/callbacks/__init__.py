@@ -2,7 +2,10 @@
 
 from .checkpointing import AtomicModelCheckpoint, newest_complete_checkpoint
 from .fault_tolerance import FaultTolerance
+from .final_checkpoint import FinalCheckpoint
 from .monitoring import RingMonitor
+from .progress import RingProgressBar
 from .task_accuracy import TaskAccuracy
 
-__all__ = ["AtomicModelCheckpoint", "FaultTolerance", "RingMonitor", "TaskAccuracy", "newest_complete_checkpoint"]
+__all__ = ["AtomicModelCheckpoint", "FaultTolerance", "FinalCheckpoint", "RingMonitor", "RingProgressBar",
+           "TaskAccuracy", "newest_complete_checkpoint"]

@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import Callback
 REPO = Path(__file__).resolve().parents[2]
 TINY = [
     "max_steps=20", "seq_len=64", "data.batch_size=2", "data.val_batches=1", "trainer.val_check_interval=10",
-    "trainer.log_every_n_steps=5", "model.model.n_embd=32", "model.model.n_head=2", "model.model.n_kv_head=2",
+    "trainer.log_every_n_steps=5", "model.n_embd=32", "model.n_head=2", "model.n_kv_head=2",
     "callbacks.checkpointing.every_n_train_steps=5", "trainer.enable_progress_bar=false", "comm_timeout=20",
 ]
 

@@ -1,0 +1,120 @@
+"""A run's identity: its config, its W&B run id and whether it is complete, kept in ``<run dir>/run.yaml``.
+
+The same command resumes the same run; a changed config does not silently resume it. Keys that may change
+on a resume (the step budget, logging, timeouts, the resume mode itself) are listed in ``MAY_CHANGE``;
+any other difference refuses to resume, naming the keys, unless ``resume=force``. ``resume=never`` on a run
+that has checkpoints refuses too, so checkpoints of two runs never mix in one folder.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+
+from ..callbacks.checkpointing import checkpoints_newest_first
+from .validate import ConfigError
+
+RECORD = "run.yaml"
+# Dotted prefixes of keys that may differ between the attempts of one run.
+MAY_CHANGE = (
+    "max_steps", "trainer.max_steps", "resume", "comm_timeout", "strategy.timeout", "threads_per_process",
+    "tags", "group", "job_type", "paths", "logger", "callbacks", "data.val_batches", "data.num_workers",
+    "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.log_every_n_steps",
+    "trainer.val_check_interval", "trainer.limit_val_batches",
+)
+
+
+@dataclass
+class RunRecord:
+    config: dict[str, Any]
+    wandb_id: str
+    completed_step: int | None = None
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def flat_config(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config as ``{dotted.key: value}`` (lists kept whole, empty dicts dropped)."""
+    out: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):  # an empty dict adds no key: {} and an absent group compare equal
+            for k, v in node.items():
+                walk(v, f"{prefix}{k}.")
+        else:
+            out[prefix[:-1]] = node
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    return out
+
+
+def _may_change(key: str) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in MAY_CHANGE)
+
+
+def identity_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Keys (outside ``MAY_CHANGE``) whose values differ, or that exist on one side only."""
+    return sorted(k for k in old.keys() | new.keys() if not _may_change(k) and old.get(k) != new.get(k))
+
+
+def load_record(run_dir: str | Path) -> RunRecord | None:
+    path = Path(run_dir) / RECORD
+    if not path.is_file():
+        return None
+    data = yaml.safe_load(path.read_text()) or {}
+    return RunRecord(config=data.get("config", {}), wandb_id=data["wandb_id"],
+                     completed_step=data.get("completed_step"), summary=data.get("summary") or {})
+
+
+def save_record(run_dir: str | Path, record: RunRecord) -> None:
+    """Written to a temporary file and renamed, so another rank never reads half a record."""
+    path = Path(run_dir) / RECORD
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{RECORD}.{os.getpid()}.tmp")
+    tmp.write_text(yaml.safe_dump({"wandb_id": record.wandb_id, "completed_step": record.completed_step,
+                                   "summary": record.summary, "config": record.config}, sort_keys=False))
+    os.replace(tmp, path)
+
+
+def open_run(cfg: DictConfig) -> RunRecord:
+    """The record this attempt runs under: the stored one when resuming, else a new one (not yet saved).
+
+    Raises :class:`ConfigError` when the config changed (unless ``resume=force``) or when ``resume=never``
+    meets a run that has checkpoints.
+    """
+    run_dir = Path(cfg.paths.output_dir)
+    config = flat_config(cfg)
+    old = load_record(run_dir)
+    has_checkpoints = bool(checkpoints_newest_first(cfg.paths.checkpoints))
+    if cfg.resume == "never":
+        if has_checkpoints:
+            raise ConfigError(
+                f"resume=never but {run_dir} already holds run {cfg.name!r} with checkpoints: use name=NEW for a "
+                f"new run, resume=auto to continue it, or delete {run_dir}")
+        return RunRecord(config=config, wandb_id=new_wandb_id())
+    if old is None:
+        return RunRecord(config=config, wandb_id=new_wandb_id())
+    changed = identity_diff(old.config, config)
+    if changed and not has_checkpoints and old.completed_step is None:
+        return RunRecord(config=config, wandb_id=new_wandb_id())  # nothing of the old attempt to continue
+    if changed and cfg.resume != "force":
+        shown = ", ".join(f"{k}: {old.config.get(k)!r} -> {config.get(k)!r}" for k in changed[:8])
+        more = f" (and {len(changed) - 8} more)" if len(changed) > 8 else ""
+        raise ConfigError(
+            f"run {cfg.name!r} ({run_dir}) was started with a different config: {shown}{more}. "
+            "Use name=NEW for a new run, or resume=force to continue this one with the new config")
+    old.config = config
+    return old
+
+
+def new_wandb_id() -> str:
+    return uuid.uuid4().hex[:8]
+
+
+def is_complete(record: RunRecord, max_steps: int) -> bool:
+    return record.completed_step is not None and record.completed_step >= max_steps
