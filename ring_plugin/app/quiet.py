@@ -12,6 +12,8 @@ _NOISE = (
     (r".*LeafSpec.*is deprecated", DeprecationWarning),
     # val/* metrics are already reduced over every rank by the module and callbacks before they are logged.
     (r".*self\.log\('val/.*sync_dist=True", Warning),
+    # a resumed run writes into its own checkpoint folder on purpose.
+    (r"Checkpoint directory .* exists and is not empty", Warning),
 )
 
 

@@ -25,7 +25,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from ..callbacks import FaultTolerance, FinalCheckpoint, RingMonitor, TaskAccuracy
+from ..callbacks import FaultTolerance, FinalCheckpoint, RingMonitor, RingProgressBar, TaskAccuracy
 from ..lightning import RingDeepSpeedStrategy
 from ..models import RingCausalLM
 from .identity import RunRecord, is_complete, open_run, save_record
@@ -70,6 +70,8 @@ def build(cfg: DictConfig, record: RunRecord | None = None
     datamodule = instantiate(cfg.data)
     model = RingCausalLM(**model_kwargs(cfg, _attention_extra(cfg)))
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    if cfg.trainer.enable_progress_bar:
+        callbacks.append(RingProgressBar())
     loggers = [_logger(c, cfg, record) for c in (cfg.get("logger") or {}).values() if c is not None]
     trainer = instantiate(cfg.trainer, strategy=instantiate(cfg.strategy), callbacks=callbacks,
                           logger=loggers or False)
@@ -120,6 +122,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if owner and not cfg.trainer.fast_dev_run:
         save_record(cfg.paths.output_dir, record)
     _pin_run_dir_for_ranks(cfg)
+    env_before = dict(os.environ)
     trainer, model, datamodule = build(cfg, record)
     ckpt_path = resolve_resume("auto" if cfg.resume == "force" else cfg.resume, cfg.paths.checkpoints)
     if trainer.is_global_zero:
@@ -131,6 +134,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         _exit_if_distributed(trainer, err)
         raise
     summary = summarize(trainer, cfg)
+    if _is_multirun():  # the next sweep job starts its own ranks: no group, no launcher variables left
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(env_before)
     if trainer.is_global_zero:
         _finish_loggers(trainer, summary)
         finished = summary["stopped_by_signal"] is None and trainer.global_step >= cfg.max_steps
