@@ -39,7 +39,10 @@ class RunRecord:
 
 
 def flat_config(cfg: DictConfig) -> dict[str, Any]:
-    """The resolved config as ``{dotted.key: value}`` (lists kept whole, empty dicts dropped)."""
+    """The config as written, ``{dotted.key: value}`` (lists kept whole, empty dicts dropped).
+
+    Unresolved: an interpolation (``data.train.seed: ${seed}``) is compared once, at the key a user sets.
+    """
     out: dict[str, Any] = {}
 
     def walk(node: Any, prefix: str) -> None:
@@ -49,7 +52,7 @@ def flat_config(cfg: DictConfig) -> dict[str, Any]:
         else:
             out[prefix[:-1]] = node
 
-    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    walk(OmegaConf.to_container(cfg, resolve=False), "")
     return out
 
 

@@ -171,7 +171,7 @@ def _log_config(trainer: pl.Trainer, cfg: DictConfig, model: RingCausalLM) -> No
     if HydraConfig.initialized():
         params["choices"] = {k: v for k, v in HydraConfig.get().runtime.choices.items()
                              if not k.startswith("hydra")}
-    params["model"]["parameters"] = sum(p.numel() for p in model.parameters())
+    params["parameters"] = sum(p.numel() for p in model.parameters())
     for logger in trainer.loggers:
         logger.log_hyperparams(params)
 
