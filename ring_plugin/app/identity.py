@@ -26,7 +26,7 @@ MAY_CHANGE = (
     "max_steps", "trainer.max_steps", "resume", "comm_timeout", "strategy.timeout", "threads_per_process",
     "tags", "group", "job_type", "paths", "logger", "callbacks", "data.val_batches", "data.num_workers",
     "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.log_every_n_steps",
-    "trainer.val_check_interval", "trainer.limit_val_batches",
+    "trainer.val_check_interval", "trainer.limit_val_batches", "trainer.fast_dev_run",
 )
 
 
