@@ -153,7 +153,7 @@ def _announce(cfg: DictConfig, trainer: pl.Trainer, model: RingCausalLM, ckpt_pa
     params = sum(p.numel() for p in model.parameters())
     log.info(f"[ring-train] run {cfg.name!r} in {cfg.paths.output_dir}: {cfg.attention.name} attention, "
              f"{params / 1e6:.2f}M parameters, seq_len {cfg.seq_len}, {cfg.devices * cfg.num_nodes} processes "
-             f"(ring of {cfg.ring_size}, {cfg.layout}), {cfg.max_steps} steps"
+             f"(ring of {cfg.ring_size}, {cfg.layout}), {trainer.max_steps} steps"
              + (f"; resuming from {ckpt_path}" if ckpt_path else ""))
     if isinstance(trainer.strategy, RingDeepSpeedStrategy) and cfg.trainer.accelerator == "cpu" \
             and not _deepspeed_cpu_op_built():

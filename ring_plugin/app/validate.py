@@ -99,6 +99,9 @@ def model_kwargs(cfg: DictConfig, attention_extra: dict[str, Any] | None = None)
 
 
 def validate_config(cfg: DictConfig) -> None:
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"{missing[0]} has no value (??? in the config): set {missing[0]}=...")
     for key in ("seq_len", "devices", "num_nodes", "ring_size", "max_steps"):
         _positive_int(cfg, key)
     check_said_once(cfg)

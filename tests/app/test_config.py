@@ -39,6 +39,10 @@ def test_repo_conf_and_recipes_are_the_packaged_tree() -> None:
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_recipe_composes_and_validates(recipe: str) -> None:
     cfg = compose_app(f"recipe={recipe}")
+    if cfg.data.train._target_ == "ring_plugin.data.TokenFileDataset":  # the files are the user's to give
+        with pytest.raises(ConfigError, match=r"data\.train\.path has no value"):
+            validate_config(cfg)
+        cfg = compose_app(f"recipe={recipe}", "data.train.path=train.bin", "data.val.path=val.bin")
     validate_config(cfg)
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
     assert cfg.name == recipe
@@ -119,6 +123,7 @@ def test_fast_dev_run_needs_no_plus() -> None:
         ("attention=hilbert attention.kwargs.grid=[8,8]", r"attention\.kwargs\.grid=\[8, 8\] must be \[H, W\]"),
         ("+attention.kwargs.bogus=1", r"unknown ring attention argument\(s\) \['bogus'\]"),
         ("strategy=deepspeed strategy.stage=5", r"strategy\.stage=5 is not a ZeRO stage"),
+        ("data=token_file", r"data\.train\.path has no value \(\?\?\? in the config\): set data\.train\.path="),
     ],
 )
 def test_bad_values_name_the_key(override: str, message: str) -> None:
