@@ -37,7 +37,7 @@ from .validate import ConfigError, model_kwargs, validate_config
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 log = logging.getLogger("ring_plugin.app")
 # RingAttentionConfig field that makes a layer count its ring traffic for the monitoring callback.
-STATS_FLAG = "enable_monitoring"
+STATS_FLAG = "collect_stats"
 
 
 def _is_launching_rank() -> bool:
