@@ -1,4 +1,5 @@
-"""Pattern benchmarks on the ring: dilated (LongNet), block-sparse and the dense ring for speed-up.
+"""Pattern benchmarks on the ring: dilated (LongNet), block-sparse (also in Hilbert order) and the dense
+ring for speed-up.
 
 GPU: ``torchrun --nproc_per_node=2 benchmarks/bench_patterns.py --out benchmarks/results/patterns_h200.json``
 CPU smoke (gloo, tiny sizes): ``python benchmarks/bench_patterns.py --smoke``
@@ -38,7 +39,7 @@ def pattern_flops(name: str, layer, n: int, heads: int, d: int, causal: bool) ->
         for w, r in layer.pattern.pairs(n):
             # Every head is in exactly one offset group: (w/r)^2 pairs per segment, n/w segments.
             pairs += heads * (n / w) * (w / r) ** 2
-    elif name == "block_sparse":
+    elif name in ("block_sparse", "hilbert_block_sparse"):
         mask = layer.block_mask(n)
         pairs = heads * float(mask.sum()) * layer.config.block_size**2
     else:
@@ -53,6 +54,8 @@ def cases(smoke: bool) -> list[dict[str, Any]]:
             {"name": "dense", "n": 256, "kw": {}},
             {"name": "dilated", "n": 256, "kw": small},
             {"name": "block_sparse", "n": 256, "kw": {"block_size": 16, "sparsity_ratio": 0.9}},
+            {"name": "hilbert_block_sparse", "n": 256,
+             "kw": {"block_size": 16, "sparsity_ratio": 0.9, "grid": (16, 16)}},
         ]
     # Each case runs in its best layout: the dense causal ring balanced (zigzag); the local patterns
     # contiguous, where segments and local blocks stay inside a shard.
@@ -67,6 +70,11 @@ def cases(smoke: bool) -> list[dict[str, Any]]:
         {"name": "block_sparse", "n": 131072,  # the sparsity of flex_attention's published 7.2x
          "kw": {"block_size": 128, "sparsity_ratio": 0.95, "pattern_type": "local", "layout": "contiguous"}},
         {"name": "dense", "n": 131072, "kw": dense},
+        # Block-sparse along the Hilbert curve of a 256x512 grid, data already in Hilbert order: the
+        # same FLOPs as the 90 % block-sparse case above, so the same time within noise is the target.
+        {"name": "hilbert_block_sparse", "n": 131072,
+         "kw": {"block_size": 128, "sparsity_ratio": 0.9, "pattern_type": "local", "layout": "contiguous",
+                "grid": (256, 512), "token_order": "hilbert"}},
     ]
     return out
 
@@ -144,7 +152,8 @@ def run_pattern_benchmarks(rank: int, world: int, device: torch.device, results:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if smoke:
         heads, head_dim, warmup, iters = 4, 16, 1, 2
-    name_map = {"dense": "standard", "dilated": "standard", "block_sparse": "block_sparse"}
+    name_map = {"dense": "standard", "dilated": "standard", "block_sparse": "block_sparse",
+                "hilbert_block_sparse": "hilbert_block_sparse"}
     todo = cases(smoke)
     if only is not None:  # the dense ring runs only at the lengths of the selected pattern cases
         lengths = {c["n"] for c in todo if c["name"] in only and c["name"] != "dense"}
@@ -205,7 +214,8 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run on 2 gloo processes")
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--skip-equivalence", action="store_true")
-    ap.add_argument("--cases", default="dense,dilated,block_sparse", help="comma-separated timed cases")
+    ap.add_argument("--cases", default="dense,dilated,block_sparse,hilbert_block_sparse",
+                    help="comma-separated timed cases")
     args = ap.parse_args()
     if args.smoke:
         from ring_plugin.testing import run_in_process_group
@@ -229,10 +239,10 @@ def main() -> None:
     print(f"equivalence vs oracle: {len(equivalence) - len(bad)}/{len(equivalence)} pass, worst rel {worst:.2e}")
     for r in bad:
         print("  FAILED", {k: r.get(k) for k in ("variant", "layout", "causal", "backend", "pattern_type", "error")})
-    print(f"{'case':14}{'n':>9}{'ms':>10}{'TFLOP/s':>9}{'speedup':>9}{'peak GB':>9}")
+    print(f"{'case':22}{'n':>9}{'ms':>10}{'TFLOP/s':>9}{'speedup':>9}{'peak GB':>9}")
     for r in results:
         nan = float("nan")
-        print(f"{r['case']:14}{r['n']:>9}{r.get('ms', nan):>10.1f}{r.get('tflops_per_gpu', nan):>9.1f}"
+        print(f"{r['case']:22}{r['n']:>9}{r.get('ms', nan):>10.1f}{r.get('tflops_per_gpu', nan):>9.1f}"
               f"{r.get('speedup_vs_dense_ring', float('nan')):>9.2f}{(r.get('peak_gb') or float('nan')):>9.1f}"
               f"  {r.get('error', '')}")
     report = {"device": device_name, "torch": torch.__version__, "date": datetime.date.today().isoformat(),

@@ -85,10 +85,12 @@ def reset_peak(device: torch.device) -> None:
 
 # ------------------------------------------------------------------------------------- equivalence
 def oracle_errors(rank: int, world: int, device: torch.device, attn: torch.nn.Module, shape: tuple[int, ...],
-                  layout: str, causal: bool, dtype: torch.dtype, allowed: torch.Tensor | None = None) -> dict:
+                  layout: str, causal: bool, dtype: torch.dtype, allowed: torch.Tensor | None = None,
+                  document_ids: torch.Tensor | None = None) -> dict:
     """Max abs and relative errors of ``attn``'s output and dQ/dK/dV vs the fp64 oracle, over all ranks.
 
-    ``shape`` is (batch, n, heads, kv_heads, head_dim); ``allowed`` the oracle's pattern (None: dense).
+    ``shape`` is (batch, n, heads, kv_heads, head_dim); ``allowed`` the oracle's pattern (None: dense);
+    ``document_ids`` (batch, n): packed documents (each rank passes its shard; the oracle masks).
     """
     b, n, h, hkv, d = shape
     gen = torch.Generator(device="cpu").manual_seed(1234)
@@ -98,7 +100,9 @@ def oracle_errors(rank: int, world: int, device: torch.device, attn: torch.nn.Mo
     ref_out = reference_attention(*ref, causal=causal, allowed=allowed)
     (ref_out * g.double()).sum().backward()
     local = [shard_sequence(t.to(dtype), 1, layout, rank, world).requires_grad_() for t in (q, k, v)]
-    out = attn(*local, is_causal=causal)
+    docs = {} if document_ids is None else {"document_ids": shard_sequence(document_ids.to(device), 1, layout,
+                                                                          rank, world)}
+    out = attn(*local, is_causal=causal, **docs)
     (out * shard_sequence(g.to(dtype), 1, layout, rank, world)).sum().backward()
     errs = {}
     for label, mine, theirs in (("out", out.detach(), ref_out.detach()),

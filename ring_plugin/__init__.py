@@ -11,12 +11,28 @@ from .attention.modules import (
     StandardRingAttention,
 )
 from .attention.oracle import reference_attention
-from .attention.pattern_modules import HilbertRingAttention, RingBlockSparseAttention
+from .attention.pattern_modules import HilbertBlockSparseAttention, HilbertRingAttention, RingBlockSparseAttention
 from .comm.context import RingContext, current_ring_context, ring_context
 from .comm.ring import RingStats, RingTimeoutError
+from .compat import (
+    BaseRingAttention,
+    BlockSparseRingAttention,
+    BlockSparseRingDilatedAttention,
+    BlockSparseRingDilatedAttentionFixed,
+    BlockSparseRingDilatedAttentionHilbertPostPattern,
+    BlockSparseRingDistributedDilatedAttention,
+    BlockSparseRingMultiheadDilatedAttention,
+    EnterpriseDistributedDilatedAttention,
+    HilbertRingMultiheadAttention,
+    RingAttentionFunction,
+    RingCommunicationStats,
+    RingDilatedAttentionHilbertGPUOptimized,
+    RingDistributedDilatedAttention,
+    RingMultiheadDilatedAttention,
+    StableRingAccumulator,
+    StandardizedRingConfig,
+)
 from .config import RingAttentionConfig
-from .layers import compat as _compat
-from .layers.compat import *  # noqa: F403 - the predecessor's names, listed in compat.__all__
 from .layers.dilated import DilatedAttention, MultiheadDilatedAttention
 from .layers.multihead import RingMultiheadAttention
 from .layout import gather_sequence, global_positions, shard_sequence, unshard_sequence
@@ -27,6 +43,7 @@ __version__ = "0.1.0"
 __all__ = [
     "DilatedAttention",
     "DistributedRingAttention",
+    "HilbertBlockSparseAttention",
     "HilbertRingAttention",
     "MultiheadDilatedAttention",
     "RingAttentionBase",
@@ -54,5 +71,21 @@ __all__ = [
     "ring_context",
     "shard_sequence",
     "unshard_sequence",
-    *_compat.__all__,
+    # The predecessor's names (ring_plugin.compat).
+    "BaseRingAttention",
+    "BlockSparseRingAttention",
+    "BlockSparseRingDilatedAttention",
+    "BlockSparseRingDilatedAttentionFixed",
+    "BlockSparseRingDilatedAttentionHilbertPostPattern",
+    "BlockSparseRingDistributedDilatedAttention",
+    "BlockSparseRingMultiheadDilatedAttention",
+    "EnterpriseDistributedDilatedAttention",
+    "HilbertRingMultiheadAttention",
+    "RingAttentionFunction",
+    "RingCommunicationStats",
+    "RingDilatedAttentionHilbertGPUOptimized",
+    "RingDistributedDilatedAttention",
+    "RingMultiheadDilatedAttention",
+    "StableRingAccumulator",
+    "StandardizedRingConfig",
 ]

@@ -3,14 +3,33 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .layout import LAYOUTS
 from .ops.kernels import BACKENDS
 
 PATTERN_TYPES = ("local", "dilated_sparse", "global_local")
+
+# The predecessor library's keyword arguments: renamed ones map onto ours; the others had no effect
+# that a ring layer can honour, so they are accepted with a warning saying what does it instead.
+LEGACY_RENAMED = {"enable_monitoring": "collect_stats", "world_size": "ring_size"}
+LEGACY_WITHOUT_EFFECT = {
+    "use_deepspeed": "DeepSpeed is chosen by the strategy (RingDeepSpeedStrategy), not by a layer",
+}
+
+
+def translate_legacy(overrides: dict[str, Any]) -> dict[str, Any]:
+    """``overrides`` with the predecessor's keyword arguments mapped onto ours."""
+    out = {}
+    for name, value in overrides.items():
+        if name in LEGACY_WITHOUT_EFFECT:
+            warnings.warn(f"{name}={value!r} has no effect: {LEGACY_WITHOUT_EFFECT[name]}", UserWarning, stacklevel=3)
+            continue
+        out[LEGACY_RENAMED.get(name, name)] = value
+    return out
 
 
 def _ints(name: str, value: Sequence[int] | None) -> list[int] | None:
@@ -34,6 +53,8 @@ class RingAttentionConfig:
     ``layout``: shard layout, ``'contiguous'`` or ``'zigzag'`` (default: the active ring's, else
     contiguous). ``backend``: kernel backend (``'auto'`` picks by device and dtype).
     ``comm_timeout``: seconds to wait for a ring peer before raising (None: wait forever).
+    ``collect_stats``: record communication statistics in the layer's ``.stats`` (None: the variant's
+    default, on for ``distributed`` only); costs a device sync per ring step.
     ``oracle_dtype``: compute dtype of the ``correct`` variant (``'float32'`` or ``'float64'``).
     ``grad_comm_dtype``: dtype of the dK/dV accumulators that travel round the ring in backward:
     ``'float32'`` (exact sum, the default) or ``'input'`` (the inputs' dtype: half the memory and
@@ -53,8 +74,7 @@ class RingAttentionConfig:
     backend: str = "auto"
     softmax_scale: float | None = None
     comm_timeout: float | None = None
-    enable_monitoring: bool = False
-    use_deepspeed: bool = False
+    collect_stats: bool | None = None
     oracle_dtype: str = "float32"
     grad_comm_dtype: str = "float32"
     check_inputs_across_ranks: bool = True
@@ -65,7 +85,6 @@ class RingAttentionConfig:
     hilbert_level: int | None = None
     grid: tuple[int, int] | None = None
     token_order: str = "row_major"
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.segment_lengths = _ints("segment_lengths", self.segment_lengths)
@@ -124,13 +143,10 @@ class RingAttentionConfig:
         return {f.name for f in dataclasses.fields(cls)}
 
     def replace(self, **overrides: Any) -> RingAttentionConfig:
+        overrides = translate_legacy(overrides)
         unknown = set(overrides) - self.field_names()
         if unknown:
             raise TypeError(
                 f"unknown ring attention argument(s) {sorted(unknown)}; valid: {sorted(self.field_names())}"
             )
         return dataclasses.replace(self, **overrides)
-
-    @property
-    def is_dilated(self) -> bool:
-        return self.segment_lengths is not None

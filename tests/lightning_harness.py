@@ -220,3 +220,74 @@ def multihead_case(rank: int, world: int, causal: bool) -> dict[str, float]:
         grad_err = max(grad_err, float((p.grad - ref_params[name].grad).abs().max()))
     out_err = float((got - shard_sequence(expected, 1, "zigzag", rank, world)).abs().max())
     return {"out": out_err, "grad": grad_err}
+
+
+def make_packed_samples(n: int, seq_len: int, seed: int = 0) -> list[Sample]:
+    """Packed samples: documents of random lengths, positions restarting per document, the label that
+    crosses a document boundary ignored (-100), and the documents' ids."""
+    g = torch.Generator().manual_seed(seed)
+    samples = []
+    for _ in range(n):
+        cuts = torch.sort(torch.randperm(seq_len - 1, generator=g)[:4] + 1).values
+        starts = torch.zeros(seq_len, dtype=torch.long)
+        starts[cuts] = 1
+        doc = starts.cumsum(0)
+        first = torch.searchsorted(doc, doc)  # index of each token's document start
+        ids = torch.randint(0, VOCAB, (seq_len + 1,), generator=g)
+        labels = ids[1:].clone()
+        labels[torch.cat([doc[1:] != doc[:-1], torch.tensor([True])])] = -100
+        samples.append({"input_ids": ids[:-1].clone(), "labels": labels, "document_ids": doc,
+                        "position_ids": torch.arange(seq_len) - first})
+    return samples
+
+
+def _global_batch(samples: list[Sample], dp: int, batch_size: int, step: int) -> list[Sample]:
+    from torch.utils.data import DistributedSampler
+
+    picked = []
+    for d in range(dp):
+        order = list(DistributedSampler(samples, num_replicas=dp, rank=d, shuffle=True, seed=0))
+        picked += [samples[i] for i in order[step * batch_size:(step + 1) * batch_size]]
+    return picked
+
+
+def _full_weights(module: Any, trainer: Trainer) -> dict[str, torch.Tensor]:
+    """Every parameter, whole (ZeRO-3 partitions are gathered: a collective on every rank)."""
+    if isinstance(trainer.strategy, RingDeepSpeedStrategy) and trainer.strategy.zero_stage_3:
+        import deepspeed
+
+        params = list(module.named_parameters())
+        with deepspeed.zero.GatheredParameters([p for _, p in params]):
+            return {n: p.detach().clone() for n, p in params}
+    return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+def packed_training_case(case: Case, rank: int, world: int, steps: int = 3) -> dict[str, float] | None:
+    """``steps`` optimizer steps on packed documents under the strategy vs one process training on the
+    whole packed sequences (positions per document, document masks): the final weights must agree."""
+    from torch.utils.data import DataLoader
+
+    dp = world // (case.ring_size or world)
+    samples = make_packed_samples(4 * dp * case.batch_size, case.seq_len, seed=4)
+    module = make_module(case)
+    trainer = make_trainer(case, world, steps, [])
+    trainer.fit(module, DataLoader(samples, batch_size=case.batch_size))
+    weights = _full_weights(module, trainer)
+    if rank != 0:
+        return None
+    ref = make_module(case)
+    setup = ref.configure_optimizers()
+    optimizer, scheduler = setup["optimizer"], setup["lr_scheduler"]["scheduler"]
+    for step in range(steps):
+        batch = {k: torch.stack([s[k] for s in _global_batch(samples, dp, case.batch_size, step)])
+                 for k in samples[0]}
+        with ring_context(None, "contiguous"):
+            logits = ref.model(batch["input_ids"], batch["position_ids"], batch["document_ids"])
+        F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100).backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+    errors = {n: float((weights[n] - p.detach()).abs().max()) for n, p in ref.named_parameters()}
+    moved = max(float((p.detach() - q.detach()).abs().max()) for p, q in zip(ref.parameters(),
+                                                                             make_module(case).parameters()))
+    return {"weight_abs": max(errors.values()), "moved": moved}

@@ -2,27 +2,44 @@
 
 Spawning a gloo world costs seconds on a small machine, so every pattern case of every test file
 runs in ONE world of 2 and ONE world of 4 processes (cached per pytest session). Each case returns
-its errors against the oracle (output, dQ, dK, dV), which the test files assert in the parent.
+its errors against the oracle (output, dQ, dK, dV), keyed by the case's name, which the test files
+assert in the parent, one pytest case per name.
 """
 
 from __future__ import annotations
 
 import functools
+import zlib
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from ring_plugin import create_ring_attention, reference_attention, shard_sequence
+from ring_plugin import HilbertRingAttention, create_ring_attention, reference_attention, shard_sequence
 from ring_plugin.patterns import DilatedPattern, hilbert_permutation, inverse_permutation
 from ring_plugin.testing import run_in_process_group
 
 Case = dict[str, Any]
 
+# Short words for the config fields in case names.
+_SHORT = {"segment_lengths": "seg", "dilation_rates": "rate", "block_size": "bs", "sparsity_ratio": "sp",
+          "pattern_type": "", "backend": "", "grid": "grid", "hilbert_level": "level", "token_order": "order",
+          "grad_comm_dtype": "grad"}
+
+
+def _word(key: str, value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        value = "x".join(map(str, value))
+    return f"{_SHORT.get(key, key)}{value}"
+
 
 def _case(variant: str, shape: tuple[int, int, int, int, int], causal: bool, layout: str = "contiguous",
           dtype: torch.dtype = torch.float32, **kw: Any) -> Case:
-    return {"variant": variant, "shape": shape, "causal": causal, "layout": layout, "dtype": dtype, "kw": kw}
+    b, n, h, hkv, d = shape
+    words = [variant, f"b{b}n{n}h{h}kv{hkv}d{d}", "causal" if causal else "full", layout,
+             str(dtype).removeprefix("torch."), *(_word(k, v) for k, v in kw.items())]
+    return {"name": "-".join(words), "variant": variant, "shape": shape, "causal": causal, "layout": layout,
+            "dtype": dtype, "kw": kw}
 
 
 def dilated_cases() -> list[Case]:
@@ -94,35 +111,55 @@ def hilbert_cases() -> list[Case]:
     ]
 
 
+def hilbert_block_sparse_cases() -> list[Case]:
+    # Shards of 16 (world 4: 8 zigzag rows per chunk) hold whole blocks; 90 % on a 16x16 grid.
+    return [
+        _case("hilbert_block_sparse", (2, 64, 3, 3, 8), True, "contiguous", grid=(8, 8), block_size=4,
+              sparsity_ratio=0.75, pattern_type="local"),
+        _case("hilbert_block_sparse", (2, 64, 3, 3, 8), False, "zigzag", hilbert_level=3, block_size=4,
+              sparsity_ratio=0.75, pattern_type="dilated_sparse"),
+        _case("hilbert_block_sparse", (1, 48, 4, 2, 8), True, "zigzag", grid=(6, 8), block_size=3,
+              sparsity_ratio=0.5, pattern_type="global_local"),
+        _case("hilbert_block_sparse", (1, 256, 2, 2, 8), True, "contiguous", grid=(16, 16), block_size=8,
+              sparsity_ratio=0.9, pattern_type="local"),
+        _case("hilbert_block_sparse", (1, 64, 2, 2, 8), False, "contiguous", grid=(8, 8), block_size=4,
+              sparsity_ratio=0.5, pattern_type="local", token_order="hilbert"),
+        _case("hilbert_block_sparse", (1, 64, 4, 2, 8), True, "zigzag", torch.bfloat16, grid=(8, 8), block_size=4,
+              sparsity_ratio=0.75, pattern_type="global_local", backend="flex"),
+    ]
+
+
 def all_cases() -> list[Case]:
-    return dilated_cases() + block_sparse_cases() + hilbert_cases()
+    cases = dilated_cases() + block_sparse_cases() + hilbert_cases() + hilbert_block_sparse_cases()
+    names = [c["name"] for c in cases]
+    assert len(set(names)) == len(names), "case names must be unique: they key the results"
+    return cases
 
 
-def _oracle(layer, q, k, v, causal: bool, case: Case):
+def oracle(layer, q, k, v, causal: bool):
+    """Dense attention with the pattern's mask (dilated: its counts); a Hilbert layer taking
+    row-major tokens: permute into Hilbert order, the same, permute back."""
     n, heads = q.shape[1], q.shape[2]
-    if case["variant"] == "hilbert" and case["kw"].get("token_order", "row_major") == "row_major":
-        # Oracle: permute into Hilbert order, apply the plain pattern, permute back.
-        grid = layer.grid_for(n)
-        perm = hilbert_permutation(*grid)
-        counts = layer.pattern.counts(n, heads) if layer.pattern is not None else None
-        out = reference_attention(q[:, perm], k[:, perm], v[:, perm], causal=causal, allowed=counts)
-        return out[:, inverse_permutation(perm)]
     counts = layer.pattern.counts(n, heads) if layer.pattern is not None else None
     if counts is not None and not isinstance(layer.pattern, DilatedPattern):
         counts = counts.bool()
+    if isinstance(layer, HilbertRingAttention) and layer.config.token_order == "row_major":
+        perm = hilbert_permutation(*layer.grid_for(n))
+        out = reference_attention(q[:, perm], k[:, perm], v[:, perm], causal=causal, allowed=counts)
+        return out[:, inverse_permutation(perm)]
     return reference_attention(q, k, v, causal=causal, allowed=counts)
 
 
-def run_case(rank: int, world: int, case: Case, seed: int) -> list[float]:
+def run_case(rank: int, world: int, case: Case) -> list[float]:
     """Errors of output, dQ, dK, dV against autograd through the oracle (fp32: abs; half: relative)."""
     b, n, h, hkv, d = case["shape"]
     dtype, layout, causal = case["dtype"], case["layout"], case["causal"]
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(zlib.crc32(case["name"].encode()))
     q, k, v = (torch.randn(b, n, hh, d, generator=gen).to(dtype) for hh in (h, hkv, hkv))
     grad = torch.randn(b, n, h, d, generator=gen).to(dtype)
     layer = create_ring_attention(case["variant"], layout=layout, **case["kw"])
     ref_in = [t.double().requires_grad_() for t in (q, k, v)]
-    ref = _oracle(layer, *ref_in, causal, case)
+    ref = oracle(layer, *ref_in, causal)
     (ref * grad.double()).sum().backward()
     mine = [shard_sequence(t, 1, layout, rank, world).clone().requires_grad_() for t in (q, k, v)]
     out = layer(*mine, is_causal=causal)
@@ -165,7 +202,7 @@ def _gathered_bytes(rank: int, world: int) -> dict[str, list[int]]:
     for name, causal, dtype in (("full", False, torch.float32), ("causal", True, torch.float32),
                                 ("causal_bf16", True, torch.bfloat16)):
         layer = create_ring_attention("block_sparse", backend="flex", block_size=4, sparsity_ratio=0.5,
-                                      pattern_type="local", layout="contiguous", enable_monitoring=True)
+                                      pattern_type="local", layout="contiguous", collect_stats=True)
         x = [torch.randn(1, n_local, h, 4, generator=gen).to(dtype).requires_grad_() for h in (4, 2, 2)]
         out = layer(*x, is_causal=causal)
         fwd = layer.stats.bytes_sent
@@ -189,61 +226,59 @@ def _extra_checks(rank: int, world: int) -> dict[str, Any]:
     x = [torch.randn(1, 8, 2, 4, requires_grad=True) for _ in range(3)]
     attn(*x, is_causal=True).sum().backward()
     res["local_bytes"] = attn.stats.bytes_sent
-    # Block-sparse local window of one block: only the neighbours' shards are needed.
-    bs = create_ring_attention("distributed", segment_lengths=[32], dilation_rates=[1])
-    bs(*x).sum().backward()
-    res["spanning_bytes"] = bs.stats.bytes_sent
+    # One segment spanning every shard: the ring sends.
+    spanning = create_ring_attention("distributed", segment_lengths=[32], dilation_rates=[1])
+    spanning(*x).sum().backward()
+    res["spanning_bytes"] = spanning.stats.bytes_sent
     res["sparse_bytes"] = _dilated_bytes(world)
     res["gathered_bytes"] = _gathered_bytes(rank, world)
-    bad = [
-        ("standard", {"segment_lengths": [12], "dilation_rates": [1]}, 8),  # n=8*world not a multiple of 12
-        ("hilbert", {"grid": (3, 3)}, 8),
-        ("block_sparse", {"block_size": 16}, 8),
-    ]
-    msgs = []
-    for name, kw, n_local in bad:
-        layer = create_ring_attention(name, **kw)
-        t = torch.randn(1, n_local, 2, 4)
+    # Bad configurations for a shard of 8 rows: each raises (the message is kept) on every rank.
+    bad = {
+        "segment_length": ("standard", {"segment_lengths": [12], "dilation_rates": [1]}),  # 8*world % 12
+        "hilbert_grid": ("hilbert", {"grid": (3, 3)}),
+        "block_size": ("block_sparse", {"block_size": 16}),
+        "hilbert_block_sparse_grid": ("hilbert_block_sparse", {"grid": (3, 3), "block_size": 4}),
+        "hilbert_block_sparse_block_size": ("hilbert_block_sparse", {"grid": (world, 8), "block_size": 16}),
+    }
+    res["bad"] = {}
+    t = torch.randn(1, 8, 2, 4)
+    for key, (name, kw) in bad.items():
         try:
-            layer(t, t, t)
-            msgs.append(None)
+            create_ring_attention(name, **kw)(t, t, t)
+            res["bad"][key] = None
         except ValueError as err:
-            msgs.append(str(err))
-    res["bad"] = msgs
+            res["bad"][key] = str(err)
     dist.barrier()
     return res
 
 
+def _errors_by_name(rank: int, world: int) -> dict[str, list[float]]:
+    return {c["name"]: run_case(rank, world, c) for c in all_cases()}
+
+
 def world_worker(rank: int, world: int) -> dict[str, Any]:
-    cases = all_cases()
-    return {"errors": [run_case(rank, world, c, i) for i, c in enumerate(cases)], "extra": _extra_checks(rank, world)}
+    return {"errors": _errors_by_name(rank, world), "extra": _extra_checks(rank, world)}
 
 
 @functools.cache
-def world_results(world: int) -> tuple[list[list[list[float]]], list[dict[str, Any]]]:
-    """Per rank: errors of every case of :func:`all_cases` in a world of ``world`` processes."""
+def world_results(world: int) -> tuple[list[dict[str, list[float]]], list[dict[str, Any]]]:
+    """Per rank: errors of every case of :func:`all_cases` (by name) in a world of ``world`` processes,
+    and the facts of :func:`_extra_checks` (none in one process)."""
     if world == 1:
-        return [[run_case(0, 1, c, i) for i, c in enumerate(all_cases())]], []
-    out = run_in_process_group(world_worker, world, timeout=170)
+        return [_errors_by_name(0, 1)], []
+    out = run_in_process_group(world_worker, world, timeout=200)
     return [r["errors"] for r in out], [r["extra"] for r in out]
 
 
-def case_errors(world: int, kind: str) -> list[tuple[Case, list[float]]]:
-    """(case, worst error over ranks of [out, dq, dk, dv]) for the cases of one kind."""
-    cases = all_cases()
-    errors, _ = world_results(world)
-    rows = []
-    for i, case in enumerate(cases):
-        if _kind(case) == kind:
-            worst = [max(errors[r][i][j] for r in range(len(errors))) for j in range(4)]
-            rows.append((case, worst))
-    return rows
+def worst_errors(world: int, case: Case) -> list[float]:
+    """The worst over ranks of the case's [out, dq, dk, dv] errors."""
+    per_rank = [errors[case["name"]] for errors in world_results(world)[0]]
+    return [max(column) for column in zip(*per_rank)]
 
 
-def _kind(case: Case) -> str:
-    if case["variant"] in ("block_sparse", "hilbert"):
-        return case["variant"]
-    return "dilated"
+def case_name(case: Case) -> str:
+    """The pytest id of a case."""
+    return case["name"]
 
 
 def tolerance(case: Case) -> float:

@@ -7,8 +7,16 @@ import torch
 
 import ring_plugin
 from ring_plugin import (
+    BlockSparseRingMultiheadDilatedAttention,
+    HilbertBlockSparseAttention,
+    HilbertRingAttention,
+    HilbertRingMultiheadAttention,
     RingAttentionConfig,
+    RingBlockSparseAttention,
+    RingMultiheadAttention,
+    RingMultiheadDilatedAttention,
     StandardRingAttention,
+    compat,
     create_ring_attention,
     global_positions,
     reference_attention,
@@ -18,6 +26,7 @@ from ring_plugin import (
 from ring_plugin.attention.plan import Block, plan_dense_step
 from ring_plugin.ops.kernels import KERNELS, select_kernel
 from ring_plugin.ops.merge import merge_into
+from tests.pattern_world import oracle
 
 
 @pytest.mark.parametrize(
@@ -60,6 +69,41 @@ def test_factory_names_and_errors():
 def test_old_names_resolve_to_standard():
     assert ring_plugin.RingDilatedAttention is StandardRingAttention
     assert ring_plugin.RingDilatedAttentionProduction is StandardRingAttention
+
+
+def test_compat_names_are_the_library_classes_exported_at_the_top():
+    for name in compat.__all__:
+        assert getattr(ring_plugin, name) is getattr(compat, name), name
+    assert compat.BlockSparseRingDilatedAttention is RingBlockSparseAttention
+    assert compat.BlockSparseRingDilatedAttentionHilbertPostPattern is HilbertBlockSparseAttention
+    assert compat.BaseRingAttention is ring_plugin.RingAttentionBase
+    assert compat.RingCommunicationStats is ring_plugin.RingStats
+
+
+@pytest.mark.parametrize(
+    "cls, kwargs, variant",
+    [
+        (RingMultiheadDilatedAttention, {"segment_lengths": [8, 16], "dilation_rates": [1, 2]}, StandardRingAttention),
+        (HilbertRingMultiheadAttention, {"grid": (4, 4), "segment_lengths": [8], "dilation_rates": [2]},
+         HilbertRingAttention),
+        (BlockSparseRingMultiheadDilatedAttention, {"block_size": 4, "sparsity_ratio": 0.5, "pattern_type": "local"},
+         RingBlockSparseAttention),
+        (BlockSparseRingMultiheadDilatedAttention, {"use_hilbert": True, "hilbert_level": 2, "block_size": 2,
+                                                    "sparsity_ratio": 0.75, "pattern_type": "dilated_sparse"},
+         HilbertBlockSparseAttention),
+    ],
+)
+def test_multihead_names_fix_the_variant_and_match_the_oracle(cls, kwargs, variant):
+    torch.manual_seed(4)
+    mha = cls(16, 2, **kwargs)
+    assert isinstance(mha, RingMultiheadAttention) and type(mha.attention) is variant
+    x = torch.randn(2, 16, 16)
+    out, _ = mha(x, x, x, is_causal=True)
+    q, k, v = (t.view(2, 16, 2, 8) for t in mha._project(x, x, x))
+    want = mha.out_proj(oracle(mha.attention, q, k, v, causal=True).reshape(2, 16, 16))
+    assert (out - want).abs().max() < 1e-5
+    with pytest.raises(TypeError, match="fixes the attention variant"):
+        cls(16, 2, attention="standard")
 
 
 def test_ring_size_without_a_process_group_is_refused():
@@ -169,3 +213,15 @@ def test_bad_inputs_raise_clear_errors(q_shape, k_shape, dtypes, word):
     k = torch.randn(*k_shape, dtype=dtypes[1])
     with pytest.raises(ValueError, match=word):
         create_ring_attention("standard")(q, k, k)
+
+
+def test_predecessor_keywords_are_translated_or_warned():
+    from ring_plugin import RingBlockSparseAttention, StandardRingAttention
+
+    assert StandardRingAttention(enable_monitoring=True).config.collect_stats is True
+    assert StandardRingAttention(enable_monitoring=True).collects_stats
+    assert not StandardRingAttention().collects_stats
+    with pytest.warns(UserWarning, match="use_deepspeed=True has no effect: DeepSpeed is chosen by the strategy"):
+        StandardRingAttention(use_deepspeed=True)
+    with pytest.warns(UserWarning, match=r"segment_lengths=\[64\] / dilation_rates=\[1\] do not change"):
+        RingBlockSparseAttention(segment_lengths=[64], dilation_rates=[1])

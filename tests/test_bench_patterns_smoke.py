@@ -23,6 +23,6 @@ def test_bench_patterns_smoke(tmp_path):
     for row in report["equivalence"]:  # fp32 on CPU: the pattern layers equal the fp64 oracle
         assert row["passed"] and max(row[f"{x}_rel"] for x in ("out", "dq", "dk", "dv")) < 1e-4, row
     timed = {r["case"]: r for r in report["results"]}
-    assert set(timed) == {"dense", "dilated", "block_sparse"}
+    assert set(timed) == {"dense", "dilated", "block_sparse", "hilbert_block_sparse"}
     assert all(r["ms"] > 0 and "error" not in r for r in timed.values())
     assert timed["dilated"]["speedup_vs_dense_ring"] > 0

@@ -15,15 +15,14 @@ from ring_plugin import (
     reference_attention,
 )
 from ring_plugin.patterns import DilatedPattern, ViewBlock
-from tests.pattern_world import case_errors, tolerance, world_results
+from tests.pattern_world import case_name, dilated_cases, tolerance, world_results, worst_errors
 
 
+@pytest.mark.parametrize("case", dilated_cases(), ids=case_name)
 @pytest.mark.parametrize("world", [1, 2, 4])
-def test_dilated_matches_oracle(world: int) -> None:
-    rows = case_errors(world, "dilated")
-    assert len(rows) >= 15
-    for case, errs in rows:
-        assert max(errs) <= tolerance(case), (case, errs)
+def test_dilated_matches_oracle(world: int, case) -> None:
+    errs = worst_errors(world, case)  # [out, dq, dk, dv]
+    assert max(errs) <= tolerance(case), errs
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -32,7 +31,7 @@ def test_local_segments_send_nothing_and_bad_lengths_raise(world: int) -> None:
     for rank_extra in extra:
         assert rank_extra["local_bytes"] == 0  # every segment fits in a shard: no ring traffic
         assert rank_extra["spanning_bytes"] > 0
-        assert "multiple of every segment length" in rank_extra["bad"][0]
+        assert "multiple of every segment length" in rank_extra["bad"]["segment_length"]
 
 
 @pytest.mark.parametrize("world", [2, 4])

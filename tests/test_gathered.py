@@ -18,8 +18,10 @@ import torch
 from torch.nn.attention.flex_attention import flex_attention
 
 from ring_plugin import create_ring_attention
-from ring_plugin.attention.engine import RingSpec
-from ring_plugin.attention.gathered import Geometry, dense_masked_attention, flex_block_mask, geometry
+from ring_plugin.attention.call import RingCall
+from ring_plugin.attention.exchange import build_exchange_plan
+from ring_plugin.attention.gathered import Geometry, build_gathered_plan, dense_masked_attention, flex_block_mask
+from ring_plugin.layout import ShardLayout
 from ring_plugin.ops.kernels import KERNELS, select_kernel
 from ring_plugin.patterns import BlockSparsePattern
 
@@ -31,9 +33,10 @@ def _geometry(block_size: int, causal: bool, world: int, rank: int, layout: str)
     """The geometry of ``rank`` in a ring of ``world`` (no process group: the plan needs rank and size only)."""
     pattern = BlockSparsePattern(block_size, 0.25, "global_local")
     comm = types.SimpleNamespace(rank=rank, world_size=world)
-    spec = RingSpec(comm=comm, layout=layout, kernel=KERNELS["math"], scale=SCALE, causal=causal,  # type: ignore[arg-type]
-                    pattern=pattern, heads=2, kv_heads=1)
-    return geometry(spec, N // world, 1)
+    call = RingCall(comm=comm, layout=ShardLayout.named(layout, world), kernel=KERNELS["math"],  # type: ignore[arg-type]
+                    scale=SCALE, causal=causal, heads=2, kv_heads=1)
+    exchange = build_exchange_plan(pattern, call, N // world)
+    return build_gathered_plan(pattern, ("test",), call, exchange).geometry
 
 
 def _expand(block_mask, geo: Geometry) -> torch.Tensor:

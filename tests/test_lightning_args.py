@@ -70,7 +70,9 @@ def test_resumable_loader_skips_only_in_the_saved_epoch():
     loader = ResumableLoader(inner.items, lambda: dict(position))
     assert loader.state_dict() == {"epoch": 1, "batches": 3}
     loader.load_state_dict({"epoch": 1, "batches": 3})
-    assert list(loader) == [3] and list(loader) == [0, 1, 2, 3]  # skips once
+    with pytest.warns(UserWarning, match="loading and dropping 3 batch"):  # a list has no sampler to start late
+        assert list(loader) == [3]
+    assert list(loader) == [0, 1, 2, 3]  # skips once
     loader.load_state_dict({"epoch": 0, "batches": 3})  # saved in an epoch that has ended
     assert list(loader) == [0, 1, 2, 3]
     wrapped = ResumableLoader(inner, lambda: dict(position))

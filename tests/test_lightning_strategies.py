@@ -31,6 +31,9 @@ WORLD2 = _equivalence_cases(2) + [Case("deepspeed", 0), Case("deepspeed", 3, opt
 WORLD4 = _equivalence_cases(4) + [Case("ddp", ring_size=2, batch_size=2), Case("deepspeed", 2, ring_size=2),
                                   Case("deepspeed", 3, ring_size=2, batch_size=2)]
 RESUME = [Case("ddp"), Case("deepspeed", 2), Case("deepspeed", 3), Case("ddp", ring_size=1)]
+# Packed documents at ring 2: every layout, DDP and ZeRO-3.
+PACKED = [Case(kind, stage, layout=layout, seq_len=48) for kind, stage in (("ddp", 0), ("deepspeed", 3))
+          for layout in ("zigzag", "balanced", "contiguous") if kind == "ddp" or layout == "balanced"]
 
 
 def world2_worker(rank: int, world: int, workdir: str) -> dict:
@@ -41,6 +44,8 @@ def world2_worker(rank: int, world: int, workdir: str) -> dict:
     out["ring_size=3"] = H.run_isolated(H.equivalence_case, Case("ddp", ring_size=3), rank, world)
     for c in RESUME:
         out["resume/" + c.name] = H.run_isolated(H.resume_case, c, rank, world, workdir)
+    for c in PACKED:
+        out["packed/" + c.name] = H.run_isolated(H.packed_training_case, c, rank, world)
     return out
 
 
@@ -112,3 +117,12 @@ def test_dilated_case_is_not_dense():
     dense, _ = H.reference_step(Case("ddp"), H.make_samples(1, 32, seed=1))
     dilated, _ = H.reference_step(Case("ddp", model=dict(DILATED)), H.make_samples(1, 32, seed=1))
     assert abs(dense - dilated) > 1e-4
+
+
+@pytest.mark.parametrize("name", [c.name for c in PACKED])
+def test_packed_documents_train_like_one_process(world2, name):
+    """3 steps on packed documents (positions per document, document masks) end with one process's weights."""
+    result = world2["packed/" + name]
+    assert isinstance(result, dict), result
+    assert result["moved"] > 1e-3, result  # the weights did change
+    assert result["weight_abs"] < 1e-5, result

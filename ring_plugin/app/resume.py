@@ -1,18 +1,77 @@
-"""``resume=auto|never|PATH`` → the checkpoint to start from (or None)."""
+"""``resume=auto|never|PATH`` → the checkpoint to start from (or None).
+
+A run that has checkpoints never restarts from step 0 by accident: with ``auto``, if none of them
+verifies, the run refuses to start and names each file and what is wrong with it. Starting over
+(``never``) or from an older checkpoint (``PATH``) sets the checkpoints it would abandon aside
+instead of deleting them, so a later ``auto`` cannot pick a checkpoint of the abandoned run.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import time
 from pathlib import Path
 
-from ..callbacks.checkpointing import newest_complete_checkpoint
+from ..callbacks.checkpoint_files import (
+    checkpoint_step,
+    checkpoints_newest_first,
+    manifest_path,
+    scan,
+    verify,
+)
+
+
+class ResumeError(RuntimeError):
+    """The run's checkpoints cannot be resumed and starting from zero was not asked for."""
 
 
 def resolve_resume(resume: str, checkpoint_dir: str | Path) -> str | None:
+    """The checkpoint to resume from; raises :class:`ResumeError` instead of silently starting over."""
+    directory = Path(checkpoint_dir)
     if resume == "never":
+        set_aside(checkpoints_newest_first(directory), directory)
         return None
     if resume == "auto":
-        found = newest_complete_checkpoint(checkpoint_dir)
-        return str(found) if found is not None else None
-    if not Path(resume).exists():
+        found = scan(directory)
+        if found.found is not None:
+            return str(found.found)
+        if found.rejected:
+            raise ResumeError(
+                f"resume=auto: none of the {len(found.rejected)} checkpoint(s) in {directory} can be used:\n"
+                f"{found.report()}\n"
+                "Pass resume=PATH to use a checkpoint from elsewhere, or resume=never to start over from step 0 "
+                f"(the damaged files are then moved to {directory}/set_aside_*/, not deleted)."
+            )
+        return None
+    path = Path(resume)
+    if not path.exists():
         raise FileNotFoundError(f"resume={resume!r}: no such checkpoint (use 'auto', 'never' or an existing path)")
+    reason = verify(path)
+    if reason is not None:
+        raise ResumeError(f"resume={resume!r} cannot be used: {reason}")
+    step = checkpoint_step(path)
+    if step is not None and path.parent.resolve() == directory.resolve():
+        # Resuming an older checkpoint of this run: the newer ones belong to a timeline being abandoned.
+        set_aside([p for p in checkpoints_newest_first(directory) if (checkpoint_step(p) or 0) > step], directory)
     return resume
+
+
+def set_aside(checkpoints: list[Path], directory: Path) -> None:
+    """Move ``checkpoints`` (and their manifests) into ``directory/set_aside_<time>/`` (rank 0 only)."""
+    if not checkpoints or not _is_rank_zero():
+        return
+    target = directory / time.strftime("set_aside_%Y%m%d_%H%M%S")
+    target.mkdir(exist_ok=True)
+    for path in checkpoints:
+        for item in (path, manifest_path(path)):
+            with contextlib.suppress(FileNotFoundError):  # no manifest, or another launcher's rank 0 was first
+                os.replace(item, target / item.name)
+    print(f"[ring-train] moved {len(checkpoints)} checkpoint(s) that this run will not continue from to {target}",
+          flush=True)
+
+
+def _is_rank_zero() -> bool:
+    """Before the process group exists: torchrun sets RANK, SLURM SLURM_PROCID; Lightning's launcher
+    starts the other ranks later, with LOCAL_RANK/NODE_RANK set, so a process without any is rank 0."""
+    return all(os.environ.get(key, "0") == "0" for key in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK"))

@@ -12,7 +12,7 @@ from .modules import (
     RingDilatedAttentionSDPA,
     StandardRingAttention,
 )
-from .pattern_modules import HilbertRingAttention, RingBlockSparseAttention
+from .pattern_modules import HilbertBlockSparseAttention, HilbertRingAttention, RingBlockSparseAttention
 
 _REGISTRY: dict[str, type[RingAttentionBase]] = {
     "standard": StandardRingAttention,
@@ -21,6 +21,7 @@ _REGISTRY: dict[str, type[RingAttentionBase]] = {
     "distributed": DistributedRingAttention,
     "block_sparse": RingBlockSparseAttention,
     "hilbert": HilbertRingAttention,
+    "hilbert_block_sparse": HilbertBlockSparseAttention,
 }
 
 
@@ -41,12 +42,10 @@ def create_ring_attention(
 ) -> RingAttentionBase:
     """Build a ring attention layer by name.
 
-    ``overrides`` are :class:`RingAttentionConfig` fields applied on top of ``config``;
-    ``world_size`` is accepted as the seeds' word for ``ring_size``. ``'auto'`` picks the standard
+    ``overrides`` are :class:`RingAttentionConfig` fields applied on top of ``config`` (the
+    predecessor's keywords, e.g. ``world_size`` for ``ring_size``, are translated). ``'auto'`` picks the standard
     engine (the fastest exact dense variant) unless a config field asks for a pattern variant.
     """
-    if "world_size" in overrides:
-        overrides["ring_size"] = overrides.pop("world_size")
     if name == "auto":
         name = _auto_name(config, overrides)
     if name not in _REGISTRY:

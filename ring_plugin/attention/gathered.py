@@ -2,8 +2,8 @@
 
 The engine's pattern path computes block-sparse attention as many gathered blocks whose partial
 outputs merge in fp32; on a GPU the gathers and merges cost more than the attention. Here the rows
-of other ranks that this rank's queries read are fetched first (the engine's direct exchanges,
-:meth:`~.engine.RingSpec.peer_rounds`), and ONE masked attention call runs over
+of other ranks that this rank's queries read are fetched first (the rounds of the layer's
+:class:`~.exchange.ExchangePlan`, as whole sequence rows), and ONE masked attention call runs over
 ``[own K/V ; fetched K/V]`` with autograd. That call sees every key of each query, so no
 ``(out, lse)`` merge is needed and the kernel's own backward is exact; the gradients of fetched rows
 go back to their owners (:class:`GatherKV`).
@@ -15,79 +15,41 @@ heads, head_dim)`` like the module's; the kernels see ``(batch, heads, length, h
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from ..layout import global_positions
-from ..patterns.block_sparse import BlockSparsePattern
-from .engine import GradsHome, RingSpec
+from ..cache import BoundedCache
+from .call import RingCall
+from .exchange import ExchangePlan, GradsHome, RowRound
+from .schedule import prefetched
 
 if TYPE_CHECKING:
     from torch.nn.attention.flex_attention import BlockMask
 
 _TILE = 128  # flex's sparse block size: the BlockMask describes 128 x 128 tiles
-_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # pattern -> {key: geometry / mask}
 _FLEX: Callable[..., torch.Tensor] | None = None
 _MAX_GEOMETRIES = 64
-# BlockMasks are shared by every layer with the same pattern parameters (not cached per pattern
-# object): one mask_mod object means one compiled flex kernel, where compiled flex guards on the
-# mask_mod function (and stops compiling after a few recompiles). Few keys: one per geometry.
-_FLEX_MASKS: dict[tuple, Any] = {}
+# BlockMasks are shared by every layer with the same pattern and geometry (not owned by one layer):
+# one mask_mod object means one compiled flex kernel, where compiled flex guards on the mask_mod
+# function (and stops compiling after a few recompiles). Few keys: one per geometry.
+_FLEX_MASKS: BoundedCache[Any] = BoundedCache(_MAX_GEOMETRIES)
 
 
-def _key(spec: RingSpec, n_local: int, kv_heads: int, what: str) -> tuple:
-    return (what, spec.comm.rank, spec.comm.world_size, spec.layout, n_local, spec.causal, kv_heads)
+class BlockMaskPattern(Protocol):
+    """What the gathered path needs of a pattern: a block mask over (query block, key block) pairs."""
 
+    block_size: int
 
-def _cached(spec: RingSpec, n_local: int, kv_heads: int, what: str, build: Callable[[], Any]) -> Any:
-    key = _key(spec, n_local, kv_heads, what)
-    cache = _CACHE.setdefault(spec.pattern, {})
-    if key not in cache:
-        cache[key] = build()
-    return cache[key]
+    def mask(self, n: int) -> torch.Tensor: ...
 
 
 def _aligned(pos: torch.Tensor, size: int) -> bool:
     """Whether every ``size`` rows of ``pos`` are one aligned run of global positions."""
     runs = pos.view(-1, size)
     return bool((runs - runs[:, :1] == torch.arange(size)).all() and (runs[:, 0] % size == 0).all())
-
-
-@dataclass(frozen=True)
-class RowRound:
-    """One round of the engine's direct exchanges (:class:`~.engine.PeerRound`) as sequence rows:
-    block-sparse reads the same rows in every K/V head, so a round moves whole ``(H_kv, D)`` rows."""
-
-    shift: int
-    send_rows: torch.Tensor  # (S,) our local rows that rank + shift reads
-    recv_rows: torch.Tensor  # (R,) local rows of rank - shift that we read
-
-
-def _same_in_every_head(flat: torch.Tensor, kv_heads: int, n_local: int, shift: int) -> torch.Tensor:
-    """Flat ``kv_head * L + row`` rows -> the (R,) rows, checking that every K/V head has the same."""
-    per = flat.view(kv_heads, -1) if flat.numel() % kv_heads == 0 else None
-    if per is None or not bool((per - torch.arange(kv_heads)[:, None] * n_local == per[:1]).all()):
-        raise ValueError(
-            f"the gathered path needs every K/V head to read the same rows (round shift={shift}, "
-            f"{flat.numel()} rows over {kv_heads} heads); use backend='auto' on CPU or a kernel backend"
-        )
-    return per[0]
-
-
-def row_rounds(spec: RingSpec, n_local: int, kv_heads: int) -> list[RowRound]:
-    """This rank's exchanges as :class:`RowRound` s (cached on the pattern)."""
-
-    def build() -> list[RowRound]:
-        def rows(rd, flat):
-            return _same_in_every_head(flat, kv_heads, n_local, rd.shift)
-
-        return [RowRound(rd.shift, rows(rd, rd.send_rows), rows(rd, rd.recv_rows)) for rd in spec.peer_rounds(n_local)]
-
-    return _cached(spec, n_local, kv_heads, "rounds", build)
 
 
 def _as_run(idx: torch.Tensor) -> torch.Tensor | slice:
@@ -110,6 +72,36 @@ def _landing(buf: torch.Tensor) -> torch.Tensor:
     return buf if buf.is_contiguous() else torch.empty_like(buf, memory_format=torch.contiguous_format)
 
 
+@dataclass(frozen=True)
+class GatheredPlan:
+    """Everything the gathered path needs for one rank and geometry, built once by the layer."""
+
+    rounds: list[RowRound]
+    home: torch.Tensor | slice  # rows of ours that other ranks read
+    home_of_round: list[torch.Tensor | slice]  # per round, where its sent rows sit among ``home``
+    geometry: Geometry
+    mask_key: tuple  # identifies the geometry for the shared flex BlockMask cache
+
+
+def build_gathered_plan(pattern: BlockMaskPattern, pattern_key: tuple, call: RingCall,
+                        exchange: ExchangePlan) -> GatheredPlan:
+    rounds = exchange.sequence_rounds()  # validates that every K/V head reads the same rows
+    rank, world, n_local = call.comm.rank, call.comm.world_size, exchange.n_local
+    bs = pattern.block_size
+    pos_q = call.layout.positions(n_local, rank)
+    parts = [pos_q] + [call.layout.positions(n_local, (rank - rd.shift) % world)[rd.recv_rows] for rd in rounds]
+    pos_k = torch.cat(parts)
+    # Own and fetched rows are whole pattern blocks (blocks never straddle chunks), so local row
+    # r lies in local block r // bs and one block of keys is one block of the pattern.
+    assert _aligned(pos_q, bs) and _aligned(pos_k, bs)
+    mask = pattern.mask(n_local * world)
+    blocks = mask[(pos_q[::bs] // bs)[:, None], (pos_k[::bs] // bs)[None, :]]
+    geometry = Geometry(pos_q, pos_k, blocks, bs, call.causal)
+    home, where = _home_rows(rounds)
+    key = (pattern_key, call.layout.chunks, rank, n_local, call.causal, exchange.kv_heads)
+    return GatheredPlan(rounds, home, where, geometry, key)
+
+
 # --------------------------------------------------------------------------------------- fetching
 class GatherKV(torch.autograd.Function):
     """``(k, v)`` of this rank, ``(B, L, H_kv, D)`` -> ``[own ; fetched]`` K and V, ``(B, L + R, H_kv, D)``.
@@ -123,8 +115,8 @@ class GatherKV(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, k: torch.Tensor, v: torch.Tensor, spec: RingSpec, rounds: list[RowRound]):  # type: ignore[override]
-        comm = spec.comm
+    def forward(ctx, k: torch.Tensor, v: torch.Tensor, call: RingCall, plan: GatheredPlan):  # type: ignore[override]
+        comm, rounds = call.comm, plan.rounds
         b, n, hk, d = k.shape
         total = n + sum(rd.recv_rows.numel() for rd in rounds)
         k_all, v_all = (t.new_empty((b, total, hk, d)) for t in (k, v))
@@ -140,27 +132,23 @@ class GatherKV(torch.autograd.Function):
             recv = [_landing(t) for t in slot] if slot else None
             return comm.exchange_with(send, comm.rank + rd.shift, recv, comm.rank - rd.shift)
 
-        pending = post(0)
+        arrivals = prefetched(comm, len(rounds), lambda i, _prev: post(i))
         k_all[:, :n].copy_(k)  # while round 0 is in flight
         v_all[:, :n].copy_(v)
-        for i in range(len(rounds)):
-            following = post(i + 1) if i + 1 < len(rounds) else None
-            got = pending.wait()
-            pending = following  # type: ignore[assignment]
-            comm.start_compute()
-            for dst, src in zip(slots[i] or [], got or []):
+        for slot, got in zip(slots, arrivals):
+            for dst, src in zip(slot or [], got or []):
                 if src.data_ptr() != dst.data_ptr():
                     dst.copy_(src)
-        ctx.spec, ctx.rounds, ctx.n_local = spec, rounds, n
+        ctx.call, ctx.plan, ctx.n_local = call, plan, n
         return k_all, v_all
 
     @staticmethod
     def backward(ctx, dk_all: torch.Tensor, dv_all: torch.Tensor):  # type: ignore[override]
-        spec: RingSpec = ctx.spec
-        rounds: list[RowRound] = ctx.rounds
-        n, gd = ctx.n_local, spec.grad_dtype
+        call: RingCall = ctx.call
+        plan: GatheredPlan = ctx.plan
+        n, gd = ctx.n_local, call.grad_dtype
         own = [g[:, :n] for g in (dk_all, dv_all)]
-        rows, where = _cached(spec, n, dk_all.shape[2], "home rows", lambda: _home_rows(rounds))
+        rows, where = plan.home, plan.home_of_round
         run = isinstance(rows, slice)
         # The rows other ranks read: their contributions are summed with ours in grad_dtype (fp32 by
         # default), then written back; every other row's gradient is the kernel's own. Contributions
@@ -169,9 +157,9 @@ class GatherKV(torch.autograd.Function):
             acc = [g[:, rows].to(gd) for g in own]
         else:
             acc = [g.index_select(1, rows.to(g.device)).to(gd) for g in own] if rows.numel() else []
-        home = GradsHome(spec.comm, acc, wire_dtype=dk_all.dtype)
+        home = GradsHome(call.comm, acc, wire_dtype=dk_all.dtype)
         off = n
-        for rd, at in zip(rounds, where):
+        for rd, at in zip(plan.rounds, where):
             r = rd.recv_rows.numel()
             fetched = [g[:, off : off + r] for g in (dk_all, dv_all)]
             send = [g.contiguous() for g in fetched] if r else None
@@ -205,29 +193,6 @@ class Geometry:
         if self.causal:
             keep &= self.pos_k[None, :] <= self.pos_q[:, None]
         return keep
-
-
-def geometry(spec: RingSpec, n_local: int, kv_heads: int) -> Geometry:
-    """This rank's :class:`Geometry` (cached on the pattern)."""
-
-    def build() -> Geometry:
-        pattern = spec.pattern
-        assert isinstance(pattern, BlockSparsePattern)
-        rank, world, bs = spec.comm.rank, spec.comm.world_size, pattern.block_size
-        pos_q = global_positions(n_local, spec.layout, rank, world)
-        parts = [pos_q]
-        for rd in row_rounds(spec, n_local, kv_heads):
-            owner = (rank - rd.shift) % world
-            parts.append(global_positions(n_local, spec.layout, owner, world)[rd.recv_rows])
-        pos_k = torch.cat(parts)
-        # Own and fetched rows are whole pattern blocks (blocks never straddle chunks), so local row
-        # r lies in local block r // bs and one block of keys is one block of the pattern.
-        assert _aligned(pos_q, bs) and _aligned(pos_k, bs)
-        mask = pattern.mask(n_local * world)
-        blocks = mask[(pos_q[::bs] // bs)[:, None], (pos_k[::bs] // bs)[None, :]]
-        return Geometry(pos_q, pos_k, blocks, bs, spec.causal)
-
-    return _cached(spec, n_local, kv_heads, "geometry", build)
 
 
 # ----------------------------------------------------------------------------------------- kernels
@@ -326,29 +291,28 @@ def _flex() -> Callable[..., torch.Tensor]:
 
 
 # ---------------------------------------------------------------------------------------- the call
+_ALLOWED: BoundedCache[torch.Tensor] = BoundedCache(16)  # the exact path's (Lq, Lk) masks, per device
+
+
 def gathered_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: RingSpec, use_flex: bool | None = None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: RingCall, plan: GatheredPlan,
+    use_flex: bool | None = None,
 ) -> torch.Tensor:
     """Block-sparse attention of ``q`` (B, L, H, D) over our ``k``/``v`` (B, L, H_kv, D) plus the rows
     fetched from other ranks; returns (B, L, H, D). The kernels see ``(B, H, L, D)`` views.
 
     ``use_flex`` (default: CUDA inputs) picks flex_attention, else the exact dense masked path.
     """
-    n_local, kv_heads = q.shape[1], k.shape[2]
-    geo = geometry(spec, n_local, kv_heads)  # validates that every K/V head reads the same rows
-    rounds = row_rounds(spec, n_local, kv_heads)
-    k_all, v_all = GatherKV.apply(k, v, spec, rounds) if rounds else (k, v)
+    kv_heads = k.shape[2]
+    k_all, v_all = GatherKV.apply(k, v, call, plan) if plan.rounds else (k, v)
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k_all, v_all))
     if use_flex is None:
         use_flex = q.is_cuda
+    key = (*plan.mask_key, str(q.device))
     if use_flex:
-        p = spec.pattern
-        assert isinstance(p, BlockSparsePattern)
-        key = (p.block_size, p.sparsity_ratio, p.pattern_type, *_key(spec, n_local, kv_heads, str(q.device)))
-        if key not in _FLEX_MASKS:
-            _FLEX_MASKS[key] = flex_block_mask(geo, q.device)
-        out = _flex()(qt, kt, vt, block_mask=_FLEX_MASKS[key], scale=spec.scale, enable_gqa=kv_heads < q.shape[2])
+        block_mask = _FLEX_MASKS.get(key, lambda: flex_block_mask(plan.geometry, q.device))
+        out = _flex()(qt, kt, vt, block_mask=block_mask, scale=call.scale, enable_gqa=kv_heads < q.shape[2])
     else:
-        allowed = _cached(spec, n_local, kv_heads, f"dense:{q.device}", lambda: geo.allowed().to(q.device))
-        out = dense_masked_attention(qt, kt, vt, allowed, spec.scale)
+        allowed = _ALLOWED.get(key, lambda: plan.geometry.allowed().to(q.device))
+        out = dense_masked_attention(qt, kt, vt, allowed, call.scale)
     return out.transpose(1, 2)

@@ -12,17 +12,22 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..cache import BoundedCache
 from ..comm.collectives import all_gather_sequence
 from ..comm.context import RingContext, resolve_ring
 from ..comm.ring import RingComm, RingStats
 from ..comm.validate import agree_or_raise
 from ..config import RingAttentionConfig
-from ..layout import global_positions, sequence_divisor
+from ..layout import ShardLayout, sequence_divisor, unshard_sequence
 from ..ops.kernels import default_scale, select_kernel
 from ..patterns.blocks import Pattern
 from ..patterns.dilated import DilatedPattern
-from .engine import RingSpec, ring_attention
-from .oracle import reference_attention
+from .call import RingCall
+from .dense_ring import DenseRingAttention
+from .documents import RingDocuments, document_ids_error, gather_documents
+from .exchange import ExchangePlan, build_exchange_plan
+from .oracle import document_mask, reference_attention
+from .peer_ring import PeerRingAttention
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -31,6 +36,7 @@ class RingAttentionBase(nn.Module):
     """Shared construction, validation and ring resolution. Subclasses implement :meth:`_attend`."""
 
     variant: ClassVar[str] = "base"
+    takes_window: ClassVar[bool] = False  # sliding_window= (dense variants)
     accepts_flex: ClassVar[bool] = False  # backend='flex' (block-sparse only)
 
     def __init__(
@@ -80,26 +86,56 @@ class RingAttentionBase(nn.Module):
                 f"backend='flex' selects the gathered block-sparse path and is valid for the 'block_sparse' "
                 f"variant only; the {self.variant!r} variant takes a kernel backend ('auto', 'cudnn', ...)"
             )
-        if self.config.use_deepspeed:
-            try:
-                import deepspeed  # noqa: F401
-            except ImportError as err:
-                raise ImportError(
-                    "use_deepspeed=True needs the deepspeed package: pip install 'ring_plugin[deepspeed]'"
-                ) from err
 
     # -------------------------------------------------------------------------------- forward
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool = False
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool = False,
+        document_ids: torch.Tensor | None = None, sliding_window: int | None = None,
     ) -> torch.Tensor:
+        """``document_ids``: this rank's shard ``(batch, n_local)`` (int64, same layout as ``q``) of the
+        global, non-decreasing document numbers of packed sequences; a query then attends only to keys
+        of its own document (and causally if ``is_causal``). ``sliding_window=W`` (causal only): a query
+        at position p sees keys at positions ``p - W < position <= p`` (Mistral / Qwen2 local windows)."""
         ring = self.resolve_ring()
-        error = self._input_error(q, k, v, ring)
+        error = (self._input_error(q, k, v, ring) or self._documents_error(document_ids, q, ring)
+                 or self._window_error(sliding_window, is_causal, document_ids))
         if self.config.check_inputs_across_ranks:
-            signature = (*q.shape, *k.shape[2:], _FLOAT_DTYPES.index(q.dtype) if q.dtype in _FLOAT_DTYPES else -1)
-            agree_or_raise(error, tuple(int(s) for s in signature), ring.group, q.device, self.comm_timeout)
+            # Every check above ran before this first collective, so a bad input on any rank
+            # (even a non-tensor) becomes the same ValueError on every rank.
+            signature = (*_signature(q, k), document_ids is not None, sliding_window or 0) if error is None else ()
+            agree_or_raise(error, signature, ring.group, _device_of(q, ring), self.comm_timeout)
         elif error:
             raise ValueError(error)
-        return self._attend(q, k, v, bool(is_causal), ring)
+        masks: dict[str, Any] = {}  # subclasses that take neither mask keep the plain call shape
+        if document_ids is not None:
+            masks["documents"] = gather_documents(document_ids, ring.group, ring.layout, ring.world_size)
+        if sliding_window is not None:
+            masks["window"] = int(sliding_window)
+        return self._attend(q, k, v, bool(is_causal), ring, **masks)
+
+    def _window_error(self, window: object, is_causal: bool, document_ids: object) -> str | None:
+        if window is None:
+            return None
+        if isinstance(window, bool) or not isinstance(window, int) or window <= 0:
+            return f"sliding_window={window!r} must be a positive integer (keys at most W - 1 positions back)"
+        if not is_causal:
+            return f"sliding_window={window} is a causal window: call with is_causal=True"
+        if document_ids is not None:
+            return "sliding_window together with document_ids is not supported yet; pass one of them"
+        if self.pattern is not None or not self.takes_window:
+            return f"sliding_window is supported by the dense variants (standard, sdpa, distributed, correct), " \
+                   f"not by {self.variant!r}"
+        return None
+
+    def _documents_error(self, document_ids: object, q: torch.Tensor, ring: RingContext) -> str | None:
+        if document_ids is None:
+            if ring.layout == "balanced":
+                return "layout='balanced' needs document_ids: it is the layout of packed documents"
+            return None
+        if self.pattern is not None:
+            return (f"document_ids are supported by the dense variants (standard, sdpa, distributed, correct); "
+                    f"the {self.variant!r} variant with its pattern does not take them yet")
+        return document_ids_error(document_ids, q)
 
     def resolve_ring(self) -> RingContext:
         """The ring this forward runs on (single-device layers override this)."""
@@ -147,7 +183,8 @@ class RingAttentionBase(nn.Module):
         return self.pattern.error(n_global, n_global // sequence_divisor(ring.layout, ring.world_size), heads)
 
     def _attend(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, ring: RingContext
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, ring: RingContext,
+        documents: RingDocuments | None = None,
     ) -> torch.Tensor:
         raise NotImplementedError
 
@@ -170,40 +207,79 @@ class RingAttentionBase(nn.Module):
         return f"variant={self.variant}, backend={c.backend}, layout={c.layout}, ring_size={c.ring_size}"
 
 
+def _signature(q: torch.Tensor, k: torch.Tensor) -> tuple[int, ...]:
+    """What every rank of a ring must agree on: shapes and dtype (valid inputs only)."""
+    return (*q.shape, *k.shape[2:], _FLOAT_DTYPES.index(q.dtype))
+
+
+def _device_of(q: Any, ring: RingContext) -> torch.device:
+    """Where the agreement's message lives: q's device, or (q not a tensor) the ring backend's."""
+    if isinstance(q, torch.Tensor):
+        return q.device
+    backend = str(torch.distributed.get_backend(ring.group)) if ring.group is not None else "gloo"
+    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+
+
 class RingEngineAttention(RingAttentionBase):
-    """A variant that runs the ring engine with a kernel chosen by ``backend``."""
+    """A variant that runs the ring engine with a kernel chosen by ``backend``: the dense ring
+    (:mod:`.dense_ring`), or a pattern's peer rounds (:mod:`.peer_ring`) over the layer's
+    :class:`~.exchange.ExchangePlan`."""
 
     follow_sdpa_flags: ClassVar[bool] = False
-    collect_stats: ClassVar[bool] = False
+    stats_by_default: ClassVar[bool] = False
+    takes_window = True
 
-    def _attend(self, q, k, v, causal, ring):
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._plans: BoundedCache[Any] = BoundedCache(32)  # exchange plans, keyed by what defines them
+
+    def _attend(self, q, k, v, causal, ring, documents=None, window=None):
         # The dense ring sends K/V whole, so they are made contiguous; q stays a strided view (the
         # kernels take it as SDPA does), which saves a copy of the query shard. Patterns read strided
         # views of all three (and copy only where they gather rows).
         qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+        call = self.ring_call(q, k, causal, ring, documents=documents, window=window)
         if self.pattern is None:
-            kt, vt = kt.contiguous(), vt.contiguous()
-        return ring_attention(qt, kt, vt, self.ring_spec(q, k, causal, ring)).transpose(1, 2)
+            out = DenseRingAttention.apply(qt, kt.contiguous(), vt.contiguous(), call)
+        else:
+            out = PeerRingAttention.apply(qt, kt, vt, call, self.exchange_plan(call, q.shape[1]))
+        return out.transpose(1, 2)
 
-    def ring_spec(
-        self, q: torch.Tensor, k: torch.Tensor, causal: bool, ring: RingContext, backend: str | None = None
-    ) -> RingSpec:
-        """The engine's spec for ``(batch, n_local, heads, head_dim)`` inputs (``backend``: the kernel
+    def plan_key(self, call: RingCall, n_local: int, *extra: Any) -> tuple:
+        """What defines this layer's plans for a call: ring geometry, causality, shapes."""
+        return (call.layout.chunks, call.comm.rank, n_local, call.causal, call.heads, call.kv_heads, *extra)
+
+    def exchange_plan(self, call: RingCall, n_local: int) -> ExchangePlan:
+        """The pattern's row-exchange plan for this call (built once per geometry)."""
+        assert self.pattern is not None
+        return self._plans.get(self.plan_key(call, n_local, "exchange"),
+                               lambda: build_exchange_plan(self.pattern, call, n_local))
+
+    @property
+    def collects_stats(self) -> bool:
+        c = self.config.collect_stats
+        return self.stats_by_default if c is None else c
+
+    def ring_call(
+        self, q: torch.Tensor, k: torch.Tensor, causal: bool, ring: RingContext, backend: str | None = None,
+        documents: RingDocuments | None = None, window: int | None = None,
+    ) -> RingCall:
+        """The engine's call for ``(batch, n_local, heads, head_dim)`` inputs (``backend``: the kernel
         backend, default ``config.backend``)."""
         kernel = select_kernel(
             backend or self.config.backend, q.device, q.dtype, q.shape[-1], follow_sdpa_flags=self.follow_sdpa_flags
         )
-        stats = self.stats if (self.collect_stats or self.config.enable_monitoring) else None
-        return RingSpec(
-            comm=RingComm(ring.group, stats=stats, timeout=self.comm_timeout),
-            layout=ring.layout,
+        return RingCall(
+            comm=RingComm(ring.group, stats=self.stats if self.collects_stats else None, timeout=self.comm_timeout),
+            layout=documents.layout if documents is not None else ShardLayout.named(ring.layout, ring.world_size),
             kernel=kernel,
             scale=self.scale_for(q.shape[-1]),
             causal=causal,
-            grad_dtype=torch.float32 if self.config.grad_comm_dtype == "float32" else q.dtype,
-            pattern=self.pattern,
             heads=q.shape[2],
             kv_heads=k.shape[2],
+            grad_dtype=torch.float32 if self.config.grad_comm_dtype == "float32" else q.dtype,
+            documents=documents,
+            window=window,
         )
 
 
@@ -231,7 +307,7 @@ class DistributedRingAttention(RingEngineAttention):
     """
 
     variant = "distributed"
-    collect_stats = True
+    stats_by_default = True
     default_timeout = 300.0
 
 
@@ -243,14 +319,22 @@ class RingDilatedAttentionCorrect(RingAttentionBase):
 
     variant = "correct"
 
-    def _attend(self, q, k, v, causal, ring):
-        full = [all_gather_sequence(t, 1, ring.layout, ring.group) for t in (q, k, v)]
+    takes_window = True
+
+    def _attend(self, q, k, v, causal, ring, documents=None, window=None):
+        layout = documents.layout if documents is not None else ShardLayout.named(ring.layout, ring.world_size)
+        full = [all_gather_sequence(t, 1, layout, ring.group) for t in (q, k, v)]
         allowed = self.allowed_pairs(full[0].shape[1], full[0].shape[2], q.device)
+        if documents is not None:  # no pattern here: the document mask alone
+            allowed = document_mask(unshard_sequence(list(documents.by_rank), 1, layout)).to(q.device)
+        if window is not None:
+            pos = torch.arange(full[0].shape[1], device=q.device)
+            allowed = pos[:, None] - pos[None, :] < window  # with causal: the last `window` keys
         compute = torch.float64 if self.config.oracle_dtype == "float64" else torch.float32
         out = reference_attention(
             *full, causal=causal, scale=self.scale_for(q.shape[-1]), allowed=allowed, compute_dtype=compute
         )
-        rows = global_positions(q.shape[1], ring.layout, ring.rank, ring.world_size, device=q.device)
+        rows = layout.positions(q.shape[1], ring.rank, device=q.device)
         return out.index_select(1, rows)
 
     def allowed_pairs(self, n: int, heads: int, device: torch.device) -> torch.Tensor | None:

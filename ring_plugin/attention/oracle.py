@@ -1,6 +1,6 @@
 """The exact reference: dense attention over the full sequence, in fp32 or fp64.
 
-``reference_attention`` is what every variant is tested against (DESIGN §2). It materialises the
+``reference_attention`` is what every variant is tested against (docs/design.md). It materialises the
 full score matrix on purpose: it is simple, obviously right, and slow.
 """
 
@@ -20,7 +20,7 @@ def reference_attention(
 ) -> torch.Tensor:
     """Attention on full ``(batch, n, heads, head_dim)`` tensors, returned in ``q``'s dtype.
 
-    ``allowed``: optional bool mask ``(n_q, n_k)`` or ``(heads, n_q, n_k)`` of permitted pairs
+    ``allowed``: optional bool mask ``(n_q, n_k)``, ``(heads, n_q, n_k)`` or ``(batch, 1, n_q, n_k)`` of permitted pairs
     (combined with causal), or an integer tensor of the same shapes saying how many times each key
     counts (0 = masked; dilated attention counts a key once per pair that selects it).
     ``k``/``v`` may have fewer heads than ``q`` (grouped-query attention).
@@ -47,3 +47,9 @@ def reference_attention(
     p = torch.nan_to_num(p, nan=0.0)  # rows with no permitted key
     out = torch.matmul(p, vc)
     return out.transpose(1, 2).to(q.dtype)
+
+
+def document_mask(document_ids: torch.Tensor) -> torch.Tensor:
+    """``(batch, 1, n, n)`` bool: query i may see key j iff both lie in the same document
+    (``document_ids``: ``(batch, n)``), the oracle's mask for packed sequences."""
+    return (document_ids[:, :, None] == document_ids[:, None, :]).unsqueeze(1)

@@ -1,12 +1,13 @@
-"""Ring variants defined by a pattern: block-sparse and Hilbert-ordered attention.
+"""Ring variants defined by a pattern: block-sparse, Hilbert-ordered, and block-sparse in Hilbert order.
 
-Both are the ring engine plus a pattern from :mod:`ring_plugin.patterns`; the dense variants in
+Each is the ring engine plus a pattern from :mod:`ring_plugin.patterns`; the dense variants in
 :mod:`.modules` become LongNet dilated attention when given ``segment_lengths``/``dilation_rates``.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -16,7 +17,7 @@ from ..layout import global_positions
 from ..patterns.block_sparse import BlockSparsePattern
 from ..patterns.blocks import Pattern
 from ..patterns.hilbert import hilbert_permutation, inverse_permutation
-from .gathered import gathered_attention
+from .gathered import GatheredPlan, build_gathered_plan, gathered_attention
 from .modules import RingEngineAttention
 
 
@@ -25,8 +26,9 @@ class RingBlockSparseAttention(RingEngineAttention):
 
     Only allowed (query block, key block) pairs are computed; ring steps with no allowed pair are
     skipped and the ring stops after the last step any rank needs. ``segment_lengths`` and
-    ``dilation_rates`` are accepted for the predecessor's call shape; the block mask alone defines
-    the pattern. ``block_mask(n)`` shows which block pairs are computed.
+    ``dilation_rates`` are accepted for the predecessor's call shape with a warning that they change
+    nothing: the block mask alone defines the pattern. ``block_mask(n)`` shows which block pairs are
+    computed.
 
     ``backend='flex'`` (and ``'auto'`` for CUDA half-precision inputs) runs the gathered path
     instead: the K/V rows of other ranks that this rank reads are fetched, then one masked attention
@@ -35,9 +37,16 @@ class RingBlockSparseAttention(RingEngineAttention):
 
     variant = "block_sparse"
     accepts_flex = True
+    takes_window = False
 
     def build_pattern(self) -> Pattern | None:
         c = self.config
+        if c.segment_lengths is not None:
+            warnings.warn(
+                f"segment_lengths={c.segment_lengths} / dilation_rates={c.dilation_rates} do not change "
+                f"{type(self).__name__}: the block mask (block_size, sparsity_ratio, pattern_type) alone "
+                "defines block-sparse attention; for LongNet dilated attention use StandardRingAttention",
+                UserWarning, stacklevel=3)
         return BlockSparsePattern(c.block_size, c.sparsity_ratio, c.pattern_type)
 
     def block_mask(self, n: int) -> torch.Tensor:
@@ -54,11 +63,19 @@ class RingBlockSparseAttention(RingEngineAttention):
         half = q.dtype in (torch.float16, torch.bfloat16)
         return backend == "flex" or (backend == "auto" and q.is_cuda and half)
 
-    def _attend(self, q, k, v, causal, ring):
+    def _attend(self, q, k, v, causal, ring, documents=None):
         if not self.uses_gathered_path(q):
             return super()._attend(q, k, v, causal, ring)
-        spec = self.ring_spec(q, k, causal, ring, backend="auto")  # the engine kernel is unused here
-        return gathered_attention(q, k, v, spec)
+        call = self.ring_call(q, k, causal, ring, backend="auto")  # the flex/masked call is the kernel here
+        return gathered_attention(q, k, v, call, self.gathered_plan(call, q.shape[1]))
+
+    def gathered_plan(self, call, n_local: int) -> GatheredPlan:
+        """The gathered path's plan: the exchange plan's rounds as sequence rows, plus the geometry."""
+        c = self.config
+        pattern_key = ("block_sparse", c.block_size, c.sparsity_ratio, c.pattern_type)
+        return self._plans.get(self.plan_key(call, n_local, "gathered"),
+                               lambda: build_gathered_plan(self.pattern, pattern_key, call,
+                                                           self.exchange_plan(call, n_local)))
 
 
 class HilbertRingAttention(RingEngineAttention):
@@ -74,6 +91,7 @@ class HilbertRingAttention(RingEngineAttention):
     """
 
     variant = "hilbert"
+    takes_window = False
 
     def grid_for(self, n: int) -> tuple[int, int] | None:
         c = self.config
@@ -94,7 +112,7 @@ class HilbertRingAttention(RingEngineAttention):
             )
         return super()._pattern_error(n_global, heads, ring)
 
-    def _attend(self, q, k, v, causal, ring):
+    def _attend(self, q, k, v, causal, ring, documents=None):
         if self.config.token_order == "hilbert":
             return super()._attend(q, k, v, causal, ring)
         n_local, world = q.shape[1], ring.world_size
@@ -108,3 +126,19 @@ class HilbertRingAttention(RingEngineAttention):
         out_h = super()._attend(*local, causal, ring)
         out = all_gather_sequence(out_h, 1, ring.layout, ring.group).index_select(1, inverse_permutation(perm))
         return out.index_select(1, mine)
+
+
+class HilbertBlockSparseAttention(HilbertRingAttention, RingBlockSparseAttention):
+    """Block-sparse attention along the Hilbert curve of a 2-D token grid.
+
+    The Hilbert variant's ordering composed with the block-sparse pattern: tokens are put in Hilbert
+    order (``grid=(H, W)`` or ``hilbert_level``; ``token_order`` as in :class:`HilbertRingAttention`),
+    cut into blocks of ``block_size`` consecutive curve positions, and the block mask
+    (``pattern_type``, ``sparsity_ratio``) is applied to those blocks, so a block is a compact 2-D
+    patch, a ``local`` window a 2-D neighbourhood, and blocks are computed in curve order. Exactly:
+    ``x[:, perm]`` with ``perm = hilbert_permutation(H, W)``, block-sparse attention, then
+    ``[:, inverse_permutation(perm)]``. Same FLOPs as :class:`RingBlockSparseAttention` at the same
+    sparsity; ``block_mask(n)`` is the mask over curve-order blocks.
+    """
+
+    variant = "hilbert_block_sparse"

@@ -19,6 +19,17 @@ class Block:
     causal: bool
 
 
+@dataclass(frozen=True)
+class BandBlock:
+    """Contiguous query and key rows of equal length where local query ``i`` sees local keys
+    ``i - left .. i + right`` (``left, right >= 0``: a sliding window seen from this block's chunks)."""
+
+    q: slice
+    kv: slice
+    left: int
+    right: int
+
+
 def plan_dense_step(
     q_chunks: tuple[int, ...], kv_chunks: tuple[int, ...], chunk_len: int, causal: bool
 ) -> list[Block]:
@@ -51,3 +62,34 @@ def _coalesce(blocks: list[Block]) -> list[Block]:
         else:
             merged.append(b)
     return merged
+
+
+def plan_window_step(
+    q_chunks: tuple[int, ...], kv_chunks: tuple[int, ...], chunk_len: int, window: int
+) -> list[Block | BandBlock]:
+    """Blocks of causal attention restricted to a sliding window: query at position p sees keys at
+    ``p - window < position <= p``. Per chunk pair at distance ``delta`` (query chunk start minus key
+    chunk start): no block when even the nearest pair is ``window`` apart, a plain block when even the
+    farthest pair is within it, else a band (local query i sees local keys ``i + delta - window + 1 ..
+    i + delta``), cut to a square whose band starts at or left of the diagonal (what flash takes)."""
+    blocks: list[Block | BandBlock] = []
+    for qi, qc in enumerate(q_chunks):
+        rows = slice(qi * chunk_len, (qi + 1) * chunk_len)
+        for ki, kc in enumerate(kv_chunks):
+            delta = (qc - kc) * chunk_len
+            if delta < 0 or delta - (chunk_len - 1) >= window:
+                continue
+            keys = slice(ki * chunk_len, (ki + 1) * chunk_len)
+            if delta > 0 and delta + chunk_len - 1 < window:
+                blocks.append(Block(rows, keys, False))
+            elif delta == 0 and chunk_len <= window:
+                blocks.append(Block(rows, keys, True))
+            elif delta < window:
+                blocks.append(BandBlock(rows, keys, window - 1 - delta, delta))
+            else:
+                # Keys i + a .. i + delta with a = delta - window + 1 > 0: the last a queries see none
+                # here, and the rest form a band starting on the diagonal of a shifted square.
+                a = delta - window + 1
+                blocks.append(BandBlock(slice(rows.start, rows.stop - a), slice(keys.start + a, keys.stop),
+                                        0, window - 1))
+    return blocks

@@ -1,6 +1,7 @@
 """Lightning callbacks of the ``ring-train`` app: atomic checkpoints, fault tolerance, monitoring, task metrics."""
 
-from .checkpointing import AtomicModelCheckpoint, newest_complete_checkpoint
+from .checkpoint_files import newest_complete_checkpoint
+from .checkpointing import AtomicModelCheckpoint
 from .fault_tolerance import FaultTolerance
 from .final_checkpoint import FinalCheckpoint
 from .monitoring import RingMonitor

@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..layout import gather_sequence, shard_sequence
+from ..layout import ShardLayout, gather_sequence, shard_sequence
 
 
 class _AllGatherSequence(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, dim: int, layout: str, group):  # type: ignore[override]
+    def forward(ctx, x: torch.Tensor, dim: int, layout: str | ShardLayout, group):  # type: ignore[override]
         ctx.dim, ctx.layout, ctx.group = dim, layout, group
         return gather_sequence(x, dim, layout, group)
 
@@ -23,7 +23,9 @@ class _AllGatherSequence(torch.autograd.Function):
         return shard_sequence(grad, ctx.dim, ctx.layout, rank, world), None, None, None
 
 
-def all_gather_sequence(x: torch.Tensor, dim: int, layout: str, group: dist.ProcessGroup | None) -> torch.Tensor:
+def all_gather_sequence(
+    x: torch.Tensor, dim: int, layout: str | ShardLayout, group: dist.ProcessGroup | None
+) -> torch.Tensor:
     """The full sequence on every rank, with gradients flowing back to each rank's shard."""
     if group is None or dist.get_world_size(group) == 1:
         return x

@@ -15,26 +15,35 @@ from dataclasses import dataclass
 import torch.distributed as dist
 
 from ..layout import check_layout
+from .topology import SequenceMesh, build_mesh
 
 
 @dataclass(frozen=True)
 class RingContext:
-    """The ring a layer runs on: its process group (None = single process) and shard layout."""
+    """What a layer runs on: the sequence-parallel mesh (its ``ring`` dimension is the ring; None =
+    a single process) and the shard layout."""
 
-    group: dist.ProcessGroup | None
+    mesh: SequenceMesh
     layout: str = "contiguous"
+
+    @classmethod
+    def of(cls, group: dist.ProcessGroup | None, layout: str = "contiguous") -> RingContext:
+        return cls(SequenceMesh.of_ring(group), layout)
+
+    @property
+    def group(self) -> dist.ProcessGroup | None:
+        return self.mesh.group("ring")
 
     @property
     def world_size(self) -> int:
-        return dist.get_world_size(self.group) if self.group is not None else 1
+        return self.mesh.size("ring")
 
     @property
     def rank(self) -> int:
-        return dist.get_rank(self.group) if self.group is not None else 0
+        return self.mesh.rank("ring")
 
 
 _ACTIVE: list[RingContext] = []
-_SUBGROUPS: dict[int, dist.ProcessGroup] = {}
 
 
 @contextlib.contextmanager
@@ -47,10 +56,13 @@ def ring_context(group: dist.ProcessGroup | None, layout: str = "contiguous") ->
         _ACTIVE.remove(ctx)
 
 
-def set_ring_context(group: dist.ProcessGroup | None, layout: str = "contiguous") -> RingContext:
-    """Activate a ring context until :func:`clear_ring_context` (what a strategy does at setup)."""
+def set_ring_context(
+    group: dist.ProcessGroup | None, layout: str = "contiguous", mesh: SequenceMesh | None = None
+) -> RingContext:
+    """Activate a ring context until :func:`clear_ring_context` (what a strategy does at setup, with
+    its whole ``mesh``; ``group`` is then the mesh's ring)."""
     check_layout(layout)
-    ctx = RingContext(group, layout)
+    ctx = RingContext(mesh if mesh is not None else SequenceMesh.of_ring(group), layout)
     _ACTIVE.append(ctx)
     return ctx
 
@@ -63,30 +75,12 @@ def current_ring_context() -> RingContext | None:
     return _ACTIVE[-1] if _ACTIVE else None
 
 
-def adjacent_ring_group(ring_size: int) -> dist.ProcessGroup:
-    """The group of ``ring_size`` adjacent ranks that holds this rank (created once, on every rank)."""
-    world = dist.get_world_size()
-    if ring_size <= 0 or world % ring_size:
-        raise ValueError(f"ring_size={ring_size} must be a positive divisor of the world size {world}")
-    if ring_size == world:
-        return dist.group.WORLD
-    if ring_size not in _SUBGROUPS:
-        # new_group is collective: every rank creates every ring, in the same order.
-        mine = None
-        for start in range(0, world, ring_size):
-            g = dist.new_group(list(range(start, start + ring_size)))
-            if start <= dist.get_rank() < start + ring_size:
-                mine = g
-        _SUBGROUPS[ring_size] = mine
-    return _SUBGROUPS[ring_size]
-
-
 def resolve_ring(
     process_group: dist.ProcessGroup | None, ring_size: int | None, layout: str | None
 ) -> RingContext:
     """The ring context a layer should use now (see the module docstring for the order)."""
     if process_group is not None:
-        return RingContext(process_group, layout or "contiguous")
+        return RingContext.of(process_group, layout or "contiguous")
     active = current_ring_context()
     if active is not None:
         if layout is not None and layout != active.layout:
@@ -101,10 +95,13 @@ def resolve_ring(
         return active
     if dist.is_available() and dist.is_initialized():
         size = ring_size if ring_size is not None else dist.get_world_size()
-        return RingContext(adjacent_ring_group(size), layout or "contiguous")
+        if size == dist.get_world_size():
+            # The default group itself: no group creation (a collective with no timeout) in a forward.
+            return RingContext.of(dist.group.WORLD, layout or "contiguous")
+        return RingContext(build_mesh(size), layout or "contiguous")
     if ring_size not in (None, 1):
         raise ValueError(
             f"ring_size={ring_size} needs torch.distributed to be initialised (e.g. run under torchrun); "
             "in a single process the ring size is 1"
         )
-    return RingContext(None, layout or "contiguous")
+    return RingContext.of(None, layout or "contiguous")

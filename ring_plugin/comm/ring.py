@@ -2,7 +2,8 @@
 
 Exchanges are started with ``batch_isend_irecv`` and waited on later, so the next shard is in
 flight while the current one is computed. Optional statistics (bytes, time waiting vs computing)
-and a timeout that turns a dead peer into a :class:`RingTimeoutError` instead of a hang.
+and a timeout that turns a silent peer into a :class:`RingTimeoutError` instead of a hang; a peer
+whose process died is reported as such (:class:`RingPeerClosedError`), usually at once.
 """
 
 from __future__ import annotations
@@ -15,8 +16,38 @@ import torch
 import torch.distributed as dist
 
 
-class RingTimeoutError(RuntimeError):
-    """A ring peer did not answer within the configured timeout."""
+class RingPeerError(RuntimeError):
+    """A ring peer failed during an exchange; the subclasses say how, when the backend's error tells."""
+
+
+class RingTimeoutError(RingPeerError):
+    """A ring peer did not answer within the configured timeout (alive but silent, or very slow)."""
+
+
+class RingPeerClosedError(RingPeerError):
+    """A ring peer closed its connection: its process ended (crashed, was killed) or its network failed."""
+
+
+# Words in gloo/NCCL/socket errors that mean the connection went away rather than a wait ran out.
+_CLOSED_MARKERS = ("connection closed", "connection reset", "broken pipe", "connection refused",
+                   "remote process exited", "peer closed", "socket closed", "end of file")
+
+
+def peer_error(err: RuntimeError, waited: float, timeout: float | None, where: str) -> RingPeerError:
+    """Name what happened to a peer from a backend error: a closed connection, a timeout, or neither.
+
+    Only a wait that lasted about as long as the timeout (or whose error says so) is called a timeout.
+    """
+    text = str(err).lower()
+    if any(m in text for m in _CLOSED_MARKERS):
+        return RingPeerClosedError(
+            f"ring peer closed the connection after {waited:.1f} s ({where}): its process probably died; its "
+            f"own log says why. Backend error: {err}"
+        )
+    if "timed out" in text or "timeout" in text or (timeout is not None and waited >= 0.9 * timeout):
+        limit = f"{timeout:.1f} s" if timeout is not None else "the process-group timeout"
+        return RingTimeoutError(f"ring peer did not answer within {limit} ({where}): {err}")
+    return RingPeerError(f"ring exchange failed after {waited:.1f} s ({where}): {err}")
 
 
 @dataclass
@@ -121,6 +152,7 @@ class RingComm:
             self._sync()
             start = time.perf_counter()
             self.stats.compute_seconds += start - self._mark
+        began = time.monotonic()
         try:
             for w in works:
                 if self.timeout is not None:
@@ -128,13 +160,9 @@ class RingComm:
                 else:
                     w.wait()
         except RuntimeError as err:
-            if self.timeout is None:
-                raise
-            raise RingTimeoutError(
-                f"ring peer did not answer within {self.timeout:.1f} s (rank {self.rank} of "
-                f"{self.world_size}, previous peer global rank {self.prev_peer}, next {self.next_peer}): "
-                f"{err}"
-            ) from err
+            where = (f"rank {self.rank} of {self.world_size}, previous peer global rank {self.prev_peer}, "
+                     f"next {self.next_peer}")
+            raise peer_error(err, time.monotonic() - began, self.timeout, where) from err
         if self.stats is not None:
             self._sync()
             end = time.perf_counter()

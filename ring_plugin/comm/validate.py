@@ -7,12 +7,13 @@ signature) in one all-gather. If any rank failed, or the ranks disagree, every r
 
 from __future__ import annotations
 
+import time
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-from .ring import RingTimeoutError
+from .ring import peer_error
 
 _SIG_LEN = 12
 
@@ -26,7 +27,8 @@ def agree_or_raise(
 ) -> None:
     """Raise on every rank if any rank reported an error or the signatures differ.
 
-    ``timeout``: seconds to wait for the other ranks (a dead peer raises ``RingTimeoutError``).
+    ``timeout``: seconds to wait for the other ranks (a silent peer raises ``RingTimeoutError``, one
+    whose process ended ``RingPeerClosedError``).
     """
     world = dist.get_world_size(group) if group is not None else 1
     if world == 1:
@@ -37,14 +39,11 @@ def agree_or_raise(
     mine = torch.tensor([1 if local_error else 0, *sig], dtype=torch.int64, device=device)
     gathered = [torch.empty_like(mine) for _ in range(world)]
     work = dist.all_gather(gathered, mine, group=group, async_op=True)
+    began = time.monotonic()
     try:
         work.wait(timedelta(seconds=timeout)) if timeout is not None else work.wait()
     except RuntimeError as err:
-        if timeout is None:
-            raise
-        raise RingTimeoutError(
-            f"ring peers did not answer the input check within {timeout:.1f} s (ring of {world}): {err}"
-        ) from err
+        raise peer_error(err, time.monotonic() - began, timeout, f"input check, ring of {world}") from err
     rows = [g.tolist() for g in gathered]
     failed = [r for r, row in enumerate(rows) if row[0]]
     if local_error:

@@ -1,7 +1,8 @@
-"""Data for long-context training: synthetic retrieval tasks, token files, raw bytes, and a DataModule."""
+"""Data for long-context training: synthetic tasks, token files, raw bytes, packed documents, a DataModule."""
 
 from .files import ByteTextDataset, TokenFileDataset
 from .module import RingDataModule
+from .packed import PackedSynthetic, PackedTextFolder, PackedTokenFile, packed_documents
 from .stream import StepSampler
 from .tasks import IGNORE_INDEX, AssociativeRecall, PasskeyRetrieval, answer_accuracy
 
@@ -9,9 +10,13 @@ __all__ = [
     "IGNORE_INDEX",
     "AssociativeRecall",
     "ByteTextDataset",
+    "PackedSynthetic",
+    "PackedTextFolder",
+    "PackedTokenFile",
     "PasskeyRetrieval",
     "RingDataModule",
     "StepSampler",
     "TokenFileDataset",
     "answer_accuracy",
+    "packed_documents",
 ]

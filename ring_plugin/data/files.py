@@ -33,11 +33,15 @@ class _WindowDataset(Dataset):
         return self._len
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        window = torch.from_numpy(self.window(index))
+        return {"input_ids": window[:-1].clone(), "labels": window[1:].clone()}
+
+    def window(self, index: int) -> np.ndarray:
+        """The ``seq_len + 1`` tokens (int64) of window ``index``."""
         if not 0 <= index < self._len:
             raise IndexError(f"index {index} out of range for {self._len} windows")
         start = index * self.stride
-        window = torch.from_numpy(self.tokens[start : start + self.seq_len + 1].astype(np.int64))
-        return {"input_ids": window[:-1].clone(), "labels": window[1:].clone()}
+        return self.tokens[start : start + self.seq_len + 1].astype(np.int64)
 
 
 def _existing(path: str | Path, what: str) -> Path:

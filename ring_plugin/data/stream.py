@@ -2,8 +2,9 @@
 
 Batch ``step`` of data-parallel replica ``rank`` (of ``num_replicas``) holds samples
 ``(step * num_replicas + rank) * batch_size + i`` (modulo the dataset length). The data a step sees
-depends only on the step number, so skipping the first ``k`` batches reproduces an uninterrupted run
-exactly, and every rank of one ring (same data-parallel rank) gets the same samples.
+depends only on the step number, so starting at batch ``k`` (``start_at(k)``, pure arithmetic, no
+sample is loaded) reproduces an uninterrupted run exactly, and every rank of one ring (same
+data-parallel rank) gets the same samples.
 """
 
 from __future__ import annotations
@@ -27,9 +28,16 @@ class StepSampler(Sampler[int]):
         self.rank = rank
         self.num_replicas = num_replicas
         self.num_steps = num_steps  # None: endless (training runs until max_steps)
+        self._start = 0
+
+    def start_at(self, step: int) -> None:
+        """Begin the next pass at batch ``step`` (once; later passes start at 0): how a run resumes."""
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"start_at(step={step!r}): step must be a non-negative integer")
+        self._start = step
 
     def __iter__(self) -> Iterator[int]:
-        step = 0
+        step, self._start = self._start, 0
         while self.num_steps is None or step < self.num_steps:
             first = (step * self.num_replicas + self.rank) * self.batch_size
             for i in range(self.batch_size):

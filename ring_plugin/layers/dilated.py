@@ -35,7 +35,7 @@ class DilatedAttention(StandardRingAttention):
         )
 
     def resolve_ring(self) -> RingContext:
-        return RingContext(None, "contiguous")
+        return RingContext.of(None, "contiguous")
 
 
 class MultiheadDilatedAttention(nn.Module):

@@ -96,6 +96,7 @@ class RingMultiheadAttention(nn.Module):
         attn_mask: torch.Tensor | None = None,
         average_attn_weights: bool = True,
         is_causal: bool = False,
+        document_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, None]:
         if need_weights:
             raise ValueError(
@@ -120,7 +121,8 @@ class RingMultiheadAttention(nn.Module):
         q = q.view(bsz, n, self.num_heads, self.head_dim)
         k = k.view(bsz, n, self.num_kv_heads, self.head_dim)
         v = v.view(bsz, n, self.num_kv_heads, self.head_dim)
-        out = self.out_proj(self.attention(q, k, v, is_causal=is_causal).reshape(bsz, n, self.embed_dim))
+        attended = self.attention(q, k, v, is_causal=is_causal, document_ids=document_ids)
+        out = self.out_proj(attended.reshape(bsz, n, self.embed_dim))
         if not self.batch_first:
             out = out.transpose(0, 1)
         return out, None

@@ -36,13 +36,15 @@ class RotarySelfAttention(nn.Module):
         self.proj = nn.Linear(n_embd, n_embd, bias=bias)
         self.attn = create_ring_attention(attention, **(attention_kwargs or {}))
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                document_ids: torch.Tensor | None = None) -> torch.Tensor:
         b, n, _ = x.shape
         q, k, v = self.qkv(x).split([self.n_head * self.head_dim, *(2 * [self.n_kv_head * self.head_dim])], -1)
         q = apply_rotary(q.view(b, n, self.n_head, self.head_dim), cos, sin)
         k = apply_rotary(k.view(b, n, self.n_kv_head, self.head_dim), cos, sin)
         v = v.view(b, n, self.n_kv_head, self.head_dim)
-        return self.proj(self.attn(q, k, v, is_causal=True).reshape(b, n, -1))
+        out = self.attn(q, k, v, is_causal=True, **({} if document_ids is None else {"document_ids": document_ids}))
+        return self.proj(out.reshape(b, n, -1))
 
 
 class MLP(nn.Module):
@@ -72,11 +74,14 @@ class TransformerBlock(nn.Module):
         self.mlp = MLP(n_embd, mlp_hidden or 4 * n_embd, bias)
         self.checkpointing = checkpointing
 
-    def _body(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), cos, sin)
+    def _body(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+              document_ids: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), cos, sin, document_ids)
         return x + self.mlp(self.norm2(x))
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                document_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """``document_ids``: this rank's shard of packed documents' ids (attention stays inside each)."""
         if self.checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(self._body, x, cos, sin, use_reentrant=False)
-        return self._body(x, cos, sin)
+            return checkpoint(self._body, x, cos, sin, document_ids, use_reentrant=False)
+        return self._body(x, cos, sin, document_ids)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from datetime import timedelta
 from typing import Any
 
 from lightning.pytorch.strategies import DDPStrategy
 
-from .ring import RingStrategyMixin
+from .ring import DEFAULT_STARTUP_TIMEOUT, RingStrategyMixin
 
 
 class RingStrategy(RingStrategyMixin, DDPStrategy):
@@ -15,17 +16,19 @@ class RingStrategy(RingStrategyMixin, DDPStrategy):
 
     ``ring_size``: ranks that share one sample (default: all); ``layout``: ``'zigzag'`` (balances causal
     work) or ``'contiguous'``; ``sequence_keys``: batch keys sharded along dim 1 besides ``input_ids``,
-    ``labels`` and ``position_ids``. Other keyword arguments go to ``DDPStrategy``.
+    ``labels`` and ``position_ids``; ``startup_timeout``: seconds (or a timedelta) the rendezvous waits
+    for every rank, apart from ``timeout``, the wait for a peer during training. Other keyword
+    arguments go to ``DDPStrategy``.
     """
 
     strategy_name = "ring"
 
     def __init__(self, ring_size: int | None = None, layout: str = "zigzag", sequence_keys: Iterable[str] = (),
-                 **ddp_kwargs: Any):
-        self._init_ring(ring_size, layout, sequence_keys)
+                 startup_timeout: float | timedelta = DEFAULT_STARTUP_TIMEOUT, **ddp_kwargs: Any):
+        self._init_ring(ring_size, layout, sequence_keys, startup_timeout)
         super().__init__(**ddp_kwargs)
 
     def setup_distributed(self) -> None:
-        self._init_elastic()
+        self._init_process_group()
         super().setup_distributed()
         self._setup_ring()

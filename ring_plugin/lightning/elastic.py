@@ -1,4 +1,4 @@
-"""The default process group under ``torchrun`` restarts, on a store that is fresh for every attempt.
+"""The rendezvous store under ``torchrun`` restarts, fresh for every attempt.
 
 torchrun's agent hosts the rendezvous store and (with ``TORCHELASTIC_USE_AGENT_STORE``) every worker
 is its client. torch assumes that store is new on every restart, but it is not always: a restarted
@@ -24,12 +24,3 @@ def elastic_attempt_store(timeout: timedelta) -> dist.Store | None:
                           int(os.environ["WORLD_SIZE"]), is_master=False, timeout=timeout)
     return dist.PrefixStore(f"/ring_plugin/attempt_{attempt}", store)
 
-
-def init_elastic_process_group(backend: str, rank: int, world_size: int, timeout: timedelta) -> None:
-    """Initialise the default group on the per-attempt store (a no-op outside torchrun or when already
-    initialised; Lightning's own set-up then finds the group and keeps it)."""
-    if dist.is_initialized():
-        return
-    store = elastic_attempt_store(timeout)
-    if store is not None:
-        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)

@@ -7,9 +7,9 @@ from typing import Any
 
 import torch
 
-from ..layout import sequence_divisor, shard_sequence
+from ..layout import resolve_layout, shard_sequence
 
-SEQUENCE_KEYS = ("input_ids", "labels", "position_ids")
+SEQUENCE_KEYS = ("input_ids", "labels", "position_ids", "document_ids")
 
 
 def shard_batch(
@@ -19,7 +19,8 @@ def shard_batch(
 
     ``position_ids`` are created from the global positions when absent, so the model sees where its
     rows sit in the full sequence. Other values pass through untouched. A non-mapping batch, or one
-    without ``input_ids``, is returned as is.
+    without ``input_ids``, is returned as is. ``layout='balanced'`` (packed documents) is computed
+    from the batch's global ``document_ids``.
     """
     if not isinstance(batch, Mapping) or "input_ids" not in batch:
         return batch
@@ -27,11 +28,13 @@ def shard_batch(
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
     length = input_ids.shape[1]
-    divisor = sequence_divisor(layout, ring_size)
-    if length % divisor:
+    if layout == "balanced" and "document_ids" not in batch:
+        raise ValueError("layout='balanced' balances packed documents: the batch needs 'document_ids' (batch, length)")
+    shards = resolve_layout(layout, ring_size, batch.get("document_ids"))
+    if length % shards.num_chunks:
         raise ValueError(
-            f"sequence length {length} cannot be sharded: it must be a multiple of {divisor} "
-            f"(ring size {ring_size} x {divisor // ring_size} chunk(s) per rank for layout={layout!r}); "
+            f"sequence length {length} cannot be sharded: it must be a multiple of {shards.num_chunks} "
+            f"(ring size {ring_size} x {shards.chunks_per_rank} chunk(s) per rank for layout={layout!r}); "
             "pad or crop the sequences to a multiple of it"
         )
     out = dict(batch)
@@ -46,5 +49,5 @@ def shard_batch(
                 f"batch[{key!r}] must be a tensor (batch, length={length}, ...) to be sharded along the "
                 f"sequence; got {tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__}"
             )
-        out[key] = shard_sequence(value, 1, layout, ring_rank, ring_size).contiguous()
+        out[key] = shard_sequence(value, 1, shards, ring_rank, ring_size).contiguous()
     return out

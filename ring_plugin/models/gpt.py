@@ -92,14 +92,18 @@ class RingGPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        """The final-norm hidden states (batch, n_local, n_embd) that the head turns into logits."""
+    def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                      document_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The final-norm hidden states (batch, n_local, n_embd) that the head turns into logits.
+
+        Packed sequences: ``position_ids`` restart at 0 in each document (rotary per document) and
+        ``document_ids`` (this rank's shard) keep attention inside each document."""
         if position_ids.numel() and int(position_ids.max()) >= self.config.max_seq_len:
             raise ValueError(f"position id {int(position_ids.max())} exceeds max_seq_len={self.config.max_seq_len}")
         x = self.wte(input_ids)
         cos, sin = self.rotary(position_ids)
         for block in self.blocks:
-            x = block(x, cos, sin)
+            x = block(x, cos, sin, document_ids)
         return self.norm_f(x)
 
     @property
@@ -107,8 +111,9 @@ class RingGPT(nn.Module):
         # Read through the module at use time: ZeRO-3 gathers a partitioned weight on access in forward.
         return self.wte.weight if self.lm_head is None else self.lm_head.weight
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.hidden_states(input_ids, position_ids), self.head_weight)
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                document_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return F.linear(self.hidden_states(input_ids, position_ids, document_ids), self.head_weight)
 
     def num_parameters(self, non_embedding: bool = False) -> int:
         """Parameter count (the tied head counted once); ZeRO-3 partitioned tensors count in full."""
@@ -116,14 +121,10 @@ class RingGPT(nn.Module):
         return n - _numel(self.wte.weight) if non_embedding else n
 
     def keys_per_query(self, seq_len: int) -> float:
-        """Average number of keys one query attends to (before the causal halving)."""
-        kw = self.config.attention_kwargs
-        if kw.get("segment_lengths"):
-            # Dilated: per pair (w, r) a head keeps 1/r of the queries, each sees w/r keys.
-            return sum(min(w, seq_len) / r**2 for w, r in zip(kw["segment_lengths"], kw["dilation_rates"]))
-        if self.config.attention == "block_sparse":
-            return seq_len * (1.0 - kw.get("sparsity_ratio", 0.9))
-        return float(seq_len)
+        """Average number of keys one query attends to (before the causal halving): the attention
+        layer's pattern says (dense: every key)."""
+        pattern = self.blocks[0].attn.attn.pattern
+        return float(seq_len) if pattern is None else pattern.keys_per_query(seq_len)
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward + backward = 3x forward), for MFU.

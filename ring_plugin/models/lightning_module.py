@@ -49,15 +49,16 @@ class RingCausalLM(pl.LightningModule):
         self._val_sums: torch.Tensor | None = None
         self._tokens_seen = 0.0
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids, position_ids)
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                document_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(input_ids, position_ids, document_ids)
 
     def flops_per_token(self, seq_len: int) -> float:
         return self.model.flops_per_token(seq_len)
 
     def _local_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum of this rank's token losses, [label count, loss sum, input tokens] to all-reduce)."""
-        hidden = self.model.hidden_states(batch["input_ids"], batch["position_ids"])
+        hidden = self.model.hidden_states(batch["input_ids"], batch["position_ids"], batch.get("document_ids"))
         labels = batch["labels"]
         loss_sum = linear_cross_entropy_sum(hidden, self.model.head_weight, labels, self.hparams.loss_chunk_tokens)
         stats = torch.stack([(labels != IGNORE_INDEX).sum().to(torch.float64), loss_sum.detach().double(),

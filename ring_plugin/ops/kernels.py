@@ -40,23 +40,22 @@ def check_backend(backend: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- math
-def _math_forward(q, k, v, causal, scale):
+def math_forward(q, k, v, causal, scale, allowed=None):
+    """``allowed``: an optional bool mask broadcasting to the scores (B, H, Lq, Lk), e.g. documents."""
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     s = torch.matmul(q.to(compute), k.to(compute).transpose(-1, -2)) * scale
-    if causal:
-        s = s.masked_fill(_causal_mask(s), float("-inf"))
+    s = _masked(s, causal, allowed)
     lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - _finite(lse).unsqueeze(-1))
     out = torch.matmul(p, v.to(compute))
     return out, lse.float()  # unrounded: the merge is in fp32
 
 
-def _math_backward(dout, q, k, v, out, lse, causal, scale):
+def math_backward(dout, q, k, v, out, lse, causal, scale, allowed=None):
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     qc, kc, vc, doc = (t.to(compute) for t in (q, k, v, dout))
     s = torch.matmul(qc, kc.transpose(-1, -2)) * scale
-    if causal:
-        s = s.masked_fill(_causal_mask(s), float("-inf"))
+    s = _masked(s, causal, allowed)
     p = torch.exp(s - _finite(lse.to(compute)).unsqueeze(-1))
     dp = torch.matmul(doc, vc.transpose(-1, -2))
     delta = (doc * out.to(compute)).sum(-1, keepdim=True)
@@ -65,6 +64,14 @@ def _math_backward(dout, q, k, v, out, lse, causal, scale):
     dk = torch.matmul(ds.transpose(-1, -2), qc) * scale
     dv = torch.matmul(p.transpose(-1, -2), doc)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _masked(s: torch.Tensor, causal: bool, allowed: torch.Tensor | None) -> torch.Tensor:
+    if causal:
+        s = s.masked_fill(_causal_mask(s), float("-inf"))
+    if allowed is not None:
+        s = s.masked_fill(~allowed, float("-inf"))
+    return s
 
 
 def _causal_mask(s: torch.Tensor) -> torch.Tensor:
@@ -139,7 +146,7 @@ def _efficient_backward(dout, q, k, v, out, lse, causal, scale):
 
 
 KERNELS: dict[str, Kernel] = {
-    "math": Kernel("math", _math_forward, _math_backward),
+    "math": Kernel("math", math_forward, math_backward),
     "cpu_flash": Kernel("cpu_flash", _cpu_flash_forward, _cpu_flash_backward),
     "cudnn": Kernel("cudnn", _cudnn_forward, _cudnn_backward),
     "flash": Kernel("flash", _flash_forward, _flash_backward),
@@ -208,3 +215,54 @@ def select_kernel(backend: str, device: torch.device, dtype: torch.dtype, head_d
 
 def default_scale(head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim)
+
+
+# ------------------------------------------------------------------------------------ band (window)
+# A sliding window seen from one ring block: local query i sees local keys i - left .. i + right
+# (equal query and key lengths). Flash takes such a window natively; elsewhere the exact math kernel
+# with the band as a mask.
+def _band_mask(lq: int, lk: int, left: int, right: int, device: torch.device) -> torch.Tensor:
+    i = torch.arange(lq, device=device)[:, None]
+    j = torch.arange(lk, device=device)[None, :]
+    return (j >= i - left) & (j <= i + right)
+
+
+def _uses_flash_band(q: torch.Tensor) -> bool:
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+
+
+def _expand_kv(k: torch.Tensor, heads: int) -> torch.Tensor:
+    g = heads // k.shape[1]
+    return k if g == 1 else k.repeat_interleave(g, dim=1)
+
+
+def band_forward(q, k, v, left: int, right: int, scale: float):
+    """``(out, lse)`` of ``(B, H, L, D)`` tensors under the band; ``k``/``v`` may have fewer heads."""
+    if _uses_flash_band(q):
+        out, lse, *_ = aten._flash_attention_forward(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, None, q.shape[2], k.shape[2], 0.0,
+            False, False, scale=scale, window_size_left=left, window_size_right=right,
+        )
+        return out.transpose(1, 2), lse
+    heads = q.shape[1]
+    return math_forward(q, _expand_kv(k, heads), _expand_kv(v, heads), False, scale,
+                        _band_mask(q.shape[2], k.shape[2], left, right, q.device))
+
+
+def band_backward(dout, q, k, v, out, lse, left: int, right: int, scale: float):
+    """``(dq, dk, dv)`` under the band, fed the merged ``out``/``lse`` (dk/dv with k's head count)."""
+    if _uses_flash_band(q):
+        rng = torch.zeros(2, dtype=torch.int64, device=q.device)  # no dropout: the RNG state is unused
+        dq, dk, dv = aten._flash_attention_backward(
+            dout.transpose(1, 2), q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), out.transpose(1, 2),
+            lse.contiguous(), None, None, q.shape[2], k.shape[2], 0.0, False, rng, torch.empty(0, device=q.device),
+            scale=scale, window_size_left=left, window_size_right=right,
+        )
+        return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+    heads, kv_heads = q.shape[1], k.shape[1]
+    dq, dk, dv = math_backward(dout, q, _expand_kv(k, heads), _expand_kv(v, heads), out, lse, False, scale,
+                               _band_mask(q.shape[2], k.shape[2], left, right, q.device))
+    if kv_heads != heads:
+        b, _, n, d = dk.shape
+        dk, dv = (g.view(b, kv_heads, heads // kv_heads, n, d).sum(2) for g in (dk, dv))
+    return dq, dk, dv

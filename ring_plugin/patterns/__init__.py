@@ -9,7 +9,7 @@ each query (an integer matrix, for the oracle). Both come from the same definiti
 from .block_sparse import BlockSparsePattern, block_mask
 from .blocks import IndexBlock, Pattern, ViewBlock
 from .dilated import DilatedPattern, dilated_error
-from .hilbert import gilbert_curve, hilbert_permutation, inverse_permutation, segment_locality
+from .hilbert import block_locality, gilbert_curve, hilbert_permutation, inverse_permutation, segment_locality
 
 __all__ = [
     "BlockSparsePattern",
@@ -17,6 +17,7 @@ __all__ = [
     "IndexBlock",
     "Pattern",
     "ViewBlock",
+    "block_locality",
     "block_mask",
     "dilated_error",
     "gilbert_curve",

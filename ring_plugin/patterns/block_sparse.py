@@ -47,6 +47,10 @@ class BlockSparsePattern(CachedPattern):
     def mask(self, n: int) -> torch.Tensor:
         return block_mask(n // self.block_size, self.sparsity_ratio, self.pattern_type)
 
+    def keys_per_query(self, n: int) -> float:
+        """Average keys one query attends to before causal masking (the mask's kept share of ``n``)."""
+        return float(self.mask(n).float().mean()) * n
+
     def error(self, n_global: int, chunk_len: int, heads: int) -> str | None:
         if chunk_len % self.block_size:
             return (

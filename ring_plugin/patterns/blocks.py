@@ -20,6 +20,8 @@ from typing import Protocol
 
 import torch
 
+from ..cache import BoundedCache
+
 
 @dataclass(frozen=True, eq=False)
 class IndexBlock:
@@ -121,20 +123,20 @@ class Pattern(Protocol):
 
     def counts(self, n: int, heads: int, device: torch.device | None = None) -> torch.Tensor: ...
 
+    def keys_per_query(self, n: int) -> float: ...
+
     def error(self, n_global: int, chunk_len: int, heads: int) -> str | None: ...
 
 
 class CachedPattern:
-    """A pattern whose plans are pure functions of their arguments, so each is built once."""
+    """A pattern whose plans are pure functions of their arguments, so each is built once (bounded)."""
 
     def __init__(self) -> None:
-        self._cache: dict[tuple, list[IndexBlock | ViewBlock]] = {}
+        self._cache: BoundedCache[list[IndexBlock | ViewBlock]] = BoundedCache(256)
 
     def plan(self, q_chunks, kv_chunks, chunk_len, n_global, causal, heads, kv_heads) -> list[IndexBlock | ViewBlock]:
         key = (q_chunks, kv_chunks, chunk_len, n_global, causal, heads, kv_heads)
-        if key not in self._cache:
-            self._cache[key] = self._plan(*key)
-        return self._cache[key]
+        return self._cache.get(key, lambda: self._plan(*key))
 
     def _plan(self, q_chunks, kv_chunks, chunk_len, n, causal, heads, kv_heads) -> list[IndexBlock | ViewBlock]:
         raise NotImplementedError

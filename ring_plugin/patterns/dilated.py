@@ -1,4 +1,4 @@
-"""LongNet dilated attention as a pattern (DESIGN §2).
+"""LongNet dilated attention as a pattern (docs/design.md).
 
 Pair ``(w, r)``, head ``j``: offset ``o = j mod r``; the sequence is cut into segments of ``w``
 (clipped to the sequence); inside a segment the positions ``o, o+r, ...`` attend densely to each
@@ -80,6 +80,11 @@ class DilatedPattern(CachedPattern):
 
     def error(self, n_global: int, chunk_len: int, heads: int) -> str | None:
         return dilated_error(self.segment_lengths, self.dilation_rates, n_global)
+
+    def keys_per_query(self, n: int) -> float:
+        """Average keys one query attends to before causal masking: per pair (w, r) a head keeps
+        1/r of the queries, each seeing w/r keys."""
+        return sum(w / r**2 for w, r in self.pairs(n))
 
     def pairs(self, n: int) -> list[tuple[int, int]]:
         return [(min(w, n), r) for w, r in zip(self.segment_lengths, self.dilation_rates)]

@@ -1,4 +1,4 @@
-"""Hilbert order for 2-D grids of any size (the generalised "gilbert" curve), and a locality figure.
+"""Hilbert order for 2-D grids of any size (the generalised "gilbert" curve), and locality figures.
 
 ``hilbert_permutation(H, W)[t]`` is the row-major index of the t-th cell along the curve, so
 ``x[:, perm]`` puts a row-major sequence in Hilbert order and ``y[:, inverse_permutation(perm)]``
@@ -72,12 +72,26 @@ def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
     return inv
 
 
+def block_locality(order: torch.Tensor, height: int, width: int, block: int, allowed: torch.Tensor) -> float:
+    """Share of the tokens' 4-neighbours that lie in a block the token's block may attend to, when the
+    grid is laid out as a sequence in ``order`` (``order[t]`` = row-major index of token t), cut into
+    blocks of ``block`` tokens; ``allowed`` is the (query block, key block) bool mask (e.g.
+    :func:`~ring_plugin.patterns.block_mask`). Each neighbour pair counts in both directions."""
+    n = height * width
+    if n % block:
+        raise ValueError(f"block={block} must divide the grid's {height}x{width}={n} tokens")
+    blk = torch.empty(n, dtype=torch.int64)
+    blk[order] = torch.arange(n) // block
+    grid = blk.view(height, width)
+    down, up = grid[1:, :], grid[:-1, :]
+    right, left = grid[:, 1:], grid[:, :-1]
+    hits = sum(int(allowed[a, b].sum()) for a, b in ((down, up), (up, down), (right, left), (left, right)))
+    pairs = 2 * ((height - 1) * width + height * (width - 1))
+    return hits / pairs
+
+
 def segment_locality(order: torch.Tensor, height: int, width: int, segment: int) -> float:
     """Share of the tokens' 4-neighbours that lie in the token's own segment of ``segment`` tokens,
     when the grid is laid out as a sequence in ``order`` (``order[t]`` = row-major index of token t)."""
-    seg = torch.empty(height * width, dtype=torch.int64)
-    seg[order] = torch.arange(order.numel()) // segment
-    grid = seg.view(height, width)
-    same = (grid[1:, :] == grid[:-1, :]).sum() + (grid[:, 1:] == grid[:, :-1]).sum()
-    pairs = (height - 1) * width + height * (width - 1)
-    return float(same) / float(pairs)
+    own = torch.eye(height * width // segment, dtype=torch.bool)
+    return block_locality(order, height, width, segment, own)

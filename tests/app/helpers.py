@@ -8,6 +8,8 @@ import os
 import struct
 import subprocess
 import sys
+import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -138,9 +140,29 @@ class HangOnce(Callback):
         if not (first_attempt and trainer.global_step == self.step and trainer.global_rank == self.rank):
             return
         import signal
-        import time
 
         signal.signal(signal.SIGTERM, lambda *_: os._exit(143))
         Path(self.marker).write_text(str(time.time()))
         time.sleep(600)
         os._exit(1)
+
+
+def corrupt_tensor_bytes(path: Path, count: int = 256) -> None:
+    """Overwrite ``count`` bytes in the middle of the largest tensor of a ``torch.save`` zip, leaving the zip
+    structure intact (the file still opens and loads). 0x7f bytes read as finite float32 values (~3.4e38)."""
+    with zipfile.ZipFile(path) as zf:
+        info = max((i for i in zf.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    assert info.compress_type == zipfile.ZIP_STORED and info.file_size >= count, info
+    with open(path, "r+b") as fh:
+        fh.seek(info.header_offset + 26)
+        name_len, extra_len = struct.unpack("<HH", fh.read(4))
+        fh.seek(info.header_offset + 30 + name_len + extra_len + (info.file_size - count) // 2)
+        fh.write(b"\x7f" * count)
+
+
+class LateStart(Callback):
+    """Delays rank ``rank`` by ``seconds`` while the run is being built, before it joins the rendezvous."""
+
+    def __init__(self, seconds: float, rank: int = 1):
+        if os.environ.get("LOCAL_RANK", "0") == str(rank):
+            time.sleep(seconds)

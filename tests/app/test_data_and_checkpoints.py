@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ring_plugin.app.resume import resolve_resume
-from ring_plugin.callbacks.checkpointing import newest_complete_checkpoint
+from ring_plugin.callbacks.checkpoint_files import newest_complete_checkpoint
 from ring_plugin.data import AssociativeRecall, ByteTextDataset, PasskeyRetrieval, StepSampler, TokenFileDataset
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ring_plugin.callbacks.checkpointing import checkpoints_newest_first
+from ring_plugin.callbacks.checkpoint_files import checkpoints_newest_first
 from ring_plugin.testing import free_port
 
 from .helpers import REPO, TINY, env

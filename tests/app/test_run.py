@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ring_plugin.callbacks.checkpointing import checkpoints_newest_first
+from ring_plugin.callbacks.checkpoint_files import checkpoints_newest_first
 
 from .helpers import (
     REPO,
@@ -90,12 +90,16 @@ def test_sigkill_of_a_rank_then_restart_matches_an_uninterrupted_run(tmp_path: P
         _wait_for(lambda: (out / "checkpoints" / "step000010.ckpt").exists(), proc)
         (child,) = _rank_processes(proc.pid)  # Lightning's rank 1
         os.kill(child, signal.SIGKILL)
-        proc.wait(timeout=60)  # the job ends (no hang) without reaching its last step
+        killed_run, _ = proc.communicate(timeout=60)  # the job ends (no hang) without reaching its last step
         assert proc.returncode != 0
     finally:
         if proc.poll() is None:
             proc.kill()
     assert not (out / "checkpoints" / "step000030.ckpt").exists()
+    (failure,) = [ln for ln in killed_run.splitlines() if ln.startswith("[ring-train] rank 0 failed:")]
+    # Rank 0 learns at once that its peer is gone, and is told so: not a timeout.
+    assert "did not answer" not in failure and "timed out" not in failure.lower(), failure
+    assert "closed" in failure.lower() or "reset by peer" in failure.lower(), failure
 
     stdout = _ok(run_ring_train(out, *steps))  # the same command again: resume=auto
     assert "resuming from" in stdout

@@ -1,0 +1,137 @@
+"""Packed documents in the ring: every rank's document ids, and the blocks they leave to compute.
+
+A call with ``document_ids`` all-gathers the (small) int64 ids of every rank's rows once, checks that
+they form one non-decreasing global sequence (the same verdict on every rank, since all ranks judge
+the same gathered ids), and hands the dense ring :class:`DocumentBlock` s: the dense plan's blocks
+minus those whose query and key rows share no document, each carrying its rows' ids so the kernel
+attends within documents only (:mod:`ring_plugin.ops.document_kernels`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ..cache import BoundedCache
+from ..layout import ShardLayout
+from .plan import Block
+
+
+@dataclass(frozen=True, eq=False)
+class DocumentBlock:
+    """A dense block restricted to documents: ``q_docs``/``k_docs`` are its rows' ids (B, L), CPU."""
+
+    q: slice
+    kv: slice
+    causal: bool
+    q_docs: torch.Tensor
+    k_docs: torch.Tensor
+
+
+@dataclass(frozen=True)
+class RingDocuments:
+    """Document ids of every rank's rows, ``by_rank[r]`` rank r's (B, n_local) in local order (CPU),
+    and the layout they were sharded in (for ``balanced``, rebuilt from the ids themselves)."""
+
+    by_rank: torch.Tensor  # (world, B, n_local) int64
+    layout: ShardLayout
+
+    def blocks(self, dense: list[Block], q_rank: int, kv_rank: int) -> list[DocumentBlock]:
+        """``dense`` restricted to documents; blocks where no sample shares a document are dropped."""
+        out = []
+        for b in dense:
+            qd, kd = self.by_rank[q_rank][:, b.q], self.by_rank[kv_rank][:, b.kv]
+            # ids ascend along rows, so two blocks share a document iff their id ranges overlap
+            if bool(((qd[:, -1] >= kd[:, 0]) & (kd[:, -1] >= qd[:, 0])).any()):
+                out.append(DocumentBlock(b.q, b.kv, b.causal, qd, kd))
+        return out
+
+
+def document_ids_error(ids: object, q: torch.Tensor) -> str | None:
+    """This rank's check of its ``document_ids`` shard against ``q`` (B, n_local, H, D)."""
+    if not isinstance(ids, torch.Tensor):
+        return f"document_ids must be a torch.Tensor, got {type(ids).__name__}"
+    if ids.dtype != torch.int64:
+        return f"document_ids must be int64, got {ids.dtype}"
+    if tuple(ids.shape) != tuple(q.shape[:2]):
+        return (f"document_ids must have shape (batch, n_local) = {tuple(q.shape[:2])} like q's first two dims, "
+                f"got {tuple(ids.shape)}")
+    if ids.shape[1] > 1 and bool((ids[:, 1:] < ids[:, :-1]).any()):
+        return "document_ids must be non-decreasing along the sequence (packed documents, one run each)"
+    return None
+
+
+def gather_documents(ids: torch.Tensor, group: dist.ProcessGroup | None, layout: str,
+                     world_size: int) -> RingDocuments:
+    """Every rank's ids (one all-gather), checked to be one non-decreasing global sequence.
+
+    Raises the same ``ValueError`` on every rank (each judges the same gathered ids).
+    """
+    ids = ids.contiguous()
+    if group is None or world_size == 1:
+        by_rank = ids.cpu()[None]
+    else:
+        parts = [torch.empty_like(ids) for _ in range(world_size)]
+        dist.all_gather(parts, ids, group=group)
+        by_rank = torch.stack(parts).cpu()
+    if layout == "balanced":
+        shards = _BALANCED.get(_fingerprint(by_rank), lambda: _balanced_layout(by_rank))
+    else:
+        shards = ShardLayout.named(layout, world_size)
+    if bool((_global_ids(by_rank, shards).diff(dim=1) < 0).any()):
+        raise ValueError(
+            "document_ids of the ring's shards do not form one non-decreasing sequence in the "
+            f"{layout!r} layout: each rank must pass its own shard of the same global document_ids"
+        )
+    return RingDocuments(by_rank, shards)
+
+
+def _global_ids(by_rank: torch.Tensor, shards: ShardLayout) -> torch.Tensor:
+    world, batch, n_local = by_rank.shape
+    chunk = n_local // shards.chunks_per_rank
+    pieces = by_rank.view(world, batch, shards.chunks_per_rank, chunk)
+    out = torch.empty(batch, shards.num_chunks, chunk, dtype=by_rank.dtype)
+    for r, owned in enumerate(shards.chunks):
+        out[:, list(owned)] = pieces[r]
+    return out.view(batch, -1)
+
+
+_BALANCED: BoundedCache[ShardLayout] = BoundedCache(16)  # every layer of a step sees the same ids
+
+
+def _fingerprint(by_rank: torch.Tensor) -> tuple:
+    return (tuple(by_rank.shape), hashlib.blake2b(by_rank.numpy().tobytes(), digest_size=16).digest())
+
+
+def _balanced_layout(by_rank: torch.Tensor) -> ShardLayout:
+    """The balanced layout the shards were cut in, rebuilt from the shards alone.
+
+    For each chunk count the balancer could have chosen, cut every shard into its chunks and put the
+    chunks in global order: ids never decrease, so ordering chunks by their (first, last) ids per
+    sample is the global order, up to chunks that hold one document only, which are interchangeable
+    as ids. The balancer, a pure function of those global ids, then names each chunk's position; the
+    count whose layout reproduces every shard is the one used.
+    """
+    from ..balance import balanced_chunks, chunk_counts
+
+    world, batch, n_local = by_rank.shape
+    for c in chunk_counts(world * n_local, world):
+        if n_local % c:
+            continue
+        chunk = n_local // c
+        pieces = by_rank.view(world, batch, c, chunk).permute(0, 2, 1, 3).reshape(world * c, batch, chunk)
+        key = torch.stack([pieces[:, :, 0], pieces[:, :, -1]], dim=2).reshape(world * c, -1).tolist()
+        order = sorted(range(world * c), key=lambda i: key[i])
+        global_ids = pieces[order].permute(1, 0, 2).reshape(batch, -1)
+        if bool((global_ids.diff(dim=1) < 0).any()):
+            continue  # not this chunk count: its chunks do not line up into one sequence
+        shards = ShardLayout("balanced", balanced_chunks(global_ids, world))
+        if shards.chunks_per_rank == c and torch.equal(_global_ids(by_rank, shards), global_ids):
+            return shards
+    raise ValueError(
+        "document_ids of the ring's shards are not a layout='balanced' sharding of one global sequence: "
+        "shard every tensor with shard_sequence(x, 1, 'balanced', rank, world_size, document_ids=global_ids)"
+    )

@@ -1,0 +1,221 @@
+"""Packed documents: every dense ring variant with ``document_ids`` equals the fp64 oracle of the
+document mask (output and dQ/dK/dV) at world sizes 1, 2 and 4, in both layouts, causal and not.
+
+One spawned world per size runs the whole case list (spawning costs seconds on CI's 2 cores).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from ring_plugin import RingMultiheadAttention, create_ring_attention, reference_attention, shard_sequence
+from ring_plugin.attention.oracle import document_mask
+from ring_plugin.testing import run_in_process_group
+
+N = 48  # global length: divisible by 2 * 4 (zigzag at world 4); chunks of 6 at world 4
+# name -> document lengths (sum N); chosen against the chunk sizes 48, 24, 12 and 6
+DOCUMENTS = {
+    "shorter_than_a_block": [3, 2, 5, 1, 4, 3, 6, 2, 5, 7, 4, 6],
+    "equal_to_a_shard": [12, 12, 12, 12],
+    "spanning_every_rank": [2, 44, 2],
+    "many_tiny": [1] * 48,
+    "one_alone": [48],
+    "uneven": [17, 9, 1, 21],
+}
+VARIANTS = ("standard", "sdpa", "distributed", "correct", "multihead")
+LAYOUTS = ("contiguous", "zigzag")
+DTYPES = (torch.float32, torch.bfloat16)
+# (batch, heads, kv_heads, head_dim): grouped-query attention, batch > 1 with different documents
+SHAPE = (2, 4, 2, 8)
+
+
+def document_ids(name: str, batch: int) -> torch.Tensor:
+    lengths = DOCUMENTS[name]
+    first = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    # the second sample packs the same documents in reverse order (other boundaries)
+    second = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths[::-1]))
+    return torch.stack([first, second][:batch])
+
+
+def _cases():
+    return list(itertools.product(VARIANTS, LAYOUTS, (True, False), DTYPES, DOCUMENTS))
+
+
+def _inputs_and_oracle(causal: bool, docs: str):
+    b, h, hkv, d = SHAPE
+    gen = torch.Generator().manual_seed(7)
+    q, k, v, g = (torch.randn(b, N, hh, d, generator=gen) for hh in (h, hkv, hkv, h))
+    ids = document_ids(docs, b)
+    ref = [t.double().requires_grad_() for t in (q, k, v)]
+    out = reference_attention(*ref, causal=causal, allowed=document_mask(ids))
+    (out * g.double()).sum().backward()
+    return (q, k, v, g), ids, out.detach(), ref
+
+
+def _errors(rank, world, variant, layout, causal, dtype, docs) -> dict[str, float]:
+    (q, k, v, g), ids, ref_out, ref = _inputs_and_oracle(causal, docs)
+    local_ids = shard_sequence(ids, 1, layout, rank, world)
+    if variant == "multihead":  # the projections are identities, so the oracle is the same
+        b, h, hkv, d = SHAPE
+        mha = RingMultiheadAttention(h * d, h, num_kv_heads=hkv, bias=False, kdim=hkv * d, vdim=hkv * d,
+                                     layout=layout).to(dtype)
+        x = [shard_sequence(t.to(dtype).flatten(2), 1, layout, rank, world).requires_grad_() for t in (q, k, v)]
+        with torch.no_grad():
+            for w in (mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight, mha.out_proj.weight):
+                w.copy_(torch.eye(*w.shape))
+        out, _ = mha(*x, is_causal=causal, document_ids=local_ids)
+        out = out.view(out.shape[0], out.shape[1], h, d)
+        (out * shard_sequence(g.to(dtype), 1, layout, rank, world)).sum().backward()
+        grads = [t.grad.view(t.shape[0], t.shape[1], -1, d) for t in x]
+    else:
+        local = [shard_sequence(t.to(dtype), 1, layout, rank, world).requires_grad_() for t in (q, k, v)]
+        attn = create_ring_attention(variant, layout=layout)
+        out = attn(*local, is_causal=causal, document_ids=local_ids)
+        (out * shard_sequence(g.to(dtype), 1, layout, rank, world)).sum().backward()
+        grads = [t.grad for t in local]
+    errs = {}
+    pairs = [("out", out.detach(), ref_out)] + list(zip(("dq", "dk", "dv"), grads, (t.grad for t in ref)))
+    for name, mine, theirs in pairs:
+        diff = (mine.double() - shard_sequence(theirs, 1, layout, rank, world)).abs().max().item()
+        errs[name + "_abs"] = diff
+        errs[name + "_rel"] = diff / max(theirs.abs().max().item(), 1e-12)
+    return errs
+
+
+def _worker(rank: int, world: int, cases) -> list[dict[str, float]]:
+    return [_errors(rank, world, *case) for case in cases]
+
+
+@pytest.fixture(scope="module")
+def errors_by_world() -> dict[int, list[dict[str, float]]]:
+    cases = _cases()
+    out = {}
+    for world in (1, 2, 4):
+        per_rank = run_in_process_group(_worker, world, cases, timeout=300)
+        out[world] = [{key: max(r[i][key] for r in per_rank) for key in per_rank[0][i]} for i in range(len(cases))]
+    return out
+
+
+TOLERANCES = {
+    torch.float32: (("out_abs", "dq_abs", "dk_abs", "dv_abs"), 1e-5),
+    torch.bfloat16: (("out_rel", "dq_rel", "dk_rel", "dv_rel"), 2e-2),
+}
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("docs", list(DOCUMENTS))
+def test_documents_match_the_oracle(errors_by_world, world, dtype, docs):
+    keys, bound = TOLERANCES[dtype]
+    cases = [(case, errs) for case, errs in zip(_cases(), errors_by_world[world]) if case[3] == dtype
+             and case[4] == docs]
+    assert len(cases) == len(VARIANTS) * len(LAYOUTS) * 2
+    for case, errs in cases:
+        for key in keys:
+            assert errs[key] < bound, (case, key, errs[key])
+
+
+def test_bf16_error_does_not_grow_with_ring_size(errors_by_world):
+    """The worst bf16 error at ring 4 stays within 2x of the worst at ring 1 (same cases)."""
+    for key in ("out_rel", "dq_rel", "dk_rel", "dv_rel"):
+        worst = {w: max(e[key] for c, e in zip(_cases(), errors_by_world[w]) if c[3] == torch.bfloat16)
+                 for w in (1, 2, 4)}
+        assert worst[4] <= 2 * worst[1] + 1e-3, (key, worst)
+
+
+def _bad_ids_worker(rank: int, world: int) -> dict[str, str]:
+    q = torch.randn(1, 8, 2, 4)
+    attn = create_ring_attention("standard", layout="contiguous")
+    good = torch.zeros(1, 8, dtype=torch.long)
+    cases = {
+        "wrong shape": torch.zeros(1, 7, dtype=torch.long),
+        "not int64": torch.zeros(1, 8, dtype=torch.int32),
+        "decreasing inside a shard": torch.tensor([[0, 0, 1, 1, 0, 2, 2, 2]]),
+        # every shard non-decreasing, but the global sequence is not: rank 1 restarts at 0
+        "decreasing across ranks": torch.full((1, 8), 5 - 5 * rank, dtype=torch.long),
+        "only rank 0 passes ids": good if rank == 0 else None,
+    }
+    messages = {}
+    for name, ids in cases.items():
+        bad = ids if (rank == world - 1 or name in ("decreasing across ranks", "only rank 0 passes ids")) else good
+        try:
+            attn(q, q, q, is_causal=True, document_ids=bad)
+            messages[name] = "no error"
+        except ValueError as err:
+            messages[name] = str(err)
+    # the ring still works afterwards
+    out = attn(q, q, q, is_causal=True, document_ids=good)
+    messages["after"] = f"{out.shape}"
+    return messages
+
+
+def test_bad_document_ids_raise_on_every_rank_before_any_send():
+    per_rank = run_in_process_group(_bad_ids_worker, 2, timeout=120)
+    expected = {
+        "wrong shape": "document_ids must have shape (batch, n_local) = (1, 8)",
+        "not int64": "document_ids must be int64",
+        "decreasing inside a shard": "must be non-decreasing",
+        "decreasing across ranks": "do not form one non-decreasing sequence",
+        "only rank 0 passes ids": "different shapes",
+    }
+    for rank, messages in enumerate(per_rank):
+        for name, text in expected.items():
+            if rank == 1 or name in ("decreasing across ranks", "only rank 0 passes ids"):
+                assert text in messages[name], (rank, name, messages[name])
+            else:  # the other rank gets the agreement's message, never a hang
+                assert "ring input check failed on rank(s) [1]" in messages[name], (rank, name, messages[name])
+        assert messages["after"] == "torch.Size([1, 8, 2, 4])"
+
+
+def test_patterns_refuse_document_ids_clearly():
+    q = torch.randn(1, 16, 2, 4)
+    ids = torch.zeros(1, 16, dtype=torch.long)
+    attn = create_ring_attention("block_sparse", block_size=4, sparsity_ratio=0.5)
+    with pytest.raises(ValueError, match="document_ids are supported by the dense variants"):
+        attn(q, q, q, document_ids=ids)
+
+
+# ---------------------------------------------------------------------------------- balanced layout
+BALANCED_N = 1024  # long enough for several chunks per rank (a chunk keeps >= 64 tokens)
+
+
+def _balanced_errors(rank: int, world: int, causal: bool, seed: int) -> dict[str, float]:
+    from ring_plugin.balance import balanced_chunks, document_ids_from_lengths, packed_document_lengths
+
+    ids = torch.stack([document_ids_from_lengths(packed_document_lengths(BALANCED_N, seed + s, mean=160.0))
+                       for s in range(2)])
+    gen = torch.Generator().manual_seed(seed)
+    b, h, hkv, d = SHAPE
+    q, k, v, g = (torch.randn(b, BALANCED_N, hh, d, generator=gen) for hh in (h, hkv, hkv, h))
+    ref = [t.double().requires_grad_() for t in (q, k, v)]
+    ref_out = reference_attention(*ref, causal=causal, allowed=document_mask(ids))
+    (ref_out * g.double()).sum().backward()
+
+    def shard(t):
+        return shard_sequence(t, 1, "balanced", rank, world, document_ids=ids)
+
+    local = [shard(t).requires_grad_() for t in (q, k, v)]
+    out = create_ring_attention("standard", layout="balanced")(*local, is_causal=causal, document_ids=shard(ids))
+    (out * shard(g)).sum().backward()
+    errs = {"chunks_per_rank": float(len(balanced_chunks(ids, world)[0]))}
+    for name, mine, theirs in [("out", out.detach(), ref_out)] + list(zip(("dq", "dk", "dv"), (t.grad for t in local),
+                                                                         (t.grad for t in ref))):
+        errs[name] = (mine.double() - shard(theirs.detach())).abs().max().item()
+    return errs
+
+
+def _balanced_worker(rank: int, world: int) -> list[dict[str, float]]:
+    return [_balanced_errors(rank, world, causal, seed) for causal in (True, False) for seed in (0, 1)]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_balanced_layout_matches_the_oracle(world):
+    """layout='balanced': the layer rebuilds the permutation from the shards' ids and stays exact."""
+    per_rank = run_in_process_group(_balanced_worker, world, timeout=240)
+    for case in zip(*per_rank):
+        for key in ("out", "dq", "dk", "dv"):
+            assert max(r[key] for r in case) < 1e-5, (key, case)
+    assert max(r["chunks_per_rank"] for case in per_rank for r in case) > 1  # several chunks per rank occur
