@@ -3,12 +3,13 @@
 The same command resumes the same run; a changed config does not silently resume it. Keys that may change
 on a resume (the step budget, logging, timeouts, the resume mode itself) are listed in ``MAY_CHANGE``;
 any other difference refuses to resume, naming the keys, unless ``resume=force``. ``resume=never`` on a run
-that has checkpoints refuses too, so checkpoints of two runs never mix in one folder.
+starts the run over under a new W&B run (its old checkpoints are set aside by ``resume.resolve_resume``).
 """
 
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from ..callbacks.checkpointing import checkpoints_newest_first
+from ..callbacks.checkpoint_files import checkpoints_newest_first, verify
 from .validate import ConfigError
 
 RECORD = "run.yaml"
@@ -87,20 +88,13 @@ def save_record(run_dir: str | Path, record: RunRecord) -> None:
 def open_run(cfg: DictConfig) -> RunRecord:
     """The record this attempt runs under: the stored one when resuming, else a new one (not yet saved).
 
-    Raises :class:`ConfigError` when the config changed (unless ``resume=force``) or when ``resume=never``
-    meets a run that has checkpoints.
+    Raises :class:`ConfigError` when the config changed (unless ``resume=force``).
     """
     run_dir = Path(cfg.paths.output_dir)
     config = flat_config(cfg)
     old = load_record(run_dir)
     has_checkpoints = bool(checkpoints_newest_first(cfg.paths.checkpoints))
-    if cfg.resume == "never":
-        if has_checkpoints:
-            raise ConfigError(
-                f"resume=never but {run_dir} already holds run {cfg.name!r} with checkpoints: use name=NEW for a "
-                f"new run, resume=auto to continue it, or delete {run_dir}")
-        return RunRecord(config=config, wandb_id=new_wandb_id())
-    if old is None:
+    if old is None or cfg.resume == "never":
         return RunRecord(config=config, wandb_id=new_wandb_id())
     changed = identity_diff(old.config, config)
     if changed and not has_checkpoints and old.completed_step is None:
@@ -119,5 +113,19 @@ def new_wandb_id() -> str:
     return uuid.uuid4().hex[:8]
 
 
-def is_complete(record: RunRecord, max_steps: int) -> bool:
-    return record.completed_step is not None and record.completed_step >= max_steps
+def is_complete(record: RunRecord, max_steps: int, checkpoint_dir: str | Path) -> bool:
+    """The run reached ``max_steps`` and its final checkpoint is still intact (else it resumes, or refuses)."""
+    if record.completed_step is None or record.completed_step < max_steps:
+        return False
+    final = record.summary.get("checkpoint")
+    return final is not None and verify(Path(checkpoint_dir) / Path(final).name) is None
+
+
+def set_aside_logs(run_dir: str | Path) -> None:
+    """``resume=never``: the new run gets a fresh CSV log; the old one moves to ``csv/set_aside_<time>/``."""
+    versions = sorted((Path(run_dir) / "csv").glob("version_*"))
+    if versions:
+        target = Path(run_dir) / "csv" / time.strftime("set_aside_%Y%m%d_%H%M%S")
+        target.mkdir(exist_ok=True)
+        for version in versions:
+            os.replace(version, target / version.name)

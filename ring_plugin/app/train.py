@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from ..callbacks import FaultTolerance, FinalCheckpoint, RingMonitor, RingProgressBar, TaskAccuracy
 from ..lightning import RingDeepSpeedStrategy
 from ..models import RingCausalLM
-from .identity import RunRecord, is_complete, open_run, save_record
+from .identity import RunRecord, is_complete, open_run, save_record, set_aside_logs
 from .quiet import quiet_known_noise, route_lightning_logs
 from .resume import resolve_resume
 from .validate import ConfigError, model_kwargs, validate_config
@@ -113,13 +113,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     _configure_process(cfg)
     owner = _is_launching_rank()
     record = open_run(cfg)
-    if is_complete(record, cfg.max_steps) and cfg.resume != "never":
+    if cfg.resume != "never" and is_complete(record, cfg.max_steps, cfg.paths.checkpoints):
         if owner:
             log.info(f"[ring-train] run {cfg.name!r} is complete ({record.completed_step} steps, "
                      f"{cfg.paths.output_dir}); its summary:" + format_summary(record.summary) +
                      "\nUse name=NEW for a new run, or a larger max_steps to train this one further.")
         return record.summary
     if owner and not cfg.trainer.fast_dev_run:
+        if cfg.resume == "never":
+            set_aside_logs(cfg.paths.output_dir)
         save_record(cfg.paths.output_dir, record)
     _pin_run_dir_for_ranks(cfg)
     env_before = dict(os.environ)
