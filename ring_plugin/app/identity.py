@@ -24,8 +24,9 @@ from .validate import ConfigError
 RECORD = "run.yaml"
 # Dotted prefixes of keys that may differ between the attempts of one run.
 MAY_CHANGE = (
-    "max_steps", "trainer.max_steps", "resume", "comm_timeout", "strategy.timeout", "threads_per_process",
-    "tags", "group", "job_type", "paths", "logger", "callbacks", "data.val_batches", "data.num_workers",
+    "max_steps", "trainer.max_steps", "resume", "comm_timeout", "strategy.timeout", "strategy.startup_timeout",
+    "threads_per_process", "tags", "group", "job_type", "paths", "logger", "callbacks", "data.val_batches",
+    "data.num_workers",
     "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.log_every_n_steps",
     "trainer.val_check_interval", "trainer.limit_val_batches", "trainer.fast_dev_run",
 )
