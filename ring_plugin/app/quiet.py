@@ -14,6 +14,8 @@ _NOISE = (
     (r".*self\.log\('val/.*sync_dist=True", Warning),
     # a resumed run writes into its own checkpoint folder on purpose.
     (r"Checkpoint directory .* exists and is not empty", Warning),
+    # DeepSpeed's own collectives on a current torch, not ours.
+    (r".*all_gather_into_tensor` is deprecated", FutureWarning),
 )
 
 
@@ -24,9 +26,19 @@ class _DropTips(logging.Filter):
         return "Tip:" not in record.getMessage()
 
 
+class _DropCpuAccelerator(logging.Filter):
+    """DeepSpeed's warning that it runs on CPU, which a CPU run asked for."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Setting accelerator to CPU" not in record.getMessage()
+
+
 def quiet_known_noise() -> None:
     for message, category in _NOISE:
         warnings.filterwarnings("ignore", message=message, category=category)
+    deepspeed_logger = logging.getLogger("DeepSpeed")
+    if not any(isinstance(f, _DropCpuAccelerator) for f in deepspeed_logger.filters):
+        deepspeed_logger.addFilter(_DropCpuAccelerator())
 
 
 def route_lightning_logs() -> None:

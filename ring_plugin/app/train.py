@@ -48,7 +48,6 @@ def _is_launching_rank() -> bool:
 def _configure_process(cfg: DictConfig) -> None:
     os.environ.setdefault("WANDB_MODE", "offline")  # no network needed unless the user asked for online
     os.environ.setdefault("WANDB_SILENT", "true")
-    quiet_known_noise()
     route_lightning_logs()
     if cfg.trainer.accelerator == "cpu":
         # Processes share the cores: oversubscribed threads make every rank slower.
@@ -109,6 +108,7 @@ def _pin_run_dir_for_ranks(cfg: DictConfig) -> None:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
+    quiet_known_noise()  # before validation, which builds the strategy (and may import DeepSpeed)
     validate_config(cfg)
     _configure_process(cfg)
     owner = _is_launching_rank()
