@@ -3,6 +3,8 @@ every setting is said once (a derived key set on its own is refused)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -135,3 +137,13 @@ def test_bad_values_name_the_key(override: str, message: str) -> None:
 def test_unknown_group_option_is_refused_by_hydra() -> None:
     with pytest.raises(Exception, match="attention"):
         compose_app("attention=nonexistent")
+
+
+def test_help_lists_groups_recipes_and_debug_configs() -> None:
+    proc = subprocess.run([sys.executable, "-m", "ring_plugin.app.train", "--help"], cwd=CONF.parents[1],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("ring-train: train long-context models with exact ring attention")
+    for line in (f"recipe: {', '.join(RECIPES)}", "debug: fdr, limit, overfit", "strategy: ddp, deepspeed",
+                 f"attention: {', '.join(ATTENTION)}", "ring-train debug=fdr"):
+        assert line in proc.stdout, line
