@@ -1,14 +1,16 @@
 """``ring-train``: the Hydra app that trains long-context models on the ring.
 
 ``ring-train`` alone runs the embedded CPU default; ``ring-train recipe=NAME`` a recipe; any config key
-can be overridden (``ring-train attention=dilated strategy=deepspeed_stage_2 max_steps=50``). With
+can be overridden (``ring-train attention=dilated strategy=deepspeed max_steps=50``). With
 ``devices > 1`` Lightning re-runs this command once per extra process (same Hydra run directory), or
 ``torchrun --nproc-per-node N --max-restarts K -m ring_plugin.app.train ...`` starts the processes and
-restarts them after a failure; either way the run resumes from its newest complete checkpoint.
+restarts them after a failure; either way the run resumes from its newest complete checkpoint. The same
+command on a completed run says so and exits; a changed config is refused (see ``identity``).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import traceback
@@ -18,53 +20,171 @@ from typing import Any
 import hydra
 import lightning.pytorch as pl
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from ..callbacks import FaultTolerance, RingMonitor, TaskAccuracy
+from ..callbacks import FaultTolerance, FinalCheckpoint, RingMonitor, RingProgressBar, TaskAccuracy
+from ..lightning import RingDeepSpeedStrategy
+from ..models import RingCausalLM
+from .identity import RunRecord, is_complete, open_run, save_record, set_aside_logs
+from .quiet import quiet_known_noise, route_lightning_logs
 from .resume import resolve_resume
-from .validate import validate_config
+from .validate import ConfigError, model_kwargs, validate_config
 
 # An absolute path works the same from a source checkout, an editable install and a wheel.
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+log = logging.getLogger("ring_plugin.app")
+# RingAttentionConfig field that makes a layer count its ring traffic for the monitoring callback.
+STATS_FLAG = "collect_stats"
+
+
+def _is_launching_rank() -> bool:
+    """True in the process that owns the run's files: rank 0 (torchrun) or Lightning's parent process."""
+    return os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) == "0"
 
 
 def _configure_process(cfg: DictConfig) -> None:
     os.environ.setdefault("WANDB_MODE", "offline")  # no network needed unless the user asked for online
     os.environ.setdefault("WANDB_SILENT", "true")
+    route_lightning_logs()
     if cfg.trainer.accelerator == "cpu":
         # Processes share the cores: oversubscribed threads make every rank slower.
         torch.set_num_threads(cfg.threads_per_process or max(1, (os.cpu_count() or 1) // cfg.devices))
 
 
-def build(cfg: DictConfig) -> tuple[pl.Trainer, pl.LightningModule, pl.LightningDataModule]:
+def _attention_extra(cfg: DictConfig) -> dict[str, Any]:
+    """Layer arguments said once at the top of the config (and ring statistics when they are monitored)."""
+    extra: dict[str, Any] = {"comm_timeout": cfg.comm_timeout}
+    if any(c.get("_target_", "").endswith("RingMonitor") for c in (cfg.get("callbacks") or {}).values() if c):
+        extra[STATS_FLAG] = True
+    return extra
+
+
+def build(cfg: DictConfig, record: RunRecord | None = None
+          ) -> tuple[pl.Trainer, pl.LightningModule, pl.LightningDataModule]:
     """Instantiate everything the run needs from the composed config."""
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.data)
-    model = instantiate(cfg.model)
+    model = RingCausalLM(**model_kwargs(cfg, _attention_extra(cfg)))
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    if cfg.trainer.enable_progress_bar:
+        callbacks.append(RingProgressBar())
+    loggers = [_logger(c, cfg, record) for c in (cfg.get("logger") or {}).values() if c is not None]
     trainer = instantiate(cfg.trainer, strategy=instantiate(cfg.strategy), callbacks=callbacks,
                           logger=loggers or False)
     return trainer, model, datamodule
 
 
+def _logger(node: DictConfig, cfg: DictConfig, record: RunRecord | None) -> Any:
+    target = node.get("_target_", "")
+    if target.endswith("WandbLogger"):
+        group = cfg.group or (cfg.name if _is_multirun() else None)
+        extra = {"group": group}
+        if record is not None:  # the stored id: a resume continues the same W&B run
+            extra.update(id=record.wandb_id, resume="allow")
+        if _is_multirun():
+            extra["name"] = f"{cfg.name}-{HydraConfig.get().job.num}"
+        logger = instantiate(node, **extra)
+        logger._wandb_init.pop("anonymous", None)  # Lightning passes None, which wandb warns about
+        return logger
+    return instantiate(node)
+
+
+def _is_multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _pin_run_dir_for_ranks(cfg: DictConfig) -> None:
+    """Under ``--multirun`` Lightning re-runs the command line (the whole sweep) for its extra ranks, in
+    ``hydra.run.dir``: point both at this job, so the extra ranks run this job in its own folder."""
+    if not _is_multirun():
+        return
+    hc = HydraConfig.get()
+    with read_write(hc), open_dict(hc):
+        hc.run.dir = str(cfg.paths.output_dir)
+    sys.argv = [sys.argv[0], *hc.overrides.task]
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
+    quiet_known_noise()  # before validation, which builds the strategy (and may import DeepSpeed)
     validate_config(cfg)
     _configure_process(cfg)
-    trainer, model, datamodule = build(cfg)
-    ckpt_path = resolve_resume(cfg.resume, cfg.paths.checkpoints)
-    if ckpt_path is not None and trainer.is_global_zero:
-        print(f"[ring-train] resuming from {ckpt_path}", flush=True)
+    owner = _is_launching_rank()
+    record = open_run(cfg)
+    if cfg.resume != "never" and is_complete(record, cfg.max_steps, cfg.paths.checkpoints):
+        if owner:
+            log.info(f"[ring-train] run {cfg.name!r} is complete ({record.completed_step} steps, "
+                     f"{cfg.paths.output_dir}); its summary:" + format_summary(record.summary) +
+                     "\nUse name=NEW for a new run, or a larger max_steps to train this one further.")
+        return record.summary
+    if owner and not cfg.trainer.fast_dev_run:
+        if cfg.resume == "never":
+            set_aside_logs(cfg.paths.output_dir)
+        save_record(cfg.paths.output_dir, record)
+    _pin_run_dir_for_ranks(cfg)
+    env_before = dict(os.environ)
+    trainer, model, datamodule = build(cfg, record)
+    ckpt_path = resolve_resume("auto" if cfg.resume == "force" else cfg.resume, cfg.paths.checkpoints)
+    if trainer.is_global_zero:
+        _announce(cfg, trainer, model, ckpt_path)
+        _log_config(trainer, cfg, model)
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     except BaseException as err:
         _exit_if_distributed(trainer, err)
         raise
     summary = summarize(trainer, cfg)
+    if _is_multirun():  # the next sweep job starts its own ranks: no group, no launcher variables left
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(env_before)
     if trainer.is_global_zero:
-        print(format_summary(summary), flush=True)
+        _finish_loggers(trainer, summary)
+        finished = summary["stopped_by_signal"] is None and trainer.global_step >= cfg.max_steps
+        if owner and finished and not trainer.fast_dev_run:
+            record.completed_step, record.summary = trainer.global_step, summary
+            save_record(cfg.paths.output_dir, record)
+        log.info(format_summary(summary))
     return summary
+
+
+def _announce(cfg: DictConfig, trainer: pl.Trainer, model: RingCausalLM, ckpt_path: str | None) -> None:
+    params = sum(p.numel() for p in model.parameters())
+    log.info(f"[ring-train] run {cfg.name!r} in {cfg.paths.output_dir}: {cfg.attention.name} attention, "
+             f"{params / 1e6:.2f}M parameters, seq_len {cfg.seq_len}, {cfg.devices * cfg.num_nodes} processes "
+             f"(ring of {cfg.ring_size}, {cfg.layout}), {trainer.max_steps} steps"
+             + (f"; resuming from {ckpt_path}" if ckpt_path else ""))
+    if isinstance(trainer.strategy, RingDeepSpeedStrategy) and cfg.trainer.accelerator == "cpu" \
+            and not _deepspeed_cpu_op_built():
+        log.info("[ring-train] building DeepSpeed's CPU communication op, once, ~2 min ...")
+
+
+def _deepspeed_cpu_op_built() -> bool:
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
+    return any(root.glob("**/deepspeed_shm_comm*.so")) or any(root.glob("**/deepspeed_ccl_comm*.so"))
+
+
+def _log_config(trainer: pl.Trainer, cfg: DictConfig, model: RingCausalLM) -> None:
+    """Every group of the resolved config, the chosen group options and the parameter count, to every logger."""
+    params = OmegaConf.to_container(cfg, resolve=True)
+    if HydraConfig.initialized():
+        params["choices"] = {k: v for k, v in HydraConfig.get().runtime.choices.items()
+                             if not k.startswith("hydra")}
+    params["parameters"] = sum(p.numel() for p in model.parameters())
+    for logger in trainer.loggers:
+        logger.log_hyperparams(params)
+
+
+def _finish_loggers(trainer: pl.Trainer, summary: dict[str, Any]) -> None:
+    """The run's summary metrics into W&B's summary, then close the W&B run (the next sweep job opens its own)."""
+    for logger in trainer.loggers:
+        if isinstance(logger, pl.loggers.WandbLogger):
+            logger.experiment.summary.update({f"final/{k}": v for k, v in summary.items()
+                                              if isinstance(v, (int, float)) and not isinstance(v, bool)})
+            logger.experiment.finish()
 
 
 def _exit_if_distributed(trainer: pl.Trainer, err: BaseException) -> None:
@@ -96,16 +216,18 @@ def summarize(trainer: pl.Trainer, cfg: DictConfig) -> dict[str, Any]:
     monitor = _callback(trainer, RingMonitor)
     task = _callback(trainer, TaskAccuracy)
     fault = _callback(trainer, FaultTolerance)
+    final = _callback(trainer, FinalCheckpoint)
     summary: dict[str, Any] = {
         "step": trainer.global_step,
         "train_loss": metrics.get("train/loss"),
         "val_loss": metrics.get("val/loss"),
         "task_acc": task.last.get("val/task_acc") if task else None,
         "token_acc": task.last.get("val/token_acc") if task else None,
-        "tokens_per_s": monitor.mean_tokens_per_s if monitor else None,
+        "tokens_per_s": monitor.mean_tokens_per_s if monitor and monitor.total_time > 0 else None,
+        "mfu": monitor.last.get("monitor/mfu") if monitor else None,
         "skipped_steps": fault.skipped_steps if fault else 0,
         "stopped_by_signal": fault.stopped_by_signal if fault else None,
-        "checkpoints": str(cfg.paths.checkpoints),
+        "checkpoint": final.last_path if final and final.last_path and os.path.exists(final.last_path) else None,
         "output_dir": str(cfg.paths.output_dir),
     }
     for logger in trainer.loggers:
@@ -130,9 +252,10 @@ def format_summary(s: dict[str, Any]) -> str:
         f"  task accuracy      {num(s['task_acc'], '.3f')} exact match"
         + (f" (chance {s['task_chance']:.0e})" if s.get("task_chance") else "")
         + f", {num(s['token_acc'], '.3f')} of answer tokens",
-        f"  throughput         {num(s['tokens_per_s'], ',.0f')} tokens/s",
-        f"  checkpoints        {s['checkpoints']}",
+        f"  throughput         {num(s['tokens_per_s'], ',.0f')} tokens/s, MFU {num(s.get('mfu'), '.2%')}",
     ]
+    if s.get("checkpoint"):
+        lines.append(f"  checkpoint         {s['checkpoint']} (also last.ckpt)")
     if "wandb_dir" in s:
         hint = "  (upload: wandb sync " + s["wandb_dir"] + ")" if s["wandb_mode"] == "offline" else ""
         lines.append(f"  W&B run ({s['wandb_mode']})  {s['wandb_dir']}{hint}")
@@ -147,7 +270,13 @@ def format_summary(s: dict[str, Any]) -> str:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def main(cfg: DictConfig) -> None:
-    run(cfg)
+    try:
+        run(cfg)
+    except ConfigError as err:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"ring-train: config error: {err}", file=sys.stderr, flush=True)  # one line, no traceback
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -1,90 +1,150 @@
 """Checks of a composed ``ring-train`` config before anything is built or any process starts.
 
-Each error names the config key, its value and what would be valid, so a bad command line fails in a
-second instead of hanging a ring.
+The rules live in the library (layouts, ring sizes, attention and model configs, strategies); this module
+calls them on the config's values and turns their errors into a :class:`ConfigError` naming the config
+key. What only the app knows is checked here: every key is said once (values derived from a top-level key
+may not be set on their own) and the top-level numbers are in range. A bad command line fails in a
+second, on every rank, instead of hanging a ring.
 """
 
 from __future__ import annotations
 
-from omegaconf import DictConfig
+import contextlib
+import inspect
+from collections.abc import Iterator
+from typing import Any
+
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
 
 from ..attention.factory import available_ring_attention
+from ..config import RingAttentionConfig
+from ..layout import sequence_divisor
+from ..lightning.groups import check_ring_size
+from ..models import GPTConfig, RingCausalLM
+from ..patterns.dilated import dilated_error
 
-ZERO_STAGES = (0, 1, 2, 3)
-LAYOUT_CHUNKS = {"contiguous": 1, "zigzag": 2}
+# Keys set from one top-level key: overriding them on their own would make two values of one setting
+# (``trainer.max_steps=-1`` training forever while the LR schedule ends at ``max_steps``).
+DERIVED = {
+    "trainer.max_steps": "max_steps",
+    "trainer.devices": "devices",
+    "trainer.num_nodes": "num_nodes",
+    "strategy.ring_size": "ring_size",
+    "strategy.layout": "layout",
+    "strategy.timeout.seconds": "comm_timeout",
+    "data.train.seq_len": "seq_len",
+    "data.val.seq_len": "seq_len",
+    "data.train.vocab_size": "model.vocab_size",
+    "data.val.vocab_size": "model.vocab_size",
+    "callbacks.monitoring.log_every_n_steps": "trainer.log_every_n_steps",
+}
+# GPTConfig / RingCausalLM arguments the app sets from the rest of the config (see ``model_kwargs``).
+MODEL_FROM_APP = ("max_seq_len", "attention", "attention_kwargs", "max_steps")
+RESUME_WORDS = ("auto", "never", "force")
 
 
 class ConfigError(ValueError):
     """A value in the composed config is invalid; the message names the key."""
 
 
+@contextlib.contextmanager
+def _as_config_error(prefix: str) -> Iterator[None]:
+    """Re-raise a library ``ValueError``/``TypeError`` (which names its argument) under the config key."""
+    try:
+        yield
+    except (ValueError, TypeError, InstantiationException) as err:
+        cause = err.__cause__ if isinstance(err, InstantiationException) else err
+        if not isinstance(cause, (ValueError, TypeError)):
+            raise
+        raise ConfigError(f"{prefix}.{cause}" if prefix else str(cause)) from None
+
+
 def _positive_int(cfg: DictConfig, key: str) -> int:
-    value = cfg.get(key)
+    value = OmegaConf.select(cfg, key)
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ConfigError(f"{key}={value!r} must be a positive integer")
     return value
 
 
+def _raw(cfg: DictConfig, key: str) -> Any:
+    node: Any = OmegaConf.to_container(cfg, resolve=False)
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def check_said_once(cfg: DictConfig) -> None:
+    for key, source in DERIVED.items():
+        raw = _raw(cfg, key)
+        if raw is not None and raw != "${" + source + "}":
+            raise ConfigError(f"{key}={raw!r} is set from {source}: set {source}=... instead (one value for both)")
+    for key in MODEL_FROM_APP:
+        if key in cfg.model:
+            raise ConfigError(f"model.{key} is set by the app (from seq_len, attention, max_steps); remove it")
+
+
+def model_kwargs(cfg: DictConfig, attention_extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``RingCausalLM`` arguments: ``cfg.model``'s GPTConfig fields as ``model``, the rest as they are."""
+    values = OmegaConf.to_container(cfg.model, resolve=True)
+    gpt_fields = GPTConfig.__dataclass_fields__
+    arch = {k: v for k, v in values.items() if k in gpt_fields}
+    arch.update(max_seq_len=cfg.seq_len, attention=cfg.attention.layer,
+                attention_kwargs={**OmegaConf.to_container(cfg.attention.kwargs, resolve=True),
+                                  **(attention_extra or {})})
+    return {"model": arch, "max_steps": cfg.max_steps, **{k: v for k, v in values.items() if k not in gpt_fields}}
+
+
 def validate_config(cfg: DictConfig) -> None:
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"{missing[0]} has no value (??? in the config): set {missing[0]}=...")
     for key in ("seq_len", "devices", "num_nodes", "ring_size", "max_steps"):
         _positive_int(cfg, key)
-    world = cfg.devices * cfg.num_nodes
-    if world % cfg.ring_size:
-        divisors = [d for d in range(1, world + 1) if world % d == 0]
-        raise ConfigError(
-            f"ring_size={cfg.ring_size} must divide the number of processes devices x num_nodes = {world}; "
-            f"valid: {divisors}"
-        )
-    if cfg.layout not in LAYOUT_CHUNKS:
-        raise ConfigError(f"layout={cfg.layout!r} is not a shard layout; valid: {', '.join(LAYOUT_CHUNKS)}")
-    divisor = cfg.ring_size * LAYOUT_CHUNKS[cfg.layout]
+    check_said_once(cfg)
+    with _as_config_error(""):
+        check_ring_size(cfg.ring_size, cfg.devices * cfg.num_nodes)
+    with _as_config_error(""):
+        divisor = sequence_divisor(cfg.layout, cfg.ring_size)
     if cfg.seq_len % divisor:
-        raise ConfigError(
-            f"seq_len={cfg.seq_len} must be a multiple of ring_size x {LAYOUT_CHUNKS[cfg.layout]} = {divisor} "
-            f"(layout={cfg.layout})"
-        )
-    if not (isinstance(cfg.comm_timeout, (int, float)) and cfg.comm_timeout > 0):
-        raise ConfigError(f"comm_timeout={cfg.comm_timeout!r} must be positive seconds")
+        raise ConfigError(f"seq_len={cfg.seq_len} must be a multiple of {divisor} (ring_size={cfg.ring_size}, "
+                          f"layout={cfg.layout})")
     resume = cfg.get("resume")
     if not isinstance(resume, str) or not resume:
-        raise ConfigError(f"resume={resume!r} must be 'auto', 'never' or a checkpoint path")
+        raise ConfigError(f"resume={resume!r} must be {', '.join(RESUME_WORDS)} or a checkpoint path")
+    with _as_config_error(""):
+        RingAttentionConfig(comm_timeout=cfg.comm_timeout, layout=cfg.layout, ring_size=cfg.ring_size)
     _validate_attention(cfg)
-    _validate_strategy(cfg)
-    model = cfg.model.model
-    if model.max_seq_len < cfg.seq_len:
-        raise ConfigError(f"model.model.max_seq_len={model.max_seq_len} is shorter than seq_len={cfg.seq_len}")
+    _validate_model(cfg)
+    with _as_config_error("strategy"):
+        instantiate(cfg.strategy)
 
 
 def _validate_attention(cfg: DictConfig) -> None:
     names = available_ring_attention()
-    name = cfg.attention.name
-    if name not in names:
-        raise ConfigError(f"attention.name={name!r} is not a known attention variant; valid: {', '.join(names)}")
-    kwargs = cfg.attention.get("kwargs") or {}
-    segments = kwargs.get("segment_lengths")
-    if segments:
-        bad = [w for w in segments if w < cfg.seq_len and cfg.seq_len % w]
-        if bad:
-            raise ConfigError(
-                f"attention.kwargs.segment_lengths={list(segments)}: {bad} shorter than seq_len={cfg.seq_len} "
-                "must divide it"
-            )
-    grid = kwargs.get("grid")
-    if grid is not None and (len(grid) != 2 or grid[0] * grid[1] != cfg.seq_len):
+    if cfg.attention.layer not in names:
+        raise ConfigError(f"attention.layer={cfg.attention.layer!r} is not a ring attention layer; "
+                          f"valid: {', '.join(names)}")
+    kwargs = OmegaConf.to_container(cfg.attention.kwargs, resolve=True)
+    with _as_config_error("attention.kwargs"):
+        config = RingAttentionConfig().replace(**kwargs)
+    if config.segment_lengths is not None:
+        error = dilated_error(config.segment_lengths, config.dilation_rates or [], cfg.seq_len)
+        if error:
+            raise ConfigError(f"attention.kwargs.segment_lengths: {error}")
+    # The layer learns the sequence length only at its first call: check the grid against seq_len now.
+    grid = config.grid
+    if grid is not None and grid[0] * grid[1] != cfg.seq_len:
         raise ConfigError(f"attention.kwargs.grid={list(grid)} must be [H, W] with H x W = seq_len={cfg.seq_len}")
-    sparsity = kwargs.get("sparsity_ratio")
-    if sparsity is not None and not 0.0 <= sparsity < 1.0:
-        raise ConfigError(
-            f"attention.kwargs.sparsity_ratio={sparsity} must lie in [0, 1): the fraction of block pairs skipped"
-        )
 
 
-def _validate_strategy(cfg: DictConfig) -> None:
-    if "stage" in cfg.strategy and cfg.strategy.stage not in ZERO_STAGES:
-        raise ConfigError(
-            f"strategy.stage={cfg.strategy.stage!r} is not a ZeRO stage; valid: {', '.join(map(str, ZERO_STAGES))}"
-        )
-    if cfg.strategy.get("ring_size") not in (None, cfg.ring_size):
-        raise ConfigError(
-            f"strategy.ring_size={cfg.strategy.ring_size} differs from ring_size={cfg.ring_size}; set ring_size only"
-        )
+def _validate_model(cfg: DictConfig) -> None:
+    kwargs = model_kwargs(cfg)
+    with _as_config_error("model"):
+        GPTConfig.from_dict(kwargs.pop("model"))
+    unknown = set(kwargs) - set(inspect.signature(RingCausalLM).parameters)
+    if unknown:
+        raise ConfigError(f"model.{sorted(unknown)[0]} is neither a GPTConfig field nor a RingCausalLM argument")

@@ -20,7 +20,7 @@ from lightning.pytorch.callbacks import Callback
 REPO = Path(__file__).resolve().parents[2]
 TINY = [
     "max_steps=20", "seq_len=64", "data.batch_size=2", "data.val_batches=1", "trainer.val_check_interval=10",
-    "trainer.log_every_n_steps=5", "model.model.n_embd=32", "model.model.n_head=2", "model.model.n_kv_head=2",
+    "trainer.log_every_n_steps=5", "model.n_embd=32", "model.n_head=2", "model.n_kv_head=2",
     "callbacks.checkpointing.every_n_train_steps=5", "trainer.enable_progress_bar=false", "comm_timeout=20",
 ]
 
@@ -83,6 +83,27 @@ def read_wandb_history(out: Path) -> list[dict[str, Any]]:
                 rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
                              for item in record.history.item})
     return rows
+
+
+def read_wandb_runs(out: Path) -> list[dict[str, Any]]:
+    """Per offline W&B run file under ``out`` (any depth): its id, group, job type, name, config and summary."""
+    from wandb.proto import wandb_internal_pb2
+
+    runs = []
+    for path in sorted(out.glob("**/wandb/offline-run-*/run-*.wandb")):
+        run: dict[str, Any] = {"config": {}, "summary": {}}
+        for payload in _wandb_payloads(path.read_bytes()):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(payload)
+            kind = record.WhichOneof("record_type")
+            if kind == "run":
+                r = record.run
+                run.update(id=r.run_id, group=r.run_group, job_type=r.job_type, name=r.display_name, tags=list(r.tags))
+            elif kind in ("config", "summary"):
+                items = record.config.update if kind == "config" else record.summary.update
+                run[kind].update({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in items})
+        runs.append(run)
+    return runs
 
 
 def final_weights(path: Path) -> dict[str, torch.Tensor]:

@@ -1,7 +1,10 @@
-"""Every recipe and every attention x strategy combination composes and validates; bad values name their key."""
+"""Every recipe and every attention x strategy combination composes and validates; bad values name their key;
+every setting is said once (a derived key set on its own is refused)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,15 +12,15 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
 from ring_plugin.app.train import CONFIG_DIR
-from ring_plugin.app.validate import ConfigError, validate_config
+from ring_plugin.app.validate import ConfigError, model_kwargs, validate_config
 
 CONF = Path(CONFIG_DIR)
 RECIPES = sorted(p.stem for p in (CONF / "recipe").glob("*.yaml"))
 ATTENTION = sorted(p.stem for p in (CONF / "attention").glob("*.yaml"))
-STRATEGIES = sorted(p.stem for p in (CONF / "strategy").glob("*.yaml"))
+DEBUG = sorted(p.stem for p in (CONF / "debug").glob("*.yaml"))
 
 
-def _compose(*overrides: str) -> DictConfig:
+def compose_app(*overrides: str) -> DictConfig:
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
     # `${hydra:...}` only resolves inside a running app; give it the run dir it would have.
@@ -32,71 +35,115 @@ def test_repo_conf_and_recipes_are_the_packaged_tree() -> None:
     assert (repo / "conf").resolve() == CONF
     assert (repo / "recipes").resolve() == CONF / "recipe"
     assert set(RECIPES) >= {"cpu_default", "dense_128k_zero3", "longnet_1m", "block_sparse_90", "hilbert_grid"}
+    assert DEBUG == ["fdr", "limit", "overfit"]
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_recipe_composes_and_validates(recipe: str) -> None:
-    cfg = _compose(f"recipe={recipe}")
+    cfg = compose_app(f"recipe={recipe}")
+    if cfg.data.train._target_ == "ring_plugin.data.TokenFileDataset":  # the files are the user's to give
+        with pytest.raises(ConfigError, match=r"data\.train\.path has no value"):
+            validate_config(cfg)
+        cfg = compose_app(f"recipe={recipe}", "data.train.path=train.bin", "data.val.path=val.bin")
     validate_config(cfg)
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
     assert cfg.name == recipe
 
 
 def test_default_is_the_cpu_run() -> None:
-    cfg = _compose()
+    cfg = compose_app()
     validate_config(cfg)
     assert (cfg.trainer.accelerator, cfg.devices, cfg.ring_size) == ("cpu", 2, 2)
     assert cfg.strategy._target_ == "ring_plugin.lightning.RingStrategy"
-    assert set(cfg.callbacks) >= {"checkpointing", "fault_tolerance", "monitoring"}
+    assert set(cfg.callbacks) >= {"checkpointing", "final_checkpoint", "fault_tolerance", "monitoring"}
     assert set(cfg.logger) == {"wandb", "csv"}
 
 
 def test_recipe_changes_groups() -> None:
-    cfg = _compose("recipe=dense_128k_zero3")
-    assert cfg.strategy.stage == 3 and cfg.model.model.activation_checkpointing
+    cfg = compose_app("recipe=dense_128k_zero3")
+    assert cfg.strategy.stage == 3 and cfg.model.activation_checkpointing
     assert cfg.seq_len == 131072 and cfg.trainer.accelerator == "gpu"
-    assert _compose("recipe=block_sparse_90").attention.kwargs.sparsity_ratio == 0.9
+    assert compose_app("recipe=block_sparse_90").attention.kwargs.sparsity_ratio == 0.9
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("strategy", ["ddp", "deepspeed"])
 def test_every_variant_with_every_strategy(strategy: str) -> None:
     for attention in ATTENTION:
-        cfg = _compose(f"attention={attention}", f"strategy={strategy}")
+        cfg = compose_app(f"attention={attention}", f"strategy={strategy}")
         validate_config(cfg)
-        resolved = OmegaConf.to_container(cfg, resolve=True)
-        assert resolved["model"]["model"]["attention"] == cfg.attention.name
+        assert cfg.attention.name == attention  # the variant is named truly in the composed config
+        kwargs = model_kwargs(cfg, {"comm_timeout": 5})
+        assert kwargs["model"]["attention"] == ("sdpa" if attention == "dilated" else attention)
+        assert kwargs["model"]["max_seq_len"] == cfg.seq_len and kwargs["max_steps"] == cfg.max_steps
+        assert kwargs["model"]["attention_kwargs"]["comm_timeout"] == 5
 
 
-def test_offload_strategy() -> None:
-    cfg = _compose("strategy=deepspeed_stage_3_offload")
+def test_one_deepspeed_file_with_a_stage_key() -> None:
+    cfg = compose_app("strategy=deepspeed", "strategy.stage=3", "strategy.offload_optimizer=true",
+                      "strategy.offload_parameters=true")
+    validate_config(cfg)
     assert cfg.strategy.stage == 3 and cfg.strategy.offload_optimizer and cfg.strategy.offload_parameters
 
 
+@pytest.mark.parametrize("debug", DEBUG)
+def test_debug_configs(debug: str) -> None:
+    cfg = compose_app(f"debug={debug}")
+    validate_config(cfg)
+    assert cfg.job_type == "debug" and cfg.resume == "never" and cfg.name == f"debug_{debug}"
+    if debug == "fdr":
+        assert cfg.trainer.fast_dev_run is True
+    if debug == "overfit":  # one batch of training data, seen at every step
+        assert OmegaConf.to_container(cfg.data, resolve=True)["train"]["num_samples"] == cfg.data.batch_size
+
+
+def test_fast_dev_run_needs_no_plus() -> None:
+    assert compose_app("trainer.fast_dev_run=2").trainer.fast_dev_run == 2
+
+
 @pytest.mark.parametrize(
-    ("override", "key"),
+    ("override", "message"),
     [
-        ("attention.name=nonexistent", "attention.name"),
-        ("+strategy.stage=5", "strategy.stage"),
-        ("ring_size=3", "ring_size"),
-        ("seq_len=250", "seq_len"),
-        ("layout=spiral", "layout"),
-        ("attention=dilated", None),  # valid; the bad one follows
+        ("attention.layer=nonexistent", r"attention\.layer='nonexistent' is not a ring attention layer"),
+        ("ring_size=3", r"ring_size=3 must be a positive divisor of the world size 2"),
+        ("seq_len=250", r"seq_len=250 must be a multiple of 4 \(ring_size=2, layout=zigzag\)"),
+        ("layout=spiral", r"layout='spiral' is not a known shard layout"),
+        ("max_steps=0", r"max_steps=0 must be a positive integer"),
+        ("comm_timeout=-1", r"comm_timeout=-1 must be positive"),
+        ("model.n_embd=30", r"model\.n_embd=30 / n_head=4 must give an even head size"),
+        ("+model.dropout=0.1", r"model\.dropout is neither a GPTConfig field nor a RingCausalLM argument"),
+        # the step budget is said once: the trainer's and the LR schedule's
+        ("trainer.max_steps=-1", r"trainer\.max_steps=-1 is set from max_steps: set max_steps="),
+        ("trainer.max_steps=100", r"trainer\.max_steps=100 is set from max_steps"),
+        ("strategy.ring_size=1", r"strategy\.ring_size=1 is set from ring_size"),
+        ("data.train.seq_len=128", r"data\.train\.seq_len=128 is set from seq_len"),
+        ("+model.max_seq_len=128", r"model\.max_seq_len is set by the app"),
+        # the library's own checks, under the config key
+        ("attention=block_sparse attention.kwargs.sparsity_ratio=1.5",
+         r"attention\.kwargs\.sparsity_ratio=1\.5 must lie in \[0, 1\)"),
+        ("attention=dilated attention.kwargs.segment_lengths=[64,96,256]",
+         r"attention\.kwargs\.segment_lengths: .*multiple of every segment length.*\[96\]"),
+        ("attention=hilbert attention.kwargs.grid=[8,8]", r"attention\.kwargs\.grid=\[8, 8\] must be \[H, W\]"),
+        ("+attention.kwargs.bogus=1", r"unknown ring attention argument\(s\) \['bogus'\]"),
+        ("strategy=deepspeed strategy.stage=5", r"strategy\.stage=5 is not a ZeRO stage"),
+        ("data=token_file", r"data\.train\.path has no value \(\?\?\? in the config\): set data\.train\.path="),
     ],
 )
-def test_bad_values_name_the_key(override: str, key: str | None) -> None:
-    cfg = _compose(override)
-    if key is None:
+def test_bad_values_name_the_key(override: str, message: str) -> None:
+    cfg = compose_app(*override.split())
+    with pytest.raises(ConfigError, match=message):
         validate_config(cfg)
-        return
-    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        validate_config(cfg)
-
-
-def test_deepspeed_stage_5_names_strategy_stage() -> None:
-    with pytest.raises(ConfigError, match=r"strategy\.stage=5"):
-        validate_config(_compose("strategy=deepspeed_stage_2", "strategy.stage=5"))
 
 
 def test_unknown_group_option_is_refused_by_hydra() -> None:
     with pytest.raises(Exception, match="attention"):
-        _compose("attention=nonexistent")
+        compose_app("attention=nonexistent")
+
+
+def test_help_lists_groups_recipes_and_debug_configs() -> None:
+    proc = subprocess.run([sys.executable, "-m", "ring_plugin.app.train", "--help"], cwd=CONF.parents[1],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("ring-train: train long-context models with exact ring attention")
+    for line in (f"recipe: {', '.join(RECIPES)}", "debug: fdr, limit, overfit", "strategy: ddp, deepspeed",
+                 f"attention: {', '.join(ATTENTION)}", "ring-train debug=fdr"):
+        assert line in proc.stdout, line

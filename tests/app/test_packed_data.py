@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 from ring_plugin.data import PackedSynthetic, PackedTextFolder, PackedTokenFile, packed_documents
 from ring_plugin.documents import document_ids_from_position_ids
 
-from .test_config import _compose
+from .test_config import compose_app
 
 EOT = 9
 
@@ -105,14 +105,14 @@ def test_packed_documents_factory_errors(tmp_path: Path) -> None:
 
 
 def test_data_packed_config_builds_train_and_val(tmp_path: Path) -> None:
-    cfg = _compose("data=packed", "seq_len=64")
+    cfg = compose_app("data=packed", "seq_len=64")
     dm = instantiate(cfg.data)
     assert isinstance(dm.train_set, PackedSynthetic) and dm.train_set.seq_len == 64
     assert dm.val_set.seed == 999983 and len(dm.val_set) == 256
     batch = next(iter(dm.train_dataloader()))
     assert batch["document_ids"].shape == (cfg.data.batch_size, 64)
     np.array([1, 2, 3, EOT] * 40, dtype=np.uint16).tofile(tmp_path / "t.bin")
-    cfg = _compose("data=packed", "seq_len=64", "data.train.source=token_file", f"data.train.path={tmp_path}/t.bin",
-                   f"data.val.path={tmp_path}/t.bin", f"data.train.eot_token={EOT}")
+    cfg = compose_app("data=packed", "seq_len=64", "data.train.source=token_file", f"data.train.path={tmp_path}/t.bin",
+                      f"data.val.path={tmp_path}/t.bin", f"data.train.eot_token={EOT}")
     dm = instantiate(cfg.data)
     assert isinstance(dm.val_set, PackedTokenFile) and dm.val_set[0]["position_ids"][:5].tolist() == [0, 1, 2, 3, 0]
