@@ -19,7 +19,7 @@ README = REPO / "README.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
 
 CHECKS = {
-    "create_ring_attention(": """
+    '"block_sparse", "hilbert", "auto"': """
 import torch.nn.functional as F
 ref = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q_full, k_full, v_full)), is_causal=True)
 want = shard_sequence(ref.transpose(1, 2), dim=1, layout="zigzag", rank=rank, world_size=world)
@@ -33,6 +33,20 @@ dense = StandardRingAttention()(q, k, v, is_causal=True)
 oracle = RingDilatedAttentionCorrect(oracle_dtype="float64")(q.double(), k.double(), v.double(), is_causal=True)
 torch.testing.assert_close(dense.double(), oracle, atol=1e-5, rtol=0)
 open(f"checked_{dist.get_rank() if dist.is_initialized() else 0}", "w").write(f"{world}")
+""",
+    "document_ids_from_position_ids(": """
+import torch.nn.functional as F
+parts, start = [], 0
+for n in (700, 300, 24):  # the oracle: each document on its own
+    doc = [t[:, start:start + n].transpose(1, 2) for t in (q_full, k_full, v_full)]
+    parts.append(F.scaled_dot_product_attention(*doc, is_causal=True).transpose(1, 2))
+    start += n
+torch.testing.assert_close(out_local, shard(torch.cat(parts, 1)), atol=1e-5, rtol=0)
+pos = torch.arange(1024)
+band = (pos[:, None] >= pos[None, :]) & (pos[:, None] - pos[None, :] < 256)
+ref = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q_full, k_full, v_full)), attn_mask=band)
+torch.testing.assert_close(windowed, shard_sequence(ref.transpose(1, 2), 1, "zigzag", rank, world), atol=1e-5, rtol=0)
+open(f"checked_{rank}", "w").write(f"{world}")
 """,
     "RingCausalLM(": """
 import math
