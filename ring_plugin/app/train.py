@@ -219,6 +219,8 @@ def summarize(trainer: pl.Trainer, cfg: DictConfig) -> dict[str, Any]:
     final = _callback(trainer, FinalCheckpoint)
     summary: dict[str, Any] = {
         "step": trainer.global_step,
+        # ZeRO-3 leaves each rank an empty partition: its full size is ds_numel
+        "parameters": sum(getattr(p, "ds_numel", p.numel()) for p in trainer.lightning_module.parameters()),
         "train_loss": metrics.get("train/loss"),
         "val_loss": metrics.get("val/loss"),
         "task_acc": task.last.get("val/task_acc") if task else None,
@@ -248,6 +250,7 @@ def format_summary(s: dict[str, Any]) -> str:
     lines = [
         "",
         f"== ring-train summary (step {s['step']}) ==",
+        f"  model              {num(s.get('parameters'), ',')} parameters",
         f"  final train loss   {num(s['train_loss'], '.4f')}   val loss {num(s['val_loss'], '.4f')}",
         f"  task accuracy      {num(s['task_acc'], '.3f')} exact match"
         + (f" (chance {s['task_chance']:.0e})" if s.get("task_chance") else "")

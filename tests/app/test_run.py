@@ -52,6 +52,8 @@ def test_logs_reach_wandb_and_csv_and_nan_steps_are_skipped(tmp_path: Path) -> N
     stdout = _ok(run_ring_train(out, "+callbacks.nan._target_=tests.app.helpers.NanGradients",
                                 "+callbacks.nan.steps=[7,12,13,14]", "+callbacks.nan.rank=1"))
     assert "== ring-train summary (step 20) ==" in stdout
+    # vocab 64 x 32 tied embedding, 2 layers of (qkv 3072, proj 1024, MLP 8192, norms 64), final norm 32
+    assert "  model              26,784 parameters" in stdout
     assert "skipped steps      4" in stdout
     assert "rolled back weights and optimizer" in stdout and "step000010.ckpt" in stdout
 
