@@ -34,6 +34,8 @@ def _bad_input_worker(rank: int, world: int) -> list[tuple[str, str, float]]:
             x, torch.randn(1, 8, 2, 8), torch.randn(1, 8, 2, 8)),
         "ring size not dividing the world": lambda: create_ring_attention("standard", ring_size=3)(x, x, x),
         "unknown backend": lambda: create_ring_attention("standard", backend="tpu"),
+        "a list as q on one rank": lambda: create_ring_attention("standard")(
+            [x] if rank == 1 else x, x, x),
     }
     results = []
     for name, call in scenarios.items():
@@ -55,6 +57,7 @@ def test_bad_input_raises_on_every_rank_before_any_send():
         "q and k disagree": ["must agree in batch, n_local and head_dim"] * 2,
         "ring size not dividing the world": ["ring_size=3 must be a positive divisor of the world size 2"] * 2,
         "unknown backend": ["backend='tpu' is not a known kernel backend"] * 2,
+        "a list as q on one rank": ["failed on rank(s) [1]", "q must be a torch.Tensor, got list"],
     }
     for rank, results in enumerate(per_rank):
         for name, message, after in results:
