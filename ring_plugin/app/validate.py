@@ -50,8 +50,8 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(f"resume={resume!r} must be 'auto', 'never' or a checkpoint path")
     _validate_attention(cfg)
     _validate_strategy(cfg)
-    model = cfg.model.model
-    if model.max_seq_len < cfg.seq_len:
+    model = cfg.model.get("model")  # RingCausalLM's GPT config; a transformers model (model=hf) has none
+    if model is not None and model.max_seq_len < cfg.seq_len:
         raise ConfigError(f"model.model.max_seq_len={model.max_seq_len} is shorter than seq_len={cfg.seq_len}")
 
 
