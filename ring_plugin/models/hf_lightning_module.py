@@ -61,6 +61,10 @@ def build_hf_causal_lm(pretrained: str | None, config: Any, dtype: torch.dtype) 
 
 
 class HFCausalLM(RingCausalLM):
+    """``pretrained``: a local ``from_pretrained`` directory (its weights and config; takes precedence), or
+    ``config``: a transformers config or a dict with ``model_type`` (random init). The other arguments are
+    :class:`RingCausalLM`'s; ``activation_checkpointing`` recomputes each decoder layer in backward."""
+
     def __init__(
         self,
         pretrained: str | None = None,
@@ -76,11 +80,12 @@ class HFCausalLM(RingCausalLM):
     ):
         # RingCausalLM.__init__ builds a RingGPT; everything else of it (loss scaling, steps, optimizer) is shared.
         pl.LightningModule.__init__(self)
-        if (pretrained is None) == (config is None):
-            raise ValueError(f"give exactly one of pretrained (a local directory) and config; got "
-                             f"pretrained={pretrained!r}, config={'set' if config is not None else None}")
-        if config is not None:
-            config = hf_config(config)  # fails now, not after the processes started
+        if pretrained is None and config is None:
+            raise ValueError("give pretrained (a local from_pretrained directory) or config (a transformers config, "
+                             "or a dict with model_type, for a random init)")
+        # The architecture of a random init; a pretrained directory brings its own. Parsed now, so a bad
+        # config fails before any process starts.
+        config = None if pretrained is not None else hf_config(config)
         self.save_hyperparameters({
             "pretrained": pretrained, "config": None if config is None else config.to_dict(), "lr": lr,
             "weight_decay": weight_decay, "betas": tuple(betas), "warmup_steps": warmup_steps,
