@@ -43,6 +43,35 @@ def equivalence(kind: str, layout: str, rank: int, world: int) -> dict[str, floa
     }
 
 
+def data_parallel_equivalence(rank: int, world: int) -> dict[str, float]:
+    """2 rings of 2 reading different rows: shard_batch counts the labels over both rings
+    (data_parallel_group) and reduce_gradients sums over the world; the result equals one process on
+    the 2-row batch."""
+    import ring_plugin.hf as hf
+    from ring_plugin.lightning.groups import build_ring_groups
+
+    groups = build_ring_groups(2)
+    batch = token_batch(2, 32, seed=2)
+    eager = tiny_model("llama", "eager")
+    ref = eager(**batch, use_cache=False)
+    ref.loss.backward()
+    ring = tiny_model("llama", "ring")
+    row = slice(groups.dp_rank, groups.dp_rank + 1)
+    with ring_context(groups.ring, "zigzag"):
+        sharded = hf.shard_batch({k: v[row] for k, v in batch.items()}, data_parallel_group=groups.data_parallel)
+        out = ring(**sharded, use_cache=False)
+        out.loss.backward()
+        hf.reduce_gradients(ring)
+    loss = out.loss.detach().clone()
+    dist.all_reduce(loss)
+    ref_grads = dict(eager.named_parameters())
+    return {
+        "logits": rel_err(out.logits, shard_sequence(ref.logits[row], 1, "zigzag", groups.ring_rank, 2)),
+        "loss": rel_err(loss, ref.loss),
+        "grads": max(rel_err(p.grad, ref_grads[n].grad) for n, p in ring.named_parameters()),
+    }
+
+
 def refusal(case: str, rank: int, world: int) -> str:
     """Run a forward the ring must refuse; return the ValueError's text (anything else fails the test)."""
     import ring_plugin.hf as hf
@@ -131,6 +160,8 @@ def scaled_attention(layout: str, rank: int, world: int) -> dict[str, float]:
 def world_worker(rank: int, world: int) -> dict:
     out: dict = {f"{k}/{lay}": equivalence(k, lay, rank, world) for k in MODELS for lay in LAYOUTS}
     out.update({f"scaled_gqa/{lay}": scaled_attention(lay, rank, world) for lay in LAYOUTS})
+    if world == 4:
+        out["dp2_ring2/zigzag"] = data_parallel_equivalence(rank, world)
     if world == 2:
         for case in REFUSALS:
             out[case] = refusal(case, rank, world)
@@ -156,7 +187,7 @@ def results(size: int) -> list[dict]:
 def test_ring_equals_eager_on_the_whole_sequence(size):
     names = [f"{k}/{lay}" for k in MODELS for lay in LAYOUTS] + [f"scaled_gqa/{lay}" for lay in LAYOUTS]
     for rank, result in enumerate(results(size)):
-        for name in names + (["after_refusals"] if size == 2 else []):
+        for name in names + (["after_refusals"] if size == 2 else ["dp2_ring2/zigzag"]):
             errors = result[name]
             assert max(errors.values()) <= 1e-5, (size, rank, name, errors)
 

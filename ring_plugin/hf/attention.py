@@ -83,8 +83,8 @@ def _refusal(module: nn.Module, query: torch.Tensor, key: torch.Tensor, attentio
     """What this rank's layer call asks for that the ring cannot do exactly, or None."""
     if key.shape[-2] != query.shape[-2]:
         return (f"keys ({key.shape[-2]}) and queries ({query.shape[-2]}) differ in length: a KV cache with past "
-                "tokens (generation) is not supported by attn_implementation='ring'; switch the model to 'sdpa' "
-                "(model.set_attn_implementation('sdpa')) to generate")
+                "tokens (generation) or cross-attention is not supported by attn_implementation='ring'; switch "
+                "the model to 'sdpa' (model.set_attn_implementation('sdpa')) to generate")
     if kwargs.get("use_cache") and module.training and torch.is_grad_enabled():
         return "use_cache=True in training: pass use_cache=False (or set model.config.use_cache = False)"
     if dropout and dropout > 0:
