@@ -70,7 +70,11 @@ def ring_attention_forward(
     """transformers' attention-interface entry: ``query`` (batch, heads, n_local, head_dim), ``key`` and
     ``value`` (batch, kv_heads, n_local, head_dim); returns (batch, n_local, heads, head_dim) and no weights."""
     ring = resolve_ring(None, None, None)
-    agree_or_raise(_refusal(module, query, key, attention_mask, dropout, kwargs, ring), (), ring.group, query.device)
+    try:
+        error = _refusal(module, query, key, attention_mask, dropout, kwargs, ring)
+    except Exception as err:  # noqa: BLE001 - any failure of the checks is reported to every rank, not raised alone
+        error = f"checking the inputs of the ring attention failed: {type(err).__name__}: {err}"
+    agree_or_raise(error, (), ring.group, query.device)
     causal = kwargs.get("is_causal")
     causal = getattr(module, "is_causal", True) if causal is None else causal
     engine = _engine(float(scaling) if scaling is not None else query.shape[-1] ** -0.5)
