@@ -39,7 +39,8 @@ class StableAdamHFCausalLM(HFCausalLM):
 
 
 def make_module(pretrained: str | None = None) -> StableAdamHFCausalLM:
-    config = tiny_config("llama").to_dict()
+    # Tied embeddings, as in the Llama-3.2-1B recipe: under ZeRO-3 the head reads the embedding's partitioned weight.
+    config = tiny_config("llama", tie_word_embeddings=True).to_dict()
     return StableAdamHFCausalLM(pretrained, config={**config, "model_type": "llama"}, lr=1e-2, weight_decay=0.1,
                                 warmup_steps=1, max_steps=STEPS, loss_chunk_tokens=6, activation_checkpointing=True)
 
@@ -72,15 +73,18 @@ class Recorder(Callback):
         self.end = _full_weights(pl_module)
 
 
-def one_process_training(start: dict[str, torch.Tensor], batches: list[dict]) -> tuple[dict, list[float], dict]:
+def one_process_training(start: dict[str, torch.Tensor], batches: list[dict],
+                         pretrained: str | None) -> tuple[dict, list[float], dict]:
     """The same model, optimizer and schedule in one process (eager attention, full logits, plain CE):
     final weights, the loss of every step, the first step's gradients."""
     from ring_plugin.comm.context import ring_context
 
-    module = make_module()
+    module = make_module(pretrained)
     module.configure_model()
     module.model.set_attn_implementation("eager")
-    module.load_state_dict(start)
+    with torch.no_grad():  # by parameter: a tied head is one parameter under two names
+        for name, p in module.named_parameters():
+            p.copy_(start[name])
     optimizer = module.configure_optimizers()
     opt, sched = optimizer["optimizer"], optimizer["lr_scheduler"]["scheduler"]
     losses, grads = [], {}
@@ -108,7 +112,7 @@ def train_case(case: H.Case, rank: int, world: int, pretrained: str | None = Non
                                                                  DataLoader(samples, batch_size=1))
     if rank != 0:
         return None
-    weights, losses, grads = one_process_training(recorder.start, recorder.batches)
+    weights, losses, grads = one_process_training(recorder.start, recorder.batches, pretrained)
     if pretrained is not None:  # ZeRO-3 loaded the directory into the partitioned model as saved
         from transformers import AutoModelForCausalLM
 
