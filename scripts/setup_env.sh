@@ -11,6 +11,6 @@ stamp=.venv/.ring_plugin_installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -c constraints.txt "torch==2.13.0"
-  .venv/bin/python -m pip install -q -c constraints.txt -e ".[train,deepspeed,dev]"
+  .venv/bin/python -m pip install -q -c constraints.txt -e ".[train,deepspeed,hf,dev]"
   touch "$stamp"
 fi

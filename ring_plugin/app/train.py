@@ -31,7 +31,7 @@ from ..models import RingCausalLM
 from .identity import RunRecord, is_complete, open_run, save_record, set_aside_logs
 from .quiet import quiet_known_noise, route_lightning_logs
 from .resume import resolve_resume
-from .validate import ConfigError, model_kwargs, validate_config
+from .validate import ConfigError, is_hf_model, model_kwargs, validate_config
 
 # An absolute path works the same from a source checkout, an editable install and a wheel.
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -67,7 +67,10 @@ def build(cfg: DictConfig, record: RunRecord | None = None
     """Instantiate everything the run needs from the composed config."""
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.data)
-    model = RingCausalLM(**model_kwargs(cfg, _attention_extra(cfg)))
+    if is_hf_model(cfg):  # a transformers model: every layer runs the ring engine, no attention group
+        model = instantiate(cfg.model, max_steps=cfg.max_steps)
+    else:
+        model = RingCausalLM(**model_kwargs(cfg, _attention_extra(cfg)))
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     if cfg.trainer.enable_progress_bar:
         callbacks.append(RingProgressBar())

@@ -141,7 +141,14 @@ def _validate_attention(cfg: DictConfig) -> None:
         raise ConfigError(f"attention.kwargs.grid={list(grid)} must be [H, W] with H x W = seq_len={cfg.seq_len}")
 
 
+def is_hf_model(cfg: DictConfig) -> bool:
+    """Whether the model group is a transformers model (``model=hf``), built from its own ``_target_``."""
+    return "_target_" in cfg.model
+
+
 def _validate_model(cfg: DictConfig) -> None:
+    if is_hf_model(cfg):
+        return  # transformers checks its config when HFCausalLM builds the model
     kwargs = model_kwargs(cfg)
     with _as_config_error("model"):
         GPTConfig.from_dict(kwargs.pop("model"))

@@ -56,11 +56,17 @@ class RingCausalLM(pl.LightningModule):
     def flops_per_token(self, seq_len: int) -> float:
         return self.model.flops_per_token(seq_len)
 
+    def hidden_and_head(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's final hidden states and the head weight that turns them into logits (read in
+        forward, where ZeRO-3 gathers a partitioned weight on access)."""
+        hidden = self.model.hidden_states(batch["input_ids"], batch["position_ids"], batch.get("document_ids"))
+        return hidden, self.model.head_weight
+
     def _local_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum of this rank's token losses, [label count, loss sum, input tokens] to all-reduce)."""
-        hidden = self.model.hidden_states(batch["input_ids"], batch["position_ids"], batch.get("document_ids"))
+        hidden, head_weight = self.hidden_and_head(batch)
         labels = batch["labels"]
-        loss_sum = linear_cross_entropy_sum(hidden, self.model.head_weight, labels, self.hparams.loss_chunk_tokens)
+        loss_sum = linear_cross_entropy_sum(hidden, head_weight, labels, self.hparams.loss_chunk_tokens)
         stats = torch.stack([(labels != IGNORE_INDEX).sum().to(torch.float64), loss_sum.detach().double(),
                              torch.tensor(float(labels.numel()), dtype=torch.float64, device=labels.device)])
         return loss_sum, _all_reduce_sum(stats)
@@ -101,8 +107,9 @@ class RingCausalLM(pl.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() >= 2]
-        no_decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() < 2]
+        # Matrices decay, vectors do not; a ZeRO-3 partitioned parameter keeps its real shape in ds_shape.
+        decay = [p for p in self.model.parameters() if p.requires_grad and len(getattr(p, "ds_shape", p.shape)) >= 2]
+        no_decay = [p for p in self.model.parameters() if p.requires_grad and len(getattr(p, "ds_shape", p.shape)) < 2]
         groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=hp.lr, betas=tuple(hp.betas))
         total = hp.max_steps or max(1, int(self.trainer.estimated_stepping_batches))

@@ -1,0 +1,27 @@
+"""Hugging Face models on the ring: importing this module registers ``attn_implementation="ring"``.
+
+    import ring_plugin.hf  # registers "ring"
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="ring")
+    batch = ring_plugin.hf.shard_batch(full_batch)   # this rank's shard, global positions, shifted labels
+    loss = model(**batch, use_cache=False).loss      # this rank's share of the global mean
+    loss.backward(); ring_plugin.hf.reduce_gradients(model)
+
+Every attention layer then runs on the active ring (the strategy's, or ``ring_plugin.ring_context``);
+one process without a ring computes plain attention.
+"""
+
+from __future__ import annotations
+
+try:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+except ImportError as err:  # pragma: no cover - depends on the installed extras
+    raise ImportError("ring_plugin.hf needs transformers: pip install 'ring_plugin[hf]'") from err
+
+from .attention import RING, MaskRefusal, ring_attention_forward, ring_mask
+from .batch import reduce_gradients, shard_batch
+
+AttentionInterface.register(RING, ring_attention_forward)
+AttentionMaskInterface.register(RING, ring_mask)
+
+__all__ = ["RING", "MaskRefusal", "reduce_gradients", "ring_attention_forward", "ring_mask", "shard_batch"]

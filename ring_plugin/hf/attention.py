@@ -1,0 +1,109 @@
+"""``attn_implementation="ring"``: every attention layer of a transformers model runs on the ring engine.
+
+Each rank feeds its shard of the tokens with their GLOBAL ``position_ids`` and gets its shard's
+output. Everything the ring cannot honour exactly is refused with a ``ValueError`` that every rank of
+the ring raises together (one small all-gather per layer, before the first ring message), so a bad
+input never leaves a peer waiting.
+
+The mask-interface entry exists because transformers silently drops the attention mask of an
+implementation that has none: it hands the layers ``None`` (nothing to mask: the ring's own causal
+mask is exact) or a :class:`MaskRefusal` naming what it cannot apply. Nothing ever materialises an
+n x n mask, and no shard ever reaches transformers' own sdpa/flash paths (zigzag positions look
+"packed" to them).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..attention.modules import StandardRingAttention
+from ..comm.context import RingContext, resolve_ring
+from ..comm.validate import agree_or_raise
+from .structure import structure_error
+
+RING = "ring"
+
+
+class MaskRefusal:
+    """What the mask interface hands the layers when the ring cannot apply the mask exactly."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+    def __repr__(self) -> str:
+        return f"MaskRefusal({self.reason!r})"
+
+
+def ring_mask(*args: Any, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> MaskRefusal | None:
+    """transformers' mask-interface entry: a padding mask with masked tokens cannot be applied on the ring."""
+    if attention_mask is None or bool(attention_mask.all()):
+        return None
+    return MaskRefusal(
+        "attention_mask masks some tokens (padding); padding masks are not supported by attn_implementation="
+        "'ring': pad at the end of the sequence, drop the attention_mask and set the padded labels to -100 "
+        "(causal attention never lets a real token see later padding, so this is exact)")
+
+
+_ENGINES: dict[float, StandardRingAttention] = {}
+
+
+def _engine(scaling: float) -> StandardRingAttention:
+    """One stateless engine layer per softmax scale (the scale is part of its config)."""
+    if scaling not in _ENGINES:
+        _ENGINES[scaling] = StandardRingAttention(softmax_scale=scaling)
+    return _ENGINES[scaling]
+
+
+def ring_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Any,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers' attention-interface entry: ``query`` (batch, heads, n_local, head_dim), ``key`` and
+    ``value`` (batch, kv_heads, n_local, head_dim); returns (batch, n_local, heads, head_dim) and no weights."""
+    ring = resolve_ring(None, None, None)
+    try:
+        error = _refusal(module, query, key, attention_mask, dropout, kwargs, ring)
+    except Exception as err:  # noqa: BLE001 - any failure of the checks is reported to every rank, not raised alone
+        error = f"checking the inputs of the ring attention failed: {type(err).__name__}: {err}"
+    agree_or_raise(error, (), ring.group, query.device)
+    causal = kwargs.get("is_causal")
+    causal = getattr(module, "is_causal", True) if causal is None else causal
+    engine = _engine(float(scaling) if scaling is not None else query.shape[-1] ** -0.5)
+    out = engine(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), is_causal=bool(causal))
+    return out, None
+
+
+def _refusal(module: nn.Module, query: torch.Tensor, key: torch.Tensor, attention_mask: Any, dropout: float,
+             kwargs: dict[str, Any], ring: RingContext) -> str | None:
+    """What this rank's layer call asks for that the ring cannot do exactly, or None."""
+    if key.shape[-2] != query.shape[-2]:
+        return (f"keys ({key.shape[-2]}) and queries ({query.shape[-2]}) differ in length: a KV cache with past "
+                "tokens (generation) or cross-attention is not supported by attn_implementation='ring'; switch "
+                "the model to 'sdpa' (model.set_attn_implementation('sdpa')) to generate")
+    if kwargs.get("use_cache") and module.training and torch.is_grad_enabled():
+        return "use_cache=True in training: pass use_cache=False (or set model.config.use_cache = False)"
+    if dropout and dropout > 0:
+        return (f"attention dropout={dropout} in training is not supported by the ring (it would not be exact); "
+                "set config.attention_dropout = 0.0 or call .eval()")
+    if kwargs.get("softcap") is not None:
+        return f"attention logit softcapping (softcap={kwargs['softcap']}) is not supported by the ring"
+    if kwargs.get("s_aux") is not None or getattr(module, "sinks", None) is not None:
+        return "attention sinks (s_aux) are not supported by the ring"
+    if isinstance(attention_mask, MaskRefusal):
+        return attention_mask.reason
+    if attention_mask is not None:
+        return (f"a prepared attention mask ({type(attention_mask).__name__}) cannot be applied on the ring "
+                "(no rank holds the full mask); pass no attention_mask: the ring applies the causal mask itself")
+    if any(kwargs.get(k) is not None for k in ("cu_seq_lens_q", "cu_seq_lens_k", "seq_idx")):
+        return ("packed sequences (cu_seq_lens / seq_idx) are not supported by attn_implementation='ring' yet: "
+                "give each document its own row, or pad")
+    return structure_error(kwargs.get("position_ids"), kwargs.get("sliding_window"), query.shape[-2], ring)

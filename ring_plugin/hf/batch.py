@@ -1,0 +1,81 @@
+"""A plain training loop (or the HF ``Trainer``) on the ring: shard a batch, reduce the gradients.
+
+The batch follows transformers' context-parallel convention: ``shift_labels`` (the labels shifted by
+one over the WHOLE sequence, before sharding) and ``num_items_in_batch`` (the count of labelled
+tokens of the whole batch), so the model's loss on each rank is its token-loss sum divided by the
+global count. The ranks' losses then add up to the global mean, and summing their gradients
+(:func:`reduce_gradients`) gives exactly the gradient one process computes on the whole batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from ..comm.context import resolve_ring
+from ..layout import sequence_divisor, shard_sequence
+
+IGNORE_INDEX = -100
+SEQUENCE_KEYS = ("input_ids", "labels", "shift_labels", "position_ids", "attention_mask", "inputs_embeds")
+
+
+def shard_batch(
+    batch: Mapping[str, Any],
+    group: dist.ProcessGroup | None = None,
+    layout: str | None = None,
+    data_parallel_group: dist.ProcessGroup | None = None,
+) -> dict[str, Any]:
+    """This rank's shard of a full-length ``batch`` (every rank of the ring holds the same one).
+
+    ``input_ids`` (batch, length) and the other sequence tensors (``labels``, ``shift_labels``,
+    ``attention_mask``, ``position_ids``, ``inputs_embeds``) are sharded in the ring's layout;
+    ``position_ids`` are created from the global positions when absent; ``shift_labels`` are made from
+    ``labels`` over the whole sequence when absent; ``num_items_in_batch`` counts the labelled tokens
+    of the whole batch, summed over ``data_parallel_group`` when given (several rings reading
+    different samples). The ring: ``group``/``layout``, else the active ring, else the default group.
+    """
+    ring = resolve_ring(group, None, layout)
+    if not isinstance(batch, Mapping) or "input_ids" not in batch:
+        raise ValueError("batch must be a mapping with a full-length input_ids tensor (batch, length)")
+    input_ids = batch["input_ids"]
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be a (batch, length) tensor, got {getattr(input_ids, 'shape', input_ids)}")
+    length = input_ids.shape[1]
+    divisor = sequence_divisor(ring.layout, ring.world_size)
+    if length % divisor:
+        raise ValueError(f"sequence length {length} must be a multiple of {divisor} (ring of {ring.world_size}, "
+                         f"layout={ring.layout!r}); pad the sequences (labels -100) to a multiple of it")
+    out = dict(batch)
+    out.setdefault("position_ids", torch.arange(length, device=input_ids.device).expand_as(input_ids))
+    if "shift_labels" not in out and out.get("labels") is not None:
+        out["shift_labels"] = F.pad(out["labels"], (0, 1), value=IGNORE_INDEX)[:, 1:]
+    if out.get("shift_labels") is not None:
+        count = (out["shift_labels"] != IGNORE_INDEX).sum()
+        if data_parallel_group is not None:
+            dist.all_reduce(count, group=data_parallel_group)
+        out["num_items_in_batch"] = count
+    for key in SEQUENCE_KEYS:
+        value = out.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, torch.Tensor) or value.dim() < 2 or value.shape[:2] != input_ids.shape:
+            raise ValueError(f"batch[{key!r}] must be a tensor (batch, length, ...) shaped like input_ids "
+                             f"{tuple(input_ids.shape)}, got {getattr(value, 'shape', type(value).__name__)}")
+        out[key] = shard_sequence(value, 1, ring.layout, ring.rank, ring.world_size).contiguous()
+    return out
+
+
+def reduce_gradients(parameters: nn.Module | Iterable[torch.Tensor], group: dist.ProcessGroup | None = None) -> None:
+    """Sum every gradient over ``group`` (default: every rank: the rings and their data-parallel
+    copies), after ``backward`` of a loss normalised by the global ``num_items_in_batch``."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    params = parameters.parameters() if isinstance(parameters, nn.Module) else parameters
+    works = [dist.all_reduce(p.grad, group=group, async_op=True) for p in params if p.grad is not None]
+    for work in works:
+        work.wait()

@@ -1,0 +1,154 @@
+"""``HFCausalLM``: causal-LM training of any transformers causal LM on sequence shards.
+
+The sibling of :class:`~ring_plugin.models.RingCausalLM` for a transformers backbone: the same
+batches (full-length ``input_ids`` and pre-shifted ``labels``, sharded by the ring strategy), the same
+token-weighted global loss and loss scaling, optimizer, schedule and logging (inherited), with the
+chunked cross-entropy over the backbone's hidden states so the full-vocabulary logits never exist.
+
+The model is built in :meth:`configure_model`, which Lightning calls inside the strategy's init
+context: under ZeRO-3 transformers' own ``zero.Init`` path partitions every parameter as it is
+created (and initialises or loads weights gathered one module at a time), so no rank ever holds the
+full model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+
+from .lightning_module import RingCausalLM
+
+# Output transforms the chunked head/loss does not apply: refused instead of silently dropped.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def hf_config(config: Any) -> Any:
+    """A transformers config from a config object or a dict with ``model_type`` (e.g. ``"llama"``)."""
+    from transformers import AutoConfig, PretrainedConfig
+
+    if isinstance(config, PretrainedConfig):
+        return copy.deepcopy(config)
+    values = dict(config)
+    if "model_type" not in values:
+        raise ValueError(f"config={values!r} needs a model_type (e.g. 'llama', 'qwen2', 'mistral')")
+    return AutoConfig.for_model(values.pop("model_type"), **values)
+
+
+def build_hf_causal_lm(pretrained: str | None, config: Any, dtype: torch.dtype) -> nn.Module:
+    """The causal LM on ``attn_implementation="ring"``: from a local directory or a config."""
+    from transformers import AutoModelForCausalLM
+
+    import ring_plugin.hf  # noqa: F401 - registers "ring"
+
+    if pretrained is not None:
+        model = AutoModelForCausalLM.from_pretrained(pretrained, attn_implementation="ring", dtype=dtype,
+                                                     local_files_only=True)
+    else:
+        model = AutoModelForCausalLM.from_config(hf_config(config), attn_implementation="ring", dtype=dtype)
+    bad = [name for name in _LOGIT_TRANSFORMS if getattr(model.config, name, None) not in (None, 1, 1.0)]
+    head = model.get_output_embeddings()
+    if bad or getattr(head, "bias", None) is not None:
+        raise ValueError(f"{type(model).__name__} transforms its logits ({bad or 'lm_head bias'}), which the "
+                         "chunked cross-entropy does not apply; train it with its own head instead")
+    model.config.use_cache = False  # a KV cache in training is refused on the ring
+    return model
+
+
+class HFCausalLM(RingCausalLM):
+    """``pretrained``: a local ``from_pretrained`` directory (its weights and config; takes precedence), or
+    ``config``: a transformers config or a dict with ``model_type`` (random init). The other arguments are
+    :class:`RingCausalLM`'s; ``activation_checkpointing`` recomputes each decoder layer in backward."""
+
+    def __init__(
+        self,
+        pretrained: str | None = None,
+        config: Any = None,
+        lr: float = 3e-4,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_steps: int = 0,
+        max_steps: int | None = None,
+        min_lr_ratio: float = 0.1,
+        loss_chunk_tokens: int = 4096,
+        activation_checkpointing: bool = False,
+    ):
+        # RingCausalLM.__init__ builds a RingGPT; everything else of it (loss scaling, steps, optimizer) is shared.
+        pl.LightningModule.__init__(self)
+        if pretrained is None and config is None:
+            raise ValueError("give pretrained (a local from_pretrained directory) or config (a transformers config, "
+                             "or a dict with model_type, for a random init)")
+        # The architecture of a random init; a pretrained directory brings its own. Parsed now, so a bad
+        # config fails before any process starts.
+        config = None if pretrained is not None else hf_config(config)
+        self.save_hyperparameters({
+            "pretrained": pretrained, "config": None if config is None else config.to_dict(), "lr": lr,
+            "weight_decay": weight_decay, "betas": tuple(betas), "warmup_steps": warmup_steps,
+            "max_steps": max_steps, "min_lr_ratio": min_lr_ratio, "loss_chunk_tokens": loss_chunk_tokens,
+            "activation_checkpointing": activation_checkpointing})
+        self.hf_config = config
+        self.model: nn.Module | None = None
+        self._val_sums: torch.Tensor | None = None
+        self._tokens_seen = 0.0
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        with _zero3_announced(self._trainer):
+            self.model = build_hf_causal_lm(self.hparams.pretrained, self.hf_config, torch.get_default_dtype())
+        if self.hparams.activation_checkpointing:
+            # Recomputing a layer re-runs its ring forward: every rank recomputes the same layers in the same order.
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def _require_model(self) -> nn.Module:
+        if self.model is None:
+            raise RuntimeError("the model is built by configure_model() (Lightning calls it in fit); call it first")
+        return self.model
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        return self._require_model()(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward = 3x forward), for MFU.
+
+        Matmuls: 2 FLOPs per weight of every ``nn.Linear`` (the head included, the embedding lookup not);
+        attention: QK^T and PV cost 4 x keys x head_dim per head per query, halved by the causal mask.
+        """
+        model = self._require_model()
+        c = model.config
+        linear = sum(int(getattr(m.weight, "ds_numel", m.weight.numel()))
+                     for m in model.modules() if isinstance(m, nn.Linear))
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        attention = c.num_hidden_layers * c.num_attention_heads * 4 * head_dim * seq_len * 0.5
+        return 3.0 * (2.0 * linear + attention)
+
+    def hidden_and_head(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        model = self._require_model()
+        hidden = model.get_decoder()(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                                     use_cache=False).last_hidden_state
+        return hidden, model.get_output_embeddings().weight
+
+
+@contextlib.contextmanager
+def _zero3_announced(trainer: Any) -> Iterator[None]:
+    """Under ZeRO-3, tell transformers (its global ``HfDeepSpeedConfig``) while the model is built, so that
+    it creates, initialises and loads it partitioned; withdrawn afterwards, so a model built later in the
+    same process (without ZeRO-3) is not partitioned."""
+    strategy = getattr(trainer, "strategy", None) if trainer is not None else None
+    config = getattr(strategy, "config", None)
+    if not isinstance(config, dict) or config.get("zero_optimization", {}).get("stage") != 3:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    announced = HfDeepSpeedConfig(config)  # noqa: F841 - transformers holds only a weak reference
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()

@@ -1,0 +1,57 @@
+"""The app's model=hf group and the hf_llama_128k recipe: configs compose into the intended models, a
+pretrained directory is loaded as saved, and ring-train trains model=hf on a ring of 2 processes."""
+
+from __future__ import annotations
+
+import math
+import re
+import subprocess
+import sys
+
+import pytest
+import torch  # noqa: E402
+from hydra.utils import instantiate  # noqa: E402
+
+from ring_plugin.app.validate import validate_config  # noqa: E402
+from ring_plugin.models.hf_lightning_module import build_hf_causal_lm  # noqa: E402
+
+from .app.helpers import REPO, env  # noqa: E402
+from .app.test_config import compose_app as _compose  # noqa: E402
+from .hf_harness import tiny_model  # noqa: E402
+
+
+def test_recipe_is_llama_3_2_1b_shaped():
+    cfg = _compose("recipe=hf_llama_128k")
+    validate_config(cfg)
+    assert (cfg.seq_len, cfg.ring_size, cfg.strategy.stage) == (131072, 2, 3)
+    module = instantiate(cfg.model)
+    assert module.hparams.activation_checkpointing and module.hparams.pretrained is None
+    with torch.device("meta"):  # shapes only: no 5 GB of fp32 weights on a CPU test machine
+        model = build_hf_causal_lm(None, module.hf_config, torch.float32)
+    assert type(model).__name__ == "LlamaForCausalLM" and model.config._attn_implementation == "ring"
+    assert sum(p.numel() for p in model.parameters()) == 1_235_814_400  # Llama-3.2-1B, tied embeddings
+    assert model.config.rope_parameters["rope_type"] == "llama3"
+
+
+def test_pretrained_directory_is_loaded_as_saved(tmp_path):
+    saved = tiny_model("qwen2", "eager")
+    saved.save_pretrained(tmp_path)
+    module = instantiate(_compose("model=hf", f"model.pretrained={tmp_path}").model)
+    module.configure_model()
+    assert type(module.model).__name__ == "Qwen2ForCausalLM" and module.model.config._attn_implementation == "ring"
+    loaded = dict(module.model.named_parameters())
+    assert all(torch.equal(loaded[n], p) for n, p in saved.named_parameters())
+
+
+@pytest.mark.timeout(300)
+def test_ring_train_model_hf_on_two_processes(tmp_path):
+    steps = 6
+    cmd = [sys.executable, "-m", "ring_plugin.app.train", f"hydra.run.dir={tmp_path}", "model=hf", "logger=[csv]",
+           f"max_steps={steps}", "seq_len=64", "data.batch_size=2", "data.val_batches=1",
+           "trainer.val_check_interval=3", "trainer.enable_progress_bar=false", "comm_timeout=30",
+           "callbacks.checkpointing.every_n_train_steps=3", "model.activation_checkpointing=true"]
+    run = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=280)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert f"== ring-train summary (step {steps}) ==" in run.stdout
+    loss = float(re.search(r"final train loss\s+([0-9.]+)", run.stdout).group(1))
+    assert math.isfinite(loss) and loss < math.log(64) + 1.0, run.stdout  # vocabulary of 64: chance is ln 64
