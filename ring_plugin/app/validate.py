@@ -40,6 +40,8 @@ DERIVED = {
     "data.val.vocab_size": "model.vocab_size",
     "callbacks.monitoring.log_every_n_steps": "trainer.log_every_n_steps",
 }
+# The data groups' vocabulary: the GPT model group's ``vocab_size``, or a transformers config's (model=hf).
+MODEL_VOCAB = "${oc.select:model.vocab_size,${oc.select:model.config.vocab_size,null}}"
 # GPTConfig / RingCausalLM arguments the app sets from the rest of the config (see ``model_kwargs``).
 MODEL_FROM_APP = ("max_seq_len", "attention", "attention_kwargs", "max_steps")
 RESUME_WORDS = ("auto", "never", "force")
@@ -80,7 +82,7 @@ def _raw(cfg: DictConfig, key: str) -> Any:
 def check_said_once(cfg: DictConfig) -> None:
     for key, source in DERIVED.items():
         raw = _raw(cfg, key)
-        if raw is not None and raw != "${" + source + "}":
+        if raw is not None and raw not in ("${" + source + "}", MODEL_VOCAB if source == "model.vocab_size" else None):
             raise ConfigError(f"{key}={raw!r} is set from {source}: set {source}=... instead (one value for both)")
     for key in MODEL_FROM_APP:
         if key in cfg.model:
