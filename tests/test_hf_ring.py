@@ -13,19 +13,22 @@ from ring_plugin.testing import run_in_process_group  # noqa: E402
 
 from .hf_harness import rel_err, tiny_model, token_batch  # noqa: E402
 
-MODELS = ("llama", "qwen2", "mistral")  # mistral: a sliding window (64) longer than the sequence: exact
+# mistral: a sliding window (64) longer than the sequence; mistral_sw8: a window of 8 tokens in 32
+MODELS = {"llama": ("llama", {}), "qwen2": ("qwen2", {}), "mistral": ("mistral", {}),
+          "mistral_sw8": ("mistral", {"sliding_window": 8})}
 LAYOUTS = ("zigzag", "contiguous")
 
 
-def equivalence(kind: str, layout: str, rank: int, world: int) -> dict[str, float]:
+def equivalence(name: str, layout: str, rank: int, world: int) -> dict[str, float]:
     """Worst relative errors of this rank's logits, the summed loss and the summed gradients."""
     import ring_plugin.hf as hf
 
+    kind, overrides = MODELS[name]
     batch = token_batch(2, 32)
-    eager = tiny_model(kind, "eager")
+    eager = tiny_model(kind, "eager", **overrides)
     ref = eager(**batch, use_cache=False)
     ref.loss.backward()
-    ring = tiny_model(kind, "ring")
+    ring = tiny_model(kind, "ring", **overrides)
     with ring_context(dist.group.WORLD, layout):
         out = ring(**hf.shard_batch(batch), use_cache=False)
         out.loss.backward()
@@ -36,6 +39,40 @@ def equivalence(kind: str, layout: str, rank: int, world: int) -> dict[str, floa
     return {
         "logits": rel_err(out.logits, shard_sequence(ref.logits, 1, layout, rank, world)),
         "loss": rel_err(loss, ref.loss),
+        "grads": max(rel_err(p.grad, ref_grads[n].grad) for n, p in ring.named_parameters()),
+    }
+
+
+def packed_equivalence(layout: str, rank: int, world: int) -> dict[str, float]:
+    """A packed row (position_ids restarting at 0 per document) on the ring equals each document run
+    alone by "eager": this rank's logits, and the gradients of the loss of every document's own labels."""
+    import ring_plugin.hf as hf
+
+    lengths = (11, 5, 16)  # documents cut across chunks and ranks
+    batch = token_batch(1, 32, seed=4)
+    batch["position_ids"] = torch.cat([torch.arange(n) for n in lengths])[None]
+    eager = tiny_model("llama", "eager")
+    logits, start, ref_loss = [], 0, 0.0
+    labelled = 0
+    for n in lengths:
+        doc = {k: v[:, start:start + n] for k, v in batch.items() if k != "position_ids"}
+        out = eager(**doc, use_cache=False)
+        logits.append(out.logits)
+        count = int((doc["labels"][:, 1:] != -100).sum())
+        ref_loss = ref_loss + out.loss * count  # a token-weighted sum over the documents
+        labelled += count
+        start += n
+    (ref_loss / labelled).backward()
+    ring = tiny_model("llama", "ring")
+    with ring_context(dist.group.WORLD, layout):
+        sharded = hf.shard_batch(batch)
+        out = ring(**sharded, use_cache=False)
+        out.loss.backward()
+        hf.reduce_gradients(ring)
+    ref_grads = dict(eager.named_parameters())
+    want = shard_sequence(torch.cat(logits, 1), 1, layout, rank, world)
+    return {
+        "logits": rel_err(out.logits, want),
         "grads": max(rel_err(p.grad, ref_grads[n].grad) for n, p in ring.named_parameters()),
     }
 
@@ -87,8 +124,6 @@ def refusal(case: str, rank: int, world: int) -> str:
         overrides, train = dict(attention_dropout=0.1), True
     elif case == "use_cache_in_training":
         kwargs["use_cache"], train = True, True
-    elif case == "sliding_window":
-        kind, overrides = "mistral", dict(sliding_window=16)
     model = tiny_model(kind, "ring", **overrides).train(train)
     with ring_context(dist.group.WORLD, "contiguous"):
         try:
@@ -117,11 +152,10 @@ def direct_refusal(case: str, rank: int, world: int) -> str:
 
 REFUSALS = {
     "missing_position_ids": "not the global positions",
-    "packed": "packed sequences are not supported",
+    "packed": "pass document_ids= as well",
     "padding_on_rank_1": "padding masks are not supported",
     "dropout": "dropout=0.1",
     "use_cache_in_training": "use_cache=True in training",
-    "sliding_window": "sliding_window=16 is shorter than the sequence",
 }
 DIRECT = {"softcap": "softcap", "sinks": "attention sinks"}
 
@@ -157,6 +191,7 @@ def scaled_attention(layout: str, rank: int, world: int) -> dict[str, float]:
 def world_worker(rank: int, world: int) -> dict:
     out: dict = {f"{k}/{lay}": equivalence(k, lay, rank, world) for k in MODELS for lay in LAYOUTS}
     out.update({f"scaled_gqa/{lay}": scaled_attention(lay, rank, world) for lay in LAYOUTS})
+    out.update({f"packed/{lay}": packed_equivalence(lay, rank, world) for lay in LAYOUTS})
     if world == 4:
         out["dp2_ring2/zigzag"] = data_parallel_equivalence(rank, world)
     if world == 2:
@@ -182,7 +217,7 @@ def results(size: int) -> list[dict]:
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("size", [2, 4])
 def test_ring_equals_eager_on_the_whole_sequence(size):
-    names = [f"{k}/{lay}" for k in MODELS for lay in LAYOUTS] + [f"scaled_gqa/{lay}" for lay in LAYOUTS]
+    names = [f"{k}/{lay}" for k in (*MODELS, "scaled_gqa", "packed") for lay in LAYOUTS]
     for rank, result in enumerate(results(size)):
         for name in names + (["after_refusals"] if size == 2 else ["dp2_ring2/zigzag"]):
             errors = result[name]

@@ -78,7 +78,12 @@ def ring_attention_forward(
     causal = kwargs.get("is_causal")
     causal = getattr(module, "is_causal", True) if causal is None else causal
     engine = _engine(float(scaling) if scaling is not None else query.shape[-1] ** -0.5)
-    out = engine(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), is_causal=bool(causal))
+    masks = {}
+    if kwargs.get("document_ids") is not None:  # packed documents
+        masks["document_ids"] = kwargs["document_ids"]
+    if kwargs.get("sliding_window") is not None and causal:  # Mistral / Qwen2 local layers
+        masks["sliding_window"] = int(kwargs["sliding_window"])
+    out = engine(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), is_causal=bool(causal), **masks)
     return out, None
 
 
@@ -104,6 +109,8 @@ def _refusal(module: nn.Module, query: torch.Tensor, key: torch.Tensor, attentio
         return (f"a prepared attention mask ({type(attention_mask).__name__}) cannot be applied on the ring "
                 "(no rank holds the full mask); pass no attention_mask: the ring applies the causal mask itself")
     if any(kwargs.get(k) is not None for k in ("cu_seq_lens_q", "cu_seq_lens_k", "seq_idx")):
-        return ("packed sequences (cu_seq_lens / seq_idx) are not supported by attn_implementation='ring' yet: "
-                "give each document its own row, or pad")
-    return structure_error(kwargs.get("position_ids"), kwargs.get("sliding_window"), query.shape[-2], ring)
+        return ("packed sequences are given to attn_implementation='ring' as document_ids (the ring's shard of "
+                "the global document numbers; ring_plugin.hf.shard_batch makes them), not cu_seq_lens / seq_idx")
+    if kwargs.get("document_ids") is not None and kwargs.get("sliding_window") is not None:
+        return "a sliding window together with packed documents (document_ids) is not supported yet"
+    return structure_error(kwargs.get("position_ids"), kwargs.get("document_ids"), query.shape[-2], ring)

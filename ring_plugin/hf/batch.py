@@ -18,10 +18,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..comm.context import resolve_ring
-from ..layout import sequence_divisor, shard_sequence
+from ..documents import document_ids_from_position_ids
+from ..layout import resolve_layout, sequence_divisor, shard_sequence
 
 IGNORE_INDEX = -100
-SEQUENCE_KEYS = ("input_ids", "labels", "shift_labels", "position_ids", "attention_mask", "inputs_embeds")
+SEQUENCE_KEYS = ("input_ids", "labels", "shift_labels", "position_ids", "document_ids", "attention_mask",
+                 "inputs_embeds")
 
 
 def shard_batch(
@@ -37,7 +39,10 @@ def shard_batch(
     ``position_ids`` are created from the global positions when absent; ``shift_labels`` are made from
     ``labels`` over the whole sequence when absent; ``num_items_in_batch`` counts the labelled tokens
     of the whole batch, summed over ``data_parallel_group`` when given (several rings reading
-    different samples). The ring: ``group``/``layout``, else the active ring, else the default group.
+    different samples). Packed sequences (``position_ids`` restarting at 0 in each document) get their
+    ``document_ids``, made from the global positions here, where the whole sequence is at hand; the
+    label that crosses a document boundary is then ignored. The ring: ``group``/``layout``, else the
+    active ring, else the default group.
     """
     ring = resolve_ring(group, None, layout)
     if not isinstance(batch, Mapping) or "input_ids" not in batch:
@@ -52,13 +57,20 @@ def shard_batch(
                          f"layout={ring.layout!r}); pad the sequences (labels -100) to a multiple of it")
     out = dict(batch)
     out.setdefault("position_ids", torch.arange(length, device=input_ids.device).expand_as(input_ids))
+    positions = out["position_ids"]
+    if "document_ids" not in out and bool((positions.diff(dim=-1) != 1).any()):
+        out["document_ids"] = document_ids_from_position_ids(positions)
     if "shift_labels" not in out and out.get("labels") is not None:
         out["shift_labels"] = F.pad(out["labels"], (0, 1), value=IGNORE_INDEX)[:, 1:]
+        if out.get("document_ids") is not None:  # no loss on the next document's first token
+            docs = out["document_ids"]
+            out["shift_labels"][:, :-1][docs[:, 1:] != docs[:, :-1]] = IGNORE_INDEX
     if out.get("shift_labels") is not None:
         count = (out["shift_labels"] != IGNORE_INDEX).sum()
         if data_parallel_group is not None:
             dist.all_reduce(count, group=data_parallel_group)
         out["num_items_in_batch"] = count
+    shards = resolve_layout(ring.layout, ring.world_size, out.get("document_ids"))
     for key in SEQUENCE_KEYS:
         value = out.get(key)
         if value is None:
@@ -66,7 +78,7 @@ def shard_batch(
         if not isinstance(value, torch.Tensor) or value.dim() < 2 or value.shape[:2] != input_ids.shape:
             raise ValueError(f"batch[{key!r}] must be a tensor (batch, length, ...) shaped like input_ids "
                              f"{tuple(input_ids.shape)}, got {getattr(value, 'shape', type(value).__name__)}")
-        out[key] = shard_sequence(value, 1, ring.layout, ring.rank, ring.world_size).contiguous()
+        out[key] = shard_sequence(value, 1, shards, ring.rank, ring.world_size).contiguous()
     return out
 
 

@@ -1,7 +1,8 @@
 """Which attention structure a layer's inputs ask for, and whether the ring can run it exactly.
 
-Kept in one function so packed documents (``document_ids``) and sliding windows can be wired into the
-engine here: today the ring runs one causal document per row whose tokens carry their global positions.
+One causal document per row whose tokens carry their GLOBAL positions; or packed documents, given as
+``document_ids`` (this rank's shard of the global, non-decreasing document numbers) with positions
+that restart at 0 in each document. Sliding windows are run by the engine (``sliding_window=``).
 """
 
 from __future__ import annotations
@@ -13,29 +14,46 @@ from ..layout import chunks_per_rank, global_positions
 
 
 def structure_error(
-    position_ids: torch.Tensor | None, sliding_window: int | None, n_local: int, ring: RingContext
+    position_ids: torch.Tensor | None, document_ids: torch.Tensor | None, n_local: int, ring: RingContext
 ) -> str | None:
-    """None when every row is one causal document whose ``position_ids`` are the global positions of
-    this rank's shard and no sliding window is shorter than the sequence; otherwise what is wrong."""
+    """None when the positions fit the structure (see the module docstring); otherwise what is wrong."""
     if position_ids is None:
         return ("the attention layer got no position_ids; pass position_ids= the GLOBAL positions of this "
                 "rank's tokens (ring_plugin.hf.shard_batch creates them)")
     if position_ids.dim() != 2 or position_ids.shape[-1] != n_local:
         return f"position_ids must be (batch, n_local={n_local}), got shape {tuple(position_ids.shape)}"
+    if document_ids is not None:
+        # Balanced shards join chunks from anywhere in the sequence: the engine checks the ids there.
+        return None if ring.layout == "balanced" else _packed_error(position_ids, document_ids,
+                                                                     chunks_per_rank(ring.layout))
+    if ring.layout == "balanced":
+        return "layout='balanced' is the layout of packed documents: pass document_ids (shard_batch makes them)"
+    chunks = chunks_per_rank(ring.layout)
     expected = global_positions(n_local, ring.layout, ring.rank, ring.world_size, device=position_ids.device)
     if not bool((position_ids == expected).all()):
-        if _restarts_within_chunk(position_ids, chunks_per_rank(ring.layout)):
-            return ("position_ids restart inside the sequence (packed documents); packed sequences are not "
-                    "supported by attn_implementation='ring' yet: give each document its own row, or pad")
+        if _restarts_within_chunk(position_ids, chunks):
+            return ("position_ids restart inside the sequence (packed documents): pass document_ids= as well "
+                    "(ring_plugin.hf.shard_batch makes them from the global position_ids)")
         return (f"position_ids on ring rank {ring.rank} of {ring.world_size} ({ring.layout} layout) are not the "
                 f"global positions of its shard (expected {_preview(expected)}, got {_preview(position_ids[0])}). "
                 "transformers' default arange(n_local) is wrong on every rank but the first: pass the global "
                 "positions (ring_plugin.hf.shard_batch creates them)")
-    n_global = n_local * ring.world_size
-    if sliding_window is not None and sliding_window < n_global:
-        return (f"sliding_window={sliding_window} is shorter than the sequence ({n_global} tokens); sliding "
-                "windows are not supported by attn_implementation='ring' yet: use sequences of at most "
-                f"{sliding_window} tokens or a model without a sliding window")
+    return None
+
+
+def _packed_error(position_ids: torch.Tensor, document_ids: torch.Tensor, chunks: int) -> str | None:
+    """Inside each contiguous chunk of the shard, a position restarts at 0 exactly where a document starts
+    and steps by one elsewhere (the document ids themselves are checked by the engine, on every rank)."""
+    if not isinstance(document_ids, torch.Tensor) or document_ids.shape != position_ids.shape:
+        return (f"document_ids must be a tensor shaped like position_ids {tuple(position_ids.shape)}, got "
+                f"{getattr(document_ids, 'shape', type(document_ids).__name__)}")
+    pos = position_ids.reshape(position_ids.shape[0], chunks, -1)
+    docs = document_ids.reshape(document_ids.shape[0], chunks, -1)
+    starts = docs.diff(dim=-1) != 0
+    steps = pos.diff(dim=-1)
+    if bool((starts & (pos[..., 1:] != 0)).any()) or bool((~starts & (steps != 1)).any()):
+        return ("position_ids of packed documents must restart at 0 where document_ids change and count up "
+                "by one inside each document")
     return None
 
 
