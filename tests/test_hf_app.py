@@ -21,7 +21,7 @@ from .hf_harness import tiny_model  # noqa: E402
 
 
 def test_recipe_is_llama_3_2_1b_shaped():
-    cfg = _compose("recipe=hf_llama_128k")
+    cfg = _compose("recipe=hf_llama_128k", "data.train.path=train.bin", "data.val.path=val.bin")
     validate_config(cfg)
     assert (cfg.seq_len, cfg.ring_size, cfg.strategy.stage) == (131072, 2, 3)
     module = instantiate(cfg.model)

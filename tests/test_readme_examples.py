@@ -48,6 +48,21 @@ ref = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q_full, k_ful
 torch.testing.assert_close(windowed, shard_sequence(ref.transpose(1, 2), 1, "zigzag", rank, world), atol=1e-5, rtol=0)
 open(f"checked_{rank}", "w").write(f"{world}")
 """,
+    "import ring_plugin.hf": """
+torch.manual_seed(0)
+ref = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+ref_loss = ref(**full_batch, use_cache=False).loss
+ref_loss.backward()
+total = loss.detach().clone()
+if dist.is_initialized():
+    dist.all_reduce(total)
+torch.testing.assert_close(total, ref_loss.detach(), atol=1e-5, rtol=1e-5)
+ref_grads = dict(ref.named_parameters())
+for name, p in model.named_parameters():
+    torch.testing.assert_close(p.grad, ref_grads[name].grad, atol=1e-5, rtol=1e-4)
+rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+open(f"checked_{rank}", "w").write(f"{world}")
+""",
     "RingCausalLM(": """
 import math
 assert trainer.global_step == 20 and math.isfinite(float(trainer.callback_metrics["train/loss"]))
