@@ -19,3 +19,23 @@ def shard_errors(pairs: Iterable[tuple[str, torch.Tensor, torch.Tensor]],
         errs[name + "_abs"] = diff
         errs[name + "_rel"] = diff / max(theirs.abs().max().item(), 1e-12)
     return errs
+
+
+# fp32: absolute error against the fp64 oracle; bf16: error relative to the tensor's magnitude
+TOLERANCES = {
+    torch.float32: (("out_abs", "dq_abs", "dk_abs", "dv_abs"), 1e-5),
+    torch.bfloat16: (("out_rel", "dq_rel", "dk_rel", "dv_rel"), 2e-2),
+}
+
+
+def worst_over_ranks(worker: Callable, cases: list, worlds: Iterable[int] = (1, 2, 4),
+                     timeout: float = 300) -> dict[int, list[dict[str, float]]]:
+    """For each world size: one spawned world runs ``worker(rank, world, cases)`` (a list of error dicts,
+    one per case); the result is, per case, the worst error over the ranks."""
+    from ring_plugin.testing import run_in_process_group
+
+    out = {}
+    for world in worlds:
+        per_rank = run_in_process_group(worker, world, cases, timeout=timeout)
+        out[world] = [{key: max(r[i][key] for r in per_rank) for key in per_rank[0][i]} for i in range(len(cases))]
+    return out

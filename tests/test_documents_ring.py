@@ -15,7 +15,7 @@ from ring_plugin import RingMultiheadAttention, create_ring_attention, reference
 from ring_plugin.attention.oracle import document_mask
 from ring_plugin.testing import run_in_process_group
 
-from .errors import shard_errors
+from .errors import TOLERANCES, shard_errors, worst_over_ranks
 
 N = 48  # global length: divisible by 2 * 4 (zigzag at world 4); chunks of 6 at world 4
 # name -> document lengths (sum N); chosen against the chunk sizes 48, 24, 12 and 6
@@ -88,18 +88,9 @@ def _worker(rank: int, world: int, cases) -> list[dict[str, float]]:
 
 @pytest.fixture(scope="module")
 def errors_by_world() -> dict[int, list[dict[str, float]]]:
-    cases = _cases()
-    out = {}
-    for world in (1, 2, 4):
-        per_rank = run_in_process_group(_worker, world, cases, timeout=300)
-        out[world] = [{key: max(r[i][key] for r in per_rank) for key in per_rank[0][i]} for i in range(len(cases))]
-    return out
+    return worst_over_ranks(_worker, _cases(), timeout=300)
 
 
-TOLERANCES = {
-    torch.float32: (("out_abs", "dq_abs", "dk_abs", "dv_abs"), 1e-5),
-    torch.bfloat16: (("out_rel", "dq_rel", "dk_rel", "dv_rel"), 2e-2),
-}
 
 
 @pytest.mark.parametrize("world", [1, 2, 4])

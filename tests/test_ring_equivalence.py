@@ -11,9 +11,8 @@ import pytest
 import torch
 
 from ring_plugin import create_ring_attention, reference_attention, shard_sequence
-from ring_plugin.testing import run_in_process_group
 
-from .errors import shard_errors
+from .errors import TOLERANCES, shard_errors, worst_over_ranks
 
 VARIANTS = ("standard", "sdpa", "distributed", "correct")
 LAYOUTS = ("contiguous", "zigzag")
@@ -56,22 +55,9 @@ def _worker(rank: int, world: int, cases) -> list[dict[str, float]]:
 
 @pytest.fixture(scope="module")
 def errors_by_world() -> dict[int, list[dict[str, float]]]:
-    cases = _cases()
-    out = {}
-    for world in (1, 2, 4):
-        per_rank = run_in_process_group(_worker, world, cases, timeout=240)
-        # worst error over the ranks, per case
-        out[world] = [
-            {key: max(r[i][key] for r in per_rank) for key in per_rank[0][i]} for i in range(len(cases))
-        ]
-    return out
+    return worst_over_ranks(_worker, _cases(), timeout=240)
 
 
-# fp32: absolute error against the fp64 oracle; bf16: error relative to the tensor's magnitude
-TOLERANCES = {
-    torch.float32: (("out_abs", "dq_abs", "dk_abs", "dv_abs"), 1e-5),
-    torch.bfloat16: (("out_rel", "dq_rel", "dk_rel", "dv_rel"), 2e-2),
-}
 
 
 @pytest.mark.parametrize("world", [1, 2, 4])

@@ -10,9 +10,8 @@ import pytest
 import torch
 
 from ring_plugin import create_ring_attention, reference_attention, shard_sequence
-from ring_plugin.testing import run_in_process_group
 
-from .errors import shard_errors
+from .errors import TOLERANCES, shard_errors, worst_over_ranks
 
 N = 48  # chunks of 6 at world 4 (zigzag)
 WINDOWS = (1, 4, 7, 13, 30, 48, 100)
@@ -48,12 +47,7 @@ def _worker(rank: int, world: int, cases) -> list[dict[str, float]]:
 
 @pytest.fixture(scope="module")
 def errors_by_world() -> dict[int, list[dict[str, float]]]:
-    out = {}
-    for world in (1, 2, 4):
-        per_rank = run_in_process_group(_worker, world, _cases(), timeout=300)
-        out[world] = [{key: max(r[i][key] for r in per_rank) for key in per_rank[0][i]}
-                      for i in range(len(_cases()))]
-    return out
+    return worst_over_ranks(_worker, _cases(), timeout=300)
 
 
 @pytest.mark.parametrize("world", [1, 2, 4])
@@ -64,8 +58,7 @@ def test_sliding_window_matches_the_oracle(errors_by_world, world, window):
         if case[3] != window:
             continue
         checked += 1
-        keys, bound = ((("out_abs", "dq_abs", "dk_abs", "dv_abs"), 1e-5) if case[2] == torch.float32
-                       else (("out_rel", "dq_rel", "dk_rel", "dv_rel"), 2e-2))
+        keys, bound = TOLERANCES[case[2]]
         for key in keys:
             assert errs[key] < bound, (case, key, errs[key])
     assert checked == len(VARIANTS) * len(LAYOUTS) * len(DTYPES)
