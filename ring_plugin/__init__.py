@@ -1,5 +1,6 @@
 """ring_plugin: exact ring attention (sequence parallelism) for PyTorch, Lightning, DeepSpeed and Hydra."""
 
+from . import compat
 from .attention.factory import available_ring_attention, create_ring_attention, register_ring_attention
 from .attention.modules import (
     DistributedRingAttention,
@@ -14,24 +15,6 @@ from .attention.oracle import reference_attention
 from .attention.pattern_modules import HilbertBlockSparseAttention, HilbertRingAttention, RingBlockSparseAttention
 from .comm.context import RingContext, current_ring_context, ring_context
 from .comm.ring import RingPeerClosedError, RingPeerError, RingStats, RingTimeoutError
-from .compat import (
-    BaseRingAttention,
-    BlockSparseRingAttention,
-    BlockSparseRingDilatedAttention,
-    BlockSparseRingDilatedAttentionFixed,
-    BlockSparseRingDilatedAttentionHilbertPostPattern,
-    BlockSparseRingDistributedDilatedAttention,
-    BlockSparseRingMultiheadDilatedAttention,
-    EnterpriseDistributedDilatedAttention,
-    HilbertRingMultiheadAttention,
-    RingAttentionFunction,
-    RingCommunicationStats,
-    RingDilatedAttentionHilbertGPUOptimized,
-    RingDistributedDilatedAttention,
-    RingMultiheadDilatedAttention,
-    StableRingAccumulator,
-    StandardizedRingConfig,
-)
 from .config import RingAttentionConfig
 from .layers.dilated import DilatedAttention, MultiheadDilatedAttention
 from .layers.multihead import RingMultiheadAttention
@@ -73,21 +56,12 @@ __all__ = [
     "ring_context",
     "shard_sequence",
     "unshard_sequence",
-    # The predecessor's names (ring_plugin.compat).
-    "BaseRingAttention",
-    "BlockSparseRingAttention",
-    "BlockSparseRingDilatedAttention",
-    "BlockSparseRingDilatedAttentionFixed",
-    "BlockSparseRingDilatedAttentionHilbertPostPattern",
-    "BlockSparseRingDistributedDilatedAttention",
-    "BlockSparseRingMultiheadDilatedAttention",
-    "EnterpriseDistributedDilatedAttention",
-    "HilbertRingMultiheadAttention",
-    "RingAttentionFunction",
-    "RingCommunicationStats",
-    "RingDilatedAttentionHilbertGPUOptimized",
-    "RingDistributedDilatedAttention",
-    "RingMultiheadDilatedAttention",
-    "StableRingAccumulator",
-    "StandardizedRingConfig",
+    *compat.__all__,  # the predecessor's names
 ]
+
+
+def __getattr__(name: str):
+    """The predecessor's names (:mod:`ring_plugin.compat`), importable from the package itself."""
+    if name in compat.__all__:
+        return getattr(compat, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -29,7 +29,7 @@ from torch.utils.data import Dataset
 
 from ..balance import packed_document_lengths
 from .files import TokenFileDataset, _WindowDataset
-from .tasks import FIRST_FREE, IGNORE_INDEX, _generator
+from .tasks import FIRST_FREE, IGNORE_INDEX, SeededSamples
 
 SOURCES = ("synthetic", "token_file", "text_folder")
 
@@ -120,7 +120,7 @@ class PackedTextFolder(_WindowDataset):
         return packed_sample(tokens, starts)
 
 
-class PackedSynthetic(Dataset):
+class PackedSynthetic(SeededSamples):
     """Seeded packed documents, each a short pattern of distinct tokens repeated to the document's length.
 
     Each document draws its period (2 to ``max_period`` tokens) and pattern; after the first period every
@@ -131,10 +131,7 @@ class PackedSynthetic(Dataset):
 
     def __init__(self, seq_len: int = 256, vocab_size: int = 64, num_samples: int = 100_000,
                  mean_doc_len: float = 64.0, sigma: float = 1.0, max_period: int = 8, seed: int = 0):
-        if seq_len <= 0:
-            raise ValueError(f"seq_len={seq_len} must be positive")
-        if num_samples <= 0:
-            raise ValueError(f"num_samples={num_samples} must be positive")
+        super().__init__(seq_len, vocab_size, num_samples, seed)
         if mean_doc_len < 1 or sigma < 0:
             raise ValueError(f"mean_doc_len={mean_doc_len} must be >= 1 and sigma={sigma} >= 0")
         if max_period < 2:
@@ -142,21 +139,11 @@ class PackedSynthetic(Dataset):
         if vocab_size - FIRST_FREE < max_period:
             raise ValueError(f"vocab_size={vocab_size} leaves {vocab_size - FIRST_FREE} pattern tokens (ids from "
                              f"{FIRST_FREE}); max_period={max_period} needs as many distinct ones")
-        self.seq_len = seq_len
-        self.vocab_size = vocab_size
-        self.num_samples = num_samples
         self.mean_doc_len = mean_doc_len
         self.sigma = sigma
         self.max_period = max_period
-        self.seed = seed
 
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        if not 0 <= index < self.num_samples:
-            raise IndexError(f"index {index} out of range for {self.num_samples} samples")
-        gen = _generator(self.seed, index)
+    def _sample(self, gen: torch.Generator) -> dict[str, torch.Tensor]:
         lengths = packed_document_lengths(self.seq_len, int(torch.randint(2**62, (1,), generator=gen)),
                                           self.mean_doc_len, self.sigma)
         docs = [self._document(length, gen) for length in lengths]

@@ -32,14 +32,15 @@ def _shifted_labels(input_ids: torch.Tensor, answer_positions: torch.Tensor) -> 
     return labels
 
 
-class _TaskDataset(Dataset):
+class SeededSamples(Dataset):
+    """``num_samples`` samples of ``seq_len`` tokens, each a pure function of ``(seed, index)``:
+    subclasses build one from its own random stream (:meth:`_sample`)."""
+
     def __init__(self, seq_len: int, vocab_size: int, num_samples: int, seed: int):
         if seq_len <= 0:
             raise ValueError(f"seq_len={seq_len} must be positive")
         if num_samples <= 0:
             raise ValueError(f"num_samples={num_samples} must be positive")
-        if vocab_size <= FIRST_FREE + 1:
-            raise ValueError(f"vocab_size={vocab_size} must exceed {FIRST_FREE + 1} (digits, markers and filler)")
         self.seq_len = seq_len
         self.vocab_size = vocab_size
         self.num_samples = num_samples
@@ -51,7 +52,20 @@ class _TaskDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         if not 0 <= index < self.num_samples:
             raise IndexError(f"index {index} out of range for {self.num_samples} samples")
-        input_ids, answer_positions = self._make(_generator(self.seed, index))
+        return self._sample(_generator(self.seed, index))
+
+    def _sample(self, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+
+class _TaskDataset(SeededSamples):
+    def __init__(self, seq_len: int, vocab_size: int, num_samples: int, seed: int):
+        super().__init__(seq_len, vocab_size, num_samples, seed)
+        if vocab_size <= FIRST_FREE + 1:
+            raise ValueError(f"vocab_size={vocab_size} must exceed {FIRST_FREE + 1} (digits, markers and filler)")
+
+    def _sample(self, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        input_ids, answer_positions = self._make(gen)
         return {"input_ids": input_ids, "labels": _shifted_labels(input_ids, answer_positions)}
 
     def _make(self, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
