@@ -19,7 +19,7 @@ import torch
 
 from ..cache import BoundedCache
 from ..ops.document_kernels import document_backward, document_forward
-from ..ops.kernels import band_backward, band_forward
+from ..ops.kernels import band_backward, band_forward, expand_kv_heads, reduce_kv_heads
 from ..ops.merge import merge_into
 from ..patterns.blocks import IndexBlock, ViewBlock
 from .call import RingCall
@@ -44,18 +44,6 @@ def _rows(x: torch.Tensor, s: slice) -> torch.Tensor:
     return x if (s.start == 0 and s.stop == x.shape[2]) else x[:, :, s].contiguous()
 
 
-def _expand_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
-    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
-
-
-def _reduce_heads(x: torch.Tensor, groups: int, dtype: torch.dtype) -> torch.Tensor:
-    """Sum the gradients of query heads that share a K/V head (in ``dtype``, e.g. fp32)."""
-    if groups == 1:
-        return x
-    b, h, n, d = x.shape
-    return x.view(b, h // groups, groups, n, d).sum(2, dtype=dtype)
-
-
 def _write_rows(out_acc, lse_acc, rows: slice, o, lse, first: bool) -> None:
     """Merge a block's ``(o, lse)`` into the accumulators' query ``rows`` (copied in where it is the
     first block and covers every row: nothing to merge with yet)."""
@@ -76,21 +64,21 @@ def _add_to_rows(kv_rows: slice, dk: torch.Tensor, dv: torch.Tensor) -> AddGrads
 
 @forward_block.register
 def _(block: Block, call: RingCall, q, kv, out_acc, lse_acc, first: bool = False) -> None:
-    kb, vb = (_expand_heads(_rows(t, block.kv), call.groups) for t in kv)
+    kb, vb = (expand_kv_heads(_rows(t, block.kv), call.heads) for t in kv)
     o, lse = call.kernel.forward(_rows(q, block.q), kb, vb, block.causal, call.scale)
     _write_rows(out_acc, lse_acc, block.q, o, lse, first)
 
 
 @backward_block.register
 def _(block: Block, call: RingCall, dout, q, kv, out, lse, dq_acc, first: bool = False) -> AddGrads:
-    kb, vb = (_expand_heads(_rows(t, block.kv), call.groups) for t in kv)
+    kb, vb = (expand_kv_heads(_rows(t, block.kv), call.heads) for t in kv)
     rows = block.q
     dq, dk, dv = call.kernel.backward(
         _rows(dout, rows), _rows(q, rows), kb, vb, _rows(out, rows), _rows(lse, rows), block.causal, call.scale
     )
     dq_acc[:, :, rows] += dq  # mixed-dtype in-place add: no fp32 copy of dq
     # summed over query heads in the accumulator's dtype (fp32 by default), then added
-    return _add_to_rows(block.kv, *(_reduce_heads(g, call.groups, call.grad_dtype) for g in (dk, dv)))
+    return _add_to_rows(block.kv, *(reduce_kv_heads(g, call.kv_heads, call.grad_dtype) for g in (dk, dv)))
 
 
 # ---------------------------------------------------------------------------------- sliding window

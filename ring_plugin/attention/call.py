@@ -32,11 +32,6 @@ class RingCall:
     documents: RingDocuments | None = None  # packed documents: attend within a document only
     window: int | None = None  # causal sliding window: a key at most window - 1 positions back
 
-    @property
-    def groups(self) -> int:
-        """Query heads per K/V head (grouped-query attention)."""
-        return self.heads // self.kv_heads
-
     def chunks(self, rank: int) -> tuple[int, ...]:
         return self.layout.chunks[rank]
 

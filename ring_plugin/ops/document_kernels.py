@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .kernels import math_backward, math_forward
+from .kernels import masked_backward, masked_forward, takes_flash
 
 aten = torch.ops.aten
 
@@ -25,16 +25,6 @@ aten = torch.ops.aten
 def _allowed(q_docs: torch.Tensor, k_docs: torch.Tensor, device: torch.device) -> torch.Tensor:
     """(B, 1, Lq, Lk) bool: same document (causality is applied by the kernel)."""
     return (q_docs[:, :, None] == k_docs[:, None, :]).unsqueeze(1).to(device)
-
-
-def _expand(k: torch.Tensor, heads: int) -> torch.Tensor:
-    g = heads // k.shape[1]
-    return k if g == 1 else k.repeat_interleave(g, dim=1)
-
-
-def _reduce(g: torch.Tensor, kv_heads: int) -> torch.Tensor:
-    b, h, n, d = g.shape
-    return g if h == kv_heads else g.view(b, kv_heads, h // kv_heads, n, d).sum(2)
 
 
 @dataclass(frozen=True)
@@ -75,15 +65,10 @@ def _unpacked(x: torch.Tensor, batch: int) -> torch.Tensor:
     return x.view(batch, -1, x.shape[1], x.shape[2]).transpose(1, 2)
 
 
-def uses_varlen(q: torch.Tensor) -> bool:
-    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
-
-
 def document_forward(q, k, v, q_docs, k_docs, causal: bool, scale: float):
     """``(out, lse)`` of the block under the document mask; rows without a key give 0 and -inf."""
-    if not uses_varlen(q):
-        return math_forward(q, _expand(k, q.shape[1]), _expand(v, q.shape[1]), causal, scale,
-                            _allowed(q_docs, k_docs, q.device))
+    if not takes_flash(q):
+        return masked_forward(q, k, v, causal, scale, _allowed(q_docs, k_docs, q.device))
     runs = varlen_runs(q_docs, k_docs, q.device)
     out, lse, *_ = aten._flash_attention_forward(
         _packed(q), _packed(k), _packed(v), runs.cu_q, runs.cu_k, runs.max_q, runs.max_k, 0.0, causal, False,
@@ -97,11 +82,8 @@ def document_forward(q, k, v, q_docs, k_docs, causal: bool, scale: float):
 
 def document_backward(dout, q, k, v, out, lse, q_docs, k_docs, causal: bool, scale: float):
     """``(dq, dk, dv)`` of the block, fed the merged ``out``/``lse`` of the whole ring."""
-    if not uses_varlen(q):
-        heads, kv_heads = q.shape[1], k.shape[1]
-        dq, dk, dv = math_backward(dout, q, _expand(k, heads), _expand(v, heads), out, lse, causal, scale,
-                                   _allowed(q_docs, k_docs, q.device))
-        return dq, _reduce(dk, kv_heads), _reduce(dv, kv_heads)
+    if not takes_flash(q):
+        return masked_backward(dout, q, k, v, out, lse, causal, scale, _allowed(q_docs, k_docs, q.device))
     runs = varlen_runs(q_docs, k_docs, q.device)
     b = q.shape[0]
     rng = torch.zeros(2, dtype=torch.int64, device=q.device)  # no dropout: the RNG state is unused

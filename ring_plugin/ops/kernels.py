@@ -217,6 +217,38 @@ def default_scale(head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim)
 
 
+# ------------------------------------------------------- masked blocks (documents, windows): shared
+def takes_flash(q: torch.Tensor) -> bool:
+    """Whether flash's own masks (varlen runs, windows) serve ``q``: CUDA half precision."""
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+
+
+def expand_kv_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """K/V ``(B, H_kv, L, D)`` repeated to ``heads`` query heads (grouped-query attention)."""
+    groups = heads // x.shape[1]
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def reduce_kv_heads(x: torch.Tensor, kv_heads: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Sum the gradients of query heads that share a K/V head (in ``dtype``, e.g. fp32)."""
+    b, h, n, d = x.shape
+    return x if h == kv_heads else x.view(b, kv_heads, h // kv_heads, n, d).sum(2, dtype=dtype)
+
+
+def masked_forward(q, k, v, causal: bool, scale: float, allowed: torch.Tensor):
+    """The exact math kernel under a boolean mask, ``k``/``v`` with any number of K/V heads."""
+    heads = q.shape[1]
+    return math_forward(q, expand_kv_heads(k, heads), expand_kv_heads(v, heads), causal, scale, allowed)
+
+
+def masked_backward(dout, q, k, v, out, lse, causal: bool, scale: float, allowed: torch.Tensor):
+    """Backward of :func:`masked_forward`; dK/dV come back with ``k``'s head count."""
+    heads, kv_heads = q.shape[1], k.shape[1]
+    dq, dk, dv = math_backward(dout, q, expand_kv_heads(k, heads), expand_kv_heads(v, heads), out, lse,
+                               causal, scale, allowed)
+    return dq, reduce_kv_heads(dk, kv_heads), reduce_kv_heads(dv, kv_heads)
+
+
 # ------------------------------------------------------------------------------------ band (window)
 # A sliding window seen from one ring block: local query i sees local keys i - left .. i + right
 # (equal query and key lengths). Flash takes such a window natively; elsewhere the exact math kernel
@@ -227,31 +259,20 @@ def _band_mask(lq: int, lk: int, left: int, right: int, device: torch.device) ->
     return (j >= i - left) & (j <= i + right)
 
 
-def _uses_flash_band(q: torch.Tensor) -> bool:
-    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
-
-
-def _expand_kv(k: torch.Tensor, heads: int) -> torch.Tensor:
-    g = heads // k.shape[1]
-    return k if g == 1 else k.repeat_interleave(g, dim=1)
-
-
 def band_forward(q, k, v, left: int, right: int, scale: float):
     """``(out, lse)`` of ``(B, H, L, D)`` tensors under the band; ``k``/``v`` may have fewer heads."""
-    if _uses_flash_band(q):
+    if takes_flash(q):
         out, lse, *_ = aten._flash_attention_forward(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, None, q.shape[2], k.shape[2], 0.0,
             False, False, scale=scale, window_size_left=left, window_size_right=right,
         )
         return out.transpose(1, 2), lse
-    heads = q.shape[1]
-    return math_forward(q, _expand_kv(k, heads), _expand_kv(v, heads), False, scale,
-                        _band_mask(q.shape[2], k.shape[2], left, right, q.device))
+    return masked_forward(q, k, v, False, scale, _band_mask(q.shape[2], k.shape[2], left, right, q.device))
 
 
 def band_backward(dout, q, k, v, out, lse, left: int, right: int, scale: float):
     """``(dq, dk, dv)`` under the band, fed the merged ``out``/``lse`` (dk/dv with k's head count)."""
-    if _uses_flash_band(q):
+    if takes_flash(q):
         rng = torch.zeros(2, dtype=torch.int64, device=q.device)  # no dropout: the RNG state is unused
         dq, dk, dv = aten._flash_attention_backward(
             dout.transpose(1, 2), q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), out.transpose(1, 2),
@@ -259,10 +280,5 @@ def band_backward(dout, q, k, v, out, lse, left: int, right: int, scale: float):
             scale=scale, window_size_left=left, window_size_right=right,
         )
         return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
-    heads, kv_heads = q.shape[1], k.shape[1]
-    dq, dk, dv = math_backward(dout, q, _expand_kv(k, heads), _expand_kv(v, heads), out, lse, False, scale,
-                               _band_mask(q.shape[2], k.shape[2], left, right, q.device))
-    if kv_heads != heads:
-        b, _, n, d = dk.shape
-        dk, dv = (g.view(b, kv_heads, heads // kv_heads, n, d).sum(2) for g in (dk, dv))
-    return dq, dk, dv
+    return masked_backward(dout, q, k, v, out, lse, False, scale,
+                           _band_mask(q.shape[2], k.shape[2], left, right, q.device))
