@@ -207,3 +207,13 @@ def test_balanced_layout_matches_the_oracle(world):
         for key in ("out", "dq", "dk", "dv"):
             assert max(r[key] for r in case) < 1e-5, (key, case)
     assert max(r["chunks_per_rank"] for case in per_rank for r in case) > 1  # several chunks per rank occur
+
+
+def test_hilbert_refuses_document_ids_instead_of_dropping_them():
+    """The Hilbert variant reorders tokens; without a refusal it would silently ignore the documents."""
+    from ring_plugin import HilbertRingAttention
+
+    q = torch.randn(1, 16, 2, 4)
+    ids = torch.tensor([[0] * 8 + [1] * 8])
+    with pytest.raises(ValueError, match="document_ids are supported by the dense variants .* not by 'hilbert'"):
+        HilbertRingAttention(grid=(4, 4), token_order="hilbert")(q, q, q, is_causal=True, document_ids=ids)

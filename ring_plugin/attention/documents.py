@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from ..cache import BoundedCache
+from ..documents import document_ids_error
 from ..layout import ShardLayout
 from .plan import Block
 
@@ -50,18 +51,14 @@ class RingDocuments:
         return out
 
 
-def document_ids_error(ids: object, q: torch.Tensor) -> str | None:
-    """This rank's check of its ``document_ids`` shard against ``q`` (B, n_local, H, D)."""
-    if not isinstance(ids, torch.Tensor):
-        return f"document_ids must be a torch.Tensor, got {type(ids).__name__}"
-    if ids.dtype != torch.int64:
-        return f"document_ids must be int64, got {ids.dtype}"
-    if tuple(ids.shape) != tuple(q.shape[:2]):
-        return (f"document_ids must have shape (batch, n_local) = {tuple(q.shape[:2])} like q's first two dims, "
-                f"got {tuple(ids.shape)}")
-    if ids.shape[1] > 1 and bool((ids[:, 1:] < ids[:, :-1]).any()):
-        return "document_ids must be non-decreasing along the sequence (packed documents, one run each)"
-    return None
+def layer_document_ids_error(ids: object, q: torch.Tensor) -> str | None:
+    """This rank's check of its ``document_ids`` shard: the library's check of document ids, and the
+    shape of ``q``'s first two dims ``(batch, n_local)``."""
+    error = document_ids_error(ids)
+    if error is None and tuple(ids.shape) != tuple(q.shape[:2]):  # type: ignore[union-attr]
+        error = (f"document_ids must have shape (batch, n_local) = {tuple(q.shape[:2])} like q's first two dims, "
+                 f"got {tuple(ids.shape)}")  # type: ignore[union-attr]
+    return error
 
 
 def gather_documents(ids: torch.Tensor, group: dist.ProcessGroup | None, layout: str,

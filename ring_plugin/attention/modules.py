@@ -24,7 +24,7 @@ from ..patterns.blocks import Pattern
 from ..patterns.dilated import DilatedPattern
 from .call import RingCall
 from .dense_ring import DenseRingAttention
-from .documents import RingDocuments, document_ids_error, gather_documents
+from .documents import RingDocuments, gather_documents, layer_document_ids_error
 from .exchange import ExchangePlan, build_exchange_plan
 from .oracle import document_mask, reference_attention
 from .peer_ring import PeerRingAttention
@@ -36,7 +36,7 @@ class RingAttentionBase(nn.Module):
     """Shared construction, validation and ring resolution. Subclasses implement :meth:`_attend`."""
 
     variant: ClassVar[str] = "base"
-    takes_window: ClassVar[bool] = False  # sliding_window= (dense variants)
+    takes_masks: ClassVar[bool] = False  # document_ids= and sliding_window= (the dense ring's variants)
     accepts_flex: ClassVar[bool] = False  # backend='flex' (block-sparse only)
 
     def __init__(
@@ -122,20 +122,22 @@ class RingAttentionBase(nn.Module):
             return f"sliding_window={window} is a causal window: call with is_causal=True"
         if document_ids is not None:
             return "sliding_window together with document_ids is not supported yet; pass one of them"
-        if self.pattern is not None or not self.takes_window:
-            return f"sliding_window is supported by the dense variants (standard, sdpa, distributed, correct), " \
-                   f"not by {self.variant!r}"
-        return None
+        return self._mask_support_error("sliding_window is")
 
     def _documents_error(self, document_ids: object, q: torch.Tensor, ring: RingContext) -> str | None:
         if document_ids is None:
             if ring.layout == "balanced":
                 return "layout='balanced' needs document_ids: it is the layout of packed documents"
             return None
-        if self.pattern is not None:
-            return (f"document_ids are supported by the dense variants (standard, sdpa, distributed, correct); "
-                    f"the {self.variant!r} variant with its pattern does not take them yet")
-        return document_ids_error(document_ids, q)
+        return self._mask_support_error("document_ids are") or layer_document_ids_error(document_ids, q)
+
+    def _mask_support_error(self, subject: str) -> str | None:
+        """Documents and windows restrict the dense ring's blocks: variants with a pattern, or that
+        reorder tokens (Hilbert), would drop them silently, so they refuse by name."""
+        if self.takes_masks and self.pattern is None:
+            return None
+        return (f"{subject} supported by the dense variants (standard, sdpa, distributed, correct), not by "
+                f"{self.variant!r}" + (" with its pattern" if self.pattern is not None else ""))
 
     def resolve_ring(self) -> RingContext:
         """The ring this forward runs on (single-device layers override this)."""
@@ -227,7 +229,7 @@ class RingEngineAttention(RingAttentionBase):
 
     follow_sdpa_flags: ClassVar[bool] = False
     stats_by_default: ClassVar[bool] = False
-    takes_window = True
+    takes_masks = True
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -319,7 +321,7 @@ class RingDilatedAttentionCorrect(RingAttentionBase):
 
     variant = "correct"
 
-    takes_window = True
+    takes_masks = True
 
     def _attend(self, q, k, v, causal, ring, documents=None, window=None):
         layout = documents.layout if documents is not None else ShardLayout.named(ring.layout, ring.world_size)

@@ -37,7 +37,7 @@ class RingBlockSparseAttention(RingEngineAttention):
 
     variant = "block_sparse"
     accepts_flex = True
-    takes_window = False
+    takes_masks = False
 
     def build_pattern(self) -> Pattern | None:
         c = self.config
@@ -63,7 +63,7 @@ class RingBlockSparseAttention(RingEngineAttention):
         half = q.dtype in (torch.float16, torch.bfloat16)
         return backend == "flex" or (backend == "auto" and q.is_cuda and half)
 
-    def _attend(self, q, k, v, causal, ring, documents=None):
+    def _attend(self, q, k, v, causal, ring):
         if not self.uses_gathered_path(q):
             return super()._attend(q, k, v, causal, ring)
         call = self.ring_call(q, k, causal, ring, backend="auto")  # the flex/masked call is the kernel here
@@ -91,7 +91,7 @@ class HilbertRingAttention(RingEngineAttention):
     """
 
     variant = "hilbert"
-    takes_window = False
+    takes_masks = False
 
     def grid_for(self, n: int) -> tuple[int, int] | None:
         c = self.config
@@ -112,7 +112,7 @@ class HilbertRingAttention(RingEngineAttention):
             )
         return super()._pattern_error(n_global, heads, ring)
 
-    def _attend(self, q, k, v, causal, ring, documents=None):
+    def _attend(self, q, k, v, causal, ring):
         if self.config.token_order == "hilbert":
             return super()._attend(q, k, v, causal, ring)
         n_local, world = q.shape[1], ring.world_size
