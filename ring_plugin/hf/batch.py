@@ -19,11 +19,11 @@ from torch import nn
 
 from ..comm.context import resolve_ring
 from ..documents import document_ids_from_position_ids
-from ..layout import resolve_layout, sequence_divisor, shard_sequence
+from ..sharding import shard_batch as shard_sequence_batch
 
 IGNORE_INDEX = -100
-SEQUENCE_KEYS = ("input_ids", "labels", "shift_labels", "position_ids", "document_ids", "attention_mask",
-                 "inputs_embeds")
+# Sequence tensors of a transformers batch beyond the strategies' own (input_ids, labels, positions, documents).
+EXTRA_SEQUENCE_KEYS = ("shift_labels", "attention_mask", "inputs_embeds")
 
 
 def shard_batch(
@@ -51,10 +51,6 @@ def shard_batch(
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise ValueError(f"input_ids must be a (batch, length) tensor, got {getattr(input_ids, 'shape', input_ids)}")
     length = input_ids.shape[1]
-    divisor = sequence_divisor(ring.layout, ring.world_size)
-    if length % divisor:
-        raise ValueError(f"sequence length {length} must be a multiple of {divisor} (ring of {ring.world_size}, "
-                         f"layout={ring.layout!r}); pad the sequences (labels -100) to a multiple of it")
     out = dict(batch)
     out.setdefault("position_ids", torch.arange(length, device=input_ids.device).expand_as(input_ids))
     positions = out["position_ids"]
@@ -70,17 +66,7 @@ def shard_batch(
         if data_parallel_group is not None:
             dist.all_reduce(count, group=data_parallel_group)
         out["num_items_in_batch"] = count
-    shards = resolve_layout(ring.layout, ring.world_size, out.get("document_ids"))
-    for key in SEQUENCE_KEYS:
-        value = out.get(key)
-        if value is None:
-            continue
-        if not isinstance(value, torch.Tensor) or value.dim() < 2 or value.shape[:2] != input_ids.shape:
-            raise ValueError(f"batch[{key!r}] must be a tensor (batch, length, ...) shaped like input_ids "
-                             f"{tuple(input_ids.shape)}, got {getattr(value, 'shape', type(value).__name__)}")
-        out[key] = shard_sequence(value, 1, shards, ring.rank, ring.world_size).contiguous()
-    return out
-
+    return shard_sequence_batch(out, ring.layout, ring.rank, ring.world_size, extra_keys=EXTRA_SEQUENCE_KEYS)
 
 def reduce_gradients(parameters: nn.Module | Iterable[torch.Tensor], group: dist.ProcessGroup | None = None) -> None:
     """Sum every gradient over ``group`` (default: every rank: the rings and their data-parallel

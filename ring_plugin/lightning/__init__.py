@@ -16,12 +16,12 @@ DeepSpeed do), give the full batch's gradient, as ``RingCausalLM`` does; a per-r
 this whenever every rank holds the same number of labelled tokens.
 """
 
+from ..sharding import shard_batch
 from .ddp import RingStrategy
 from .deepspeed import RingDeepSpeedStrategy
 from .groups import RingGroups
 from .registry import register_strategies
 from .resumable import ResumableLoader
-from .sharding import shard_batch
 
 register_strategies()
 

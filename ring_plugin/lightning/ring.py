@@ -24,10 +24,10 @@ from torch.distributed.constants import default_pg_timeout
 
 from ..comm.context import RingContext, clear_ring_context, set_ring_context
 from ..layout import check_layout
+from ..sharding import shard_batch
 from .elastic import elastic_attempt_store
 from .groups import RingGroups, build_ring_groups, check_ring_size
 from .resumable import ResumableLoader, train_position
-from .sharding import shard_batch
 
 DEFAULT_STARTUP_TIMEOUT = 600.0  # seconds: slow imports and late nodes, not a dead peer
 

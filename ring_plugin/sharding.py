@@ -1,4 +1,7 @@
-"""Sharding of a batch's sequence tensors along the sequence dimension (dim 1) in the ring's layout."""
+"""Sharding of a batch's sequence tensors along the sequence dimension (dim 1) in the ring's layout.
+
+One function for the strategies (Lightning) and for plain loops over Hugging Face models.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ..layout import resolve_layout, shard_sequence
+from .layout import resolve_layout, shard_sequence
 
 SEQUENCE_KEYS = ("input_ids", "labels", "position_ids", "document_ids")
 
@@ -41,13 +44,14 @@ def shard_batch(
     if "position_ids" not in out:
         out["position_ids"] = torch.arange(length, device=input_ids.device).expand_as(input_ids)
     for key in (*SEQUENCE_KEYS, *extra_keys):
-        if key not in out:
+        value = out.get(key)
+        if value is None:
             continue
-        value = out[key]
-        if not isinstance(value, torch.Tensor) or value.dim() < 2 or value.shape[1] != length:
+        if not isinstance(value, torch.Tensor) or value.dim() < 2 or value.shape[:2] != input_ids.shape:
             raise ValueError(
-                f"batch[{key!r}] must be a tensor (batch, length={length}, ...) to be sharded along the "
-                f"sequence; got {tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__}"
+                f"batch[{key!r}] must be a tensor (batch, length, ...) shaped like input_ids "
+                f"{tuple(input_ids.shape)} to be sharded along the sequence; "
+                f"got {tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__}"
             )
         out[key] = shard_sequence(value, 1, shards, ring_rank, ring_size).contiguous()
     return out
