@@ -66,17 +66,27 @@ def test_rotary_uses_global_positions():
     torch.testing.assert_close(apply_rotary(x[:, rows], *rope(rows)), full[:, rows])
 
 
-def test_block_checkpointing_gives_same_gradients():
+@pytest.mark.parametrize("recompute_attention", [True, False])
+def test_block_checkpointing_gives_same_gradients(recompute_attention):
+    """Checkpointed blocks give the plain block's gradients; without attention recompute, backward
+    runs the attention layer's forward zero times (once per block in all, against twice)."""
     torch.manual_seed(0)
     plain = TransformerBlock(24, 3, 1)
-    ckpt = TransformerBlock(24, 3, 1, checkpointing=True)
+    ckpt = TransformerBlock(24, 3, 1, checkpointing=True, recompute_attention=recompute_attention)
     ckpt.load_state_dict(plain.state_dict())
+    calls = []
+    ckpt.attn.attn.register_forward_hook(lambda *_: calls.append(1))
     cos, sin = RotaryEmbedding(8)(torch.arange(10))
-    x = torch.randn(2, 10, 24)
+    x = torch.randn(2, 10, 24, requires_grad=True)
+    grads = []
     for block in (plain, ckpt):
-        block(x, cos, sin).square().sum().backward()
+        block(x, cos, sin, torch.tensor([[0] * 4 + [1] * 6] * 2)).square().sum().backward()
+        grads.append(x.grad)
+        x.grad = None
+    torch.testing.assert_close(grads[1], grads[0])
     for (name, a), b in zip(plain.named_parameters(), ckpt.parameters()):
         torch.testing.assert_close(a.grad, b.grad, msg=name)
+    assert len(calls) == (2 if recompute_attention else 1)
 
 
 def test_gpt_tied_head_parameters_and_flops():

@@ -36,15 +36,23 @@ class RotarySelfAttention(nn.Module):
         self.proj = nn.Linear(n_embd, n_embd, bias=bias)
         self.attn = create_ring_attention(attention, **(attention_kwargs or {}))
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                document_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def heads(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Rotated q (batch, n, heads, head_dim) and k, v (batch, n, kv_heads, head_dim)."""
         b, n, _ = x.shape
         q, k, v = self.qkv(x).split([self.n_head * self.head_dim, *(2 * [self.n_kv_head * self.head_dim])], -1)
         q = apply_rotary(q.view(b, n, self.n_head, self.head_dim), cos, sin)
         k = apply_rotary(k.view(b, n, self.n_kv_head, self.head_dim), cos, sin)
-        v = v.view(b, n, self.n_kv_head, self.head_dim)
+        return q, k, v.view(b, n, self.n_kv_head, self.head_dim)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               document_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Causal (document-masked) attention of rotated heads; (batch, n, heads * head_dim)."""
         out = self.attn(q, k, v, is_causal=True, **({} if document_ids is None else {"document_ids": document_ids}))
-        return self.proj(out.reshape(b, n, -1))
+        return out.flatten(2)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                document_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return self.proj(self.attend(*self.heads(x, cos, sin), document_ids))
 
 
 class MLP(nn.Module):
@@ -62,26 +70,43 @@ class TransformerBlock(nn.Module):
 
     ``checkpointing=True`` recomputes the block in backward (the ring forward runs again: every rank
     of the ring recomputes the same blocks in the same order, so the ring stays in step).
+    ``recompute_attention=False`` (with checkpointing) recomputes everything but attention: the
+    attention's inputs, output and logsumexp stay saved, so backward runs no ring forward at all. At
+    long context attention is most of the forward's FLOPs, so this trades memory (q, k, v and the
+    output per layer) for about a quarter of the step.
     """
 
     def __init__(self, n_embd: int, n_head: int, n_kv_head: int | None = None, *, attention: str = "standard",
                  attention_kwargs: dict[str, Any] | None = None, mlp_hidden: int | None = None,
-                 norm: str = "rmsnorm", bias: bool = False, checkpointing: bool = False):
+                 norm: str = "rmsnorm", bias: bool = False, checkpointing: bool = False,
+                 recompute_attention: bool = True):
         super().__init__()
         self.norm1 = make_norm(norm, n_embd)
         self.attn = RotarySelfAttention(n_embd, n_head, n_kv_head, attention, attention_kwargs, bias)
         self.norm2 = make_norm(norm, n_embd)
         self.mlp = MLP(n_embd, mlp_hidden or 4 * n_embd, bias)
         self.checkpointing = checkpointing
+        self.recompute_attention = recompute_attention
 
     def _body(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
               document_ids: torch.Tensor | None) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), cos, sin, document_ids)
         return x + self.mlp(self.norm2(x))
 
+    def _heads(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.attn.heads(self.norm1(x), cos, sin)
+
+    def _after_attention(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn.proj(attended)
+        return x + self.mlp(self.norm2(x))
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 document_ids: torch.Tensor | None = None) -> torch.Tensor:
         """``document_ids``: this rank's shard of packed documents' ids (attention stays inside each)."""
-        if self.checkpointing and self.training and torch.is_grad_enabled():
+        if not (self.checkpointing and self.training and torch.is_grad_enabled()):
+            return self._body(x, cos, sin, document_ids)
+        if self.recompute_attention:
             return checkpoint(self._body, x, cos, sin, document_ids, use_reentrant=False)
-        return self._body(x, cos, sin, document_ids)
+        q, k, v = checkpoint(self._heads, x, cos, sin, use_reentrant=False)
+        attended = self.attn.attend(q, k, v, document_ids)
+        return checkpoint(self._after_attention, x, attended, use_reentrant=False)

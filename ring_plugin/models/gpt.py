@@ -31,6 +31,9 @@ class GPTConfig:
     attention: str = "standard"
     attention_kwargs: dict[str, Any] = field(default_factory=dict)
     activation_checkpointing: bool = False
+    # With checkpointing: False keeps each attention's output (and logsumexp) so backward never
+    # recomputes attention (faster at long context, more memory); True recomputes whole blocks.
+    recompute_attention: bool = True
     tie_weights: bool = True
     mlp_hidden: int | None = None
     norm: str = "rmsnorm"
@@ -75,7 +78,8 @@ class RingGPT(nn.Module):
         self.blocks = nn.ModuleList(
             TransformerBlock(c.n_embd, c.n_head, c.n_kv_head, attention=c.attention,
                              attention_kwargs=c.attention_kwargs, mlp_hidden=c.mlp_hidden, norm=c.norm,
-                             bias=c.bias, checkpointing=c.activation_checkpointing)
+                             bias=c.bias, checkpointing=c.activation_checkpointing,
+                             recompute_attention=c.recompute_attention)
             for _ in range(c.n_layer)
         )
         self.norm_f = make_norm(c.norm, c.n_embd)

@@ -1,0 +1,290 @@
+"""End-to-end training speed: ring_plugin against DeepSpeed Ulysses and torch ``context_parallel``.
+
+Run on a machine with 2 GPUs::
+
+    torchrun --nproc_per_node=2 benchmarks/bench_train.py --out benchmarks/results
+
+Every variant trains the same model (the ``gpt_3b`` recipe model: 16 layers, 4096 wide, 32 query / 8
+KV heads of 128, 3.0B parameters; and the 124M GPT) on one 128K-token sample per step split over the
+GPUs, under ``RingDeepSpeedStrategy`` ZeRO-3 with bf16 and activation checkpointing. Only the
+attention layer differs:
+
+- ``ring``: ring_plugin's ``sdpa`` ring (zigzag layout), attention kept out of recomputation
+  (``recompute_attention=False``); ``ring_recompute``: the same, recomputing whole blocks (the
+  recipes' setting before this benchmark);
+- ``ulysses``: DeepSpeed's ``DistributedAttention`` (all-to-all heads <-> sequence) around cuDNN SDPA on
+  the whole sequence (contiguous layout; GQA's K/V heads repeated after the all-to-all);
+- ``torch_cp``: torch's ``context_parallel`` ring SDPA (cuDNN, head-tail load balancing = zigzag; K/V
+  heads repeated before the call, as its SDPA takes equal head counts).
+
+Before timing, each attention layer's output at 8K tokens is compared with one GPU's cuDNN SDPA on the
+whole sequence (bf16). Reported per variant: tokens/s (median step after warm-up), causal MFU =
+flops_per_token x tokens/s / (GPUs x peak) with flops_per_token = 3 x (2 x matmul weights +
+layers x heads x 4 x head_dim x seq_len / 2) (forward + backward; recomputation not counted; the
+causal mask halving attention) and peak = ``--peak-tflops`` (989, the dense bf16 peak of an H200),
+and peak memory per GPU. Writes ``bench_train_<tag>_<date>.json`` into ``--out``; ``--smoke`` runs a
+tiny CPU/gloo version of the ring variants.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from torch import nn
+from torch.utils.data import DataLoader
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from gpu_lightning import RandomTokens, StepStats, free_memory, make_trainer  # noqa: E402
+
+from ring_plugin import create_ring_attention, shard_sequence  # noqa: E402
+from ring_plugin.comm.context import ring_context  # noqa: E402
+from ring_plugin.lightning import RingDeepSpeedStrategy  # noqa: E402
+from ring_plugin.models import GPTConfig, RingCausalLM  # noqa: E402
+
+MODEL_KEYS = {f for f in GPTConfig.__dataclass_fields__}
+MODELS = {
+    "3b": lambda: {k: v for k, v in OmegaConf.to_container(
+        OmegaConf.load(REPO / "ring_plugin" / "conf" / "model" / "gpt_3b.yaml")).items() if k in MODEL_KEYS},
+    "124m": lambda: dict(vocab_size=50304, n_layer=12, n_head=12, n_embd=768, activation_checkpointing=True),
+    "smoke": lambda: dict(vocab_size=61, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, activation_checkpointing=True),
+}
+# variant -> (attention swap, strategy layout, recompute attention in backward)
+VARIANTS = {
+    "ring": ("ring", "zigzag", False),
+    "ring_recompute": ("ring", "zigzag", True),
+    "ulysses": ("ulysses", "contiguous", False),
+    "torch_cp": ("torch_cp", "zigzag", False),
+}
+
+
+def _repeat_kv(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """(b, n, kv_heads, d) -> (b, n, heads, d): each K/V head serves heads // kv_heads query heads."""
+    return t.repeat_interleave(heads // t.shape[2], dim=2)
+
+
+def _cudnn_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal cuDNN SDPA on (b, n, h, d) tensors (the sequence-major layout of the ring layers)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = [SDPBackend.CUDNN_ATTENTION] if q.is_cuda else [SDPBackend.MATH]
+    with sdpa_kernel(backends):
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+    return out.transpose(1, 2)
+
+
+class UlyssesAttention(nn.Module):
+    """DeepSpeed Ulysses with the ring layers' call shape: (b, n_local, h, d) shards, contiguous layout."""
+
+    def __init__(self, group: dist.ProcessGroup):
+        super().__init__()
+        from deepspeed.sequence.layer import DistributedAttention
+
+        def local(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            return _cudnn_sdpa(q, _repeat_kv(k, q.shape[2]), _repeat_kv(v, q.shape[2]))
+
+        self.layer = DistributedAttention(local, group, scatter_idx=2, gather_idx=1)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool = True) -> torch.Tensor:
+        return self.layer(q, k, v, 0)
+
+
+class TorchContextParallelAttention(nn.Module):
+    """torch's ring SDPA, which ``torch_context_parallel`` patches into ``F.scaled_dot_product_attention``."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool = True) -> torch.Tensor:
+        return _cudnn_sdpa(q, _repeat_kv(k, q.shape[2]), _repeat_kv(v, q.shape[2]))
+
+
+def torch_context_parallel(device: torch.device) -> AbstractContextManager:
+    """torch's ``context_parallel`` over all GPUs, SDPA patched for the whole block. Its public entry
+    shards given buffers; ours are sharded by the strategy, so it gets one dummy buffer (2 x world
+    long: its head-tail load balancing is then on, the zigzag layout the strategy shards with)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.experimental import context_parallel
+
+    world = dist.get_world_size()
+    mesh = init_device_mesh(device.type, (world,))
+    return context_parallel(mesh, buffers=[torch.zeros(1, 1, 2 * world, device=device)], buffer_seq_dims=[2])
+
+
+def make_attention(kind: str) -> nn.Module:
+    if kind == "ulysses":
+        return UlyssesAttention(dist.group.WORLD)
+    return TorchContextParallelAttention()
+
+
+def check_attention(device: torch.device, seq_len: int, heads: int, kv_heads: int, head_dim: int) -> dict[str, Any]:
+    """Each variant's attention output on its shard vs one GPU's cuDNN SDPA on the whole sequence."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    g = torch.Generator(device=device).manual_seed(3)
+    q = torch.randn(1, seq_len, heads, head_dim, device=device, dtype=dtype, generator=g)
+    k, v = (torch.randn(1, seq_len, kv_heads, head_dim, device=device, dtype=dtype, generator=g) for _ in range(2))
+    reference = _cudnn_sdpa(q, _repeat_kv(k, heads), _repeat_kv(v, heads))
+    errors: dict[str, Any] = {}
+    for kind, layout in (("ring", "zigzag"), ("ulysses", "contiguous"), ("torch_cp", "zigzag")):
+        shards = [shard_sequence(t, 1, layout, rank, world) for t in (q, k, v)]
+        context = torch_context_parallel(device) if kind == "torch_cp" else nullcontext()
+        try:
+            with torch.no_grad(), context, ring_context(dist.group.WORLD, layout):
+                layer = create_ring_attention("sdpa") if kind == "ring" else make_attention(kind)
+                out = layer(*shards, is_causal=True)
+            err = (out.float() - shard_sequence(reference, 1, layout, rank, world).float()).abs().max().reshape(1)
+            dist.all_reduce(err, op=dist.ReduceOp.MAX)
+            errors[kind] = float(err)
+        except Exception as exc:  # noqa: BLE001 - a peer that cannot run must not lose the other figures
+            errors[kind] = f"{type(exc).__name__}: {exc}"
+    scale = float(reference.float().abs().max())
+    return {"seq_len": seq_len, "dtype": str(dtype), "reference_max_abs": scale, "max_abs_error": errors,
+            "ok": all(isinstance(e, float) and e <= 0.02 * scale for e in errors.values())}
+
+
+def train(variant: str, model_name: str, args, world: int, rank: int, device: torch.device) -> dict[str, Any]:
+    kind, layout, recompute = VARIANTS[variant]
+    config = GPTConfig(**MODELS[model_name](), max_seq_len=args.seq_len, attention="sdpa",
+                       recompute_attention=recompute)
+    torch.manual_seed(0)
+    module = RingCausalLM(config, lr=3e-4, warmup_steps=2, max_steps=args.steps)
+    if kind != "ring":
+        for block in module.model.blocks:
+            block.attn.attn = make_attention(kind)
+    stats = StepStats()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    data = RandomTokens(args.steps, args.seq_len, config.vocab_size, seed=2)
+    context = torch_context_parallel(device) if kind == "torch_cp" else nullcontext()
+    with context:
+        make_trainer(RingDeepSpeedStrategy(stage=3, layout=layout, logging_level=40), device.type, world,
+                     args.steps, args.precision, [stats]).fit(module, DataLoader(data, batch_size=1))
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    peaks: list = [None] * world
+    dist.all_gather_object(peaks, {"rank": rank, "peak_allocated_gib": peak})
+    step_s = statistics.median(stats.seconds[args.warmup:] or stats.seconds)
+    tokens_per_s = args.seq_len / step_s
+    flops_per_token = module.flops_per_token(args.seq_len)
+    row = {
+        "variant": variant, "attention": kind, "layout": layout, "recompute_attention": recompute,
+        "model": model_name, "params": module.model.num_parameters(), "seq_len": args.seq_len, "gpus": world,
+        "zero_stage": 3, "precision": args.precision, "activation_checkpointing": True, "steps": args.steps,
+        "warmup_steps_excluded": args.warmup, "step_seconds": stats.seconds, "median_step_seconds": step_s,
+        "tokens_per_s": tokens_per_s, "model_flops_per_token": flops_per_token,
+        "tflops_per_gpu": flops_per_token * tokens_per_s / world / 1e12,
+        "mfu": flops_per_token * tokens_per_s / (world * args.peak_tflops * 1e12), "losses": stats.losses,
+        "memory": peaks,
+    }
+    del module, stats
+    free_memory()
+    dist.barrier()
+    return row
+
+
+def guarded(fn: Callable[..., dict], *args: Any) -> dict[str, Any]:
+    try:
+        return fn(*args)
+    except Exception as exc:  # noqa: BLE001 - an OOM in one variant must not lose the others' figures
+        free_memory()
+        return {"variant": args[0], "model": args[1], "error": f"{type(exc).__name__}: {exc}"[:500]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--seq-len", type=int, default=131072)
+    parser.add_argument("--models", nargs="+", default=["3b", "124m"], choices=sorted(MODELS))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--warmup", type=int, default=2, help="first steps left out of the timing")
+    parser.add_argument("--precision", default="bf16-mixed")
+    parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak per GPU for MFU")
+    parser.add_argument("--smoke", action="store_true", help="tiny CPU/gloo run of the ring variants")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore", category=UserWarning)
+    args.smoke = args.smoke or not torch.cuda.is_available()
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    if args.smoke:
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions"))
+        args.seq_len, args.steps, args.warmup, args.precision = 64, 3, 1, "32-true"
+        args.models, args.variants = ["smoke"], [v for v in args.variants if VARIANTS[v][0] == "ring"]
+        device = torch.device("cpu")
+    else:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    dist.init_process_group("gloo" if args.smoke else "nccl")
+    import deepspeed
+
+    result: dict[str, Any] = {
+        "device": "cpu (smoke)" if args.smoke else torch.cuda.get_device_name(device),
+        "torch": torch.__version__, "cuda": torch.version.cuda, "deepspeed": deepspeed.__version__,
+        "lightning": pl.__version__, "world": world,
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H%M%SZ"),
+        "mfu_formula": "3 * (2 * matmul_weights + layers * heads * 4 * head_dim * seq_len / 2) * tokens_per_s "
+                       "/ (gpus * peak_flops); recomputation not counted",
+    }
+    t0 = time.perf_counter()
+    if not args.smoke:
+        result["attention_check"] = check_attention(device, 8192, 32, 8, 128)
+    result["train"] = [guarded(train, variant, model, args, world, rank, device)
+                       for model in args.models for variant in args.variants
+                       if not (model == "124m" and variant == "ring_recompute")]
+    _compare(result)
+    result["wall_seconds"] = time.perf_counter() - t0
+    if rank == 0:
+        _report(result, args.out, "smoke" if args.smoke else f"{world}gpu")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _compare(result: dict[str, Any]) -> None:
+    """Per model: ring's tokens/s over each other variant's (measured in this run)."""
+    ratios: dict[str, dict[str, float]] = {}
+    for row in result["train"]:
+        ring = next((r for r in result["train"] if r["model"] == row["model"] and r["variant"] == "ring"), None)
+        if ring and "tokens_per_s" in ring and "tokens_per_s" in row and row["variant"] != "ring":
+            ratio = ring["tokens_per_s"] / row["tokens_per_s"]
+            ratios.setdefault(row["model"], {})[f"ring_over_{row['variant']}"] = ratio
+    result["ring_tokens_per_s_ratios"] = ratios
+
+
+def _report(result: dict[str, Any], out: str, tag: str) -> None:
+    if "attention_check" in result:
+        check = result["attention_check"]
+        print(f"attention at {check['seq_len']} vs one GPU (max |ref| {check['reference_max_abs']:.2f}): "
+              + ", ".join(f"{k} {v:.2e}" if isinstance(v, float) else f"{k} {v}"
+                          for k, v in check["max_abs_error"].items()) + f" ok={check['ok']}")
+    print(f"{'model':>6} {'variant':>15} {'tokens/s':>9} {'MFU':>6} {'TFLOP/s':>8} {'peak GiB/GPU':>13}")
+    for t in result["train"]:
+        if "error" in t:
+            print(f"{t['model']:>6} {t['variant']:>15} {t['error']}")
+            continue
+        peak = max(m["peak_allocated_gib"] or 0 for m in t["memory"])
+        print(f"{t['model']:>6} {t['variant']:>15} {t['tokens_per_s']:>9.0f} {100 * t['mfu']:>5.1f}% "
+              f"{t['tflops_per_gpu']:>8.1f} {peak:>13.1f}")
+    print("ring tokens/s over:", json.dumps(result["ring_tokens_per_s_ratios"]))
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"bench_train_{tag}_{result['date']}.json"
+    path.write_text(json.dumps(result, indent=2))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
