@@ -242,13 +242,20 @@ def main() -> None:
     t0 = time.perf_counter()
     if not args.smoke:
         result["attention_check"] = check_attention(device, 8192, 32, 8, 128)
-    result["train"] = [guarded(train, variant, model, args, world, rank, device)
-                       for model in args.models for variant in args.variants
-                       if not (model == "124m" and variant == "ring_recompute")]
-    _compare(result)
-    result["wall_seconds"] = time.perf_counter() - t0
+    result["train"] = []
+    tag = "smoke" if args.smoke else f"{world}gpu"
+    for model in args.models:
+        for variant in args.variants:
+            if model == "124m" and variant == "ring_recompute":
+                continue
+            result["train"].append(guarded(train, variant, model, args, world, rank, device))
+            _compare(result)
+            result["wall_seconds"] = time.perf_counter() - t0
+            if rank == 0:  # after every variant, so a run stopped by a time limit keeps what it measured
+                _write(result, args.out, tag)
     if rank == 0:
-        _report(result, args.out, "smoke" if args.smoke else f"{world}gpu")
+        _report(result)
+        print(f"wrote {_write(result, args.out, tag)}")
     dist.barrier()
     dist.destroy_process_group()
 
@@ -264,7 +271,7 @@ def _compare(result: dict[str, Any]) -> None:
     result["ring_tokens_per_s_ratios"] = ratios
 
 
-def _report(result: dict[str, Any], out: str, tag: str) -> None:
+def _report(result: dict[str, Any]) -> None:
     if "attention_check" in result:
         check = result["attention_check"]
         print(f"attention at {check['seq_len']} vs one GPU (max |ref| {check['reference_max_abs']:.2f}): "
@@ -279,11 +286,14 @@ def _report(result: dict[str, Any], out: str, tag: str) -> None:
         print(f"{t['model']:>6} {t['variant']:>15} {t['tokens_per_s']:>9.0f} {100 * t['mfu']:>5.1f}% "
               f"{t['tflops_per_gpu']:>8.1f} {peak:>13.1f}")
     print("ring tokens/s over:", json.dumps(result["ring_tokens_per_s_ratios"]))
+
+
+def _write(result: dict[str, Any], out: str, tag: str) -> Path:
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"bench_train_{tag}_{result['date']}.json"
     path.write_text(json.dumps(result, indent=2))
-    print(f"wrote {path}")
+    return path
 
 
 if __name__ == "__main__":
