@@ -94,9 +94,14 @@ def _cudnn_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tens
 class UlyssesAttention(nn.Module):
     """DeepSpeed Ulysses with the ring layers' call shape: (b, n_local, h, d) shards, contiguous layout."""
 
+    pattern = None  # dense: what the model's FLOP count asks its attention layers
+
     def __init__(self, group: dist.ProcessGroup):
         super().__init__()
+        import deepspeed
         from deepspeed.sequence.layer import DistributedAttention
+
+        deepspeed.init_distributed(dist_backend=dist.get_backend())  # its all-to-all asks DeepSpeed's comm
 
         def local(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
             return _cudnn_sdpa(q, _repeat_kv(k, q.shape[2]), _repeat_kv(v, q.shape[2]))
@@ -109,6 +114,8 @@ class UlyssesAttention(nn.Module):
 
 class TorchContextParallelAttention(nn.Module):
     """torch's ring SDPA, which ``torch_context_parallel`` patches into ``F.scaled_dot_product_attention``."""
+
+    pattern = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool = True) -> torch.Tensor:
         return _cudnn_sdpa(q, _repeat_kv(k, q.shape[2]), _repeat_kv(v, q.shape[2]))
