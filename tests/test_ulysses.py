@@ -2,7 +2,7 @@
 
 The sequence is sharded over U x R = 2 x 2 ranks exactly as for a ring of 4; the layer trades heads
 for sequence in each Ulysses group and runs the ring across the groups. One spawned world of 4 runs
-every layer case, the bad-input cases and a RingStrategy training run; one world of 8 (two
+every layer case, the bad-input cases, a transformers model and a RingStrategy training run; one world of 8 (two
 data-parallel replicas of 2 x 2) checks that each replica computes its own batch exactly (spawning
 costs seconds on CI's 2 cores, so each world runs a whole case list).
 """
@@ -176,9 +176,16 @@ STRATEGY_CASES = {
 }
 
 
+HF_CASES = (("llama", "zigzag"), ("mistral_sw8", "contiguous"))  # 4 heads, 2 K/V heads; a sliding window
+
+
 def world4_worker(rank: int, world: int) -> dict[str, Any]:
+    from .test_hf_ring import equivalence
+
     out: dict[str, Any] = {"bad": bad_input_messages(rank)}
     out["layers"] = {c["name"]: run_case(c, rank) for c in layer_cases()}
+    for name, layout in HF_CASES:
+        out[f"hf/{name}/{layout}"] = equivalence(name, layout, rank, world, mesh=build_mesh(RING, ULYSSES))
     for name, (case, packed) in STRATEGY_CASES.items():
         out["strategy/" + name] = H.run_isolated(H.packed_training_case, case, rank, world, 3, packed)
     return out
@@ -234,6 +241,15 @@ def test_bad_combinations_raise_on_every_rank(world4, name):
         else:
             expected = BAD_INPUT[name]
         assert expected in message, (rank, name, message)
+
+
+@pytest.mark.parametrize(("name", "layout"), HF_CASES)
+def test_hf_model_matches_eager(world4, name, layout):
+    """attn_implementation="ring" under a 2 x 2 mesh: logits, loss and gradients equal "eager" on the
+    whole sequence (hf.shard_batch shards over the 4 sequence-parallel ranks)."""
+    for rank, result in enumerate(world4):
+        errs = result[f"hf/{name}/{layout}"]
+        assert max(errs.values()) < 1e-5, (rank, errs)
 
 
 @pytest.mark.parametrize("name", list(STRATEGY_CASES))
