@@ -2,9 +2,9 @@
 
 The sequence is sharded over U x R = 2 x 2 ranks exactly as for a ring of 4; the layer trades heads
 for sequence in each Ulysses group and runs the ring across the groups. One spawned world of 4 runs
-every layer case, the bad-input cases, a transformers model and a RingStrategy training run; one world of 8 (two
-data-parallel replicas of 2 x 2) checks that each replica computes its own batch exactly (spawning
-costs seconds on CI's 2 cores, so each world runs a whole case list).
+every layer case, the bad-input cases, a transformers model, a RingStrategy training run and a ZeRO-3
+step; one world of 8 (two data-parallel replicas of 2 x 2) checks that each replica computes its own
+batch exactly (spawning costs seconds on CI's 2 cores, so each world runs a whole case list).
 """
 
 from __future__ import annotations
@@ -175,6 +175,8 @@ STRATEGY_CASES = {
                                options=dict(ulysses_size=ULYSSES), precision="64-true"), True),
 }
 
+# ZeRO-3 (fp32: DeepSpeed takes no fp64): the first step's loss and full gradients against one process.
+DEEPSPEED_CASE = H.Case("deepspeed", 3, ring_size=RING, model=dict(GQA_MODEL), options=dict(ulysses_size=ULYSSES))
 
 HF_CASES = (("llama", "zigzag"), ("mistral_sw8", "contiguous"))  # 4 heads, 2 K/V heads; a sliding window
 
@@ -188,6 +190,7 @@ def world4_worker(rank: int, world: int) -> dict[str, Any]:
         out[f"hf/{name}/{layout}"] = equivalence(name, layout, rank, world, mesh=build_mesh(RING, ULYSSES))
     for name, (case, packed) in STRATEGY_CASES.items():
         out["strategy/" + name] = H.run_isolated(H.packed_training_case, case, rank, world, 3, packed)
+    out["deepspeed"] = H.run_isolated(H.equivalence_case, DEEPSPEED_CASE, rank, world)
     return out
 
 
@@ -259,3 +262,10 @@ def test_strategy_trains_like_one_process(world4, name):
     assert isinstance(result, dict), result
     assert result["moved"] > 1e-3, result  # the weights did change
     assert result["weight_abs"] < 1e-5, result
+
+
+def test_deepspeed_step_matches_one_process(world4):
+    """RingDeepSpeedStrategy(stage=3, ring_size=2, ulysses_size=2): loss and gradients of one process."""
+    result = world4[0]["deepspeed"]
+    assert isinstance(result, dict), result
+    assert result["loss"] < 1e-5 and result["grad_rel"] < 1e-5, result
