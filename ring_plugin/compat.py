@@ -66,7 +66,9 @@ class RingAttentionFunction(DenseRingAttention):
     for inputs shaped ``(batch, n_local, heads, head_dim)``:
     ``layer.ring_call(q_bnhd, k_bnhd, causal, layer.resolve_ring())``. Returns the output shard in
     ``q``'s layout; backward returns dQ/dK/dV for the shards (the ring's exchange included). Inputs
-    are not validated here: a layer's ``forward`` does that on every rank before any message.
+    are not validated here: a layer's ``forward`` does that on every rank before any message. Under a
+    mesh with ``ulysses_size > 1`` this is only the ring across the Ulysses groups (the layer's forward
+    wraps it in the all-to-all): call the layer there.
     """
 
 

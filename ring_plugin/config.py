@@ -50,6 +50,9 @@ class RingAttentionConfig:
 
     ``segment_lengths``/``dilation_rates``: LongNet dilated attention pairs (both or neither).
     ``ring_size``: ranks in one ring (default: the active ring, else the whole world).
+    ``ulysses_size``: 2-D sequence parallelism: groups of U adjacent ranks trade heads for sequence by
+    an all-to-all and the ring runs across those groups; the sequence is sharded over U x ring_size
+    ranks (default: the active mesh's, else 1; the query head count must be a multiple of it).
     ``layout``: shard layout, ``'contiguous'`` or ``'zigzag'`` (default: the active ring's, else
     contiguous). ``backend``: kernel backend (``'auto'`` picks by device and dtype).
     ``comm_timeout``: seconds to wait for a ring peer before raising (None: wait forever).
@@ -70,6 +73,7 @@ class RingAttentionConfig:
     dilation_rates: list[int] | None = None
     dropout: float = 0.0
     ring_size: int | None = None
+    ulysses_size: int | None = None
     layout: str | None = None
     backend: str = "auto"
     softmax_scale: float | None = None
@@ -107,6 +111,10 @@ class RingAttentionConfig:
             isinstance(self.ring_size, bool) or not isinstance(self.ring_size, int) or self.ring_size <= 0
         ):
             raise ValueError(f"ring_size={self.ring_size!r} must be a positive integer or None")
+        if self.ulysses_size is not None and (
+            isinstance(self.ulysses_size, bool) or not isinstance(self.ulysses_size, int) or self.ulysses_size < 1
+        ):
+            raise ValueError(f"ulysses_size={self.ulysses_size!r} must be a positive integer or None")
         if self.layout is not None and self.layout not in LAYOUTS:
             raise ValueError(f"layout={self.layout!r} is not a known shard layout; valid: {', '.join(LAYOUTS)}")
         if self.backend not in BACKENDS:

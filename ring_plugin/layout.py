@@ -84,6 +84,28 @@ class ShardLayout:
         return torch.cat([torch.arange(i * c, (i + 1) * c, device=device) for i in self.chunks[rank]])
 
 
+def merge_adjacent_ranks(layout: ShardLayout, group: int) -> ShardLayout:
+    """The layout of a ring of ``world_size / group`` ranks whose rank r holds every chunk of ranks
+    ``r * group .. r * group + group - 1`` of ``layout``, ascending: what a Ulysses group of adjacent
+    sequence-parallel ranks holds together after its all-to-all. Still a layout (equal chunks,
+    ascending per rank), so the engine runs it unchanged. ``group=1``: ``layout`` itself."""
+    if group == 1:
+        return layout
+    if layout.world_size % group:
+        raise ValueError(f"a group of {group} ranks does not divide the {layout.world_size} ranks of the layout")
+    return ShardLayout(layout.name, tuple(
+        tuple(sorted(c for rank in range(r * group, (r + 1) * group) for c in layout.chunks[rank]))
+        for r in range(layout.world_size // group)
+    ))
+
+
+def merged_order(layout: ShardLayout, group: int, merged_rank: int) -> tuple[int, ...]:
+    """For each chunk of ``merged_rank`` in :func:`merge_adjacent_ranks`' layout (ascending): its index
+    among the group's chunks laid end to end (member rank order, each member's chunks in local order)."""
+    members = [c for rank in range(merged_rank * group, (merged_rank + 1) * group) for c in layout.chunks[rank]]
+    return tuple(sorted(range(len(members)), key=members.__getitem__))
+
+
 def resolve_layout(layout: str | ShardLayout, world_size: int,
                    document_ids: torch.Tensor | None = None) -> ShardLayout:
     """The :class:`ShardLayout` of ``layout`` for a ring of ``world_size``; ``balanced`` is computed

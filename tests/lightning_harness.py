@@ -37,6 +37,11 @@ class Case:
     batch_size: int = 1
     seq_len: int = 32
     options: dict[str, Any] = field(default_factory=dict)  # extra strategy arguments
+    precision: str = "32-true"  # "64-true": less rounding, which Adam's normalisation amplifies over steps
+
+    def data_parallel(self, world: int) -> int:
+        """Replicas reading different samples: the world over the ulysses x ring ranks sharing one."""
+        return world // (self.ring_size * self.options.get("ulysses_size", 1)) if self.ring_size else 1
 
     @property
     def name(self) -> str:
@@ -66,7 +71,7 @@ def make_strategy(case: Case):
 def make_trainer(case: Case, world: int, max_steps: int, callbacks: list[Callback], **kwargs: Any) -> Trainer:
     warnings.filterwarnings("ignore")
     options: dict[str, Any] = dict(logger=False, enable_progress_bar=False, enable_model_summary=False,
-                                   num_sanity_val_steps=0, limit_val_batches=0, precision="32-true",
+                                   num_sanity_val_steps=0, limit_val_batches=0, precision=case.precision,
                                    enable_checkpointing=False)
     return Trainer(accelerator="cpu", devices=world, strategy=make_strategy(case), max_steps=max_steps,
                    callbacks=callbacks, **{**options, **kwargs})
@@ -137,8 +142,7 @@ def first_global_batch(samples: list[Sample], dp: int, batch_size: int) -> list[
 
 def equivalence_case(case: Case, rank: int, world: int) -> dict[str, float] | None:
     """One training step under the strategy vs the one-process reference on the concatenated batch."""
-    ring = case.ring_size or world
-    dp = world // ring
+    dp = case.data_parallel(world)
     samples = make_samples(4 * dp * case.batch_size, case.seq_len, seed=1)
     capture = GradCapture()
     from torch.utils.data import DataLoader
@@ -158,7 +162,7 @@ def resume_case(case: Case, rank: int, world: int, workdir: str) -> dict[str, li
     from lightning.pytorch.callbacks import ModelCheckpoint
     from torch.utils.data import DataLoader
 
-    dp = world // (case.ring_size or world)
+    dp = case.data_parallel(world)
     samples = make_samples(3 * dp * case.batch_size, case.seq_len, seed=2)
     ckpt_dir = os.path.join(workdir, case.name.replace("/", "_"))
     full = GradCapture()
@@ -262,27 +266,30 @@ def _full_weights(module: Any, trainer: Trainer) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in module.named_parameters()}
 
 
-def packed_training_case(case: Case, rank: int, world: int, steps: int = 3) -> dict[str, float] | None:
-    """``steps`` optimizer steps on packed documents under the strategy vs one process training on the
-    whole packed sequences (positions per document, document masks): the final weights must agree."""
+def packed_training_case(case: Case, rank: int, world: int, steps: int = 3,
+                         packed: bool = True) -> dict[str, float] | None:
+    """``steps`` optimizer steps on packed documents (or, ``packed=False``, plain sequences) under the
+    strategy vs one process training on the whole sequences (positions per document, document masks):
+    the final weights must agree."""
     from torch.utils.data import DataLoader
 
-    dp = world // (case.ring_size or world)
-    samples = make_packed_samples(4 * dp * case.batch_size, case.seq_len, seed=4)
+    dp = case.data_parallel(world)
+    samples = (make_packed_samples if packed else make_samples)(4 * dp * case.batch_size, case.seq_len, seed=4)
     module = make_module(case)
     trainer = make_trainer(case, world, steps, [])
     trainer.fit(module, DataLoader(samples, batch_size=case.batch_size))
     weights = _full_weights(module, trainer)
     if rank != 0:
         return None
-    ref = make_module(case)
+    ref = make_module(case).to(weights[next(iter(weights))].dtype)
     setup = ref.configure_optimizers()
     optimizer, scheduler = setup["optimizer"], setup["lr_scheduler"]["scheduler"]
     for step in range(steps):
         batch = {k: torch.stack([s[k] for s in _global_batch(samples, dp, case.batch_size, step)])
                  for k in samples[0]}
         with ring_context(None, "contiguous"):
-            logits = ref.model(batch["input_ids"], batch["position_ids"], batch["document_ids"])
+            logits = ref.model(batch["input_ids"], batch.get("position_ids", torch.arange(case.seq_len)),
+                               batch.get("document_ids"))
         F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100).backward()
         optimizer.step()
         scheduler.step()

@@ -8,6 +8,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from ring_plugin.comm.context import ring_context  # noqa: E402
+from ring_plugin.comm.topology import SequenceMesh  # noqa: E402
 from ring_plugin.layout import shard_sequence  # noqa: E402
 from ring_plugin.testing import run_in_process_group  # noqa: E402
 
@@ -19,8 +20,9 @@ MODELS = {"llama": ("llama", {}), "qwen2": ("qwen2", {}), "mistral": ("mistral",
 LAYOUTS = ("zigzag", "contiguous")
 
 
-def equivalence(name: str, layout: str, rank: int, world: int) -> dict[str, float]:
-    """Worst relative errors of this rank's logits, the summed loss and the summed gradients."""
+def equivalence(name: str, layout: str, rank: int, world: int, mesh: SequenceMesh | None = None) -> dict[str, float]:
+    """Worst relative errors of this rank's logits, the summed loss and the summed gradients (``mesh``:
+    the sequence-parallel mesh, default a ring of the whole world)."""
     import ring_plugin.hf as hf
 
     kind, overrides = MODELS[name]
@@ -29,7 +31,7 @@ def equivalence(name: str, layout: str, rank: int, world: int) -> dict[str, floa
     ref = eager(**batch, use_cache=False)
     ref.loss.backward()
     ring = tiny_model(kind, "ring", **overrides)
-    with ring_context(dist.group.WORLD, layout):
+    with ring_context(dist.group.WORLD, layout, mesh=mesh):
         out = ring(**hf.shard_batch(batch), use_cache=False)
         out.loss.backward()
         hf.reduce_gradients(ring)

@@ -48,6 +48,14 @@ ref = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q_full, k_ful
 torch.testing.assert_close(windowed, shard_sequence(ref.transpose(1, 2), 1, "zigzag", rank, world), atol=1e-5, rtol=0)
 open(f"checked_{rank}", "w").write(f"{world}")
 """,
+    "ulysses_size=ulysses": """
+import torch.nn.functional as F
+ref = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q_full, k_full, v_full)), is_causal=True)
+want = shard_sequence(ref.transpose(1, 2), dim=1, layout="zigzag", rank=rank, world_size=world)
+torch.testing.assert_close(out_local, want, atol=1e-5, rtol=0)
+assert attn.resolve_ring().ulysses_size == ulysses
+open(f"checked_{rank}", "w").write(f"{world}")
+""",
     "import ring_plugin.hf": """
 torch.manual_seed(0)
 ref = AutoModelForCausalLM.from_config(config, attn_implementation="eager")

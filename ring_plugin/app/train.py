@@ -158,11 +158,16 @@ def _announce(cfg: DictConfig, trainer: pl.Trainer, model: RingCausalLM, ckpt_pa
     params = sum(p.numel() for p in model.parameters())
     log.info(f"[ring-train] run {cfg.name!r} in {cfg.paths.output_dir}: {cfg.attention.name} attention, "
              f"{params / 1e6:.2f}M parameters, seq_len {cfg.seq_len}, {cfg.devices * cfg.num_nodes} processes "
-             f"(ring of {cfg.ring_size}, {cfg.layout}), {trainer.max_steps} steps"
+             f"({_sequence_parallel(cfg)}, {cfg.layout}), {trainer.max_steps} steps"
              + (f"; resuming from {ckpt_path}" if ckpt_path else ""))
     if isinstance(trainer.strategy, RingDeepSpeedStrategy) and cfg.trainer.accelerator == "cpu" \
             and not _deepspeed_cpu_op_built():
         log.info("[ring-train] building DeepSpeed's CPU communication op, once, ~2 min ...")
+
+
+def _sequence_parallel(cfg: DictConfig) -> str:
+    ring = f"ring of {cfg.ring_size}"
+    return ring if cfg.ulysses_size == 1 else f"Ulysses {cfg.ulysses_size} x {ring}"
 
 
 def _deepspeed_cpu_op_built() -> bool:

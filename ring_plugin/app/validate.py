@@ -18,10 +18,10 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from ..attention.factory import available_ring_attention
+from ..attention.factory import available_ring_attention, create_ring_attention
 from ..config import RingAttentionConfig
 from ..layout import sequence_divisor
-from ..lightning.groups import check_ring_size
+from ..lightning.groups import check_sequence_sizes
 from ..models import GPTConfig, RingCausalLM
 from ..patterns.dilated import dilated_error
 
@@ -32,6 +32,7 @@ DERIVED = {
     "trainer.devices": "devices",
     "trainer.num_nodes": "num_nodes",
     "strategy.ring_size": "ring_size",
+    "strategy.ulysses_size": "ulysses_size",
     "strategy.layout": "layout",
     "strategy.timeout.seconds": "comm_timeout",
     "data.train.seq_len": "seq_len",
@@ -104,21 +105,22 @@ def validate_config(cfg: DictConfig) -> None:
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(f"{missing[0]} has no value (??? in the config): set {missing[0]}=...")
-    for key in ("seq_len", "devices", "num_nodes", "ring_size", "max_steps"):
+    for key in ("seq_len", "devices", "num_nodes", "ring_size", "ulysses_size", "max_steps"):
         _positive_int(cfg, key)
     check_said_once(cfg)
     with _as_config_error(""):
-        check_ring_size(cfg.ring_size, cfg.devices * cfg.num_nodes)
+        check_sequence_sizes(cfg.ring_size, cfg.ulysses_size, cfg.devices * cfg.num_nodes)
     with _as_config_error(""):
-        divisor = sequence_divisor(cfg.layout, cfg.ring_size)
+        divisor = sequence_divisor(cfg.layout, cfg.ring_size * cfg.ulysses_size)
     if cfg.seq_len % divisor:
-        raise ConfigError(f"seq_len={cfg.seq_len} must be a multiple of {divisor} (ring_size={cfg.ring_size}, "
-                          f"layout={cfg.layout})")
+        sizes = f"ring_size={cfg.ring_size}" + (f" x ulysses_size={cfg.ulysses_size}" if cfg.ulysses_size > 1 else "")
+        raise ConfigError(f"seq_len={cfg.seq_len} must be a multiple of {divisor} ({sizes}, layout={cfg.layout})")
     resume = cfg.get("resume")
     if not isinstance(resume, str) or not resume:
         raise ConfigError(f"resume={resume!r} must be {', '.join(RESUME_WORDS)} or a checkpoint path")
     with _as_config_error(""):
-        RingAttentionConfig(comm_timeout=cfg.comm_timeout, layout=cfg.layout, ring_size=cfg.ring_size)
+        RingAttentionConfig(comm_timeout=cfg.comm_timeout, layout=cfg.layout, ring_size=cfg.ring_size,
+                            ulysses_size=cfg.ulysses_size)
     _validate_attention(cfg)
     _validate_model(cfg)
     with _as_config_error("strategy"):
@@ -141,6 +143,11 @@ def _validate_attention(cfg: DictConfig) -> None:
     grid = config.grid
     if grid is not None and grid[0] * grid[1] != cfg.seq_len:
         raise ConfigError(f"attention.kwargs.grid={list(grid)} must be [H, W] with H x W = seq_len={cfg.seq_len}")
+    if cfg.ulysses_size > 1:
+        layer = create_ring_attention(cfg.attention.layer, config)
+        if layer.pattern is not None or not layer.takes_masks:
+            raise ConfigError(f"ulysses_size={cfg.ulysses_size} is supported by the dense attention layers (standard, "
+                              f"sdpa, distributed, correct), not by attention={cfg.attention.name}")
 
 
 def is_hf_model(cfg: DictConfig) -> bool:
@@ -153,7 +160,10 @@ def _validate_model(cfg: DictConfig) -> None:
         return  # transformers checks its config when HFCausalLM builds the model
     kwargs = model_kwargs(cfg)
     with _as_config_error("model"):
-        GPTConfig.from_dict(kwargs.pop("model"))
+        model = GPTConfig.from_dict(kwargs.pop("model"))
+    if model.n_head % cfg.ulysses_size:
+        raise ConfigError(f"model.n_head={model.n_head} must be a multiple of ulysses_size={cfg.ulysses_size} "
+                          "(each rank of a Ulysses group attends n_head / ulysses_size heads)")
     unknown = set(kwargs) - set(inspect.signature(RingCausalLM).parameters)
     if unknown:
         raise ConfigError(f"model.{sorted(unknown)[0]} is neither a GPTConfig field nor a RingCausalLM argument")

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from ..cache import BoundedCache
 from ..documents import document_ids_error
-from ..layout import ShardLayout
+from ..layout import ShardLayout, merge_adjacent_ranks
 from .plan import Block
 
 
@@ -39,6 +39,15 @@ class RingDocuments:
 
     by_rank: torch.Tensor  # (world, B, n_local) int64
     layout: ShardLayout
+
+    def merge_adjacent_ranks(self, group: int) -> RingDocuments:
+        """The ids as the ring of :func:`~ring_plugin.layout.merge_adjacent_ranks` holds them (Ulysses
+        groups of ``group`` ranks): each merged rank's rows in ascending global order."""
+        layout = merge_adjacent_ranks(self.layout, group)
+        ids = _global_ids(self.by_rank, self.layout)
+        n_local = ids.shape[1] // layout.world_size
+        return RingDocuments(torch.stack([ids[:, layout.positions(n_local, r)] for r in range(layout.world_size)]),
+                             layout)
 
     def blocks(self, dense: list[Block], q_rank: int, kv_rank: int) -> list[DocumentBlock]:
         """``dense`` restricted to documents; blocks where no sample shares a document are dropped."""

@@ -18,7 +18,7 @@ from ..comm.context import RingContext, resolve_ring
 from ..comm.ring import RingComm, RingStats
 from ..comm.validate import agree_or_raise
 from ..config import RingAttentionConfig
-from ..layout import ShardLayout, sequence_divisor, unshard_sequence
+from ..layout import sequence_divisor, unshard_sequence
 from ..ops.kernels import default_scale, select_kernel
 from ..patterns.blocks import Pattern
 from ..patterns.dilated import DilatedPattern
@@ -28,6 +28,7 @@ from .documents import RingDocuments, gather_documents, layer_document_ids_error
 from .exchange import ExchangePlan, build_exchange_plan
 from .oracle import document_mask, reference_attention
 from .peer_ring import PeerRingAttention
+from .ulysses import ulysses_attend
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -103,14 +104,16 @@ class RingAttentionBase(nn.Module):
             # Every check above ran before this first collective, so a bad input on any rank
             # (even a non-tensor) becomes the same ValueError on every rank.
             signature = (*_signature(q, k), document_ids is not None, sliding_window or 0) if error is None else ()
-            agree_or_raise(error, signature, ring.group, _device_of(q, ring), self.comm_timeout)
+            agree_or_raise(error, signature, ring.sequence_group, _device_of(q, ring), self.comm_timeout)
         elif error:
             raise ValueError(error)
         masks: dict[str, Any] = {}  # subclasses that take neither mask keep the plain call shape
         if document_ids is not None:
-            masks["documents"] = gather_documents(document_ids, ring.group, ring.layout, ring.world_size)
+            masks["documents"] = gather_documents(document_ids, ring.sequence_group, ring.layout, ring.sequence_size)
         if sliding_window is not None:
             masks["window"] = int(sliding_window)
+        if ring.ulysses_size > 1:
+            return ulysses_attend(self._attend, q, k, v, bool(is_causal), ring, **masks)
         return self._attend(q, k, v, bool(is_causal), ring, **masks)
 
     def _window_error(self, window: object, is_causal: bool, document_ids: object) -> str | None:
@@ -122,18 +125,19 @@ class RingAttentionBase(nn.Module):
             return f"sliding_window={window} is a causal window: call with is_causal=True"
         if document_ids is not None:
             return "sliding_window together with document_ids is not supported yet; pass one of them"
-        return self._mask_support_error("sliding_window is")
+        return self._dense_only_error("sliding_window is")
 
     def _documents_error(self, document_ids: object, q: torch.Tensor, ring: RingContext) -> str | None:
         if document_ids is None:
             if ring.layout == "balanced":
                 return "layout='balanced' needs document_ids: it is the layout of packed documents"
             return None
-        return self._mask_support_error("document_ids are") or layer_document_ids_error(document_ids, q)
+        return self._dense_only_error("document_ids are") or layer_document_ids_error(document_ids, q)
 
-    def _mask_support_error(self, subject: str) -> str | None:
-        """Documents and windows restrict the dense ring's blocks: variants with a pattern, or that
-        reorder tokens (Hilbert), would drop them silently, so they refuse by name."""
+    def _dense_only_error(self, subject: str) -> str | None:
+        """Documents and windows restrict the dense ring's blocks, and the Ulysses all-to-all moves heads
+        and rows: variants with a pattern (whose heads or rows mean something), or that reorder tokens
+        (Hilbert), would get them wrong, so they refuse by name."""
         if self.takes_masks and self.pattern is None:
             return None
         return (f"{subject} supported by the dense variants (standard, sdpa, distributed, correct), not by "
@@ -141,7 +145,7 @@ class RingAttentionBase(nn.Module):
 
     def resolve_ring(self) -> RingContext:
         """The ring this forward runs on (single-device layers override this)."""
-        return resolve_ring(self.process_group, self.config.ring_size, self.config.layout)
+        return resolve_ring(self.process_group, self.config.ring_size, self.config.layout, self.config.ulysses_size)
 
     def _input_error(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ring: RingContext) -> str | None:
         """A message naming what is wrong with this rank's inputs, or None."""
@@ -169,20 +173,25 @@ class RingAttentionBase(nn.Module):
         if q.shape[1] == 0 or q.shape[1] % divisor:
             return (
                 f"local sequence length {q.shape[1]} must be a positive multiple of {divisor} for "
-                f"layout={ring.layout!r} (global length = n_local x ring size {ring.world_size})"
+                f"layout={ring.layout!r} (global length = n_local x sequence-parallel size {ring.sequence_size})"
             )
         if self.config.dropout > 0 and self.training:
             return (
                 f"dropout={self.config.dropout} is not supported by the ring engine in training "
                 "(it would not match the oracle); set dropout=0.0 or call .eval()"
             )
-        return self._pattern_error(q.shape[1] * ring.world_size, q.shape[2], ring)
+        if ring.ulysses_size > 1:
+            error = self._dense_only_error("ulysses_size > 1 is")
+            if error or q.shape[2] % ring.ulysses_size:
+                return error or (f"q heads ({q.shape[2]}) must be a multiple of ulysses_size={ring.ulysses_size}: "
+                                 "each rank of a Ulysses group attends H / ulysses_size heads")
+        return self._pattern_error(q.shape[1] * ring.sequence_size, q.shape[2], ring)
 
     def _pattern_error(self, n_global: int, heads: int, ring: RingContext) -> str | None:
         """Variant-specific checks of the global length (e.g. segment divisibility)."""
         if self.pattern is None:
             return None
-        return self.pattern.error(n_global, n_global // sequence_divisor(ring.layout, ring.world_size), heads)
+        return self.pattern.error(n_global, n_global // sequence_divisor(ring.layout, ring.sequence_size), heads)
 
     def _attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, ring: RingContext,
@@ -206,7 +215,8 @@ class RingAttentionBase(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.config
-        return f"variant={self.variant}, backend={c.backend}, layout={c.layout}, ring_size={c.ring_size}"
+        return (f"variant={self.variant}, backend={c.backend}, layout={c.layout}, ring_size={c.ring_size}"
+                + (f", ulysses_size={c.ulysses_size}" if c.ulysses_size is not None else ""))
 
 
 def _signature(q: torch.Tensor, k: torch.Tensor) -> tuple[int, ...]:
@@ -273,7 +283,7 @@ class RingEngineAttention(RingAttentionBase):
         )
         return RingCall(
             comm=RingComm(ring.group, stats=self.stats if self.collects_stats else None, timeout=self.comm_timeout),
-            layout=documents.layout if documents is not None else ShardLayout.named(ring.layout, ring.world_size),
+            layout=documents.layout if documents is not None else ring.engine_layout(),
             kernel=kernel,
             scale=self.scale_for(q.shape[-1]),
             causal=causal,
@@ -324,7 +334,7 @@ class RingDilatedAttentionCorrect(RingAttentionBase):
     takes_masks = True
 
     def _attend(self, q, k, v, causal, ring, documents=None, window=None):
-        layout = documents.layout if documents is not None else ShardLayout.named(ring.layout, ring.world_size)
+        layout = documents.layout if documents is not None else ring.engine_layout()
         full = [all_gather_sequence(t, 1, layout, ring.group) for t in (q, k, v)]
         allowed = self.allowed_pairs(full[0].shape[1], full[0].shape[2], q.device)
         if documents is not None:  # no pattern here: the document mask alone

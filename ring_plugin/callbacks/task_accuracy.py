@@ -33,8 +33,8 @@ class TaskAccuracy(Callback):
         wrong, scored = answer_accuracy(logits, batch["labels"])
         counts = torch.stack([wrong, scored]).to(torch.float64)
         ring = current_ring_context()
-        if ring is not None and ring.group is not None:
-            dist.all_reduce(counts, group=ring.group)
+        if ring is not None and ring.sequence_group is not None:  # every rank holding a shard of the samples
+            dist.all_reduce(counts, group=ring.sequence_group)
         wrong, scored = counts
         has_answer = scored > 0
         self._sums += torch.stack([((wrong == 0) & has_answer).sum(), has_answer.sum(), scored.sum() - wrong.sum(),
@@ -42,7 +42,7 @@ class TaskAccuracy(Callback):
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         sums = self._sums.clone()
-        # Ranks of a ring hold identical counts, so the ratios over the whole world are unaffected.
+        # Ranks of a sequence-parallel group hold identical counts, so the ratios over the whole world are unaffected.
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(sums)
         exact, samples, right, scored = sums.tolist()

@@ -2,8 +2,9 @@
 
 A layer built with ``process_group=None`` asks :func:`resolve_ring` at every forward. The answer is,
 in order: the ring context that is active (set by the Lightning strategy, or by the user with
-:func:`ring_context`); a ring of ``ring_size`` adjacent ranks of the default group; the default group
-when ``torch.distributed`` is initialised; otherwise a single process (no communication).
+:func:`ring_context`); the mesh of ``ulysses_size`` x ``ring_size`` adjacent ranks of the default
+group (:func:`~.topology.build_mesh`); the default group when ``torch.distributed`` is initialised;
+otherwise a single process (no communication).
 """
 
 from __future__ import annotations
@@ -14,14 +15,17 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
-from ..layout import check_layout
+from ..layout import ShardLayout, check_layout, merge_adjacent_ranks
 from .topology import SequenceMesh, build_mesh
 
 
 @dataclass(frozen=True)
 class RingContext:
     """What a layer runs on: the sequence-parallel mesh (its ``ring`` dimension is the ring; None =
-    a single process) and the shard layout."""
+    a single process) and the shard layout of the sequence over the mesh's ``sequence`` group.
+
+    ``group``/``world_size``/``rank`` are the ring's; ``sequence_*`` the U x R ranks sharing a sample
+    (the ring itself when there is no Ulysses dimension, ``ulysses_size`` 1)."""
 
     mesh: SequenceMesh
     layout: str = "contiguous"
@@ -42,14 +46,41 @@ class RingContext:
     def rank(self) -> int:
         return self.mesh.rank("ring")
 
+    @property
+    def ulysses_group(self) -> dist.ProcessGroup | None:
+        return self.mesh.group("ulysses")
+
+    @property
+    def ulysses_size(self) -> int:
+        return self.mesh.size("ulysses")
+
+    @property
+    def sequence_group(self) -> dist.ProcessGroup | None:
+        return self.mesh.group("sequence")
+
+    @property
+    def sequence_size(self) -> int:
+        return self.mesh.size("sequence")
+
+    @property
+    def sequence_rank(self) -> int:
+        return self.mesh.rank("sequence")
+
+    def engine_layout(self) -> ShardLayout:
+        """The layout the ring engine runs in: the named layout over the sequence-parallel ranks with
+        each Ulysses group's chunks merged into one ring rank (no Ulysses: the ring's named layout)."""
+        return merge_adjacent_ranks(ShardLayout.named(self.layout, self.sequence_size), self.ulysses_size)
+
 
 _ACTIVE: list[RingContext] = []
 
 
 @contextlib.contextmanager
-def ring_context(group: dist.ProcessGroup | None, layout: str = "contiguous") -> Iterator[RingContext]:
-    """Make ``group``/``layout`` the ring of every layer built with ``process_group=None``."""
-    ctx = set_ring_context(group, layout)
+def ring_context(group: dist.ProcessGroup | None, layout: str = "contiguous",
+                 mesh: SequenceMesh | None = None) -> Iterator[RingContext]:
+    """Make ``group``/``layout`` the ring of every layer built with ``process_group=None``; a ``mesh``
+    (``build_mesh(ring_size, ulysses_size)``: Ulysses x ring) replaces ``group``."""
+    ctx = set_ring_context(group, layout, mesh)
     try:
         yield ctx
     finally:
@@ -76,10 +107,17 @@ def current_ring_context() -> RingContext | None:
 
 
 def resolve_ring(
-    process_group: dist.ProcessGroup | None, ring_size: int | None, layout: str | None
+    process_group: dist.ProcessGroup | None, ring_size: int | None, layout: str | None,
+    ulysses_size: int | None = None,
 ) -> RingContext:
     """The ring context a layer should use now (see the module docstring for the order)."""
     if process_group is not None:
+        if ulysses_size not in (None, 1):
+            raise ValueError(
+                f"ulysses_size={ulysses_size} needs Ulysses and ring groups, which one process_group does not "
+                "describe: leave process_group=None and use a strategy or ring_context(None, layout, "
+                "mesh=build_mesh(ring_size, ulysses_size))"
+            )
         return RingContext.of(process_group, layout or "contiguous")
     active = current_ring_context()
     if active is not None:
@@ -92,16 +130,20 @@ def resolve_ring(
             raise ValueError(
                 f"ring_size={ring_size} on the layer disagrees with the active ring of size {active.world_size}"
             )
+        if ulysses_size is not None and ulysses_size != active.ulysses_size:
+            raise ValueError(f"ulysses_size={ulysses_size} on the layer disagrees with the active mesh's "
+                             f"ulysses_size {active.ulysses_size}")
         return active
     if dist.is_available() and dist.is_initialized():
-        size = ring_size if ring_size is not None else dist.get_world_size()
-        if size == dist.get_world_size():
+        ulysses = ulysses_size or 1
+        if ulysses == 1 and ring_size in (None, dist.get_world_size()):
             # The default group itself: no group creation (a collective with no timeout) in a forward.
             return RingContext.of(dist.group.WORLD, layout or "contiguous")
-        return RingContext(build_mesh(size), layout or "contiguous")
-    if ring_size not in (None, 1):
-        raise ValueError(
-            f"ring_size={ring_size} needs torch.distributed to be initialised (e.g. run under torchrun); "
-            "in a single process the ring size is 1"
-        )
+        return RingContext(build_mesh(ring_size, ulysses), layout or "contiguous")
+    for name, size in (("ring_size", ring_size), ("ulysses_size", ulysses_size)):
+        if size not in (None, 1):
+            raise ValueError(
+                f"{name}={size} needs torch.distributed to be initialised (e.g. run under torchrun); "
+                f"in a single process the {name.replace('_', ' ')} is 1"
+            )
     return RingContext.of(None, layout or "contiguous")

@@ -1,10 +1,13 @@
 """The process groups of a sequence-parallel world, built in one place and named by dimension.
 
-World = data parallel (``dp``) x ring (``ring``): rings are adjacent ranks (``[s, s + ring_size)``),
-so a ring stays inside a node where it can; the data-parallel group of a rank holds the ranks at the
-same position of every ring. Each rank sees its groups as a :class:`SequenceMesh`, whose dimension
-names are what the layers and strategies ask for (``mesh.group("ring")``); more dimensions (such as
-a Ulysses group) are more names, not more plumbing.
+World = data parallel (``dp``) x Ulysses (``ulysses``) x ring (``ring``). The ``sequence`` group is
+the U x R ranks that share one sample, adjacent ranks ``[b * U * R, (b + 1) * U * R)``; inside it,
+sequence-parallel rank ``s = r * U + u``: Ulysses groups are adjacent ranks (their all-to-all stays
+inside a node), rings run across the Ulysses groups (rank ``u`` of every group). With U = 1 the ring
+is the sequence group (rings of adjacent ranks, as before Ulysses existed). The data-parallel group
+of a rank holds the ranks at the same sequence position of every sample. Each rank sees its groups as
+a :class:`SequenceMesh`, whose dimension names are what the layers and strategies ask for
+(``mesh.group("ring")``).
 """
 
 from __future__ import annotations
@@ -22,8 +25,9 @@ class SequenceMesh:
 
     @classmethod
     def of_ring(cls, ring: dist.ProcessGroup | None) -> SequenceMesh:
-        """A mesh with only a ring (what a user-supplied group or ``ring_context`` describes)."""
-        return cls((("ring", ring),))
+        """A mesh with only a ring (what a user-supplied group or ``ring_context`` describes): no
+        Ulysses dimension, the ring is the whole sequence group."""
+        return cls((("ulysses", None), ("ring", ring), ("sequence", ring)))
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -57,29 +61,70 @@ def check_ring_size(ring_size: int | None, world_size: int) -> int:
     return ring_size
 
 
-_MESHES: dict[tuple[object, int], SequenceMesh] = {}  # one entry per (default group, ring size)
+def check_ulysses_size(ulysses_size: int) -> int:
+    if isinstance(ulysses_size, bool) or not isinstance(ulysses_size, int) or ulysses_size < 1:
+        raise ValueError(f"ulysses_size={ulysses_size!r} must be a positive integer (1: no Ulysses all-to-all)")
+    return ulysses_size
 
 
-def build_mesh(ring_size: int) -> SequenceMesh:
-    """Create every ring and data-parallel group (collective: all ranks, same order) and return this
-    rank's mesh. Cached per default group and ring size, so repeated calls reuse the communicators.
+def check_sequence_sizes(ring_size: int | None, ulysses_size: int, world_size: int) -> tuple[int, int]:
+    """``(ring_size, ulysses_size)`` to use (default ring: the rest of the world after the Ulysses
+    groups); a clear error when ulysses x ring cannot split the world."""
+    ulysses_size = check_ulysses_size(ulysses_size)
+    if ulysses_size == 1:
+        return check_ring_size(ring_size, world_size), 1
+    if world_size % ulysses_size:
+        raise ValueError(f"ulysses_size={ulysses_size} must divide the world size {world_size} "
+                         "(world = data-parallel x ulysses x ring)")
+    rest = world_size // ulysses_size
+    if ring_size is None:
+        return rest, ulysses_size
+    if isinstance(ring_size, bool) or not isinstance(ring_size, int) or ring_size <= 0 or rest % ring_size:
+        raise ValueError(
+            f"ring_size={ring_size!r} x ulysses_size={ulysses_size} must divide the world size {world_size} "
+            f"(world = data-parallel x ulysses x ring); valid ring sizes: "
+            f"{[d for d in range(1, rest + 1) if rest % d == 0]}"
+        )
+    return ring_size, ulysses_size
+
+
+_MESHES: dict[tuple[object, int, int], SequenceMesh] = {}  # one entry per (default group, ring size, Ulysses size)
+
+
+def build_mesh(ring_size: int | None, ulysses_size: int = 1) -> SequenceMesh:
+    """Create every group of the world (collective: all ranks, same order) and return this rank's
+    mesh (see the module docstring for the numbering). Cached per default group and sizes, so
+    repeated calls reuse the communicators.
 
     Groups are always fresh, even one spanning the world: the ring's point-to-point traffic then has
     its own communicator and never interleaves with DDP's/DeepSpeed's collectives on the default one.
     """
     world = dist.get_world_size()
-    ring_size = check_ring_size(ring_size, world)
-    key = (dist.group.WORLD, ring_size)
+    ring_size, ulysses_size = check_sequence_sizes(ring_size, ulysses_size, world)
+    key = (dist.group.WORLD, ring_size, ulysses_size)
     if key not in _MESHES:
         rank = dist.get_rank()
-        ring = dp = None
-        for start in range(0, world, ring_size):
-            g = dist.new_group(list(range(start, start + ring_size)))
-            if start <= rank < start + ring_size:
-                ring = g
-        for offset in range(ring_size):
-            g = dist.new_group(list(range(offset, world, ring_size)))
-            if rank % ring_size == offset:
-                dp = g
-        _MESHES[key] = SequenceMesh((("dp", dp), ("ring", ring)))
+        seq = ring_size * ulysses_size
+
+        def new_groups(rank_lists: list[list[int]]) -> dist.ProcessGroup | None:
+            """Create every group (all ranks take part in each creation); return this rank's."""
+            mine = None
+            for ranks in rank_lists:
+                g = dist.new_group(ranks)
+                if rank in ranks:
+                    mine = g
+            return mine
+
+        starts = range(0, world, seq)
+        if ulysses_size == 1:
+            ring = sequence = new_groups([list(range(b, b + seq)) for b in starts])
+            ulysses = None
+        else:
+            sequence = new_groups([list(range(b, b + seq)) for b in starts])
+            ulysses = new_groups([list(range(b + g, b + g + ulysses_size)) for b in starts
+                                  for g in range(0, seq, ulysses_size)])
+            ring = new_groups([list(range(b + u, b + seq, ulysses_size)) for b in starts
+                               for u in range(ulysses_size)])
+        dp = new_groups([list(range(s, world, seq)) for s in range(seq)])
+        _MESHES[key] = SequenceMesh((("dp", dp), ("ulysses", ulysses), ("ring", ring), ("sequence", sequence)))
     return _MESHES[key]

@@ -74,7 +74,7 @@ def ring_attention_forward(
         error = _refusal(module, query, key, attention_mask, dropout, kwargs, ring)
     except Exception as err:  # noqa: BLE001 - any failure of the checks is reported to every rank, not raised alone
         error = f"checking the inputs of the ring attention failed: {type(err).__name__}: {err}"
-    agree_or_raise(error, (), ring.group, query.device)
+    agree_or_raise(error, (), ring.sequence_group, query.device)
     causal = kwargs.get("is_causal")
     causal = getattr(module, "is_causal", True) if causal is None else causal
     engine = _engine(float(scaling) if scaling is not None else query.shape[-1] ** -0.5)

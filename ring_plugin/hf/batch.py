@@ -66,7 +66,8 @@ def shard_batch(
         if data_parallel_group is not None:
             dist.all_reduce(count, group=data_parallel_group)
         out["num_items_in_batch"] = count
-    return shard_sequence_batch(out, ring.layout, ring.rank, ring.world_size, extra_keys=EXTRA_SEQUENCE_KEYS)
+    return shard_sequence_batch(out, ring.layout, ring.sequence_rank, ring.sequence_size,
+                                extra_keys=EXTRA_SEQUENCE_KEYS)
 
 def reduce_gradients(parameters: nn.Module | Iterable[torch.Tensor], group: dist.ProcessGroup | None = None) -> None:
     """Sum every gradient over ``group`` (default: every rank: the rings and their data-parallel

@@ -29,12 +29,14 @@ def structure_error(
     if ring.layout == "balanced":
         return "layout='balanced' is the layout of packed documents: pass document_ids (shard_batch makes them)"
     chunks = chunks_per_rank(ring.layout)
-    expected = global_positions(n_local, ring.layout, ring.rank, ring.world_size, device=position_ids.device)
+    expected = global_positions(n_local, ring.layout, ring.sequence_rank, ring.sequence_size,
+                                device=position_ids.device)
     if not bool((position_ids == expected).all()):
         if _restarts_within_chunk(position_ids, chunks):
             return ("position_ids restart inside the sequence (packed documents): pass document_ids= as well "
                     "(ring_plugin.hf.shard_batch makes them from the global position_ids)")
-        return (f"position_ids on ring rank {ring.rank} of {ring.world_size} ({ring.layout} layout) are not the "
+        return (f"position_ids on sequence-parallel rank {ring.sequence_rank} of {ring.sequence_size} "
+                f"({ring.layout} layout) are not the "
                 f"global positions of its shard (expected {_preview(expected)}, got {_preview(position_ids[0])}). "
                 "transformers' default arange(n_local) is wrong on every rank but the first: pass the global "
                 "positions (ring_plugin.hf.shard_batch creates them)")

@@ -21,7 +21,7 @@ ZERO_STAGES = (0, 1, 2, 3)
 
 class RingDeepSpeedStrategy(RingStrategyMixin, DeepSpeedOnCPU, DeepSpeedStrategy):
     """``DeepSpeedStrategy(stage=..., offload_optimizer=..., offload_parameters=..., config=...)`` plus
-    ``ring_size``, ``layout``, ``sequence_keys`` and ``startup_timeout`` (see
+    ``ring_size``, ``ulysses_size``, ``layout``, ``sequence_keys`` and ``startup_timeout`` (see
     :class:`~ring_plugin.lightning.RingStrategy`).
 
     A ``config`` dict or JSON path is handed to DeepSpeed untouched (its ``zero_optimization.stage``
@@ -33,10 +33,10 @@ class RingDeepSpeedStrategy(RingStrategyMixin, DeepSpeedOnCPU, DeepSpeedStrategy
 
     def __init__(self, stage: int = 2, ring_size: int | None = None, layout: str = "zigzag",
                  sequence_keys: Iterable[str] = (), startup_timeout: float | timedelta = DEFAULT_STARTUP_TIMEOUT,
-                 **deepspeed_kwargs: Any):
+                 ulysses_size: int = 1, **deepspeed_kwargs: Any):
         if isinstance(stage, bool) or stage not in ZERO_STAGES:
             raise ValueError(f"stage={stage!r} is not a ZeRO stage; valid: {', '.join(map(str, ZERO_STAGES))}")
-        self._init_ring(ring_size, layout, sequence_keys, startup_timeout)
+        self._init_ring(ring_size, layout, sequence_keys, startup_timeout, ulysses_size)
         super().__init__(stage=stage, **deepspeed_kwargs)
         user_config = deepspeed_kwargs.get("config") is not None or self.DEEPSPEED_ENV_VAR in os.environ
         if deepspeed_kwargs.get("offload_optimizer") and not user_config:

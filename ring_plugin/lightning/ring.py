@@ -23,10 +23,11 @@ import torch.distributed as dist
 from torch.distributed.constants import default_pg_timeout
 
 from ..comm.context import RingContext, clear_ring_context, set_ring_context
+from ..comm.topology import check_ulysses_size
 from ..layout import check_layout
 from ..sharding import shard_batch
 from .elastic import elastic_attempt_store
-from .groups import RingGroups, build_ring_groups, check_ring_size
+from .groups import RingGroups, build_ring_groups, check_sequence_sizes
 from .resumable import ResumableLoader, train_position
 
 DEFAULT_STARTUP_TIMEOUT = 600.0  # seconds: slow imports and late nodes, not a dead peer
@@ -43,9 +44,10 @@ class RingStrategyMixin:
     """Sequence parallelism on top of a DDP-like strategy (``self`` is that strategy)."""
 
     def _init_ring(self, ring_size: int | None, layout: str, sequence_keys: Iterable[str],
-                   startup_timeout: float | timedelta) -> None:
+                   startup_timeout: float | timedelta, ulysses_size: int = 1) -> None:
         if ring_size is not None and (isinstance(ring_size, bool) or not isinstance(ring_size, int) or ring_size <= 0):
             raise ValueError(f"ring_size={ring_size!r} must be a positive integer or None (the whole world)")
+        self.ulysses_size = check_ulysses_size(ulysses_size)
         check_layout(layout)
         if isinstance(sequence_keys, str):
             raise TypeError(f"sequence_keys={sequence_keys!r} must be a list of batch keys, not a string")
@@ -81,8 +83,8 @@ class RingStrategyMixin:
 
     def _setup_ring(self) -> None:
         """Build the groups and activate the ring context (after the default process group exists)."""
-        size = check_ring_size(self.ring_size, self.world_size)
-        self.ring_groups = build_ring_groups(size)
+        size, ulysses = check_sequence_sizes(self.ring_size, self.ulysses_size, self.world_size)
+        self.ring_groups = build_ring_groups(size, ulysses)
         clear_ring_context()
         self.ring_context = set_ring_context(self.ring_groups.ring, self.layout, mesh=self.ring_groups.mesh)
 
@@ -93,13 +95,13 @@ class RingStrategyMixin:
 
     @property
     def distributed_sampler_kwargs(self) -> dict[str, Any]:
-        # Ranks of one ring read the same sample; the rings split the data.
+        # Ranks of one sequence-parallel group read the same sample; the groups split the data.
         g = self._require_groups()
         return {"num_replicas": g.dp_size, "rank": g.dp_rank}
 
     def batch_to_device(self, batch: Any, device: torch.device | None = None, dataloader_idx: int = 0) -> Any:
         g = self._require_groups()
-        batch = shard_batch(batch, self.layout, g.ring_rank, g.ring_size, self.sequence_keys)
+        batch = shard_batch(batch, self.layout, g.sequence_rank, g.sequence_size, self.sequence_keys)
         return super().batch_to_device(batch, device, dataloader_idx)  # type: ignore[misc]
 
     def process_dataloader(self, dataloader: Any) -> Any:

@@ -59,6 +59,16 @@ def test_default_is_the_cpu_run() -> None:
     assert set(cfg.logger) == {"wandb", "csv"}
 
 
+@pytest.mark.parametrize("strategy", ["ddp", "deepspeed"])
+def test_ulysses_size_reaches_the_strategy(strategy: str) -> None:
+    from hydra.utils import instantiate
+
+    cfg = compose_app("devices=4", "ulysses_size=2", "ring_size=2", f"strategy={strategy}")
+    validate_config(cfg)
+    made = instantiate(cfg.strategy)
+    assert (made.ulysses_size, made.ring_size) == (2, 2)
+
+
 def test_recipe_changes_groups() -> None:
     cfg = compose_app("recipe=dense_128k_zero3")
     assert cfg.strategy.stage == 3 and cfg.model.activation_checkpointing
@@ -126,6 +136,15 @@ def test_fast_dev_run_needs_no_plus() -> None:
         ("+attention.kwargs.bogus=1", r"unknown ring attention argument\(s\) \['bogus'\]"),
         ("strategy=deepspeed strategy.stage=5", r"strategy\.stage=5 is not a ZeRO stage"),
         ("data=token_file", r"data\.train\.path has no value \(\?\?\? in the config\): set data\.train\.path="),
+        # 2-D sequence parallel
+        ("ulysses_size=0", r"ulysses_size=0 must be a positive integer"),
+        ("ulysses_size=2", r"ring_size=2 x ulysses_size=2 must divide the world size 2"),
+        ("strategy.ulysses_size=2", r"strategy\.ulysses_size=2 is set from ulysses_size"),
+        ("devices=4 ulysses_size=2 seq_len=252", r"seq_len=252 must be a multiple of 8 \(ring_size=2 x ulysses_size=2"),
+        ("devices=4 ulysses_size=2 model.n_head=3 model.n_kv_head=1 model.n_embd=48",
+         r"model\.n_head=3 must be a multiple of ulysses_size=2"),
+        ("devices=4 ulysses_size=2 attention=block_sparse",
+         r"ulysses_size=2 is supported by the dense attention layers .* not by attention=block_sparse"),
     ],
 )
 def test_bad_values_name_the_key(override: str, message: str) -> None:
