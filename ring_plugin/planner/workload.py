@@ -37,12 +37,23 @@ class ModelSpec:
         with torch.device("meta"):
             return RingGPT(dataclasses.replace(self.config, activation_checkpointing=False))
 
+    def _figures(self, seq_len: int) -> tuple[float, float]:
+        # Building the meta model costs milliseconds; a plan asks for these once per candidate.
+        key = (repr(self.config), seq_len)
+        if key not in _FIGURES:
+            model = self.meta_model()
+            _FIGURES[key] = (model.flops_per_token(seq_len), model.keys_per_query(seq_len) / seq_len)
+        return _FIGURES[key]
+
     def flops_per_token(self, seq_len: int) -> float:
-        return self.meta_model().flops_per_token(seq_len)
+        return self._figures(seq_len)[0]
 
     def attention_fraction(self, seq_len: int) -> float:
         """Keys per query of the attention pattern over the dense count (1 for dense attention)."""
-        return self.meta_model().keys_per_query(seq_len) / seq_len
+        return self._figures(seq_len)[1]
+
+
+_FIGURES: dict[tuple[str, int], tuple[float, float]] = {}
 
 
 @dataclass(frozen=True)
