@@ -1,0 +1,14 @@
+"""``ring-plan``: predict per-GPU memory and step time of a ring-train job over candidate layouts
+(data parallel x Ulysses x ring, ZeRO stage, activation checkpointing) and recommend the fastest that
+fits. How the model works and how it was validated: docs/planner.md."""
+
+from .cluster import GPUS, Cluster, GPUKind, cluster
+from .memory import MemoryEstimate, States, estimate_memory, state_bytes
+from .rates import Rates
+from .recommend import Candidate, Report, plan
+from .step_time import StepTime, estimate_step
+from .workload import Job, Layout, ModelSpec, compose, job_from_config
+
+__all__ = ["GPUS", "Candidate", "Cluster", "GPUKind", "Job", "Layout", "MemoryEstimate", "ModelSpec", "Rates",
+           "Report", "States", "StepTime", "cluster", "compose", "estimate_memory", "estimate_step",
+           "job_from_config", "plan", "state_bytes"]

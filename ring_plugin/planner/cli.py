@@ -1,0 +1,176 @@
+"""``ring-plan``: recommend a layout for a ``ring-train`` recipe on a cluster.
+
+    ring-plan recipe=dense_128k_zero3
+    ring-plan recipe=dense_128k_zero3 gpus_per_node=8 nodes=8 seq_len=1048576 gpu=h200
+    ring-plan recipe=dense_128k_zero3 --json
+    ring-plan what-if                      # the 3B model at 128K..4M tokens on 8, 64 and 512 GPUs
+
+Planner keys: gpu, gpus_per_node, nodes, nvlink_gbps, internode_gbps (GB/s per direction), batch
+(samples per ring), zero (e.g. 2,3), checkpointing (true, false or both). Any other key=value is a
+``ring-train`` override (seq_len=..., model=gpt_3b, model.n_layer=24, ...). Without gpus_per_node and
+nodes the recipe's own devices x num_nodes are planned.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from .cluster import cluster as make_cluster
+from .recommend import Candidate, Report, plan
+from .workload import compose, job_from_config
+
+PLANNER_KEYS = ("gpu", "gpus_per_node", "nodes", "nvlink_gbps", "internode_gbps", "zero", "checkpointing", "batch",
+                "recipe")
+WHAT_IF_GPUS = (8, 64, 512)
+WHAT_IF_TOKENS = (131072, 524288, 1048576, 4194304)
+
+
+def _split(args: Sequence[str]) -> tuple[dict[str, str], list[str]]:
+    mine: dict[str, str] = {}
+    hydra: list[str] = []
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if not sep:
+            raise SystemExit(f"ring-plan: expected key=value, got {arg!r}")
+        if key in PLANNER_KEYS:
+            mine[key] = value
+        else:
+            hydra.append(arg)
+    return mine, hydra
+
+
+def report_for(args: Sequence[str]) -> Report:
+    """The planner's report for ``ring-plan``'s key=value arguments."""
+    mine, hydra = _split(args)
+    if "batch" in mine:
+        hydra.append(f"data.batch_size={mine['batch']}")
+    recipe = mine.get("recipe")
+    cfg = compose(recipe, hydra)
+    job = job_from_config(cfg, recipe or "default")
+    per_node = int(mine.get("gpus_per_node", cfg.devices))
+    nodes = int(mine.get("nodes", cfg.num_nodes))
+    cl = make_cluster(mine.get("gpu", "h200"), per_node, nodes,
+                      float(mine["nvlink_gbps"]) if "nvlink_gbps" in mine else None,
+                      float(mine["internode_gbps"]) if "internode_gbps" in mine else None)
+    stages = [int(z) for z in mine.get("zero", "0,1,2,3").split(",")]
+    ac = {"true": (True,), "false": (False,), "both": (False, True)}[mine.get("checkpointing", "both").lower()]
+    return plan(job, cl, stages=stages, checkpointing=ac)
+
+
+def _gb(x: float) -> str:
+    return f"{x / 1e9:.1f}"
+
+
+def format_table(report: Report, limit: int) -> str:
+    job, cl = report.job, report.cluster
+    c = job.model.config
+    lines = [f"{job.name}: {job.model.flops_per_token(job.seq_len) / 1e9:.1f} GFLOP/token, {c.n_layer} layers, "
+             f"d={c.n_embd}, {c.n_head} heads ({c.kv_heads} K/V), attention {job.attention}; {job.seq_len:,} tokens x "
+             f"{job.batch} per ring; {cl.world} x {cl.gpu.name} ({cl.nodes} node(s) of {cl.gpus_per_node}), "
+             f"usable {_gb(report.usable_bytes)} GB per GPU", *report.notes]
+    head = f"{'layout':<22} {'mem GB':>7} {'phase':>9} {'step s':>8} {'tok/s':>10} {'MFU':>6}  verdict"
+    lines += [head, "-" * len(head)]
+    best = report.best
+    for cand in report.candidates[:limit]:
+        lines.append(_row(cand, cand is best, cand.layout == job.recipe_layout))
+    if len(report.candidates) > limit:
+        lines.append(f"... {len(report.candidates) - limit} more candidates (--top N, --json)")
+    lines.append(_reasoning(report))
+    return "\n".join(lines)
+
+
+def _row(cand: Candidate, best: bool, recipe: bool) -> str:
+    label = cand.layout.label + (" *" if recipe else "")
+    if cand.memory is None or cand.step is None:
+        return f"{label:<22} {'':>7} {'':>9} {'':>8} {'':>10} {'':>6}  rejected: {cand.reason}"
+    verdict = "BEST" if best else ("fits" if cand.fits else f"rejected: {cand.reason}")
+    return (f"{label:<22} {_gb(cand.memory.total):>7} {cand.memory.phase:>9} {cand.step.total:>8.3f} "
+            f"{cand.tokens_per_s:>10,.0f} {100 * cand.mfu:>5.1f}%  {verdict}")
+
+
+def _reasoning(report: Report) -> str:
+    best = report.best
+    if best is None or best.step is None or best.memory is None:
+        return "No candidate fits: every layout is out of memory or impossible (see the reasons above)."
+    s = best.step
+    parts = ", ".join(f"{name} {getattr(s, name):.3f} s" for name in
+                      ("matmul", "attention", "elementwise", "ulysses", "zero_exposed", "optimizer")
+                      if getattr(s, name) > 0.0005)
+    return (f"Recommended: {best.layout.label} — the fastest candidate that fits ({_gb(best.memory.total)} GB of "
+            f"{_gb(report.usable_bytes)} usable, peak in {best.memory.phase}); step {s.total:.3f} s = {parts}. "
+            "* marks the recipe's own layout.")
+
+
+def _jsonable(report: Report) -> dict[str, Any]:
+    def conv(x: Any) -> Any:
+        if dataclasses.is_dataclass(x) and not isinstance(x, type):
+            out = {f.name: conv(getattr(x, f.name)) for f in dataclasses.fields(x)}
+            for prop in ("total", "fits", "world", "label"):
+                if hasattr(type(x), prop):
+                    out[prop] = getattr(x, prop)
+            return out
+        if isinstance(x, (list, tuple)):
+            return [conv(v) for v in x]
+        if isinstance(x, dict):
+            return {k: conv(v) for k, v in x.items()}
+        return x
+
+    data = conv(report)
+    data["best"] = conv(report.best)
+    return data
+
+
+def what_if(gpus: Sequence[int] = WHAT_IF_GPUS, tokens: Sequence[int] = WHAT_IF_TOKENS,
+            gpus_per_node: int = 8) -> list[tuple[int, int, Report]]:
+    """The 3B recipe model (gpt_3b) at each sequence length on each GPU count (nodes of 8 H200s)."""
+    rows = []
+    for world in gpus:
+        for n in tokens:
+            cfg = compose("dense_128k_zero3", [f"seq_len={n}"])
+            job = job_from_config(cfg, "gpt_3b")
+            per_node = min(world, gpus_per_node)
+            rows.append((world, n, plan(job, make_cluster("h200", per_node, world // per_node))))
+    return rows
+
+
+def format_what_if(rows: list[tuple[int, int, Report]]) -> str:
+    head = "| GPUs | tokens | best layout | mem GB/GPU | step s | tokens/s | MFU | runner-up |"
+    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    for world, n, report in rows:
+        fitting = [c for c in report.candidates if c.fits]
+        if not fitting:
+            lines.append(f"| {world} | {n // 1024}K | nothing fits | | | | | |")
+            continue
+        b = fitting[0]
+        assert b.memory is not None and b.step is not None
+        runner = fitting[1].layout.label if len(fitting) > 1 else "-"
+        lines.append(f"| {world} | {n // 1024}K | {b.layout.label} | {_gb(b.memory.total)} | {b.step.total:.2f} | "
+                     f"{b.tokens_per_s:,.0f} | {100 * b.mfu:.1f}% | {runner} |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="ring-plan", description=__doc__.split("\n")[0],
+                                     epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("args", nargs="*", help="'what-if', or key=value settings and ring-train overrides")
+    parser.add_argument("--json", action="store_true", help="print the whole report as JSON")
+    parser.add_argument("--top", type=int, default=25, help="rows of the table (default 25)")
+    ns = parser.parse_args(argv)
+    if ns.args[:1] == ["what-if"]:
+        rows = what_if()
+        if ns.json:
+            print(json.dumps([{"gpus": w, "tokens": n, "best": _jsonable(r)["best"]} for w, n, r in rows], indent=1))
+        else:
+            print(format_what_if(rows))
+        return
+    report = report_for(ns.args)
+    print(json.dumps(_jsonable(report), indent=1) if ns.json else format_table(report, ns.top))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,176 @@
+"""Per-GPU memory of one training step: model states under ZeRO, saved activations, the ring's
+in-flight buffers and the largest transient of each phase. Formulas: docs/planner.md.
+
+Everything here is bytes per GPU. ``n`` is the tokens a GPU holds (batch x seq_len / (ulysses x ring)).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .workload import Job, Layout, ModelSpec
+
+PARAM_BYTES, GRAD_BYTES, OPTIMIZER_BYTES = 2, 2, 12  # bf16 weights and grads; fp32 master + Adam m, v
+ZERO_BUCKET_ELEMENTS = 2e8  # Lightning's DeepSpeed reduce_bucket_size: the gradient bucket, allocated whole
+ZERO3_LIVE_ELEMENTS = 1e9  # stage3_max_live_parameters: gathered parameters ZeRO-3 may keep (with reuse)
+
+
+def param_tensors(spec: ModelSpec) -> list[tuple[int, int]]:
+    """(numel, ndim) of every parameter tensor of RingGPT built from ``spec`` (tied head counted once)."""
+    c = spec.config
+    e, f, hd = c.n_embd, spec.mlp_hidden, c.head_dim
+    norm = [(e, 1)] + ([(e, 1)] if c.norm == "layernorm" else [])
+
+    def linear(fan_in: int, fan_out: int) -> list[tuple[int, int]]:
+        return [(fan_in * fan_out, 2)] + ([(fan_out, 1)] if c.bias else [])
+
+    layer = (norm + linear(e, (c.n_head + 2 * c.kv_heads) * hd) + linear(e, e) + norm + linear(e, f)
+             + linear(f, e))
+    head = [] if c.tie_weights else [(c.vocab_size * e, 2)]
+    return [(c.vocab_size * e, 2)] + layer * c.n_layer + norm + head
+
+
+@dataclass(frozen=True)
+class States:
+    params: float
+    grads: float
+    optimizer: float
+
+    @property
+    def total(self) -> float:
+        return self.params + self.grads + self.optimizer
+
+
+def _partitioned(tensors: list[tuple[int, int]], world: int, per_tensor: bool) -> int:
+    """Elements one rank holds: ZeRO-3 splits each tensor (ceil(numel / world), as DeepSpeed pads it);
+    ZeRO-1/2 split each optimizer group's flat buffer (matrices decay, vectors do not)."""
+    if per_tensor:
+        return sum(math.ceil(n / world) for n, _ in tensors)
+    groups = [sum(n for n, d in tensors if d >= 2), sum(n for n, d in tensors if d < 2)]
+    return sum(math.ceil(g / world) for g in groups if g)
+
+
+def state_bytes(spec: ModelSpec, world: int, zero: int) -> States:
+    """Parameters, gradients and optimizer states per rank (ZeRO shards over the whole world)."""
+    tensors = param_tensors(spec)
+    full = sum(n for n, _ in tensors)
+    split = _partitioned(tensors, world, per_tensor=zero == 3)
+    return States(params=PARAM_BYTES * (split if zero >= 3 else full),
+                  grads=GRAD_BYTES * (split if zero >= 2 else full),
+                  optimizer=OPTIMIZER_BYTES * (split if zero >= 1 else full))
+
+
+# ---------------------------------------------------------------------------------- activations
+def kv_heads_local(spec: ModelSpec, ulysses: int) -> int:
+    """K/V heads a rank attends with after the Ulysses all-to-all (replicated when ulysses > kv heads)."""
+    return max(spec.config.kv_heads // ulysses, 1)
+
+
+def norm_saved_per_token(spec: ModelSpec, a: int, fused: bool) -> float:
+    """RMSNorm: the fused CUDA kernel saves its input and fp32 rstd; the composite (CPU) saves the fp32
+    upcast input, the fp32 normalised rows and rstd."""
+    e = spec.config.n_embd
+    return e * a + 4 if fused else 2 * e * 4 + 4
+
+
+def layer_saved_per_token(spec: ModelSpec, a: int, fused_norm: bool, ulysses: int = 1) -> float:
+    """Bytes a transformer block saves for backward per local token, without checkpointing: two norms;
+    the qkv, proj and fc inputs; the attention's q, k, v, out (bf16) and lse (fp32); GELU's input and
+    the MLP projection's input. Rotary saves only cos/sin (shared, see :func:`shared_saved_per_token`)."""
+    c = spec.config
+    kv = ulysses * kv_heads_local(spec, ulysses) * c.head_dim  # K/V widths per local token
+    return (2 * norm_saved_per_token(spec, a, fused_norm) + 5 * c.n_embd * a + 2 * kv * a + 4 * c.n_head
+            + 2 * spec.mlp_hidden * a)
+
+
+def shared_saved_per_token(spec: ModelSpec, a: int, fused_norm: bool) -> float:
+    """Saved once for the whole model: token ids (int64), rotary cos/sin (fp32), the final norm."""
+    return 8 + 4 * spec.config.head_dim + norm_saved_per_token(spec, a, fused_norm)
+
+
+def checkpoint_saved_per_token(spec: ModelSpec, a: int) -> float:
+    """With activation checkpointing a block keeps only its input."""
+    return spec.config.n_embd * a
+
+
+@dataclass(frozen=True)
+class RingBuffers:
+    """Foreign K/V and dK/dV accumulator pairs alive while a ring step computes (peak over steps)."""
+
+    forward_kv: int
+    backward_kv: int
+    backward_dkv: int
+
+
+def ring_step_received(ring: int, step: int, backward: bool) -> int:
+    """Tensors received from peers that are alive while ring step ``step`` (1..ring-1) computes: the K/V
+    pair of this step, the next pair in flight (not after the last step); in backward also the dK/dV
+    pair in flight and, from step 2, the one received last step being sent on (dense_ring.py)."""
+    kv = 1 + (step + 1 <= ring - 1)
+    dkv = (1 + (step >= 2)) if backward else 0
+    return 2 * (kv + dkv)
+
+
+def ring_buffers(ring: int) -> RingBuffers:
+    if ring <= 1:
+        return RingBuffers(0, 0, 1)
+    kv = min(ring - 1, 2)
+    # dK/dV: the pair in flight plus the one being sent on (our own accumulator at step 1).
+    return RingBuffers(kv, kv, 2)
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    states: States
+    saved: float  # activations kept for backward over the whole model
+    attention_buffers: float  # the ring's accumulators and in-flight buffers in backward
+    transient: float  # the rest of the peak phase's working set
+    phase: str  # which phase peaks: "loss" (end of forward), "backward" or "optimizer"
+
+    @property
+    def total(self) -> float:
+        return self.states.total + self.saved + self.attention_buffers + self.transient
+
+
+def attention_backward_bytes(job: Job, layout: Layout, n: float) -> float:
+    """One attention layer's backward working set beyond its saved tensors: the fp32 dQ accumulator, the
+    dK/dV accumulators (own/being sent + in flight), foreign K/V in flight, the kernel's dQ/dK/dV (K/V
+    expanded to the query heads) and its fp32 dQ workspace, and the contiguous dout."""
+    c, a, g = job.model.config, job.act_bytes, job.grad_comm_bytes
+    e = c.n_embd
+    kv = n * layout.ulysses * kv_heads_local(job.model, layout.ulysses) * c.head_dim  # elements per K or V
+    buffers = ring_buffers(layout.ring)
+    return (n * e * g + buffers.backward_dkv * 2 * kv * g + buffers.backward_kv * 2 * kv * a + 3 * n * e * a
+            + n * e * 4 + n * e * a)
+
+
+def estimate_memory(job: Job, layout: Layout) -> MemoryEstimate:
+    spec, a = job.model, job.act_bytes
+    c = spec.config
+    e, v, world = c.n_embd, c.vocab_size, layout.world
+    n = job.batch * job.seq_len / (layout.ulysses * layout.ring)
+    states = state_bytes(spec, world, layout.zero)
+    per_layer = layer_saved_per_token(spec, a, job.fused_norm, layout.ulysses)
+    kept = checkpoint_saved_per_token(spec, a) if layout.checkpointing else per_layer
+    saved = n * (c.n_layer * kept + shared_saved_per_token(spec, a, job.fused_norm))
+    total_params = sum(numel for numel, _ in param_tensors(spec))
+    gathered = min(total_params, ZERO3_LIVE_ELEMENTS) * PARAM_BYTES if layout.zero == 3 else 0.0
+    bucket = ZERO_BUCKET_ELEMENTS * GRAD_BYTES if layout.zero >= 2 else 0.0
+    # End of forward, inside the chunked loss: final hidden states, the loss' saved dH (bf16) and dW (fp32),
+    # and one chunk's fp32 logits, logits - lse and probabilities.
+    chunk = min(job.loss_chunk, n)
+    loss = 2 * n * e * a + v * e * 4 + 3 * chunk * v * 4
+    # Backward of the top block: its recomputed activations (checkpointing), dX in and out, then the larger of
+    # the MLP's two hidden-width gradients and the attention backward.
+    recomputed = n * per_layer if layout.checkpointing else 0.0
+    mlp = 2 * n * spec.mlp_hidden * a
+    attn = attention_backward_bytes(job, layout, n)
+    backward_rest = recomputed + 2 * n * e * a + bucket + gathered
+    optimizer = 4 * states.optimizer / OPTIMIZER_BYTES  # fp32 gradients of the rank's partition at the step
+    # (saved, attention buffers, transient) of each phase; activations are gone by the optimizer step.
+    phases = {"loss": (saved, 0.0, loss + gathered),
+              "backward": (saved, attn, backward_rest + max(mlp - attn, 0.0)),
+              "optimizer": (0.0, 0.0, optimizer)}
+    name = max(phases, key=lambda k: sum(phases[k]))
+    return MemoryEstimate(states, *phases[name], phase=name)

@@ -1,0 +1,102 @@
+"""Every candidate layout of a job on a cluster, with its memory, step time and why it is rejected;
+the recommendation is the fastest (tokens/s) that fits."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from .cluster import Cluster
+from .memory import MemoryEstimate, estimate_memory
+from .rates import Rates
+from .step_time import StepTime, estimate_step
+from .workload import DENSE, Job, Layout
+
+# Share of the GPU's memory a plan may use: the caching allocator's fragmentation and NCCL/cuBLAS
+# workspaces live in the rest (the 124M run reserved 1.17x what it allocated).
+USABLE_FRACTION = 0.9
+
+
+@dataclass(frozen=True)
+class Candidate:
+    layout: Layout
+    memory: MemoryEstimate | None
+    step: StepTime | None
+    tokens_per_s: float
+    mfu: float
+    reason: str | None  # None: fits and runs
+
+    @property
+    def fits(self) -> bool:
+        return self.reason is None
+
+
+@dataclass(frozen=True)
+class Report:
+    job: Job
+    cluster: Cluster
+    usable_bytes: float
+    candidates: list[Candidate]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def best(self) -> Candidate | None:
+        return next((c for c in self.candidates if c.fits), None)
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def structural_reason(job: Job, cluster: Cluster, layout: Layout) -> str | None:
+    """Why a layout cannot run at all, whatever the memory (None: it can)."""
+    c = job.model.config
+    u, r = layout.ulysses, layout.ring
+    if u > c.n_head:
+        return f"U={u} exceeds heads ({c.n_head})"
+    if c.n_head % u:
+        return f"U={u} does not divide heads ({c.n_head})"
+    if c.kv_heads % u and u % c.kv_heads:
+        return f"U={u} neither divides nor is a multiple of K/V heads ({c.kv_heads})"
+    if u > cluster.gpus_per_node:
+        return f"U={u} spans nodes ({cluster.gpus_per_node} GPUs per node)"
+    if u > 1 and job.attention not in DENSE:
+        return "Ulysses with a sparse pattern is not modelled"
+    if job.seq_len % (2 * u * r):
+        return f"seq_len not a multiple of 2*U*R={2 * u * r} (zigzag chunks)"
+    return None
+
+
+def layouts(world: int, stages: Iterable[int], checkpointing: Iterable[bool]) -> list[Layout]:
+    return [Layout(world // (u * r), u, r, z, ac) for u in _divisors(world) for r in _divisors(world // u)
+            for z in stages for ac in checkpointing]
+
+
+def evaluate(job: Job, cluster: Cluster, layout: Layout, rates: Rates, usable: float) -> Candidate:
+    why = structural_reason(job, cluster, layout)
+    if why:
+        return Candidate(layout, None, None, 0.0, 0.0, why)
+    memory = estimate_memory(job, layout)
+    step = estimate_step(job, layout, rates)
+    tokens_per_s = layout.dp * job.batch * job.seq_len / step.total
+    mfu = job.model.flops_per_token(job.seq_len) * tokens_per_s / (layout.world * cluster.gpu.peak_bf16_flops)
+    over = memory.total - usable
+    reason = f"OOM by {over / 1e9:.1f} GB" if over > 0 else None
+    return Candidate(layout, memory, step, tokens_per_s, mfu, reason)
+
+
+def plan(job: Job, cluster: Cluster, rates: Rates | None = None, stages: Iterable[int] = (0, 1, 2, 3),
+         checkpointing: Iterable[bool] = (False, True)) -> Report:
+    """Every (dp, U, R) x ZeRO stage x checkpointing candidate on ``cluster``, fastest fitting first."""
+    rates = rates or Rates.for_cluster(cluster)
+    memory = rates.data["memory_bytes"]["value"] if rates.measured else cluster.gpu.memory_bytes
+    usable = USABLE_FRACTION * memory
+    found = [evaluate(job, cluster, layout, rates, usable)
+             for layout in layouts(cluster.world, tuple(stages), tuple(checkpointing))]
+    # Fitting plans by speed (within 1 %: the smaller memory first), then the out-of-memory ones, then
+    # the impossible ones.
+    found.sort(key=lambda c: (not c.fits, c.step is None, -round(math.log(max(c.tokens_per_s, 1.0)) / math.log(1.01)),
+                              c.memory.total if c.memory else 0.0))
+    notes = [] if rates.measured else [f"no measurements of {cluster.gpu.name}: H200 rates scaled by bf16 peak"]
+    return Report(job, cluster, usable, found, notes)

@@ -1,0 +1,106 @@
+"""The planner against every committed GPU run of ``benchmarks/results/planner_manifest.json``.
+
+Predictions use only ``measured.json``: kernel rates (single-GPU cuDNN, linear, fp32 matmul, copy)
+and link rates, never the throughput of the run being predicted (the ring columns of bench_ring and
+the training runs' tokens/s are not in it).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .cluster import cluster
+from .memory import attention_backward_bytes, estimate_memory, kv_heads_local
+from .rates import Rates
+from .step_time import attention_seconds, estimate_step
+from .workload import Job, Layout, ModelSpec
+
+RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+
+
+@dataclass(frozen=True)
+class Check:
+    run: str  # file and entry
+    quantity: str  # "step_time" (s) or "peak_memory" (bytes)
+    predicted: float
+    measured: float
+
+    @property
+    def error(self) -> float:
+        return self.predicted / self.measured - 1.0
+
+
+def _train(data: dict[str, Any], name: str) -> list[Check]:
+    t = data["train"]
+    spec = ModelSpec.from_dict({k: t[k] for k in ("vocab_size", "n_layer", "n_head", "n_embd")}
+                               | {"n_kv_head": t.get("n_kv_head"), "max_seq_len": t["seq_len"]})
+    gpus, ring = t["gpus"], t["ring_size"]
+    layout = Layout(gpus // ring, 1, ring, t["zero_stage"], t["activation_checkpointing"])
+    job = Job(spec, t["seq_len"], batch=t.get("batch", 1))
+    rates = Rates.for_cluster(cluster("h200", gpus, 1))
+    peak = max(m["peak_allocated_gib"] for m in t["memory"]) * 2**30
+    return [Check(name, "step_time", estimate_step(job, layout, rates).total, t["median_step_seconds"]),
+            Check(name, "peak_memory", estimate_memory(job, layout).total, peak)]
+
+
+def _attention_only(n: int, causal: bool, heads: int, head_dim: int, gpus: int, seconds: float, peak: float,
+                    name: str) -> list[Check]:
+    """One dense ring layer, fwd+bwd, as the benchmarks time it: the inputs q, k, v and the output
+    gradient (bf16), their K/V contiguous copies, the output, and the backward working set."""
+    spec = ModelSpec.from_dict(dict(vocab_size=64, n_layer=1, n_head=heads, n_embd=heads * head_dim, max_seq_len=n))
+    job = Job(spec, n, causal=causal)
+    layout = Layout(1, 1, gpus, 0, False)
+    rates = Rates.for_cluster(cluster("h200", gpus, 1))
+    local = n / gpus
+    e, a = spec.config.n_embd, job.act_bytes
+    kv = local * kv_heads_local(spec, 1) * head_dim
+    held = 5 * local * e * a + 2 * kv * a
+    return [Check(name, "step_time", attention_seconds(job, layout, rates, passes_forward=1), seconds),
+            Check(name, "peak_memory", held + attention_backward_bytes(job, layout, local), peak)]
+
+
+def _bench_ring(data: dict[str, Any], name: str) -> list[Check]:
+    out = []
+    for run in data["runs"]:
+        ring = run["ring"]
+        out += _attention_only(run["n"], run["causal"], data["heads"], data["head_dim"], data["gpus"],
+                               ring["seconds"], ring["peak_gb"] * 1e9,
+                               f"{name} ring n={run['n']} {'causal' if run['causal'] else 'non-causal'}")
+    return out
+
+
+def _bench_patterns(data: dict[str, Any], name: str) -> list[Check]:
+    out = []
+    for r in data["results"]:
+        if r["case"] == "dense":
+            out += _attention_only(r["n"], r["causal"], r["heads"], r["head_dim"], r["world"], r["ms"] / 1e3,
+                                   r["peak_gb"] * 1e9, f"{name} dense n={r['n']}")
+    return out
+
+
+KINDS: dict[str, Callable[[dict[str, Any], str], list[Check]]] = {
+    "train": _train, "bench_ring": _bench_ring, "bench_patterns": _bench_patterns}
+
+
+def validate(results: Path = RESULTS) -> tuple[list[Check], dict[str, float]]:
+    """Every manifest entry's checks and the targets (relative error bounds by quantity)."""
+    manifest = json.loads((results / "planner_manifest.json").read_text())
+    checks = []
+    for entry in manifest["runs"]:
+        data = json.loads((results / entry["file"]).read_text())
+        checks += KINDS[entry["kind"]](data, entry["file"])
+    return checks, manifest["targets"]
+
+
+if __name__ == "__main__":
+    found, targets = validate()
+    for check in found:
+        ok = abs(check.error) <= targets[check.quantity]
+        unit = (1.0, "s") if check.quantity == "step_time" else (1e9, "GB")
+        print(f"{'ok  ' if ok else 'MISS'} {check.run:<70} {check.quantity:<11} "
+              f"predicted {check.predicted / unit[0]:8.3f} measured {check.measured / unit[0]:8.3f} {unit[1]} "
+              f"({100 * check.error:+.1f} %)")

@@ -1,0 +1,128 @@
+"""What is being planned: the model's shape and the training job (sequence, batch, precision), read
+from a ``ring-train`` recipe (Hydra compose, the same config files and overrides) or given directly."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..models.gpt import GPTConfig, RingGPT
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
+DENSE = ("standard", "sdpa", "distributed", "correct")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A :class:`~ring_plugin.models.GPTConfig` as the planner needs it."""
+
+    config: GPTConfig
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ModelSpec:
+        known = {f.name for f in dataclasses.fields(GPTConfig)}
+        return cls(GPTConfig(**{k: v for k, v in values.items() if k in known}))
+
+    @property
+    def mlp_hidden(self) -> int:
+        return self.config.mlp_hidden or 4 * self.config.n_embd
+
+    def meta_model(self) -> RingGPT:
+        """The real model on the meta device (no memory): its FLOP formula is the one MFU uses."""
+        with torch.device("meta"):
+            return RingGPT(dataclasses.replace(self.config, activation_checkpointing=False))
+
+    def _figures(self, seq_len: int) -> tuple[float, float]:
+        # Building the meta model costs milliseconds; a plan asks for these once per candidate.
+        key = (repr(self.config), seq_len)
+        if key not in _FIGURES:
+            model = self.meta_model()
+            _FIGURES[key] = (model.flops_per_token(seq_len), model.keys_per_query(seq_len) / seq_len)
+        return _FIGURES[key]
+
+    def flops_per_token(self, seq_len: int) -> float:
+        return self._figures(seq_len)[0]
+
+    def attention_fraction(self, seq_len: int) -> float:
+        """Keys per query of the attention pattern over the dense count (1 for dense attention)."""
+        return self._figures(seq_len)[1]
+
+
+_FIGURES: dict[tuple[str, int], tuple[float, float]] = {}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One way to run the job: world = dp x ulysses x ring, a ZeRO stage, activation checkpointing."""
+
+    dp: int
+    ulysses: int
+    ring: int
+    zero: int
+    checkpointing: bool
+
+    @property
+    def world(self) -> int:
+        return self.dp * self.ulysses * self.ring
+
+    @property
+    def label(self) -> str:
+        return f"dp{self.dp} U{self.ulysses} R{self.ring} Z{self.zero} {'AC' if self.checkpointing else 'noAC'}"
+
+
+@dataclass(frozen=True)
+class Job:
+    model: ModelSpec
+    seq_len: int
+    batch: int = 1  # samples of seq_len per ring (data-parallel replica) per step
+    act_bytes: int = 2  # bf16 activations and parameters (DeepSpeed bf16)
+    grad_comm_bytes: int = 4  # the ring's dQ/dK/dV accumulators (grad_comm_dtype float32)
+    loss_chunk: int = 4096  # RingCausalLM.loss_chunk_tokens
+    causal: bool = True  # RingGPT is causal; the attention benchmarks also run non-causal
+    fused_norm: bool = True  # CUDA's fused RMSNorm saves its input and rstd; the CPU composite saves fp32 copies
+    name: str = "custom"
+    recipe_layout: Layout | None = None  # what the recipe itself runs, marked in the table
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def attention(self) -> str:
+        return self.model.config.attention
+
+
+def compose(recipe: str | None, overrides: Sequence[str] = ()) -> Any:
+    """The ``ring-train`` config for ``recipe`` with Hydra ``overrides`` (no run is started)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    args = list(overrides) + ([f"recipe={recipe}"] if recipe else [])
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        return hydra_compose(config_name="config", overrides=args)
+
+
+def job_from_config(cfg: Any, name: str) -> Job:
+    """A :class:`Job` from a composed ``ring-train`` config (RingGPT models only)."""
+    from omegaconf import OmegaConf
+
+    model = OmegaConf.to_container(cfg.model, resolve=False)
+    assert isinstance(model, dict)
+    if "_target_" in model:
+        raise ValueError(f"recipe {name!r} trains {model['_target_']}; the planner models RingGPT (model=gpt_*)")
+    attention = cfg.attention
+    kwargs = attention.get("kwargs")
+    model.update(attention=str(attention.layer),
+                 attention_kwargs=OmegaConf.to_container(kwargs, resolve=True) if kwargs else {},
+                 max_seq_len=max(int(cfg.seq_len), 1))
+    spec = ModelSpec.from_dict(model)
+    stage = int(cfg.strategy.get("stage", 0)) if "stage" in cfg.strategy else 0
+    world = int(cfg.devices) * int(cfg.num_nodes)
+    ulysses = int(cfg.get("ulysses_size") or 1)  # read where the app has it; not required
+    ring = int(cfg.ring_size)
+    layout = Layout(world // (ring * ulysses), ulysses, ring, stage, bool(spec.config.activation_checkpointing))
+    precision = str(cfg.trainer.precision)
+    return Job(model=spec, seq_len=int(cfg.seq_len), batch=int(cfg.data.get("batch_size", 1)),
+               act_bytes=4 if precision.startswith("32") else 2, name=name, recipe_layout=layout)

@@ -1,0 +1,58 @@
+"""``ring-plan`` end to end (a subprocess, as users run it) and the recommendation on cases with a
+known answer."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from ring_plugin.planner.cli import format_table, report_for
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def ring_plan(*args: str) -> str:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-m", "ring_plugin.planner.cli", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_3b_at_1m_tokens_on_2_gpus_never_picks_zero0_without_checkpointing() -> None:
+    report = json.loads(ring_plan("recipe=dense_128k_zero3", "seq_len=1048576", "--json"))
+    best = report["best"]  # on 2 GPUs nothing fits at 1M (checkpointed: ~220 GB per GPU)
+    assert best is None or best["layout"]["checkpointing"] or best["layout"]["zero"] > 0
+    zero0_no_ac = [c for c in report["candidates"] if c["layout"]["zero"] == 0 and not c["layout"]["checkpointing"]]
+    assert zero0_no_ac and all(c["reason"] and c["reason"].startswith(("OOM by", "U=")) for c in zero0_no_ac)
+    assert any(c["reason"].startswith("OOM by") for c in zero0_no_ac)
+
+
+def test_3b_at_1m_tokens_on_one_node_of_8_checkpoints() -> None:
+    report = report_for(["recipe=dense_128k_zero3", "seq_len=1048576", "gpus_per_node=8"])
+    assert report.best is not None and report.best.layout.checkpointing
+    assert all(not c.fits for c in report.candidates if c.layout.zero == 0 and not c.layout.checkpointing)
+
+
+def test_ulysses_group_larger_than_the_heads_is_rejected() -> None:
+    report = report_for(["model.n_head=8", "model.n_kv_head=8", "gpus_per_node=16", "seq_len=4096"])
+    u16 = [c for c in report.candidates if c.layout.ulysses == 16]
+    assert u16 and all(c.reason == "U=16 exceeds heads (8)" for c in u16)
+    assert report.best is not None and report.best.layout.ulysses <= 8
+    text = format_table(report, limit=1000)
+    assert "rejected: U=16 exceeds heads (8)" in text and "BEST" in text
+
+
+def test_ulysses_never_spans_nodes_and_gqa_replicates_kv_heads() -> None:
+    report = report_for(["recipe=dense_128k_zero3", "gpus_per_node=8", "nodes=2", "zero=3", "checkpointing=true"])
+    reasons = {c.layout.ulysses: c.reason for c in report.candidates}
+    assert reasons[16] == "U=16 spans nodes (8 GPUs per node)"
+    assert any(c.layout.ulysses == 8 and c.fits for c in report.candidates)  # 8 K/V heads: one per rank
+
+
+def test_table_and_recipe_marker() -> None:
+    out = ring_plan("recipe=dense_128k_zero3")
+    assert "dp1 U1 R2 Z3 AC *" in out and "Recommended:" in out
