@@ -6,6 +6,8 @@
     loss = model(**batch, use_cache=False).loss      # this rank's share of the global mean
     loss.backward(); ring_plugin.hf.reduce_gradients(model)
 
+or hand the model to ``ring_plugin.hf.RingTrainer`` (transformers' ``Trainer`` on rings).
+
 Every attention layer then runs on the active ring (the strategy's, or ``ring_plugin.ring_context``);
 one process without a ring computes plain attention.
 """
@@ -24,4 +26,14 @@ from .batch import reduce_gradients, shard_batch
 AttentionInterface.register(RING, ring_attention_forward)
 AttentionMaskInterface.register(RING, ring_mask)
 
-__all__ = ["RING", "MaskRefusal", "reduce_gradients", "ring_attention_forward", "ring_mask", "shard_batch"]
+__all__ = ["RING", "MaskRefusal", "RingTrainer", "reduce_gradients", "ring_attention_forward", "ring_mask",
+           "shard_batch"]
+
+
+def __getattr__(name: str):
+    # RingTrainer pulls in transformers' Trainer (and accelerate): loaded only when asked for.
+    if name == "RingTrainer":
+        from .trainer import RingTrainer
+
+        return RingTrainer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -31,6 +31,7 @@ def shard_batch(
     group: dist.ProcessGroup | None = None,
     layout: str | None = None,
     data_parallel_group: dist.ProcessGroup | None = None,
+    num_items_in_batch: torch.Tensor | int | None = None,
 ) -> dict[str, Any]:
     """This rank's shard of a full-length ``batch`` (every rank of the ring holds the same one).
 
@@ -41,10 +42,25 @@ def shard_batch(
     of the whole batch, summed over ``data_parallel_group`` when given (several rings reading
     different samples). Packed sequences (``position_ids`` restarting at 0 in each document) get their
     ``document_ids``, made from the global positions here, where the whole sequence is at hand; the
-    label that crosses a document boundary is then ignored. The ring: ``group``/``layout``, else the
-    active ring, else the default group.
+    label that crosses a document boundary is then ignored. ``num_items_in_batch``, when given (a
+    count over several accumulated micro-batches, as the HF ``Trainer`` makes), replaces the count. The
+    ring: ``group``/``layout``, else the active ring, else the default group.
     """
     ring = resolve_ring(group, None, layout)
+    out = full_sequence_batch(batch)
+    if out.get("shift_labels") is not None:
+        if num_items_in_batch is None:
+            num_items_in_batch = count_labels(out)
+            if data_parallel_group is not None:
+                dist.all_reduce(num_items_in_batch, group=data_parallel_group)
+        out["num_items_in_batch"] = num_items_in_batch
+    return shard_sequence_batch(out, ring.layout, ring.sequence_rank, ring.sequence_size,
+                                extra_keys=EXTRA_SEQUENCE_KEYS)
+
+
+def full_sequence_batch(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """``batch`` with what must be made before sharding, over the whole sequence: ``position_ids``
+    (global), ``document_ids`` (packed sequences) and ``shift_labels`` (no label across documents)."""
     if not isinstance(batch, Mapping) or "input_ids" not in batch:
         raise ValueError("batch must be a mapping with a full-length input_ids tensor (batch, length)")
     input_ids = batch["input_ids"]
@@ -61,13 +77,13 @@ def shard_batch(
         if out.get("document_ids") is not None:  # no loss on the next document's first token
             docs = out["document_ids"]
             out["shift_labels"][:, :-1][docs[:, 1:] != docs[:, :-1]] = IGNORE_INDEX
-    if out.get("shift_labels") is not None:
-        count = (out["shift_labels"] != IGNORE_INDEX).sum()
-        if data_parallel_group is not None:
-            dist.all_reduce(count, group=data_parallel_group)
-        out["num_items_in_batch"] = count
-    return shard_sequence_batch(out, ring.layout, ring.sequence_rank, ring.sequence_size,
-                                extra_keys=EXTRA_SEQUENCE_KEYS)
+    return out
+
+
+def count_labels(batch: Mapping[str, Any]) -> torch.Tensor:
+    """Labelled tokens of a full-sequence batch made by :func:`full_sequence_batch` (int64 scalar)."""
+    return (batch["shift_labels"] != IGNORE_INDEX).sum()
+
 
 def reduce_gradients(parameters: nn.Module | Iterable[torch.Tensor], group: dist.ProcessGroup | None = None) -> None:
     """Sum every gradient over ``group`` (default: every rank: the rings and their data-parallel
