@@ -184,7 +184,10 @@ def estimate_memory(job: Job, layout: Layout) -> MemoryEstimate:
     recomputed = n * (per_layer - (kept - checkpoint_saved_per_token(spec, a))) if layout.checkpointing else 0.0
     mlp = 2 * n * spec.mlp_hidden * a
     attn = attention_backward_bytes(job, layout, n)
-    backward_rest = recomputed + 2 * n * e * a + bucket + gathered
+    # The head's weight gradient (V x E, bf16) from the loss: with tied weights autograd holds it in the
+    # embedding weight's input buffer until the embedding's own gradient arrives, at the end of backward.
+    tied_dw = v * e * a if c.tie_weights else 0.0
+    backward_rest = recomputed + 2 * n * e * a + bucket + gathered + tied_dw
     optimizer = 4 * states.optimizer / OPTIMIZER_BYTES  # fp32 gradients of the rank's partition at the step
     # (saved, attention buffers, transient) of each phase; activations are gone by the optimizer step.
     phases = {"loss": (saved, 0.0, loss + gathered),
