@@ -83,7 +83,8 @@ def _bench_train(data: dict[str, Any], name: str, entry: dict[str, Any]) -> list
 
 def _skipped(entry: dict[str, Any], row: dict[str, Any], quantity: str) -> bool:
     """Whether the entry's ``skip`` list (each with a ``why``) leaves this row's quantity unchecked."""
-    return any(rule["quantity"] == quantity and all(row.get(k) == v for k, v in rule.items() if k in ("model", "variant"))
+    return any(rule["quantity"] == quantity
+               and all(row.get(k) == v for k, v in rule.items() if k in ("model", "variant"))
                for rule in entry.get("skip", []))
 
 
