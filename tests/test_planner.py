@@ -24,6 +24,7 @@ from ring_plugin.ops.kernels import select_kernel
 from ring_plugin.planner import ModelSpec, state_bytes
 from ring_plugin.planner.cluster import GPUS
 from ring_plugin.planner.memory import (
+    block_kept_per_token,
     checkpoint_saved_per_token,
     layer_saved_per_token,
     param_tensors,
@@ -32,6 +33,7 @@ from ring_plugin.planner.memory import (
     shared_saved_per_token,
 )
 from ring_plugin.planner.rates import load_measured
+from ring_plugin.planner.workload import CHECKPOINTING
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = yaml.safe_load((REPO / "ring_plugin/conf/model/gpt_small.yaml").read_text())
@@ -65,12 +67,13 @@ def test_state_bytes_equal_the_real_model(variant: str, world: int, zero: int) -
     assert got.optimizer == 12 * (split if zero >= 1 else full)
 
 
-def saved_bytes_by_block(spec: ModelSpec, checkpointing: bool, n: int) -> dict[object, int]:
+def saved_bytes_by_block(spec: ModelSpec, mode: str, n: int) -> dict[object, int]:
     """Unique storages (parameters excluded) packed for backward during a bf16 forward, by the block
-    that first saved them ('embed' before the first block, 'final' for the final norm)."""
+    that first saved them ('embed' before the first block, 'final' for the final norm), with
+    checkpointing ``mode`` "none", "full" or "selective" (recompute_attention=False)."""
     torch.manual_seed(0)
     config = spec.config
-    config.activation_checkpointing = checkpointing
+    config.activation_checkpointing, config.recompute_attention = CHECKPOINTING[mode]
     model = RingGPT(config).to(torch.bfloat16).train()
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: set[int] = set()
@@ -94,18 +97,22 @@ def saved_bytes_by_block(spec: ModelSpec, checkpointing: bool, n: int) -> dict[o
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_saved_activations_match_the_model(variant: str, checkpointing: bool) -> None:
+@pytest.mark.parametrize("mode", CHECKPOINTING)
+def test_saved_activations_match_the_model(variant: str, mode: str) -> None:
     spec, n = spec_of(n_layer=3, **VARIANTS[variant]), 256
-    found = saved_bytes_by_block(spec, checkpointing, n)
+    found = saved_bytes_by_block(spec, mode, n)
     # CPU runs the composite RMSNorm (fp32 copies); CUDA's fused kernel is the planner's default.
     fused = spec.config.norm != "rmsnorm"
-    per_layer = checkpoint_saved_per_token(spec, 2) if checkpointing else layer_saved_per_token(spec, 2, fused)
+    per_layer = block_kept_per_token(spec, 2, fused, 1, mode)
     for block in (1, 2):  # block 0 also saves the shared cos/sin
         assert found[block] == pytest.approx(n * per_layer, rel=0.03)
     total = sum(found.values())
     assert total == pytest.approx(n * (spec.config.n_layer * per_layer + shared_saved_per_token(spec, 2, fused)),
                                   rel=0.03)
+    if mode == "full":
+        assert per_layer == checkpoint_saved_per_token(spec, 2)
+    if mode == "none":
+        assert per_layer == layer_saved_per_token(spec, 2, fused)
 
 
 class StandInRing(RingComm):

@@ -56,3 +56,14 @@ def test_ulysses_never_spans_nodes_and_gqa_replicates_kv_heads() -> None:
 def test_table_and_recipe_marker() -> None:
     out = ring_plan("recipe=dense_128k_zero3")
     assert "dp1 U1 R2 Z3 AC *" in out and "Recommended:" in out
+
+
+def test_selective_checkpointing_is_planned_and_wins_at_long_context_when_it_fits() -> None:
+    report = report_for(["recipe=dense_128k_zero3", "seq_len=524288", "gpus_per_node=8"])
+    assert report.best is not None and report.best.layout.mode == "selective"
+    by_label = {c.layout.label: c for c in report.candidates}
+    sac, ac = by_label["dp1 U8 R1 Z3 SAC"], by_label["dp1 U8 R1 Z3 AC"]
+    assert sac.step is not None and ac.step is not None and sac.memory is not None and ac.memory is not None
+    assert sac.step.total < ac.step.total and sac.memory.total > ac.memory.total
+    only = report_for(["recipe=dense_128k_zero3", "checkpointing=selective"])
+    assert {c.layout.mode for c in only.candidates} == {"selective"}

@@ -6,7 +6,8 @@
     ring-plan what-if                      # the 3B model at 128K..4M tokens on 8, 64 and 512 GPUs
 
 Planner keys: gpu, gpus_per_node, nodes, nvlink_gbps, internode_gbps (GB/s per direction), batch
-(samples per ring), zero (e.g. 2,3), checkpointing (true, false or both). Any other key=value is a
+(samples per ring), zero (e.g. 2,3), checkpointing (none, full, selective, comma-separated; true = full,selective;
+false = none; all or both = every mode, the default). Any other key=value is a
 ``ring-train`` override (seq_len=..., model=gpt_3b, model.n_layer=24, ...). Without gpus_per_node and
 nodes the recipe's own devices x num_nodes are planned.
 """
@@ -21,7 +22,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .cluster import cluster as make_cluster
-from .recommend import Candidate, Report, plan
+from .recommend import MODES, Candidate, Report, plan
 from .workload import compose, job_from_config
 
 PLANNER_KEYS = ("gpu", "gpus_per_node", "nodes", "nvlink_gbps", "internode_gbps", "zero", "checkpointing", "batch",
@@ -58,7 +59,9 @@ def report_for(args: Sequence[str]) -> Report:
                       float(mine["nvlink_gbps"]) if "nvlink_gbps" in mine else None,
                       float(mine["internode_gbps"]) if "internode_gbps" in mine else None)
     stages = [int(z) for z in mine.get("zero", "0,1,2,3").split(",")]
-    ac = {"true": (True,), "false": (False,), "both": (False, True)}[mine.get("checkpointing", "both").lower()]
+    value = mine.get("checkpointing", "all").lower()
+    aliases = {"true": ("full", "selective"), "false": ("none",), "both": MODES, "all": MODES}
+    ac = aliases.get(value) or tuple(value.split(","))
     return plan(job, cl, stages=stages, checkpointing=ac)
 
 
@@ -110,7 +113,7 @@ def _jsonable(report: Report) -> dict[str, Any]:
     def conv(x: Any) -> Any:
         if dataclasses.is_dataclass(x) and not isinstance(x, type):
             out = {f.name: conv(getattr(x, f.name)) for f in dataclasses.fields(x)}
-            for prop in ("total", "fits", "world", "label"):
+            for prop in ("total", "fits", "world", "label", "mode"):
                 if hasattr(type(x), prop):
                     out[prop] = getattr(x, prop)
             return out

@@ -94,6 +94,24 @@ def checkpoint_saved_per_token(spec: ModelSpec, a: int) -> float:
     return spec.config.n_embd * a
 
 
+def attention_kept_per_token(spec: ModelSpec, a: int, ulysses: int = 1) -> float:
+    """What selective checkpointing (``recompute_attention=False``) keeps beyond the block input: the
+    attention's q, k, v, output (bf16) and logsumexp (fp32), and the output projection's input (the
+    flattened output, a storage of its own), as in :func:`layer_saved_per_token`."""
+    c = spec.config
+    kv = ulysses * kv_heads_local(spec, ulysses) * c.head_dim
+    return 3 * c.n_embd * a + 2 * kv * a + 4 * c.n_head
+
+
+def block_kept_per_token(spec: ModelSpec, a: int, fused_norm: bool, ulysses: int, mode: str) -> float:
+    """Bytes one block keeps for backward per local token in checkpointing ``mode`` ("none", "full",
+    "selective")."""
+    if mode == "none":
+        return layer_saved_per_token(spec, a, fused_norm, ulysses)
+    kept = checkpoint_saved_per_token(spec, a)
+    return kept + attention_kept_per_token(spec, a, ulysses) if mode == "selective" else kept
+
+
 @dataclass(frozen=True)
 class RingBuffers:
     """Foreign K/V and dK/dV accumulator pairs alive while a ring step computes (peak over steps)."""
@@ -152,7 +170,7 @@ def estimate_memory(job: Job, layout: Layout) -> MemoryEstimate:
     n = job.batch * job.seq_len / (layout.ulysses * layout.ring)
     states = state_bytes(spec, world, layout.zero)
     per_layer = layer_saved_per_token(spec, a, job.fused_norm, layout.ulysses)
-    kept = checkpoint_saved_per_token(spec, a) if layout.checkpointing else per_layer
+    kept = block_kept_per_token(spec, a, job.fused_norm, layout.ulysses, layout.mode)
     saved = n * (c.n_layer * kept + shared_saved_per_token(spec, a, job.fused_norm))
     total_params = sum(numel for numel, _ in param_tensors(spec))
     gathered = min(total_params, ZERO3_LIVE_ELEMENTS) * PARAM_BYTES if layout.zero == 3 else 0.0
@@ -161,12 +179,15 @@ def estimate_memory(job: Job, layout: Layout) -> MemoryEstimate:
     # and one chunk's fp32 logits, logits - lse and probabilities.
     chunk = min(job.loss_chunk, n)
     loss = 2 * n * e * a + v * e * 4 + 3 * chunk * v * 4
-    # Backward of the top block: its recomputed activations (checkpointing), dX in and out, then the larger of
-    # the MLP's two hidden-width gradients and the attention backward.
-    recomputed = n * per_layer if layout.checkpointing else 0.0
+    # Backward of the top block: its recomputed activations (checkpointing; selective: all but what it kept of
+    # attention), dX in and out, then the larger of the MLP's two hidden-width gradients and the attention backward.
+    recomputed = n * (per_layer - (kept - checkpoint_saved_per_token(spec, a))) if layout.checkpointing else 0.0
     mlp = 2 * n * spec.mlp_hidden * a
     attn = attention_backward_bytes(job, layout, n)
-    backward_rest = recomputed + 2 * n * e * a + bucket + gathered
+    # The head's weight gradient (V x E, bf16) from the loss: with tied weights autograd holds it in the
+    # embedding weight's input buffer until the embedding's own gradient arrives, at the end of backward.
+    tied_dw = v * e * a if c.tie_weights else 0.0
+    backward_rest = recomputed + 2 * n * e * a + bucket + gathered + tied_dw
     optimizer = 4 * states.optimizer / OPTIMIZER_BYTES  # fp32 gradients of the rank's partition at the step
     # (saved, attention buffers, transient) of each phase; activations are gone by the optimizer step.
     phases = {"loss": (saved, 0.0, loss + gathered),

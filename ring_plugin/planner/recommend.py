@@ -68,9 +68,25 @@ def structural_reason(job: Job, cluster: Cluster, layout: Layout) -> str | None:
     return None
 
 
-def layouts(world: int, stages: Iterable[int], checkpointing: Iterable[bool]) -> list[Layout]:
-    return [Layout(world // (u * r), u, r, z, ac) for u in _divisors(world) for r in _divisors(world // u)
-            for z in stages for ac in checkpointing]
+MODES = ("none", "full", "selective")
+
+
+def _modes(checkpointing: Iterable[bool | str]) -> list[str]:
+    """Checkpointing modes from names ("none", "full", "selective") or booleans (True: both modes)."""
+    out: list[str] = []
+    for item in checkpointing:
+        names = ["full", "selective"] if item is True else ["none"] if item is False else [str(item)]
+        for name in names:
+            if name not in MODES:
+                raise ValueError(f"checkpointing mode {name!r} is not known; valid: {', '.join(MODES)}")
+            if name not in out:
+                out.append(name)
+    return out
+
+
+def layouts(world: int, stages: Iterable[int], checkpointing: Iterable[bool | str]) -> list[Layout]:
+    return [Layout.of(world // (u * r), u, r, z, mode) for u in _divisors(world) for r in _divisors(world // u)
+            for z in stages for mode in _modes(checkpointing)]
 
 
 def evaluate(job: Job, cluster: Cluster, layout: Layout, rates: Rates, usable: float) -> Candidate:
@@ -87,8 +103,9 @@ def evaluate(job: Job, cluster: Cluster, layout: Layout, rates: Rates, usable: f
 
 
 def plan(job: Job, cluster: Cluster, rates: Rates | None = None, stages: Iterable[int] = (0, 1, 2, 3),
-         checkpointing: Iterable[bool] = (False, True)) -> Report:
-    """Every (dp, U, R) x ZeRO stage x checkpointing candidate on ``cluster``, fastest fitting first."""
+         checkpointing: Iterable[bool | str] = MODES) -> Report:
+    """Every (dp, U, R) x ZeRO stage x checkpointing mode candidate on ``cluster``, fastest fitting first.
+    ``checkpointing``: modes "none", "full", "selective"; True stands for both checkpointing modes."""
     rates = rates or Rates.for_cluster(cluster)
     memory = rates.data["memory_bytes"]["value"] if rates.measured else cluster.gpu.memory_bytes
     usable = USABLE_FRACTION * memory

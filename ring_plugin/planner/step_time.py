@@ -140,14 +140,16 @@ def ulysses_seconds(job: Job, layout: Layout, rates: Rates, passes_forward: int)
 
 
 def estimate_step(job: Job, layout: Layout, rates: Rates) -> StepTime:
-    passes = 2 if layout.checkpointing else 1
+    """Checkpointing runs the blocks' matmuls, elementwise work and ZeRO-3 gathers twice; attention (and
+    the Ulysses all-to-all around it) twice only when it is recomputed too (``layout.mode == "full"``)."""
+    passes, attention_passes = layout.forward_passes, layout.attention_forward_passes
     c = job.model.config
     n = job.batch * job.seq_len / (layout.ulysses * layout.ring)
     matmul = matmul_seconds(job, layout, rates, passes)
-    attention = attention_seconds(job, layout, rates, passes)
+    attention = attention_seconds(job, layout, rates, attention_passes)
     elementwise = (c.n_layer * n * elementwise_bytes_per_token_layer(job) * (passes + 2)
                    + n * c.vocab_size * LOSS_BYTES_PER_LOGIT) / rates.hbm_bytes_per_s()
     comm, optimizer = zero_seconds(job, layout, rates, passes)
     compute = matmul + attention + elementwise
-    return StepTime(matmul, attention, elementwise, ulysses_seconds(job, layout, rates, passes),
+    return StepTime(matmul, attention, elementwise, ulysses_seconds(job, layout, rates, attention_passes),
                     max(comm - compute, 0.0), optimizer)

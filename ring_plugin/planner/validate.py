@@ -17,7 +17,7 @@ from .cluster import cluster
 from .memory import attention_backward_bytes, estimate_memory, kv_heads_local
 from .rates import Rates
 from .step_time import attention_seconds, estimate_step
-from .workload import Job, Layout, ModelSpec
+from .workload import CONFIG_DIR, Job, Layout, ModelSpec
 
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 
@@ -45,6 +45,47 @@ def _train(data: dict[str, Any], name: str) -> list[Check]:
     peak = max(m["peak_allocated_gib"] for m in t["memory"]) * 2**30
     return [Check(name, "step_time", estimate_step(job, layout, rates).total, t["median_step_seconds"]),
             Check(name, "peak_memory", estimate_memory(job, layout).total, peak)]
+
+
+def _model_config(value: str | dict[str, Any]) -> dict[str, Any]:
+    """A model named by its ``ring_plugin/conf/model`` file (package data, e.g. "gpt_3b") or given as keys."""
+    if isinstance(value, str):
+        import yaml
+
+        return yaml.safe_load((CONFIG_DIR / "model" / f"{value}.yaml").read_text())
+    return dict(value)
+
+
+def _bench_train(data: dict[str, Any], name: str, entry: dict[str, Any]) -> list[Check]:
+    """``bench_train.py`` rows (a list): the row's ``model`` resolved through the manifest entry's
+    ``models`` map; variants ``ring`` / ``ring_recompute`` are a ring of all GPUs, ``ulysses`` a Ulysses
+    group of all GPUs; only the variants the entry lists are checked (rows with an ``error`` never)."""
+    out = []
+    for row in data["train"]:
+        if "error" in row or row["variant"] not in entry["variants"]:
+            continue
+        config = _model_config(entry["models"][row["model"]])
+        config.update(max_seq_len=row["seq_len"], activation_checkpointing=row["activation_checkpointing"],
+                      recompute_attention=row["recompute_attention"])
+        spec = ModelSpec.from_dict(config)
+        gpus = row["gpus"]
+        u, r = (gpus, 1) if row["variant"] == "ulysses" else (1, gpus)
+        layout = Layout(1, u, r, row["zero_stage"], row["activation_checkpointing"], row["recompute_attention"])
+        job = Job(spec, row["seq_len"], batch=row.get("batch", 1))
+        rates = Rates.for_cluster(cluster("h200", gpus, 1))
+        peak = max(m["peak_allocated_gib"] for m in row["memory"]) * 2**30
+        run = f"{name} {row['model']} {row['variant']}"
+        found = [Check(run, "step_time", estimate_step(job, layout, rates).total, row["median_step_seconds"]),
+                 Check(run, "peak_memory", estimate_memory(job, layout).total, peak)]
+        out += [check for check in found if not _skipped(entry, row, check.quantity)]
+    return out
+
+
+def _skipped(entry: dict[str, Any], row: dict[str, Any], quantity: str) -> bool:
+    """Whether the entry's ``skip`` list (each with a ``why``) leaves this row's quantity unchecked."""
+    return any(rule["quantity"] == quantity
+               and all(row.get(k) == v for k, v in rule.items() if k in ("model", "variant"))
+               for rule in entry.get("skip", []))
 
 
 def _attention_only(n: int, causal: bool, heads: int, head_dim: int, gpus: int, seconds: float, peak: float,
@@ -82,8 +123,9 @@ def _bench_patterns(data: dict[str, Any], name: str) -> list[Check]:
     return out
 
 
-KINDS: dict[str, Callable[[dict[str, Any], str], list[Check]]] = {
-    "train": _train, "bench_ring": _bench_ring, "bench_patterns": _bench_patterns}
+KINDS: dict[str, Callable[..., list[Check]]] = {
+    "train": _train, "bench_ring": _bench_ring, "bench_patterns": _bench_patterns, "bench_train": _bench_train}
+NEEDS_ENTRY = {"bench_train"}  # kinds that read their manifest entry (model map, variants)
 
 
 def validate(results: Path = RESULTS) -> tuple[list[Check], dict[str, float]]:
@@ -92,7 +134,8 @@ def validate(results: Path = RESULTS) -> tuple[list[Check], dict[str, float]]:
     checks = []
     for entry in manifest["runs"]:
         data = json.loads((results / entry["file"]).read_text())
-        checks += KINDS[entry["kind"]](data, entry["file"])
+        extra = (entry,) if entry["kind"] in NEEDS_ENTRY else ()
+        checks += KINDS[entry["kind"]](data, entry["file"], *extra)
     return checks, manifest["targets"]
 
 

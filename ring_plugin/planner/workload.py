@@ -56,15 +56,52 @@ class ModelSpec:
 _FIGURES: dict[tuple[str, int], tuple[float, float]] = {}
 
 
+# Activation checkpointing modes: (GPTConfig.activation_checkpointing, GPTConfig.recompute_attention).
+# "full" recomputes whole blocks (attention included); "selective" recomputes everything but attention
+# (q, k, v, the attention output and logsumexp stay saved, backward runs no attention forward).
+CHECKPOINTING = {"none": (False, True), "full": (True, True), "selective": (True, False)}
+
+
 @dataclass(frozen=True)
 class Layout:
-    """One way to run the job: world = dp x ulysses x ring, a ZeRO stage, activation checkpointing."""
+    """One way to run the job: world = dp x ulysses x ring, a ZeRO stage, activation checkpointing
+    (``recompute_attention=False``: selective, attention kept out of the recomputation)."""
 
     dp: int
     ulysses: int
     ring: int
     zero: int
     checkpointing: bool
+    recompute_attention: bool = True  # only meaningful with checkpointing
+
+    def __post_init__(self) -> None:
+        if not self.checkpointing and not self.recompute_attention:
+            object.__setattr__(self, "recompute_attention", True)  # nothing is recomputed: one "none" mode
+
+    @classmethod
+    def of(cls, dp: int, ulysses: int, ring: int, zero: int, mode: str) -> Layout:
+        """A layout with checkpointing ``mode`` "none", "full" or "selective"."""
+        return cls(dp, ulysses, ring, zero, *CHECKPOINTING[mode])
+
+    @property
+    def mode(self) -> str:
+        if not self.checkpointing:
+            return "none"
+        return "full" if self.recompute_attention else "selective"
+
+    @property
+    def selective(self) -> bool:
+        return self.mode == "selective"
+
+    @property
+    def forward_passes(self) -> int:
+        """Forwards of the blocks' matmuls (and ZeRO-3 gathers) per step: 2 with either checkpointing."""
+        return 2 if self.checkpointing else 1
+
+    @property
+    def attention_forward_passes(self) -> int:
+        """Forwards of attention per step: 2 only when checkpointing recomputes it."""
+        return 2 if self.mode == "full" else 1
 
     @property
     def world(self) -> int:
@@ -72,7 +109,8 @@ class Layout:
 
     @property
     def label(self) -> str:
-        return f"dp{self.dp} U{self.ulysses} R{self.ring} Z{self.zero} {'AC' if self.checkpointing else 'noAC'}"
+        tag = {"none": "noAC", "full": "AC", "selective": "SAC"}[self.mode]
+        return f"dp{self.dp} U{self.ulysses} R{self.ring} Z{self.zero} {tag}"
 
 
 @dataclass(frozen=True)
@@ -122,7 +160,8 @@ def job_from_config(cfg: Any, name: str) -> Job:
     world = int(cfg.devices) * int(cfg.num_nodes)
     ulysses = int(cfg.get("ulysses_size") or 1)  # read where the app has it; not required
     ring = int(cfg.ring_size)
-    layout = Layout(world // (ring * ulysses), ulysses, ring, stage, bool(spec.config.activation_checkpointing))
+    layout = Layout(world // (ring * ulysses), ulysses, ring, stage, bool(spec.config.activation_checkpointing),
+                    bool(spec.config.recompute_attention))
     precision = str(cfg.trainer.precision)
     return Job(model=spec, seq_len=int(cfg.seq_len), batch=int(cfg.data.get("batch_size", 1)),
                act_bytes=4 if precision.startswith("32") else 2, name=name, recipe_layout=layout)
