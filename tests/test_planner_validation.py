@@ -44,7 +44,8 @@ def test_manifest_covers_the_training_runs_and_the_ring_benchmarks() -> None:
     runs = {c.run for c in CHECKS}
     files = {run.split(" ")[0] for run in runs}
     assert "gpu_lightning_2xH200_2026-11-22.json" in files
-    assert {"bench_ring_2xH200_2026-11-22.json", "bench_ring_2xH200_2026-11-30.json"} <= files
+    assert {"bench_ring_2xH200_2026-11-22.json", "bench_ring_2xH200_2026-11-30.json",
+            "bench_2d_2xH200_2026-11-30.json"} <= files
     assert {"bench_train_2xH200_2026-11-30.json 3b ring", "bench_train_2xH200_2026-11-30.json 3b ulysses",
             "bench_train_2xH200_2026-11-30_ring.json 3b ring_recompute"} <= runs
     quantities = {(c.run, c.quantity) for c in CHECKS}

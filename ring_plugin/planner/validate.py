@@ -89,17 +89,19 @@ def _skipped(entry: dict[str, Any], row: dict[str, Any], quantity: str) -> bool:
 
 
 def _attention_only(n: int, causal: bool, heads: int, head_dim: int, gpus: int, seconds: float, peak: float,
-                    name: str) -> list[Check]:
+                    name: str, ulysses: int = 1) -> list[Check]:
     """One dense ring layer, fwd+bwd, as the benchmarks time it: the inputs q, k, v and the output
     gradient (bf16), their K/V contiguous copies, the output, and the backward working set."""
     spec = ModelSpec.from_dict(dict(vocab_size=64, n_layer=1, n_head=heads, n_embd=heads * head_dim, max_seq_len=n))
     job = Job(spec, n, causal=causal)
-    layout = Layout(1, 1, gpus, 0, False)
+    layout = Layout(1, ulysses, gpus // ulysses, 0, False)
     rates = Rates.for_cluster(cluster("h200", gpus, 1))
     local = n / gpus
     e, a = spec.config.n_embd, job.act_bytes
     kv = local * kv_heads_local(spec, 1) * head_dim
     held = 5 * local * e * a + 2 * kv * a
+    if ulysses > 1:  # the all-to-all's outputs are new tensors the engine saves: q, k, v and the output by sequence
+        held += 2 * local * e * a + 2 * local * ulysses * kv_heads_local(spec, ulysses) * head_dim * a
     return [Check(name, "step_time", attention_seconds(job, layout, rates, passes_forward=1), seconds),
             Check(name, "peak_memory", held + attention_backward_bytes(job, layout, local), peak)]
 
@@ -123,8 +125,22 @@ def _bench_patterns(data: dict[str, Any], name: str) -> list[Check]:
     return out
 
 
+def _bench_2d(data: dict[str, Any], name: str) -> list[Check]:
+    """bench_2d.py: the dense layer as a Ulysses group of all GPUs and as a ring of all GPUs."""
+    out = []
+    for run in data["runs"]:
+        for split in ("ulysses2", "ring2"):
+            row = run[split]
+            out += _attention_only(run["n"], run["causal"], run["heads"], run["head_dim"], data["gpus"],
+                                   row["seconds"], row["peak_gb"] * 1e9,
+                                   f"{name} {split} n={run['n']} {'causal' if run['causal'] else 'non-causal'}",
+                                   ulysses=row["ulysses_size"])
+    return out
+
+
 KINDS: dict[str, Callable[..., list[Check]]] = {
-    "train": _train, "bench_ring": _bench_ring, "bench_patterns": _bench_patterns, "bench_train": _bench_train}
+    "train": _train, "bench_ring": _bench_ring, "bench_patterns": _bench_patterns, "bench_train": _bench_train,
+    "bench_2d": _bench_2d}
 NEEDS_ENTRY = {"bench_train"}  # kinds that read their manifest entry (model map, variants)
 
 
