@@ -11,7 +11,8 @@ attention layer differs:
 
 - ``ring``: ring_plugin's ``sdpa`` ring (zigzag layout), attention kept out of recomputation
   (``recompute_attention=False``); ``ring_recompute``: the same, recomputing whole blocks (the
-  recipes' setting before this benchmark);
+  recipes' setting before this benchmark); ``ring_ulysses``: ring_plugin with ``ulysses_size=2`` (its
+  own all-to-all, no ring: U=2 against the ring's R=2);
 - ``ulysses``: DeepSpeed's ``DistributedAttention`` (all-to-all heads <-> sequence) around cuDNN SDPA on
   the whole sequence (contiguous layout; GQA's K/V heads repeated after the all-to-all);
 - ``torch_cp``: torch's ``context_parallel`` ring SDPA (cuDNN, head-tail load balancing = zigzag; K/V
@@ -67,12 +68,13 @@ MODELS = {
     "124m": lambda: dict(vocab_size=50304, n_layer=12, n_head=12, n_embd=768, activation_checkpointing=True),
     "smoke": lambda: dict(vocab_size=61, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, activation_checkpointing=True),
 }
-# variant -> (attention swap, strategy layout, recompute attention in backward)
+# variant -> (attention swap, strategy layout, recompute attention in backward, ring_plugin's ulysses_size)
 VARIANTS = {
-    "ring": ("ring", "zigzag", False),
-    "ring_recompute": ("ring", "zigzag", True),
-    "ulysses": ("ulysses", "contiguous", False),
-    "torch_cp": ("torch_cp", "zigzag", False),
+    "ring": ("ring", "zigzag", False, 1),
+    "ring_recompute": ("ring", "zigzag", True, 1),
+    "ring_ulysses": ("ring", "zigzag", False, 2),
+    "ulysses": ("ulysses", "contiguous", False, 1),
+    "torch_cp": ("torch_cp", "zigzag", False, 1),
 }
 
 
@@ -166,7 +168,7 @@ def check_attention(device: torch.device, seq_len: int, heads: int, kv_heads: in
 
 
 def train(variant: str, model_name: str, args, world: int, rank: int, device: torch.device) -> dict[str, Any]:
-    kind, layout, recompute = VARIANTS[variant]
+    kind, layout, recompute, ulysses = VARIANTS[variant]
     config = GPTConfig(**MODELS[model_name](), max_seq_len=args.seq_len, attention="sdpa",
                        recompute_attention=recompute)
     torch.manual_seed(0)
@@ -180,8 +182,10 @@ def train(variant: str, model_name: str, args, world: int, rank: int, device: to
     data = RandomTokens(args.steps, args.seq_len, config.vocab_size, seed=2)
     context = torch_context_parallel(device) if kind == "torch_cp" else nullcontext()
     with context:
-        make_trainer(RingDeepSpeedStrategy(stage=3, layout=layout, logging_level=40), device.type, world,
-                     args.steps, args.precision, [stats]).fit(module, DataLoader(data, batch_size=1))
+        strategy = RingDeepSpeedStrategy(stage=3, layout=layout, ulysses_size=ulysses, ring_size=world // ulysses,
+                                         logging_level=40)
+        make_trainer(strategy, device.type, world, args.steps, args.precision, [stats]).fit(
+            module, DataLoader(data, batch_size=1))
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
     peaks: list = [None] * world
     dist.all_gather_object(peaks, {"rank": rank, "peak_allocated_gib": peak})
@@ -190,6 +194,7 @@ def train(variant: str, model_name: str, args, world: int, rank: int, device: to
     flops_per_token = module.flops_per_token(args.seq_len)
     row = {
         "variant": variant, "attention": kind, "layout": layout, "recompute_attention": recompute,
+        "ulysses_size": ulysses, "ring_size": world // ulysses,
         "model": model_name, "params": module.model.num_parameters(), "seq_len": args.seq_len, "gpus": world,
         "zero_stage": 3, "precision": args.precision, "activation_checkpointing": True, "steps": args.steps,
         "warmup_steps_excluded": args.warmup, "step_seconds": stats.seconds, "median_step_seconds": step_s,
@@ -217,7 +222,8 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--seq-len", type=int, default=131072)
     parser.add_argument("--models", nargs="+", default=["3b", "124m"], choices=sorted(MODELS))
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=[v for v in VARIANTS if v != "ring_ulysses"],
+                        choices=list(VARIANTS))
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2, help="first steps left out of the timing")
     parser.add_argument("--precision", default="bf16-mixed")
