@@ -169,8 +169,8 @@ def check_attention(device: torch.device, seq_len: int, heads: int, kv_heads: in
 
 def train(variant: str, model_name: str, args, world: int, rank: int, device: torch.device) -> dict[str, Any]:
     kind, layout, recompute, ulysses = VARIANTS[variant]
-    config = GPTConfig(**MODELS[model_name](), max_seq_len=args.seq_len, attention="sdpa",
-                       recompute_attention=recompute)
+    config = GPTConfig(**{**MODELS[model_name](), "max_seq_len": args.seq_len, "attention": "sdpa",
+                          "recompute_attention": recompute})
     torch.manual_seed(0)
     module = RingCausalLM(config, lr=3e-4, warmup_steps=2, max_steps=args.steps)
     if kind != "ring":
