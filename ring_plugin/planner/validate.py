@@ -58,8 +58,9 @@ def _model_config(value: str | dict[str, Any]) -> dict[str, Any]:
 
 def _bench_train(data: dict[str, Any], name: str, entry: dict[str, Any]) -> list[Check]:
     """``bench_train.py`` rows (a list): the row's ``model`` resolved through the manifest entry's
-    ``models`` map; variants ``ring`` / ``ring_recompute`` are a ring of all GPUs, ``ulysses`` a Ulysses
-    group of all GPUs; only the variants the entry lists are checked (rows with an ``error`` never)."""
+    ``models`` map; variants ``ring`` / ``ring_recompute`` / ``ring_ulysses`` run ring_plugin at the
+    row's ``ulysses_size`` x ``ring_size`` (a ring of all GPUs in files older than those fields),
+    ``ulysses`` (DeepSpeed's) is a Ulysses group of all GPUs; only the variants the entry lists are checked (rows with an ``error`` never)."""
     out = []
     for row in data["train"]:
         if "error" in row or row["variant"] not in entry["variants"]:
@@ -69,7 +70,9 @@ def _bench_train(data: dict[str, Any], name: str, entry: dict[str, Any]) -> list
                       recompute_attention=row["recompute_attention"])
         spec = ModelSpec.from_dict(config)
         gpus = row["gpus"]
-        u, r = (gpus, 1) if row["variant"] == "ulysses" else (1, gpus)
+        # DeepSpeed's Ulysses spans every GPU; ring_plugin's rows say their own sizes (older files: a ring).
+        u = gpus if row["variant"] == "ulysses" else row.get("ulysses_size", 1)
+        r = gpus // u
         layout = Layout(1, u, r, row["zero_stage"], row["activation_checkpointing"], row["recompute_attention"])
         job = Job(spec, row["seq_len"], batch=row.get("batch", 1))
         rates = Rates.for_cluster(cluster("h200", gpus, 1))
