@@ -60,7 +60,8 @@ def _bench_train(data: dict[str, Any], name: str, entry: dict[str, Any]) -> list
     """``bench_train.py`` rows (a list): the row's ``model`` resolved through the manifest entry's
     ``models`` map; variants ``ring`` / ``ring_recompute`` / ``ring_ulysses`` run ring_plugin at the
     row's ``ulysses_size`` x ``ring_size`` (a ring of all GPUs in files older than those fields),
-    ``ulysses`` (DeepSpeed's) is a Ulysses group of all GPUs; only the variants the entry lists are checked (rows with an ``error`` never)."""
+    ``ulysses`` (DeepSpeed's) is a Ulysses group of all GPUs; only the variants the entry lists are
+    checked (rows with an ``error`` never)."""
     out = []
     for row in data["train"]:
         if "error" in row or row["variant"] not in entry["variants"]:
