@@ -2,7 +2,7 @@
 (CPU, gloo, tiny model). ``ring-train devices=2 num_nodes=2`` takes its 4 ranks from torchrun (Lightning
 spawns nothing), writes the run's files once, maps Ulysses groups inside a node and rings across, and
 after losing a node mid-run the same two commands resume and reach the uninterrupted run's losses and
-weights exactly."""
+weights exactly. Lightning's own launcher (``NODE_RANK`` per node) runs the same job."""
 
 from __future__ import annotations
 
@@ -151,6 +151,36 @@ def test_two_nodes_train_lose_a_node_and_resume_exactly(tmp_path: Path, ulysses_
     assert got_w.keys() == want_w.keys()
     for k in want_w:
         torch.testing.assert_close(got_w[k], want_w[k], rtol=0, atol=0, msg=k)
+
+
+def test_lightnings_own_launcher_on_two_nodes(tmp_path: Path) -> None:
+    """Without torchrun or SLURM: ``NODE_RANK=i MASTER_ADDR=... ring-train num_nodes=2`` per node, and Lightning
+    re-runs the command for local rank 1 of each node; node 1's first process owns no file."""
+    out, ranks_dir, port = tmp_path / "run", tmp_path / "ranks", free_port()
+    cmd = [sys.executable, "-m", "ring_plugin.app.train", f"hydra.run.dir={out}", *TINY, *FAST, "max_steps=6",
+           "+callbacks.ranks._target_=tests.app.helpers.RecordRanks", f"+callbacks.ranks.dir={ranks_dir}"]
+    procs = [subprocess.Popen(cmd, cwd=REPO, env={**env(), "NODE_RANK": str(node), "MASTER_ADDR": "127.0.0.1",
+                                                   "MASTER_PORT": str(port)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+             for node in (0, 1)]
+    try:
+        logs = [proc.communicate(timeout=LAUNCH_TIMEOUT)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                for pid in _descendants(proc.pid):
+                    _kill(pid)
+                _kill(proc.pid)
+                proc.wait()
+    text = _ok([p.returncode for p in procs], logs)
+    assert "4 processes on 2 nodes (lightning)" in text and text.count("== ring-train summary (step 6) ==") == 1
+    assert [int(r["step"]) for r in read_csv_metrics(out) if r.get("train/loss")] == list(range(6))
+    ranks = _ranks(ranks_dir)
+    assert {r["cluster_environment"] for r in ranks} == {"LightningEnvironment"}
+    for node, pid in enumerate(p.pid for p in procs):  # each node's command is its local rank 0 ...
+        first, second = ranks[2 * node], ranks[2 * node + 1]
+        assert (first["pid"], first["node_rank"], first["local_rank"]) == (pid, node, 0)
+        assert (second["ppid"], second["node_rank"], second["local_rank"]) == (pid, node, 1)  # ... and spawned 1
 
 
 def test_launcher_and_global_rank_zero_from_the_environment() -> None:
