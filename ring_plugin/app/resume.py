@@ -20,6 +20,7 @@ from ..callbacks.checkpoint_files import (
     scan,
     verify,
 )
+from .launch import is_global_rank_zero
 
 
 class ResumeError(RuntimeError):
@@ -59,19 +60,13 @@ def resolve_resume(resume: str, checkpoint_dir: str | Path) -> str | None:
 
 def set_aside(checkpoints: list[Path], directory: Path) -> None:
     """Move ``checkpoints`` (and their manifests) into ``directory/set_aside_<time>/`` (rank 0 only)."""
-    if not checkpoints or not _is_rank_zero():
+    if not checkpoints or not is_global_rank_zero():
         return
     target = directory / time.strftime("set_aside_%Y%m%d_%H%M%S")
     target.mkdir(exist_ok=True)
     for path in checkpoints:
         for item in (path, manifest_path(path)):
-            with contextlib.suppress(FileNotFoundError):  # no manifest, or another launcher's rank 0 was first
+            with contextlib.suppress(FileNotFoundError):  # a checkpoint without a manifest
                 os.replace(item, target / item.name)
     print(f"[ring-train] moved {len(checkpoints)} checkpoint(s) that this run will not continue from to {target}",
           flush=True)
-
-
-def _is_rank_zero() -> bool:
-    """Before the process group exists: torchrun sets RANK, SLURM SLURM_PROCID; Lightning's launcher
-    starts the other ranks later, with LOCAL_RANK/NODE_RANK set, so a process without any is rank 0."""
-    return all(os.environ.get(key, "0") == "0" for key in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK"))

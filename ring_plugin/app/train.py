@@ -4,7 +4,9 @@
 can be overridden (``ring-train attention=dilated strategy=deepspeed max_steps=50``). With
 ``devices > 1`` Lightning re-runs this command once per extra process (same Hydra run directory), or
 ``torchrun --nproc-per-node N --max-restarts K -m ring_plugin.app.train ...`` starts the processes and
-restarts them after a failure; either way the run resumes from its newest complete checkpoint. The same
+restarts them after a failure; either way the run resumes from its newest complete checkpoint. On several
+nodes one ``torchrun --nnodes N`` per node, or ``srun`` under SLURM, starts every process (Lightning spawns
+none) with ``devices`` = processes per node and ``num_nodes`` = N (docs/app.md, "Multi-node"). The same
 command on a completed run says so and exits; a changed config is refused (see ``identity``).
 """
 
@@ -29,6 +31,7 @@ from ..callbacks import FaultTolerance, FinalCheckpoint, RingMonitor, RingProgre
 from ..lightning import RingDeepSpeedStrategy
 from ..models import RingCausalLM
 from .identity import RunRecord, is_complete, open_run, save_record, set_aside_logs
+from .launch import check_launch, is_global_rank_zero, launcher
 from .quiet import quiet_known_noise, route_lightning_logs
 from .resume import resolve_resume
 from .validate import ConfigError, is_hf_model, model_kwargs, validate_config
@@ -38,11 +41,6 @@ CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 log = logging.getLogger("ring_plugin.app")
 # RingAttentionConfig field that makes a layer count its ring traffic for the monitoring callback.
 STATS_FLAG = "collect_stats"
-
-
-def _is_launching_rank() -> bool:
-    """True in the process that owns the run's files: rank 0 (torchrun) or Lightning's parent process."""
-    return os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) == "0"
 
 
 def _configure_process(cfg: DictConfig) -> None:
@@ -113,8 +111,9 @@ def _pin_run_dir_for_ranks(cfg: DictConfig) -> None:
 def run(cfg: DictConfig) -> dict[str, Any]:
     quiet_known_noise()  # before validation, which builds the strategy (and may import DeepSpeed)
     validate_config(cfg)
+    check_launch(cfg.devices, cfg.num_nodes)
     _configure_process(cfg)
-    owner = _is_launching_rank()
+    owner = is_global_rank_zero()  # the run's files are written once, by global rank 0 (of every node)
     record = open_run(cfg)
     if cfg.resume != "never" and is_complete(record, cfg.max_steps, cfg.paths.checkpoints):
         if owner:
@@ -157,12 +156,21 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 def _announce(cfg: DictConfig, trainer: pl.Trainer, model: RingCausalLM, ckpt_path: str | None) -> None:
     params = sum(p.numel() for p in model.parameters())
     log.info(f"[ring-train] run {cfg.name!r} in {cfg.paths.output_dir}: {cfg.attention.name} attention, "
-             f"{params / 1e6:.2f}M parameters, seq_len {cfg.seq_len}, {cfg.devices * cfg.num_nodes} processes "
-             f"({_sequence_parallel(cfg)}, {cfg.layout}), {trainer.max_steps} steps"
+             f"{params / 1e6:.2f}M parameters, seq_len {cfg.seq_len}, {cfg.devices * cfg.num_nodes} processes"
+             f"{_nodes(cfg)} ({_sequence_parallel(cfg)}, {cfg.layout}), {trainer.max_steps} steps"
              + (f"; resuming from {ckpt_path}" if ckpt_path else ""))
+    if cfg.num_nodes > 1 and cfg.devices % cfg.ulysses_size:
+        # Ulysses groups are adjacent ranks: one that straddles two nodes sends its all-to-alls over the network.
+        log.warning(f"[ring-train] ulysses_size={cfg.ulysses_size} does not divide devices={cfg.devices}: some "
+                    "Ulysses groups span two nodes (slow all-to-all); pick ulysses_size dividing devices")
     if isinstance(trainer.strategy, RingDeepSpeedStrategy) and cfg.trainer.accelerator == "cpu" \
             and not _deepspeed_cpu_op_built():
         log.info("[ring-train] building DeepSpeed's CPU communication op, once, ~2 min ...")
+
+
+def _nodes(cfg: DictConfig) -> str:
+    """`` on 2 nodes (torchrun)``: how the processes were started, for the start line."""
+    return f" on {cfg.num_nodes} nodes ({launcher()})" if cfg.num_nodes > 1 else ""
 
 
 def _sequence_parallel(cfg: DictConfig) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -166,3 +167,57 @@ class LateStart(Callback):
     def __init__(self, seconds: float, rank: int = 1):
         if os.environ.get("LOCAL_RANK", "0") == str(rank):
             time.sleep(seconds)
+
+
+class RecordRanks(Callback):
+    """Writes ``<dir>/rank<R>.json`` per rank at the start of training: who started the process, which node
+    it is on and the global ranks of its mesh groups (what a multi-node launch must get right)."""
+
+    def __init__(self, dir: str):
+        self.dir = Path(dir)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        import torch.distributed as dist
+
+        mesh = trainer.strategy.ring_groups.mesh
+        groups = {name: dist.get_process_group_ranks(g) if g is not None else [trainer.global_rank]
+                  for name, g in mesh.dims}
+        launcher = getattr(trainer.strategy, "launcher", None)
+        record = {
+            "global_rank": trainer.global_rank, "local_rank": trainer.local_rank, "node_rank": trainer.node_rank,
+            "world_size": trainer.world_size, "pid": os.getpid(), "ppid": os.getppid(),
+            "cluster_environment": type(trainer.strategy.cluster_environment).__name__,
+            "launcher": type(launcher).__name__ if launcher is not None else None,
+            # False: Lightning's launcher would re-run the command for local ranks 1..
+            "external_processes": trainer.strategy.cluster_environment.creates_processes_externally,
+            "groups": groups,
+        }
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+class LoseNodeOnce(Callback):
+    """Node ``node`` dies at the start of step ``step`` on the first launch: its torchrun agent is SIGKILLed and
+    its ranks exit at once, like a machine that went away. ``marker`` (per rank) makes later launches train on."""
+
+    def __init__(self, step: int, marker: str, node: int = 1):
+        self.step = step
+        self.marker = marker
+        self.node = node
+        # The agent's pid now, while it surely is the parent: after it died, getppid() would name init.
+        self.agent = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if trainer.global_step != self.step or trainer.node_rank != self.node:
+            return
+        marker = Path(f"{self.marker}.rank{trainer.global_rank}")
+        if marker.exists():
+            return
+        marker.write_text(str(time.time()))
+        import signal
+
+        if self.agent is not None and os.getppid() == self.agent:  # else the other rank of this node was first
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.agent, signal.SIGKILL)
+        os._exit(137)
