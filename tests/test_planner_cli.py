@@ -55,7 +55,7 @@ def test_ulysses_never_spans_nodes_and_gqa_replicates_kv_heads() -> None:
 
 def test_table_and_recipe_marker() -> None:
     out = ring_plan("recipe=dense_128k_zero3")
-    assert "dp1 U1 R2 Z3 AC *" in out and "Recommended:" in out
+    assert "dp1 U1 R2 Z3 SAC *" in out and "Recommended:" in out  # gpt_3b keeps attention saved
 
 
 def test_selective_checkpointing_is_planned_and_wins_at_long_context_when_it_fits() -> None:
