@@ -28,7 +28,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import statistics
 import sys
 import time
 import warnings
@@ -46,7 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from gpu_lightning import RandomTokens, StepStats, free_memory, make_trainer  # noqa: E402
+from gpu_lightning import RandomTokens, StepStats, free_memory, make_trainer, step_figures  # noqa: E402
 
 from ring_plugin.comm.context import ring_context  # noqa: E402
 from ring_plugin.layout import shard_sequence  # noqa: E402
@@ -93,20 +92,10 @@ def throughput(name: str, make_module: Callable[[], pl.LightningModule], args, w
     data = RandomTokens(args.steps, args.seq_len, vocab, seed=2)
     make_trainer(RingDeepSpeedStrategy(stage=3, logging_level=40), accelerator, world, args.steps, args.precision,
                  [stats]).fit(module, DataLoader(data, batch_size=1))
-    peak = torch.cuda.max_memory_allocated() / 2**30 if accelerator == "gpu" else None
-    peaks: list = [None] * world
-    dist.all_gather_object(peaks, {"rank": rank, "peak_allocated_gib": peak})
-    step_s = statistics.median(stats.seconds[args.warmup:] or stats.seconds)
-    tokens_per_s = args.seq_len / step_s
-    flops_per_token = module.flops_per_token(args.seq_len)
     row = {
         "model": name, "params": _params(module), "seq_len": args.seq_len, "gpus": world, "ring_size": world,
-        "zero_stage": 3, "precision": args.precision, "activation_checkpointing": True, "steps": args.steps,
-        "warmup_steps_excluded": args.warmup, "step_seconds": stats.seconds, "median_step_seconds": step_s,
-        "tokens_per_s": tokens_per_s, "model_flops_per_token": flops_per_token,
-        "tflops_per_gpu": flops_per_token * tokens_per_s / world / 1e12,
-        "mfu": flops_per_token * tokens_per_s / (world * args.peak_tflops * 1e12), "losses": stats.losses,
-        "memory": peaks,
+        "zero_stage": 3, "precision": args.precision, "activation_checkpointing": True,
+        **step_figures(stats, args.seq_len, module.flops_per_token(args.seq_len), args, world, rank),
     }
     del module, stats
     free_memory()

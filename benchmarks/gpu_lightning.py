@@ -170,18 +170,25 @@ def train_run(args, world: int, rank: int, accelerator: str) -> dict:
     data = RandomTokens(args.steps, seq_len, config.vocab_size, seed=2)
     make_trainer(strategy, accelerator, world, args.steps, args.precision, [stats]).fit(
         module, DataLoader(data, batch_size=1))
-    peak = torch.cuda.max_memory_allocated() / 2**30 if accelerator == "gpu" else None
-    reserved = torch.cuda.max_memory_reserved() / 2**30 if accelerator == "gpu" else None
-    peaks: list = [None] * world
-    dist.all_gather_object(peaks, {"rank": rank, "peak_allocated_gib": peak, "peak_reserved_gib": reserved})
-    timed = stats.seconds[args.warmup:] or stats.seconds
-    step_s = statistics.median(timed)
-    tokens_per_s = seq_len / step_s  # one sample per step, split over the ring
-    flops_per_token = module.flops_per_token(seq_len)
     return {
         "params": module.model.num_parameters(), "n_layer": config.n_layer, "n_embd": config.n_embd,
         "n_head": config.n_head, "vocab_size": config.vocab_size, "seq_len": seq_len, "gpus": world,
         "ring_size": world, "zero_stage": 3, "precision": args.precision, "activation_checkpointing": True,
+        **step_figures(stats, seq_len, module.flops_per_token(seq_len), args, world, rank),
+    }
+
+
+def step_figures(stats: StepStats, seq_len: int, flops_per_token: float, args, world: int, rank: int) -> dict:
+    """Timing, MFU and every rank's peak memory of a run of one ``seq_len`` sample per step over
+    ``world`` GPUs (collective: every rank calls it). Median step after ``args.warmup`` steps."""
+    on_gpu = torch.cuda.is_available() and not args.smoke
+    peak = {"rank": rank, "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if on_gpu else None,
+            "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if on_gpu else None}
+    peaks: list = [None] * world
+    dist.all_gather_object(peaks, peak)
+    step_s = statistics.median(stats.seconds[args.warmup:] or stats.seconds)
+    tokens_per_s = seq_len / step_s  # one sample per step, split over the GPUs
+    return {
         "steps": args.steps, "warmup_steps_excluded": args.warmup, "step_seconds": stats.seconds,
         "median_step_seconds": step_s, "tokens_per_s": tokens_per_s, "tokens_per_s_per_gpu": tokens_per_s / world,
         "model_flops_per_token": flops_per_token, "tflops_per_gpu": flops_per_token * tokens_per_s / world / 1e12,
