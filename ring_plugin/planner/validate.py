@@ -129,6 +129,25 @@ def _bench_patterns(data: dict[str, Any], name: str) -> list[Check]:
     return out
 
 
+def _bench_hf(data: dict[str, Any], name: str) -> list[Check]:
+    """bench_hf.py's ``ring_gpt`` row: the RingGPT shaped like its Llama (GELU MLP 1.5x the SwiGLU width,
+    so as many weights), ZeRO-3, full activation checkpointing, a ring of all GPUs. The HF model's own
+    row is not planned (the planner models RingGPT only)."""
+    llama, row = data["hf_config"], next(r for r in data["throughput"] if r["model"] == "ring_gpt")
+    spec = ModelSpec.from_dict(dict(
+        vocab_size=llama["vocab_size"], n_layer=llama["num_hidden_layers"], n_head=llama["num_attention_heads"],
+        n_kv_head=llama["num_key_value_heads"], n_embd=llama["hidden_size"],
+        mlp_hidden=3 * llama["intermediate_size"] // 2, tie_weights=bool(llama.get("tie_word_embeddings", True)),
+        max_seq_len=row["seq_len"], activation_checkpointing=True))
+    layout = Layout(1, 1, row["gpus"], row["zero_stage"], True)
+    job = Job(spec, row["seq_len"])
+    rates = Rates.for_cluster(cluster("h200", row["gpus"], 1))
+    peak = max(m["peak_allocated_gib"] for m in row["memory"]) * 2**30
+    run = f"{name} ring_gpt"
+    return [Check(run, "step_time", estimate_step(job, layout, rates).total, row["median_step_seconds"]),
+            Check(run, "peak_memory", estimate_memory(job, layout).total, peak)]
+
+
 def _bench_2d(data: dict[str, Any], name: str) -> list[Check]:
     """bench_2d.py: the dense layer as a Ulysses group of all GPUs and as a ring of all GPUs."""
     out = []
@@ -144,7 +163,7 @@ def _bench_2d(data: dict[str, Any], name: str) -> list[Check]:
 
 KINDS: dict[str, Callable[..., list[Check]]] = {
     "train": _train, "bench_ring": _bench_ring, "bench_patterns": _bench_patterns, "bench_train": _bench_train,
-    "bench_2d": _bench_2d}
+    "bench_2d": _bench_2d, "bench_hf": _bench_hf}
 NEEDS_ENTRY = {"bench_train"}  # kinds that read their manifest entry (model map, variants)
 
 
