@@ -67,3 +67,22 @@ def test_selective_checkpointing_is_planned_and_wins_at_long_context_when_it_fit
     assert sac.step.total < ac.step.total and sac.memory.total > ac.memory.total
     only = report_for(["recipe=dense_128k_zero3", "checkpointing=selective"])
     assert {c.layout.mode for c in only.candidates} == {"selective"}
+
+
+def test_bad_settings_are_one_line_errors_naming_them() -> None:
+    """An unknown recipe, a recipe the planner cannot model, a bad number: exit 2 with the reason, no traceback."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cases = {"recipe=nope": "recipe='nope' is not a ring-train recipe; valid: block_sparse_90",
+             "recipe=hf_llama_128k": "the planner models RingGPT",
+             "gpus_per_node=abc": "gpus_per_node='abc' must be a positive int",
+             "nodes=0": "nodes='0' must be a positive int"}
+    for arg, message in cases.items():
+        done = subprocess.run([sys.executable, "-m", "ring_plugin.planner.cli", arg], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, (arg, done.stderr)
+
+
+def test_packed_recipe_plans_one_sample_per_step_that_fits() -> None:
+    report = report_for(["recipe=packed_128k"])
+    own = next(c for c in report.candidates if c.layout == report.job.recipe_layout)
+    assert report.job.batch == 1 and own.fits, own.reason

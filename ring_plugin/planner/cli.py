@@ -45,6 +45,19 @@ def _split(args: Sequence[str]) -> tuple[dict[str, str], list[str]]:
     return mine, hydra
 
 
+def _number(settings: dict[str, str], key: str, kind: type, default: Any) -> Any:
+    """``settings[key]`` as an int or float (``default`` when absent); a bad one is named in the error."""
+    if key not in settings:
+        return default
+    try:
+        value = kind(settings[key])
+    except ValueError:
+        raise ValueError(f"{key}={settings[key]!r} must be a positive {kind.__name__}") from None
+    if value <= 0:
+        raise ValueError(f"{key}={settings[key]!r} must be a positive {kind.__name__}")
+    return value
+
+
 def report_for(args: Sequence[str]) -> Report:
     """The planner's report for ``ring-plan``'s key=value arguments."""
     mine, hydra = _split(args)
@@ -53,11 +66,10 @@ def report_for(args: Sequence[str]) -> Report:
     recipe = mine.get("recipe")
     cfg = compose(recipe, hydra)
     job = job_from_config(cfg, recipe or "default")
-    per_node = int(mine.get("gpus_per_node", cfg.devices))
-    nodes = int(mine.get("nodes", cfg.num_nodes))
-    cl = make_cluster(mine.get("gpu", "h200"), per_node, nodes,
-                      float(mine["nvlink_gbps"]) if "nvlink_gbps" in mine else None,
-                      float(mine["internode_gbps"]) if "internode_gbps" in mine else None)
+    per_node = _number(mine, "gpus_per_node", int, cfg.devices)
+    nodes = _number(mine, "nodes", int, cfg.num_nodes)
+    cl = make_cluster(mine.get("gpu", "h200"), per_node, nodes, _number(mine, "nvlink_gbps", float, None),
+                      _number(mine, "internode_gbps", float, None))
     stages = [int(z) for z in mine.get("zero", "0,1,2,3").split(",")]
     value = mine.get("checkpointing", "all").lower()
     aliases = {"true": ("full", "selective"), "false": ("none",), "both": MODES, "all": MODES}
@@ -171,7 +183,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         else:
             print(format_what_if(rows))
         return
-    report = report_for(ns.args)
+    from hydra.errors import HydraException
+
+    try:
+        report = report_for(ns.args)
+    except (ValueError, HydraException) as err:  # a bad setting or recipe: its message, not a traceback
+        parser.error(str(err))
     print(json.dumps(_jsonable(report), indent=1) if ns.json else format_table(report, ns.top))
 
 
