@@ -1,7 +1,8 @@
 """A run's identity: its config, its W&B run id and whether it is complete, kept in ``<run dir>/run.yaml``.
 
 The same command resumes the same run; a changed config does not silently resume it. Keys that may change
-on a resume (the step budget, logging, timeouts, the resume mode itself) are listed in ``MAY_CHANGE``;
+on a resume (the step budget, logging, timeouts, the resume mode itself, checkpointing) are listed in
+``MAY_CHANGE``;
 any other difference refuses to resume, naming the keys, unless ``resume=force``. ``resume=never`` on a run
 starts the run over under a new W&B run (its old checkpoints are set aside by ``resume.resolve_resume``).
 """
@@ -29,7 +30,12 @@ MAY_CHANGE = (
     "data.num_workers",
     "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.log_every_n_steps",
     "trainer.val_check_interval", "trainer.limit_val_batches", "trainer.fast_dev_run",
+    # Memory for speed only: the same gradients either way, so a run may switch to fit (or to go faster).
+    "model.activation_checkpointing", "model.recompute_attention",
 )
+# Keys added to the config after runs may have been recorded, with the value that does what runs did
+# before the key existed: a record without the key and a config with that value are the same run.
+INTRODUCED = {"ulysses_size": 1, "strategy.ulysses_size": "${ulysses_size}"}
 
 
 @dataclass
@@ -62,9 +68,15 @@ def _may_change(key: str) -> bool:
     return any(key == p or key.startswith(p + ".") for p in MAY_CHANGE)
 
 
+def _introduced_as_before(key: str, old: dict[str, Any], new: dict[str, Any]) -> bool:
+    return key not in old and key in INTRODUCED and new.get(key) == INTRODUCED[key]
+
+
 def identity_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Keys (outside ``MAY_CHANGE``) whose values differ, or that exist on one side only."""
-    return sorted(k for k in old.keys() | new.keys() if not _may_change(k) and old.get(k) != new.get(k))
+    """Keys (outside ``MAY_CHANGE``) whose values differ, or that exist on one side only (except a key
+    added since the old record, at the value that keeps the old behaviour: ``INTRODUCED``)."""
+    return sorted(k for k in old.keys() | new.keys()
+                  if not _may_change(k) and old.get(k) != new.get(k) and not _introduced_as_before(k, old, new))
 
 
 def load_record(run_dir: str | Path) -> RunRecord | None:

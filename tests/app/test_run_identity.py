@@ -44,6 +44,17 @@ def test_identity_diff_ignores_keys_that_may_change() -> None:
     changed = flat_config(compose_app("attention=dilated", "seed=1"))
     assert identity_diff(old, changed) == ["attention.kwargs.dilation_rates", "attention.kwargs.segment_lengths",
                                            "attention.layer", "attention.name", "seed"]
+    # Checkpointing trades memory for speed with the same gradients: a resume may switch it.
+    assert identity_diff(old, flat_config(compose_app("model.activation_checkpointing=true",
+                                                      "+model.recompute_attention=false"))) == []
+
+
+def test_a_record_from_before_ulysses_resumes_at_the_old_behaviour() -> None:
+    """A run recorded before ``ulysses_size`` existed is the same run at ulysses_size=1, not at 2."""
+    new = flat_config(compose_app())
+    old = {k: v for k, v in new.items() if k not in ("ulysses_size", "strategy.ulysses_size")}
+    assert new["ulysses_size"] == 1 and identity_diff(old, new) == []
+    assert identity_diff(old, flat_config(compose_app("ulysses_size=2", "devices=4"))) == ["devices", "ulysses_size"]
 
 
 def test_open_run_refuses_a_changed_config_and_never_mixes_checkpoints(tmp_path: Path) -> None:
