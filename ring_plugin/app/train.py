@@ -34,10 +34,10 @@ from .identity import RunRecord, is_complete, open_run, save_record, set_aside_l
 from .launch import check_launch, is_global_rank_zero, launcher
 from .quiet import quiet_known_noise, route_lightning_logs
 from .resume import resolve_resume
-from .validate import ConfigError, is_hf_model, model_kwargs, validate_config
+from .validate import CONF_DIR, ConfigError, check_optional_choices, is_hf_model, model_kwargs, validate_config
 
 # An absolute path works the same from a source checkout, an editable install and a wheel.
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+CONFIG_DIR = str(CONF_DIR)
 log = logging.getLogger("ring_plugin.app")
 # RingAttentionConfig field that makes a layer count its ring traffic for the monitoring callback.
 STATS_FLAG = "collect_stats"
@@ -110,6 +110,8 @@ def _pin_run_dir_for_ranks(cfg: DictConfig) -> None:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     quiet_known_noise()  # before validation, which builds the strategy (and may import DeepSpeed)
+    if HydraConfig.initialized():
+        check_optional_choices(HydraConfig.get().runtime.choices)
     validate_config(cfg)
     check_launch(cfg.devices, cfg.num_nodes)
     _configure_process(cfg)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from hydra.errors import InstantiationException
@@ -99,6 +100,20 @@ def model_kwargs(cfg: DictConfig, attention_extra: dict[str, Any] | None = None)
                 attention_kwargs={**OmegaConf.to_container(cfg.attention.kwargs, resolve=True),
                                   **(attention_extra or {})})
     return {"model": arch, "max_steps": cfg.max_steps, **{k: v for k, v in values.items() if k not in gpt_fields}}
+
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+# Groups the config declares optional: Hydra skips a name it cannot find there instead of failing.
+OPTIONAL_GROUPS = ("recipe", "debug")
+
+
+def check_optional_choices(choices: dict[str, Any]) -> None:
+    """A misspelt ``recipe=``/``debug=`` would silently train the defaults: refuse it, listing the names."""
+    for group in OPTIONAL_GROUPS:
+        choice = choices.get(group)
+        names = sorted(path.stem for path in (CONF_DIR / group).glob("*.yaml"))
+        if choice is not None and choice not in names:
+            raise ConfigError(f"{group}={choice} is not a {group} config; valid: {', '.join(names)}")
 
 
 def validate_config(cfg: DictConfig) -> None:

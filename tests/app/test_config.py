@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
 from ring_plugin.app.train import CONFIG_DIR
-from ring_plugin.app.validate import ConfigError, model_kwargs, validate_config
+from ring_plugin.app.validate import ConfigError, check_optional_choices, model_kwargs, validate_config
 
 CONF = Path(CONFIG_DIR)
 RECIPES = sorted(p.stem for p in (CONF / "recipe").glob("*.yaml"))
@@ -156,6 +156,19 @@ def test_bad_values_name_the_key(override: str, message: str) -> None:
 def test_unknown_group_option_is_refused_by_hydra() -> None:
     with pytest.raises(Exception, match="attention"):
         compose_app("attention=nonexistent")
+
+
+def test_misspelt_recipe_or_debug_is_refused_not_skipped() -> None:
+    """Hydra skips a missing option of an optional group: the app refuses it, listing the names."""
+    with pytest.raises(ConfigError, match=f"recipe=dense_128k is not a recipe config; valid: {', '.join(RECIPES)}"):
+        check_optional_choices({"recipe": "dense_128k", "debug": None})
+    with pytest.raises(ConfigError, match="debug=fdrr is not a debug config; valid: fdr, limit, overfit"):
+        check_optional_choices({"recipe": None, "debug": "fdrr"})
+    check_optional_choices({"recipe": "cpu_default", "debug": "fdr"})
+    proc = subprocess.run([sys.executable, "-m", "ring_plugin.app.train", "recipe=dense_128k"], cwd=CONF.parents[1],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "config error: recipe=dense_128k is not a recipe config" in proc.stderr, \
+        proc.stderr[-2000:]
 
 
 def test_help_lists_groups_recipes_and_debug_configs() -> None:
