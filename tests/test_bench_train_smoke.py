@@ -2,28 +2,15 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.bench_smoke import run_smoke
 
 
 @pytest.mark.timeout(240)
 def test_bench_train_script_smoke(tmp_path):
-    env = dict(os.environ, TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions")),
-               OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(REPO / "benchmarks" / "bench_train.py"), "--smoke", "--out", str(tmp_path),
-           "--variants", "ring", "ring_recompute", "ring_ulysses"]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=200)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    (path,) = tmp_path.glob("bench_train_smoke_*.json")
-    rows = {row["variant"]: row for row in json.loads(path.read_text())["train"]}
+    result = run_smoke("bench_train", tmp_path, "--variants", "ring", "ring_recompute", "ring_ulysses")
+    rows = {row["variant"]: row for row in result["train"]}
     assert sorted(rows) == ["ring", "ring_recompute", "ring_ulysses"], rows
     ring, recompute = rows["ring"], rows["ring_recompute"]
     assert not ring["recompute_attention"] and recompute["recompute_attention"]
