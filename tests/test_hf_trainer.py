@@ -1,6 +1,7 @@
 """transformers' ``Trainer`` on the ring (``ring_plugin.hf.RingTrainer``): a few SGD steps of a tiny
 Llama (GQA) on rings of 2 (and 2 rings of 2) end with the weights of one process training on the whole
-sequences, with and without gradient accumulation; the evaluation loss is the one-process loss."""
+sequences, with and without gradient accumulation, and on packed samples (each document on its own);
+the evaluation loss is the one-process loss."""
 
 from __future__ import annotations
 
@@ -15,11 +16,20 @@ from tests.hf_harness import rel_err, tiny_model, token_batch
 pytest.importorskip("transformers")
 
 SAMPLES, LENGTH, LR = 8, 32, 0.5
+DOCUMENTS = (11, 5, 16)  # packed samples: documents cut across chunks and ranks
 
 
-def _dataset() -> list[dict[str, torch.Tensor]]:
+def _dataset(packed: bool = False) -> list[dict[str, torch.Tensor]]:
     batch = token_batch(SAMPLES, LENGTH, seed=3)
-    return [{"input_ids": batch["input_ids"][i], "labels": batch["labels"][i]} for i in range(SAMPLES)]
+    if packed:  # HF-style packing: position_ids restart at 0 in each document
+        batch["position_ids"] = torch.cat([torch.arange(n) for n in DOCUMENTS]).expand(SAMPLES, -1)
+    return [{k: v[i] for k, v in batch.items()} for i in range(SAMPLES)]
+
+
+def _documents(sample: dict[str, torch.Tensor], packed: bool) -> list[dict[str, torch.Tensor]]:
+    """The sample's documents, each a sequence of its own (the whole sample when not packed)."""
+    bounds = torch.tensor((0, *DOCUMENTS)).cumsum(0).tolist() if packed else [0, LENGTH]
+    return [{k: sample[k][a:b] for k in ("input_ids", "labels")} for a, b in zip(bounds, bounds[1:])]
 
 
 def _arguments(out: str, accumulation: int, steps: int):
@@ -33,27 +43,30 @@ def _arguments(out: str, accumulation: int, steps: int):
                              dataloader_num_workers=0)
 
 
-def _one_process(order: list[list[int]], steps: int, accumulation: int, replicas: int) -> dict[str, torch.Tensor]:
+def _one_process(order: list[list[int]], steps: int, accumulation: int, replicas: int,
+                 packed: bool) -> dict[str, torch.Tensor]:
     """Plain SGD in one process: each optimizer step averages the token losses of its micro-batches
-    (``accumulation`` per replica, ``replicas`` replicas) over all their labelled tokens."""
-    model, data = tiny_model("llama", "eager"), _dataset()
+    (``accumulation`` per replica, ``replicas`` replicas) over all their labelled tokens; a packed
+    sample's documents run as separate sequences (no label across a document boundary)."""
+    model, data = tiny_model("llama", "eager"), _dataset(packed)
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     per_step = accumulation * replicas
     for step in range(steps):
         samples = [data[i] for replica in order for i in replica[step * accumulation:(step + 1) * accumulation]]
         assert len(samples) == per_step
-        count = sum(int((s["labels"][1:] != -100).sum()) for s in samples)
-        for s in samples:
-            logits = model(input_ids=s["input_ids"][None], use_cache=False).logits[0, :-1]
-            loss = torch.nn.functional.cross_entropy(logits, s["labels"][1:], ignore_index=-100, reduction="sum")
+        docs = [d for s in samples for d in _documents(s, packed)]
+        count = sum(int((d["labels"][1:] != -100).sum()) for d in docs)
+        for d in docs:
+            logits = model(input_ids=d["input_ids"][None], use_cache=False).logits[0, :-1]
+            loss = torch.nn.functional.cross_entropy(logits, d["labels"][1:], ignore_index=-100, reduction="sum")
             (loss / count).backward()
         opt.step()
         opt.zero_grad()
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def _ring_trainer(rank: int, world: int, ring_size: int, accumulation: int, steps: int) -> dict:
+def _ring_trainer(rank: int, world: int, ring_size: int, accumulation: int, steps: int, packed: bool) -> dict:
     from torch.utils.data import DistributedSampler
 
     import ring_plugin.hf  # noqa: F401
@@ -61,7 +74,7 @@ def _ring_trainer(rank: int, world: int, ring_size: int, accumulation: int, step
 
     with tempfile.TemporaryDirectory() as out:
         trainer = RingTrainer(model=tiny_model("llama", "ring"), args=_arguments(out, accumulation, steps),
-                              train_dataset=_dataset(), eval_dataset=_dataset()[:4], ring_size=ring_size)
+                              train_dataset=_dataset(packed), eval_dataset=_dataset()[:4], ring_size=ring_size)
         trainer.train()
         evaluation = trainer.evaluate()
     replicas = world // ring_size
@@ -85,12 +98,13 @@ def _eval_loss_one_process(weights: dict[str, torch.Tensor]) -> float:
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("world, ring_size, accumulation", [(2, 2, 1), (2, 2, 2), (4, 2, 1)])
-def test_ring_trainer_equals_one_process(world, ring_size, accumulation):
+@pytest.mark.parametrize("world, ring_size, accumulation, packed",
+                         [(2, 2, 1, False), (2, 2, 2, False), (4, 2, 1, False), (2, 2, 1, True)])
+def test_ring_trainer_equals_one_process(world, ring_size, accumulation, packed):
     steps = 2
-    results = run_in_process_group(_ring_trainer, world, ring_size, accumulation, steps, timeout=240)
+    results = run_in_process_group(_ring_trainer, world, ring_size, accumulation, steps, packed, timeout=240)
     order = results[0]["order"]
-    expected = _one_process(order, steps, accumulation, world // ring_size)
+    expected = _one_process(order, steps, accumulation, world // ring_size, packed)
     for rank, result in enumerate(results):
         for name, ref in expected.items():
             assert rel_err(torch.from_numpy(result["weights"][name]), ref) <= 1e-5, (rank, name)
