@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
+
+from ring_plugin import reference_attention
 
 
 def shard_errors(pairs: Iterable[tuple[str, torch.Tensor, torch.Tensor]],
@@ -19,6 +21,29 @@ def shard_errors(pairs: Iterable[tuple[str, torch.Tensor, torch.Tensor]],
         errs[name + "_abs"] = diff
         errs[name + "_rel"] = diff / max(theirs.abs().max().item(), 1e-12)
     return errs
+
+
+def oracle(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, causal: bool,
+           allowed: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The fp64 oracle on the full sequences: its output and its q, k, v leaves (holding dq, dk, dv for
+    the output gradient ``g``)."""
+    ref = [t.double().requires_grad_() for t in (q, k, v)]
+    out = reference_attention(*ref, causal=causal, allowed=allowed)
+    (out * g.double()).sum().backward()
+    return out.detach(), ref
+
+
+def ring_errors(attend: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor], ref_out: torch.Tensor,
+                ref: Sequence[torch.Tensor], dtype: torch.dtype,
+                shard: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, float]:
+    """``attend`` on this rank's ``shard`` of the full q, k, v (in ``dtype``), backward with the shard of
+    ``g`` (``inputs`` = q, k, v, g): its output and dq, dk, dv against the oracle's (:func:`shard_errors`)."""
+    q, k, v, g = inputs
+    local = [shard(t.to(dtype)).requires_grad_() for t in (q, k, v)]
+    out = attend(*local)
+    (out * shard(g.to(dtype))).sum().backward()
+    pairs = [("out", out, ref_out)] + list(zip(("dq", "dk", "dv"), (t.grad for t in local), (t.grad for t in ref)))
+    return shard_errors(pairs, shard)
 
 
 # fp32: absolute error against the fp64 oracle; bf16: error relative to the tensor's magnitude

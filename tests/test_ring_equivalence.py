@@ -10,9 +10,9 @@ import itertools
 import pytest
 import torch
 
-from ring_plugin import create_ring_attention, reference_attention, shard_sequence
+from ring_plugin import create_ring_attention, shard_sequence
 
-from .errors import TOLERANCES, shard_errors, worst_over_ranks
+from .errors import TOLERANCES, oracle, ring_errors, worst_over_ranks
 
 VARIANTS = ("standard", "sdpa", "distributed", "correct")
 LAYOUTS = ("contiguous", "zigzag")
@@ -25,27 +25,19 @@ def _cases():
     return list(itertools.product(VARIANTS, LAYOUTS, (False, True), DTYPES, range(len(SHAPES))))
 
 
-def _inputs_and_oracle(causal: bool, shape_idx: int):
-    """Full-sequence q, k, v, output gradient g, and the fp64 oracle's output and leaves (with grads)."""
+def _inputs(shape_idx: int) -> tuple[torch.Tensor, ...]:
+    """Full-sequence q, k, v and the output gradient g."""
     b, n, h, hkv, d = SHAPES[shape_idx]
     gen = torch.Generator().manual_seed(1000 + shape_idx)
-    q, k, v, g = (torch.randn(b, n, hh, d, generator=gen) for hh in (h, hkv, hkv, h))
-    ref = [t.double().requires_grad_() for t in (q, k, v)]
-    ref_out = reference_attention(*ref, causal=causal)
-    (ref_out * g.double()).sum().backward()
-    return (q, k, v, g), ref_out.detach(), ref
+    return tuple(torch.randn(b, n, hh, d, generator=gen) for hh in (h, hkv, hkv, h))
 
 
 def _errors(rank: int, world: int, variant, layout, causal, dtype, shape_idx) -> dict[str, float]:
-    (q, k, v, g), ref_out, ref = _inputs_and_oracle(causal, shape_idx)
-    local = [shard_sequence(t.to(dtype), 1, layout, rank, world).requires_grad_() for t in (q, k, v)]
+    inputs = _inputs(shape_idx)
+    ref_out, ref = oracle(*inputs, causal)
     attn = create_ring_attention(variant, layout=layout)
-    out = attn(*local, is_causal=causal)
-    (out * shard_sequence(g.to(dtype), 1, layout, rank, world)).sum().backward()
-    pairs = [("out", out, ref_out)] + [
-        (name, mine.grad, theirs.grad) for name, mine, theirs in zip(("dq", "dk", "dv"), local, ref)
-    ]
-    return shard_errors(pairs, lambda t: shard_sequence(t, 1, layout, rank, world))
+    return ring_errors(lambda *qkv: attn(*qkv, is_causal=causal), inputs, ref_out, ref, dtype,
+                       lambda t: shard_sequence(t, 1, layout, rank, world))
 
 
 def _worker(rank: int, world: int, cases) -> list[dict[str, float]]:
@@ -75,17 +67,16 @@ def test_matches_oracle(errors_by_world, world, dtype):
 
 def _single_process_bf16_errors(causal: bool, shape_idx: int) -> dict[str, float]:
     """Error of one plain bf16 ``scaled_dot_product_attention`` call on the whole sequence."""
-    (q, k, v, g), ref_out, ref = _inputs_and_oracle(causal, shape_idx)
-    low = [t.to(torch.bfloat16).transpose(1, 2).requires_grad_() for t in (q, k, v)]
-    out = torch.nn.functional.scaled_dot_product_attention(*low, is_causal=causal, enable_gqa=k.shape[2] != q.shape[2])
-    (out * g.to(torch.bfloat16).transpose(1, 2)).sum().backward()
-    errs = {}
-    pairs = [("out", out.detach().transpose(1, 2), ref_out)] + [
-        (name, mine.grad.transpose(1, 2), theirs.grad) for name, mine, theirs in zip(("dq", "dk", "dv"), low, ref)
-    ]
-    for name, mine, theirs in pairs:
-        errs[name + "_rel"] = (mine.double() - theirs).abs().max().item() / theirs.abs().max().item()
-    return errs
+    inputs = _inputs(shape_idx)
+    ref_out, ref = oracle(*inputs, causal)
+
+    def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal,
+            enable_gqa=k.shape[2] != q.shape[2])
+        return out.transpose(1, 2)
+
+    return ring_errors(sdpa, inputs, ref_out, ref, torch.bfloat16, lambda t: t)  # the whole sequence: no shard
 
 
 @pytest.mark.parametrize("world", [1, 2, 4])

@@ -16,14 +16,14 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from ring_plugin import create_ring_attention, reference_attention, ring_context, shard_sequence
+from ring_plugin import create_ring_attention, ring_context, shard_sequence
 from ring_plugin.attention.oracle import document_mask
 from ring_plugin.balance import balanced_chunks, document_ids_from_lengths, packed_document_lengths
 from ring_plugin.comm.topology import build_mesh
 from ring_plugin.testing import run_in_process_group
 
 from . import lightning_harness as H
-from .errors import TOLERANCES, shard_errors
+from .errors import TOLERANCES, oracle, ring_errors
 from .test_documents_ring import document_ids
 
 ULYSSES, RING = 2, 2
@@ -96,25 +96,19 @@ def run_case(case: Case, seq_rank: int, replica: int = 0) -> dict[str, float]:
     if case["window"] is not None:
         pos = torch.arange(n)
         allowed = pos[:, None] - pos[None, :] < case["window"]
-    ref = [t.double().requires_grad_() for t in (q, k, v)]
-    ref_out = reference_attention(*ref, causal=case["causal"], allowed=allowed)
-    (ref_out * g.double()).sum().backward()
+    ref_out, ref = oracle(q, k, v, g, case["causal"], allowed)
 
     def shard(t: torch.Tensor) -> torch.Tensor:
         return shard_sequence(t, 1, case["layout"], seq_rank, SEQ, document_ids=ids)
 
-    dtype = case["dtype"]
-    local = [shard(t.to(dtype)).requires_grad_() for t in (q, k, v)]
     attn = create_ring_attention(case["variant"], layout=case["layout"], ulysses_size=ULYSSES, ring_size=RING)
     masks: dict[str, Any] = {}
     if ids is not None:
         masks["document_ids"] = shard(ids)
     if case["window"] is not None:
         masks["sliding_window"] = case["window"]
-    out = attn(*local, is_causal=case["causal"], **masks)
-    (out * shard(g.to(dtype))).sum().backward()
-    pairs = [("out", out, ref_out)] + list(zip(("dq", "dk", "dv"), (t.grad for t in local), (t.grad for t in ref)))
-    return shard_errors(pairs, shard)
+    return ring_errors(lambda *qkv: attn(*qkv, is_causal=case["causal"], **masks), (q, k, v, g), ref_out, ref,
+                       case["dtype"], shard)
 
 
 # ------------------------------------------------------------------------------------ bad input

@@ -9,9 +9,9 @@ import itertools
 import pytest
 import torch
 
-from ring_plugin import create_ring_attention, reference_attention, shard_sequence
+from ring_plugin import create_ring_attention, shard_sequence
 
-from .errors import TOLERANCES, shard_errors, worst_over_ranks
+from .errors import TOLERANCES, oracle, ring_errors, worst_over_ranks
 
 N = 48  # chunks of 6 at world 4 (zigzag)
 WINDOWS = (1, 4, 7, 13, 30, 48, 100)
@@ -31,14 +31,10 @@ def _errors(rank: int, world: int, variant: str, layout: str, dtype: torch.dtype
     q, k, v, g = (torch.randn(b, N, hh, d, generator=gen) for hh in (h, hkv, hkv, h))
     pos = torch.arange(N)
     band = (pos[:, None] - pos[None, :]) < window
-    ref = [t.double().requires_grad_() for t in (q, k, v)]
-    ref_out = reference_attention(*ref, causal=True, allowed=band)
-    (ref_out * g.double()).sum().backward()
-    local = [shard_sequence(t.to(dtype), 1, layout, rank, world).requires_grad_() for t in (q, k, v)]
-    out = create_ring_attention(variant, layout=layout)(*local, is_causal=True, sliding_window=window)
-    (out * shard_sequence(g.to(dtype), 1, layout, rank, world)).sum().backward()
-    pairs = [("out", out, ref_out)] + list(zip(("dq", "dk", "dv"), (t.grad for t in local), (t.grad for t in ref)))
-    return shard_errors(pairs, lambda t: shard_sequence(t, 1, layout, rank, world))
+    ref_out, ref = oracle(q, k, v, g, True, band)
+    attn = create_ring_attention(variant, layout=layout)
+    return ring_errors(lambda *qkv: attn(*qkv, is_causal=True, sliding_window=window), (q, k, v, g), ref_out, ref,
+                       dtype, lambda t: shard_sequence(t, 1, layout, rank, world))
 
 
 def _worker(rank: int, world: int, cases) -> list[dict[str, float]]:
