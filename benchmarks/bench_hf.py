@@ -45,7 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from gpu_lightning import RandomTokens, StepStats, free_memory, make_trainer, step_figures  # noqa: E402
+from gpu_lightning import RandomTokens, StepStats, add_run_arguments, free_memory, make_trainer, step_figures  # noqa: E402
 
 from ring_plugin.comm.context import ring_context  # noqa: E402
 from ring_plugin.layout import shard_sequence  # noqa: E402
@@ -153,14 +153,8 @@ def logits_check(args, world: int, rank: int, device: torch.device) -> dict[str,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default="benchmarks/results")
-    parser.add_argument("--seq-len", type=int, default=131072)
+    add_run_arguments(parser, steps=12, warmup=3)
     parser.add_argument("--logits-seq-len", type=int, default=16384)
-    parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--warmup", type=int, default=3, help="first steps left out of the timing")
-    parser.add_argument("--precision", default="bf16-mixed")
-    parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak per GPU for MFU")
-    parser.add_argument("--smoke", action="store_true", help="tiny CPU/gloo run that only checks the script")
     args = parser.parse_args()
     warnings.filterwarnings("ignore", category=UserWarning)
     args.smoke = args.smoke or not torch.cuda.is_available()

@@ -53,7 +53,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from gpu_lightning import RandomTokens, StepStats, free_memory, make_trainer, step_figures  # noqa: E402
+from gpu_lightning import RandomTokens, StepStats, add_run_arguments, free_memory, make_trainer, step_figures  # noqa: E402
 
 from ring_plugin import create_ring_attention, shard_sequence  # noqa: E402
 from ring_plugin.comm.context import ring_context  # noqa: E402
@@ -208,16 +208,10 @@ def guarded(fn: Callable[..., dict], *args: Any) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default="benchmarks/results")
-    parser.add_argument("--seq-len", type=int, default=131072)
+    add_run_arguments(parser, steps=6, warmup=2, smoke_help="tiny CPU/gloo run of the ring variants")
     parser.add_argument("--models", nargs="+", default=["3b", "124m"], choices=sorted(MODELS))
     parser.add_argument("--variants", nargs="+", default=[v for v in VARIANTS if v != "ring_ulysses"],
                         choices=list(VARIANTS))
-    parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--warmup", type=int, default=2, help="first steps left out of the timing")
-    parser.add_argument("--precision", default="bf16-mixed")
-    parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak per GPU for MFU")
-    parser.add_argument("--smoke", action="store_true", help="tiny CPU/gloo run of the ring variants")
     args = parser.parse_args()
     warnings.filterwarnings("ignore", category=UserWarning)
     args.smoke = args.smoke or not torch.cuda.is_available()

@@ -178,6 +178,18 @@ def train_run(args, world: int, rank: int, accelerator: str) -> dict:
     }
 
 
+def add_run_arguments(parser: argparse.ArgumentParser, steps: int, warmup: int,
+                      smoke_help: str = "tiny CPU/gloo run that only checks the script") -> None:
+    """The options every timed training benchmark takes (output folder, length, steps, precision, peak)."""
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--seq-len", type=int, default=131072)
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--warmup", type=int, default=warmup, help="first steps left out of the timing")
+    parser.add_argument("--precision", default="bf16-mixed")
+    parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak per GPU for MFU")
+    parser.add_argument("--smoke", action="store_true", help=smoke_help)
+
+
 def step_figures(stats: StepStats, seq_len: int, flops_per_token: float, args, world: int, rank: int) -> dict:
     """Timing, MFU and every rank's peak memory of a run of one ``seq_len`` sample per step over
     ``world`` GPUs (collective: every rank calls it). Median step after ``args.warmup`` steps."""
@@ -199,14 +211,8 @@ def step_figures(stats: StepStats, seq_len: int, flops_per_token: float, args, w
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default="benchmarks/results")
-    parser.add_argument("--seq-len", type=int, default=131072)
-    parser.add_argument("--steps", type=int, default=15)
-    parser.add_argument("--warmup", type=int, default=3, help="first steps left out of the timing")
-    parser.add_argument("--precision", default="bf16-mixed")
-    parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak per GPU for MFU")
+    add_run_arguments(parser, steps=15, warmup=3)
     parser.add_argument("--skip-check", action="store_true")
-    parser.add_argument("--smoke", action="store_true", help="tiny CPU/gloo run that only checks the script")
     args = parser.parse_args()
     warnings.filterwarnings("ignore", category=UserWarning)
     smoke = args.smoke or not torch.cuda.is_available()
