@@ -18,8 +18,6 @@ What differs from the plain ``Trainer``, and why:
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -56,19 +54,6 @@ class RingTrainer(Trainer):
         self.ring = RingContext(mesh, layout)
         # num_items_in_batch below counts every accumulated micro-batch: the loss needs no further division.
         self.loss_is_scaled_for_ga = True
-
-    @contextlib.contextmanager
-    def _on_ring(self) -> Iterator[None]:
-        with ring_context(self.ring.group, self.ring.layout, mesh=self.ring.mesh):
-            yield
-
-    def train(self, *args: Any, **kwargs: Any) -> Any:
-        with self._on_ring():
-            return super().train(*args, **kwargs)
-
-    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
-        with self._on_ring():
-            return super().evaluate(*args, **kwargs)
 
     def _data_parallel(self) -> tuple[int, int]:
         if "dp" not in self.ring.mesh.names:
@@ -108,7 +93,8 @@ class RingTrainer(Trainer):
 
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: torch.Tensor | int | None = None) -> Any:
-        with self._on_ring():
+        # The ring is active only around the model call: the one place the Trainer runs attention.
+        with ring_context(self.ring.group, self.ring.layout, mesh=self.ring.mesh):
             shard = shard_batch(inputs, num_items_in_batch=num_items_in_batch)
             outputs = model(**shard, use_cache=False)
         # Training: DDP averages gradients over all processes and the shares must add up, so undo the
