@@ -13,8 +13,6 @@ import torch
 from ring_plugin.testing import run_in_process_group
 from tests.hf_harness import rel_err, tiny_model, token_batch
 
-pytest.importorskip("transformers")
-
 SAMPLES, LENGTH, LR = 8, 32, 0.5
 DOCUMENTS = (11, 5, 16)  # packed samples: documents cut across chunks and ranks
 
