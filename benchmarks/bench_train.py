@@ -166,16 +166,24 @@ def check_attention(device: torch.device, seq_len: int, heads: int, kv_heads: in
             "ok": all(isinstance(e, float) and e <= 0.02 * scale for e in errors.values())}
 
 
-def train(variant: str, model_name: str, args, world: int, rank: int, device: torch.device) -> dict[str, Any]:
+def train(variant: str, model_name: str, args, world: int, rank: int, device: torch.device,
+          checkpoint_layers: int | None = None) -> dict[str, Any]:
     kind, layout, recompute, ulysses = VARIANTS[variant]
-    config = GPTConfig(**{**MODELS[model_name](), "max_seq_len": args.seq_len, "attention": "sdpa",
-                          "recompute_attention": recompute})
+    overrides: dict[str, Any] = {"max_seq_len": args.seq_len, "attention": "sdpa", "recompute_attention": recompute}
+    if checkpoint_layers is not None:
+        overrides["checkpoint_layers"] = None if checkpoint_layers < 0 else checkpoint_layers
+    config = GPTConfig(**{**MODELS[model_name](), **overrides})
     torch.manual_seed(0)
     module = RingCausalLM(config, lr=3e-4, warmup_steps=2, max_steps=args.steps)
     if kind != "ring":
         for block in module.model.blocks:
             block.attn.attn = make_attention(kind)
     stats = StepStats()
+    callbacks: list[Any] = [stats]
+    if args.snapshot_step is not None:
+        from memory_peak import PeakSnapshot
+
+        callbacks.append(PeakSnapshot(args.snapshot_step))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     data = RandomTokens(args.steps, args.seq_len, config.vocab_size, seed=2)
@@ -183,15 +191,18 @@ def train(variant: str, model_name: str, args, world: int, rank: int, device: to
     with context:
         strategy = RingDeepSpeedStrategy(stage=3, layout=layout, ulysses_size=ulysses, ring_size=world // ulysses,
                                          logging_level=40)
-        make_trainer(strategy, device.type, world, args.steps, args.precision, [stats]).fit(
+        make_trainer(strategy, device.type, world, args.steps, args.precision, callbacks).fit(
             module, DataLoader(data, batch_size=1))
     row = {
         "variant": variant, "attention": kind, "layout": layout, "recompute_attention": recompute,
         "ulysses_size": ulysses, "ring_size": world // ulysses,
         "model": model_name, "params": module.model.num_parameters(), "seq_len": args.seq_len, "gpus": world,
         "zero_stage": 3, "precision": args.precision, "activation_checkpointing": True,
+        "checkpoint_layers": config.checkpointed_layers, "n_layer": config.n_layer,
         **step_figures(stats, args.seq_len, module.flops_per_token(args.seq_len), args, world, rank),
     }
+    if args.snapshot_step is not None:
+        row["memory_at_peak"] = callbacks[-1].result
     del module, stats
     free_memory()
     dist.barrier()
@@ -203,7 +214,9 @@ def guarded(fn: Callable[..., dict], *args: Any) -> dict[str, Any]:
         return fn(*args)
     except Exception as exc:  # noqa: BLE001 - an OOM in one variant must not lose the others' figures
         free_memory()
-        return {"variant": args[0], "model": args[1], "error": f"{type(exc).__name__}: {exc}"[:500]}
+        layers = args[6] if len(args) > 6 else None
+        return {"variant": args[0], "model": args[1], "checkpoint_layers_asked": layers,
+                "error": f"{type(exc).__name__}: {exc}"[:500]}
 
 
 def main() -> None:
@@ -212,6 +225,11 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["3b", "124m"], choices=sorted(MODELS))
     parser.add_argument("--variants", nargs="+", default=[v for v in VARIANTS if v != "ring_ulysses"],
                         choices=list(VARIANTS))
+    parser.add_argument("--checkpoint-layers", nargs="+", type=int, default=[None],
+                        help="run every variant with each of these GPTConfig.checkpoint_layers (-1: all blocks); "
+                             "default: the model config's own")
+    parser.add_argument("--snapshot-step", type=int, default=None,
+                        help="record this training batch's allocations (CUDA) and report what is alive at its peak")
     args = parser.parse_args()
     warnings.filterwarnings("ignore", category=UserWarning)
     args.smoke = args.smoke or not torch.cuda.is_available()
@@ -244,11 +262,12 @@ def main() -> None:
         for variant in args.variants:
             if model == "124m" and variant == "ring_recompute":
                 continue
-            result["train"].append(guarded(train, variant, model, args, world, rank, device))
-            _compare(result)
-            result["wall_seconds"] = time.perf_counter() - t0
-            if rank == 0:  # after every variant, so a run stopped by a time limit keeps what it measured
-                _write(result, args.out, tag)
+            for layers in args.checkpoint_layers:
+                result["train"].append(guarded(train, variant, model, args, world, rank, device, layers))
+                _compare(result)
+                result["wall_seconds"] = time.perf_counter() - t0
+                if rank == 0:  # after every variant, so a run stopped by a time limit keeps what it measured
+                    _write(result, args.out, tag)
     if rank == 0:
         _report(result)
         print(f"wrote {_write(result, args.out, tag)}")
@@ -257,13 +276,18 @@ def main() -> None:
 
 
 def _compare(result: dict[str, Any]) -> None:
-    """Per model: ring's tokens/s over each other variant's (measured in this run)."""
+    """Per model (and checkpointed block count): ring's tokens/s over each other variant's, in this run."""
     ratios: dict[str, dict[str, float]] = {}
+
+    def key(row: dict[str, Any]) -> str:
+        return row["model"] if row.get("checkpoint_layers") in (None, row.get("n_layer")) else \
+            f"{row['model']} checkpoint_layers={row['checkpoint_layers']}"
+
     for row in result["train"]:
-        ring = next((r for r in result["train"] if r["model"] == row["model"] and r["variant"] == "ring"), None)
-        if ring and "tokens_per_s" in ring and "tokens_per_s" in row and row["variant"] != "ring":
-            ratio = ring["tokens_per_s"] / row["tokens_per_s"]
-            ratios.setdefault(row["model"], {})[f"ring_over_{row['variant']}"] = ratio
+        ring = next((r for r in result["train"] if "tokens_per_s" in r and key(r) == key(row)
+                     and r["variant"] == "ring"), None)
+        if ring and "tokens_per_s" in row and row["variant"] != "ring":
+            ratios.setdefault(key(row), {})[f"ring_over_{row['variant']}"] = ring["tokens_per_s"] / row["tokens_per_s"]
     result["ring_tokens_per_s_ratios"] = ratios
 
 
@@ -273,14 +297,15 @@ def _report(result: dict[str, Any]) -> None:
         print(f"attention at {check['seq_len']} vs one GPU (max |ref| {check['reference_max_abs']:.2f}): "
               + ", ".join(f"{k} {v:.2e}" if isinstance(v, float) else f"{k} {v}"
                           for k, v in check["max_abs_error"].items()) + f" ok={check['ok']}")
-    print(f"{'model':>6} {'variant':>15} {'tokens/s':>9} {'MFU':>6} {'TFLOP/s':>8} {'peak GiB/GPU':>13}")
+    print(f"{'model':>6} {'variant':>15} {'AC blocks':>9} {'tokens/s':>9} {'MFU':>6} {'TFLOP/s':>8} "
+          f"{'peak GiB/GPU':>13}")
     for t in result["train"]:
         if "error" in t:
-            print(f"{t['model']:>6} {t['variant']:>15} {t['error']}")
+            print(f"{t['model']:>6} {t['variant']:>15} {str(t.get('checkpoint_layers_asked')):>9} {t['error']}")
             continue
         peak = max(m["peak_allocated_gib"] or 0 for m in t["memory"])
-        print(f"{t['model']:>6} {t['variant']:>15} {t['tokens_per_s']:>9.0f} {100 * t['mfu']:>5.1f}% "
-              f"{t['tflops_per_gpu']:>8.1f} {peak:>13.1f}")
+        print(f"{t['model']:>6} {t['variant']:>15} {t['checkpoint_layers']:>9} {t['tokens_per_s']:>9.0f} "
+              f"{100 * t['mfu']:>5.1f}% {t['tflops_per_gpu']:>8.1f} {peak:>13.1f}")
     print("ring tokens/s over:", json.dumps(result["ring_tokens_per_s_ratios"]))
 
 

@@ -89,6 +89,35 @@ def test_block_checkpointing_gives_same_gradients(recompute_attention):
     assert len(calls) == (2 if recompute_attention else 1)
 
 
+@pytest.mark.parametrize("checkpoint_layers", [None, 0, 2])
+def test_gpt_checkpoints_only_the_first_checkpoint_layers_blocks(checkpoint_layers):
+    """``checkpoint_layers=k`` checkpoints blocks 0..k-1 (all for None): the same gradients as no
+    checkpointing, and the attention forward runs 3 + k times for 3 blocks (each recomputed block once more)."""
+    torch.manual_seed(0)
+    base = dict(vocab_size=40, n_layer=3, n_head=2, n_embd=16, max_seq_len=16)
+    plain = RingGPT(GPTConfig(**base))
+    ckpt = RingGPT(GPTConfig(**base, activation_checkpointing=True, checkpoint_layers=checkpoint_layers))
+    ckpt.load_state_dict(plain.state_dict())
+    k = 3 if checkpoint_layers is None else checkpoint_layers
+    assert ckpt.config.checkpointed_layers == k
+    assert [b.checkpointing for b in ckpt.blocks] == [i < k for i in range(3)]
+    calls = []
+    for block in ckpt.blocks:
+        block.attn.attn.register_forward_hook(lambda *_: calls.append(1))
+    ids, pos = torch.randint(0, 40, (2, 12)), torch.arange(12)
+    for model in (plain, ckpt):
+        model(ids, pos).square().mean().backward()
+    for (name, a), b in zip(plain.named_parameters(), ckpt.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
+    assert len(calls) == 3 + k
+
+
+@pytest.mark.parametrize("bad", [-1, 4, 1.5, True])
+def test_gpt_checkpoint_layers_out_of_range_is_refused(bad):
+    with pytest.raises(ValueError, match="checkpoint_layers"):
+        GPTConfig(n_layer=3, checkpoint_layers=bad)
+
+
 def test_gpt_tied_head_parameters_and_flops():
     cfg = GPTConfig(vocab_size=100, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, max_seq_len=64)
     model = RingGPT(cfg)
@@ -140,3 +169,30 @@ def test_chunked_linear_cross_entropy_matches_full_logits(dtype):
     torch.testing.assert_close(got, expected, **tol)
     torch.testing.assert_close(grads[0], h.grad, **tol)
     torch.testing.assert_close(grads[1], w.grad, **tol)
+
+
+def test_chunked_linear_cross_entropy_in_bf16_is_as_close_as_plain_bf16_autograd():
+    """bf16 hidden states: the head's weight gradient is a bf16 GEMM (fp32 accumulation); its error
+    against fp64 stays within 2x that of autograd through bf16 logits (what autocast would run)."""
+    torch.manual_seed(1)
+    h64, w64 = torch.randn(3, 200, 64, dtype=torch.float64), torch.randn(97, 64, dtype=torch.float64) * 0.3
+    y = torch.randint(0, 97, (3, 200))
+    y[1, :9] = -100
+
+    def loss_and_grads(fn, dtype):
+        h, w = (t.to(dtype).clone().requires_grad_() for t in (h64, w64))
+        fn(h, w).backward()
+        return [t.double() for t in (fn(h, w).detach(), h.grad, w.grad)]
+
+    def full(h, w):
+        return nn.functional.cross_entropy((h @ w.t()).float().flatten(0, 1), y.flatten(), ignore_index=-100,
+                                           reduction="sum")
+
+    exact = loss_and_grads(full, torch.float64)
+    plain = loss_and_grads(full, torch.bfloat16)
+    ours = loss_and_grads(lambda h, w: linear_cross_entropy_sum(h, w, y, chunk=64), torch.bfloat16)
+    for name, e, p, o in zip(("loss", "dh", "dw"), exact, plain, ours):
+        assert o.dtype == torch.float64
+        ours_err, plain_err = (o - e).norm() / e.norm(), (p - e).norm() / e.norm()
+        assert ours_err <= 2 * plain_err + 1e-6, (name, float(ours_err), float(plain_err))
+        assert ours_err < 2e-2, name

@@ -34,6 +34,9 @@ class GPTConfig:
     # With checkpointing: False keeps each attention's output (and logsumexp) so backward never
     # recomputes attention (faster at long context, more memory); True recomputes whole blocks.
     recompute_attention: bool = True
+    # With checkpointing: how many blocks, the first ones, are checkpointed (None: all). The last blocks
+    # keep everything: backward reaches them first and frees their activations before any block recomputes.
+    checkpoint_layers: int | None = None
     tie_weights: bool = True
     mlp_hidden: int | None = None
     norm: str = "rmsnorm"
@@ -50,6 +53,11 @@ class GPTConfig:
             raise ValueError(f"n_embd={self.n_embd} / n_head={self.n_head} must give an even head size")
         if self.n_kv_head is not None and (self.n_kv_head <= 0 or self.n_head % self.n_kv_head):
             raise ValueError(f"n_kv_head={self.n_kv_head} must divide n_head={self.n_head}")
+        if self.checkpoint_layers is not None and (
+                isinstance(self.checkpoint_layers, bool) or not isinstance(self.checkpoint_layers, int)
+                or not 0 <= self.checkpoint_layers <= self.n_layer):
+            raise ValueError(f"checkpoint_layers={self.checkpoint_layers!r} must be None (all blocks) or an "
+                             f"integer from 0 to n_layer={self.n_layer}")
         self.attention_kwargs = dict(self.attention_kwargs or {})
 
     @classmethod
@@ -65,6 +73,14 @@ class GPTConfig:
         return self.n_embd // self.n_head
 
     @property
+    def checkpointed_layers(self) -> int:
+        """Blocks that recompute in backward: the first ``checkpoint_layers`` (all when None), none without
+        ``activation_checkpointing``."""
+        if not self.activation_checkpointing:
+            return 0
+        return self.n_layer if self.checkpoint_layers is None else self.checkpoint_layers
+
+    @property
     def kv_heads(self) -> int:
         return self.n_kv_head or self.n_head
 
@@ -78,9 +94,9 @@ class RingGPT(nn.Module):
         self.blocks = nn.ModuleList(
             TransformerBlock(c.n_embd, c.n_head, c.n_kv_head, attention=c.attention,
                              attention_kwargs=c.attention_kwargs, mlp_hidden=c.mlp_hidden, norm=c.norm,
-                             bias=c.bias, checkpointing=c.activation_checkpointing,
+                             bias=c.bias, checkpointing=i < c.checkpointed_layers,
                              recompute_attention=c.recompute_attention)
-            for _ in range(c.n_layer)
+            for i in range(c.n_layer)
         )
         self.norm_f = make_norm(c.norm, c.n_embd)
         self.lm_head = None if c.tie_weights else nn.Linear(c.n_embd, c.vocab_size, bias=False)

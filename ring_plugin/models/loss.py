@@ -4,6 +4,11 @@ At 64K tokens per rank and a 50K vocabulary the fp32 logits alone take 13 GB. Th
 each chunk's logits, its loss and its gradients (w.r.t. the hidden states and the head weight) and
 keeps only the gradients; backward scales them. The head weight is read once, in forward, which
 also suits ZeRO-3 (it gathers the weight on access in forward; backward never touches it).
+
+Precision: logits, log-sum-exp and the per-token loss are fp32 (fp64 for fp64 inputs). With bf16
+hidden states the head weight's gradient, ``(softmax - onehot)^T @ hidden``, is a bf16 GEMM that
+accumulates in fp32 (on CUDA its output is fp32 too), as autocast would run the head's own
+backward; an fp32 GEMM here took 0.5 s of the 3B model's 11 s step at 128K on 2 H200s.
 """
 
 from __future__ import annotations
@@ -11,6 +16,15 @@ from __future__ import annotations
 import torch
 
 IGNORE_INDEX = -100
+
+
+def _weight_grad(p: torch.Tensor, p_low: torch.Tensor, h: torch.Tensor, compute: torch.dtype) -> torch.Tensor:
+    """``p^T @ h`` in ``compute``: a bf16 GEMM for bf16 ``h`` (fp32 output on CUDA), else in ``compute``."""
+    if h.dtype != torch.bfloat16:
+        return p.t() @ h.to(compute)
+    if h.is_cuda:
+        return torch.mm(p_low.t(), h, out_dtype=compute)
+    return (p_low.t() @ h).to(compute)
 
 
 class _LinearCrossEntropySum(torch.autograd.Function):
@@ -36,8 +50,9 @@ class _LinearCrossEntropySum(torch.autograd.Function):
                 p = torch.exp(logits - lse.unsqueeze(1))
                 p[torch.arange(p.shape[0], device=p.device), target] -= 1.0
                 p *= valid.unsqueeze(1)
-                grad_h[start:start + chunk] = (p.to(hidden.dtype) @ weight).to(hidden.dtype)
-                grad_w += p.t() @ h.to(compute)
+                p_low = p.to(hidden.dtype)
+                grad_h[start:start + chunk] = (p_low @ weight).to(hidden.dtype)
+                grad_w += _weight_grad(p, p_low, h, compute)
         ctx.save_for_backward(*([grad_h, grad_w] if needs_grad else []))
         return total
 

@@ -1,0 +1,94 @@
+"""What is allocated at a training step's peak, and where it came from (CUDA only).
+
+``PeakSnapshot(step)`` is a Lightning callback: it records the caching allocator's history during
+training batch ``step`` (``torch.cuda.memory._record_memory_history``), then replays that history to
+find the moment of the step's highest allocated memory and lists the blocks alive at that moment,
+grouped by where they were allocated (the innermost ``ring_plugin`` frame and the innermost frame).
+Blocks allocated before the step (weights, optimizer states, ZeRO partitions) are one ``before the
+step`` line. This is how the planner's memory model is checked term by term against a real step.
+
+``peak_breakdown(trace, baseline)`` is the replay alone, on the allocator's trace entries (dicts with
+``action``, ``addr``, ``size``, ``frames``), so it can be tested without a GPU.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import torch
+from lightning.pytorch.callbacks import Callback
+
+GROUPS_REPORTED = 40
+
+
+def _where(frames: list[dict[str, Any]]) -> str:
+    """``file:line function`` of the innermost frame in ring_plugin (else in benchmarks), plus the
+    innermost frame's function when that is a different one (the torch op that allocated)."""
+    def tag(f: dict[str, Any]) -> str:
+        path = str(f.get("filename", "?"))
+        short = path.split("site-packages/")[-1].split("ring_plugin/", 1)[-1]
+        return f"{short}:{f.get('line', '?')} {f.get('name', '?')}"
+
+    ours = next((f for f in frames if "ring_plugin" in str(f.get("filename", ""))), None)
+    ours = ours or next((f for f in frames if "benchmarks" in str(f.get("filename", ""))), None)
+    inner = frames[0] if frames else None
+    if ours is None:
+        return tag(inner) if inner else "(no python frame: autograd engine)"
+    return tag(ours) if inner is None or inner is ours else f"{tag(ours)} <- {inner.get('name', '?')}"
+
+
+def peak_breakdown(trace: list[dict[str, Any]], baseline: int) -> dict[str, Any]:
+    """Replay ``alloc`` / ``free_requested`` entries from ``baseline`` bytes; at the highest point, the
+    live blocks grouped by :func:`_where` (largest first), in bytes."""
+    live: dict[int, tuple[int, str, int]] = {}  # addr -> (size, where, entry index)
+    current = peak = baseline
+    peak_index = -1
+    peak_live: dict[int, tuple[int, str, int]] = {}
+    for i, entry in enumerate(trace):
+        action, addr, size = entry.get("action"), entry.get("addr"), int(entry.get("size", 0))
+        if action == "alloc":
+            live[addr] = (size, _where(entry.get("frames", [])), i)
+            current += size
+            if current > peak:
+                peak, peak_index, peak_live = current, i, dict(live)
+        elif action == "free_requested" and addr in live:
+            current -= live.pop(addr)[0]
+    groups: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for size, where, _ in peak_live.values():
+        groups[where][0] += size
+        groups[where][1] += 1
+    ranked = sorted(groups.items(), key=lambda kv: -kv[1][0])
+    return {
+        "baseline_bytes": baseline, "peak_bytes": peak, "peak_entry": peak_index, "entries": len(trace),
+        "at_peak": [{"where": "before the step (states, partitions, buffers)", "bytes": baseline, "blocks": 0}]
+        + [{"where": w, "bytes": b, "blocks": n} for w, (b, n) in ranked[:GROUPS_REPORTED]],
+        "other_bytes": sum(b for _, (b, _) in ranked[GROUPS_REPORTED:]),
+        "peak_allocator_entry": trace[peak_index].get("action") if peak_index >= 0 else None,
+    }
+
+
+class PeakSnapshot(Callback):
+    """Record training batch ``step``'s allocations and keep :func:`peak_breakdown` in ``self.result``."""
+
+    def __init__(self, step: int):
+        self.step = step
+        self.result: dict[str, Any] | None = None
+        self._baseline = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == self.step:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._baseline = torch.cuda.memory_allocated()
+            torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx != self.step:
+            return
+        torch.cuda.synchronize()
+        snapshot = torch.cuda.memory._snapshot()
+        torch.cuda.memory._record_memory_history(enabled=None)
+        trace = snapshot["device_traces"][torch.cuda.current_device()]
+        self.result = peak_breakdown(trace, self._baseline)
+        self.result["max_memory_allocated_bytes"] = torch.cuda.max_memory_allocated()
