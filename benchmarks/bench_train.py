@@ -209,6 +209,14 @@ def train(variant: str, model_name: str, args, world: int, rank: int, device: to
     return row
 
 
+def _variant(spec: str) -> str:
+    """``NAME`` or ``NAME@K`` (checkpoint_layers K for this variant only), checked."""
+    name, at, layers = spec.partition("@")
+    if name not in VARIANTS or (at and not layers.lstrip("-").isdigit()):
+        raise argparse.ArgumentTypeError(f"{spec!r}: expected one of {', '.join(VARIANTS)}, optionally @K")
+    return spec
+
+
 def guarded(fn: Callable[..., dict], *args: Any) -> dict[str, Any]:
     try:
         return fn(*args)
@@ -223,8 +231,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_run_arguments(parser, steps=6, warmup=2, smoke_help="tiny CPU/gloo run of the ring variants")
     parser.add_argument("--models", nargs="+", default=["3b", "124m"], choices=sorted(MODELS))
-    parser.add_argument("--variants", nargs="+", default=[v for v in VARIANTS if v != "ring_ulysses"],
-                        choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", type=_variant, default=[v for v in VARIANTS if v != "ring_ulysses"],
+                        help=f"{', '.join(VARIANTS)}; NAME@K runs that variant with checkpoint_layers=K only")
     parser.add_argument("--checkpoint-layers", nargs="+", type=int, default=[None],
                         help="run every variant with each of these GPTConfig.checkpoint_layers (-1: all blocks); "
                              "default: the model config's own")
@@ -237,7 +245,7 @@ def main() -> None:
     if args.smoke:
         os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions"))
         args.seq_len, args.steps, args.warmup, args.precision = 64, 3, 1, "32-true"
-        args.models, args.variants = ["smoke"], [v for v in args.variants if VARIANTS[v][0] == "ring"]
+        args.models, args.variants = ["smoke"], [v for v in args.variants if VARIANTS[v.split("@")[0]][0] == "ring"]
         device = torch.device("cpu")
     else:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -259,10 +267,11 @@ def main() -> None:
     result["train"] = []
     tag = "smoke" if args.smoke else f"{world}gpu"
     for model in args.models:
-        for variant in args.variants:
+        for spec in args.variants:
+            variant, _, own = spec.partition("@")
             if model == "124m" and variant == "ring_recompute":
                 continue
-            for layers in args.checkpoint_layers:
+            for layers in [int(own)] if own else args.checkpoint_layers:
                 result["train"].append(guarded(train, variant, model, args, world, rank, device, layers))
                 _compare(result)
                 result["wall_seconds"] = time.perf_counter() - t0
@@ -289,6 +298,15 @@ def _compare(result: dict[str, Any]) -> None:
         if ring and "tokens_per_s" in row and row["variant"] != "ring":
             ratios.setdefault(key(row), {})[f"ring_over_{row['variant']}"] = ring["tokens_per_s"] / row["tokens_per_s"]
     result["ring_tokens_per_s_ratios"] = ratios
+    # Each variant at its fastest setting in this run (e.g. the most blocks it can leave un-checkpointed).
+    best: dict[tuple[str, str], dict[str, Any]] = {}
+    for row in result["train"]:
+        k = (row["model"], row["variant"])
+        if "tokens_per_s" in row and (k not in best or row["tokens_per_s"] > best[k]["tokens_per_s"]):
+            best[k] = row
+    result["fastest_ring_over"] = {
+        f"{model} {variant}@{row['checkpoint_layers']}": best[model, "ring"]["tokens_per_s"] / row["tokens_per_s"]
+        for (model, variant), row in best.items() if variant != "ring" and (model, "ring") in best}
 
 
 def _report(result: dict[str, Any]) -> None:

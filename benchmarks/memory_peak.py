@@ -3,7 +3,8 @@
 ``PeakSnapshot(step)`` is a Lightning callback: it records the caching allocator's history during
 training batch ``step`` (``torch.cuda.memory._record_memory_history``), then replays that history to
 find the moment of the step's highest allocated memory and lists the blocks alive at that moment,
-grouped by where they were allocated (the innermost ``ring_plugin`` frame and the innermost frame).
+grouped by block size (which names the tensor: tokens x width x bytes) and, where the allocator kept
+stacks, by where they were allocated (the innermost ``ring_plugin`` frame and the innermost frame).
 Blocks allocated before the step (weights, optimizer states, ZeRO partitions) are one ``before the
 step`` line. This is how the planner's memory model is checked term by term against a real step.
 
@@ -59,11 +60,16 @@ def peak_breakdown(trace: list[dict[str, Any]], baseline: int) -> dict[str, Any]
         groups[where][0] += size
         groups[where][1] += 1
     ranked = sorted(groups.items(), key=lambda kv: -kv[1][0])
+    sizes: dict[int, int] = defaultdict(int)  # without stacks, a block's size names the tensor (n x d x bytes)
+    for size, _, _ in peak_live.values():
+        sizes[size] += 1
+    by_size = sorted(sizes.items(), key=lambda kv: -kv[0] * kv[1])
     return {
         "baseline_bytes": baseline, "peak_bytes": peak, "peak_entry": peak_index, "entries": len(trace),
         "at_peak": [{"where": "before the step (states, partitions, buffers)", "bytes": baseline, "blocks": 0}]
         + [{"where": w, "bytes": b, "blocks": n} for w, (b, n) in ranked[:GROUPS_REPORTED]],
         "other_bytes": sum(b for _, (b, _) in ranked[GROUPS_REPORTED:]),
+        "at_peak_by_size": [{"bytes_each": size, "blocks": n} for size, n in by_size[:GROUPS_REPORTED]],
         "peak_allocator_entry": trace[peak_index].get("action") if peak_index >= 0 else None,
     }
 
@@ -81,7 +87,9 @@ class PeakSnapshot(Callback):
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             self._baseline = torch.cuda.memory_allocated()
-            torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
+            # No stacks: capturing Python frames inside autograd Functions fails on torch 2.11
+            # ("SystemError: apply ... returned NULL"); block sizes identify the tensors instead.
+            torch.cuda.memory._record_memory_history(max_entries=2_000_000, context=None)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if batch_idx != self.step:

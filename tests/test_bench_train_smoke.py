@@ -10,9 +10,10 @@ from tests.bench_smoke import run_smoke
 @pytest.mark.timeout(300)
 def test_bench_train_script_smoke(tmp_path):
     result = run_smoke("bench_train", tmp_path, "--variants", "ring", "ring_recompute", "ring_ulysses",
-                       "--checkpoint-layers", "-1", "1")
+                       "ring_recompute@0", "--checkpoint-layers", "-1", "1")
     rows = {(row["variant"], row["checkpoint_layers"]): row for row in result["train"]}
-    assert sorted(rows) == [(v, k) for v in ("ring", "ring_recompute", "ring_ulysses") for k in (1, 2)], rows
+    expected = [(v, k) for v in ("ring", "ring_recompute", "ring_ulysses") for k in (1, 2)] + [("ring_recompute", 0)]
+    assert sorted(rows) == sorted(expected), rows
     ring, recompute = rows["ring", 2], rows["ring_recompute", 2]
     assert not ring["recompute_attention"] and recompute["recompute_attention"]
     assert len(ring["losses"]) == ring["steps"] == 3 and ring["tokens_per_s"] > 0

@@ -40,6 +40,7 @@ def test_peak_is_the_highest_point_and_lists_what_is_alive_there():
         "models/loss.py:31 forward": (50, 1),
         "(no python frame: autograd engine)": (120, 1),
     }
+    assert result["at_peak_by_size"] == [{"bytes_each": 120, "blocks": 1}, {"bytes_each": 50, "blocks": 1}]
 
 
 def test_innermost_op_is_named_beside_our_frame():
