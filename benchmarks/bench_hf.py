@@ -45,7 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from gpu_lightning import RandomTokens, StepStats, add_run_arguments, free_memory, make_trainer, step_figures  # noqa: E402
+from gpu_lightning import RandomTokens, StepStats, add_run_arguments, free_memory, make_trainer, release, step_figures  # noqa: E402  # noqa: E402
 
 from ring_plugin.comm.context import ring_context  # noqa: E402
 from ring_plugin.layout import shard_sequence  # noqa: E402
@@ -90,15 +90,16 @@ def throughput(name: str, make_module: Callable[[], pl.LightningModule], args, w
     if accelerator == "gpu":
         torch.cuda.reset_peak_memory_stats()
     data = RandomTokens(args.steps, args.seq_len, vocab, seed=2)
-    make_trainer(RingDeepSpeedStrategy(stage=3, logging_level=40), accelerator, world, args.steps, args.precision,
-                 [stats]).fit(module, DataLoader(data, batch_size=1))
+    trainer = make_trainer(RingDeepSpeedStrategy(stage=3, logging_level=40), accelerator, world, args.steps,
+                           args.precision, [stats])
+    trainer.fit(module, DataLoader(data, batch_size=1))
     row = {
         "model": name, "params": _params(module), "seq_len": args.seq_len, "gpus": world, "ring_size": world,
         "zero_stage": 3, "precision": args.precision, "activation_checkpointing": True,
         **step_figures(stats, args.seq_len, module.flops_per_token(args.seq_len), args, world, rank),
     }
     del module, stats
-    free_memory()
+    release(trainer)  # the next row's peak must not include this model's optimizer states
     dist.barrier()
     return row
 

@@ -53,7 +53,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from gpu_lightning import RandomTokens, StepStats, add_run_arguments, free_memory, make_trainer, step_figures  # noqa: E402
+from gpu_lightning import RandomTokens, StepStats, add_run_arguments, free_memory, make_trainer, release, step_figures  # noqa: E402  # noqa: E402
 
 from ring_plugin import create_ring_attention, shard_sequence  # noqa: E402
 from ring_plugin.comm.context import ring_context  # noqa: E402
@@ -191,8 +191,8 @@ def train(variant: str, model_name: str, args, world: int, rank: int, device: to
     with context:
         strategy = RingDeepSpeedStrategy(stage=3, layout=layout, ulysses_size=ulysses, ring_size=world // ulysses,
                                          logging_level=40)
-        make_trainer(strategy, device.type, world, args.steps, args.precision, callbacks).fit(
-            module, DataLoader(data, batch_size=1))
+        trainer = make_trainer(strategy, device.type, world, args.steps, args.precision, callbacks)
+        trainer.fit(module, DataLoader(data, batch_size=1))
     row = {
         "variant": variant, "attention": kind, "layout": layout, "recompute_attention": recompute,
         "ulysses_size": ulysses, "ring_size": world // ulysses,
@@ -204,7 +204,7 @@ def train(variant: str, model_name: str, args, world: int, rank: int, device: to
     if args.snapshot_step is not None:
         row["memory_at_peak"] = callbacks[-1].result
     del module, stats
-    free_memory()
+    release(trainer)
     dist.barrier()
     return row
 

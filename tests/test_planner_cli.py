@@ -3,6 +3,7 @@ known answer."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -10,6 +11,7 @@ import sys
 from pathlib import Path
 
 from ring_plugin.planner.cli import format_table, report_for
+from ring_plugin.planner.recommend import evaluate
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,18 +57,44 @@ def test_ulysses_never_spans_nodes_and_gqa_replicates_kv_heads() -> None:
 
 def test_table_and_recipe_marker() -> None:
     out = ring_plan("recipe=dense_128k_zero3")
-    assert "dp1 U1 R2 Z3 SAC *" in out and "Recommended:" in out  # gpt_3b keeps attention saved
+    assert "dp1 U1 R2 Z3 SAC8 *" in out and "Recommended:" in out  # gpt_3b keeps attention saved, 8 blocks
 
 
 def test_selective_checkpointing_is_planned_and_wins_at_long_context_when_it_fits() -> None:
     report = report_for(["recipe=dense_128k_zero3", "seq_len=524288", "gpus_per_node=8"])
     assert report.best is not None and report.best.layout.mode == "selective"
-    by_label = {c.layout.label: c for c in report.candidates}
-    sac, ac = by_label["dp1 U8 R1 Z3 SAC"], by_label["dp1 U8 R1 Z3 AC"]
+    # Every block checkpointed: SAC is faster than AC and needs more memory.
+    best = report.best.layout
+    sac, ac = (evaluate(report.job, report.cluster, dataclasses.replace(best, recompute_attention=recompute,
+                                                                        checkpoint_layers=None),
+                        _rates(report), report.usable_bytes) for recompute in (False, True))
     assert sac.step is not None and ac.step is not None and sac.memory is not None and ac.memory is not None
     assert sac.step.total < ac.step.total and sac.memory.total > ac.memory.total
     only = report_for(["recipe=dense_128k_zero3", "checkpointing=selective"])
     assert {c.layout.mode for c in only.candidates} == {"selective"}
+
+
+def _rates(report):  # noqa: ANN001, ANN202
+    from ring_plugin.planner.rates import Rates
+
+    return Rates.for_cluster(report.cluster)
+
+
+def test_checkpointing_candidates_checkpoint_as_few_blocks_as_fit() -> None:
+    """A fitting AC/SAC candidate checkpoints the fewest first blocks that fit: one fewer does not fit, and
+    each block left out is faster and needs more memory."""
+    report = report_for(["recipe=dense_128k_zero3", "checkpointing=selective", "zero=3"])
+    best = report.best
+    assert best is not None and best.layout.checkpoint_layers is not None
+    k = best.layout.checkpoint_layers
+    assert 0 < k < 16 and best.layout.label.endswith(f"SAC{k}")
+    fewer, more = (evaluate(report.job, report.cluster, dataclasses.replace(best.layout, checkpoint_layers=j),
+                            _rates(report), report.usable_bytes) for j in (k - 1, k + 1))
+    assert not fewer.fits and more.fits
+    assert fewer.memory.total > best.memory.total > more.memory.total
+    assert fewer.step.total < best.step.total < more.step.total
+    # The recipe's own layout (gpt_3b: 8 of 16 blocks) is a candidate, marked.
+    assert any(c.layout.label == "dp1 U1 R2 Z3 SAC8" for c in report.candidates)
 
 
 def test_bad_settings_are_one_line_errors_naming_them() -> None:

@@ -171,7 +171,10 @@ def estimate_memory(job: Job, layout: Layout) -> MemoryEstimate:
     states = state_bytes(spec, world, layout.zero)
     per_layer = layer_saved_per_token(spec, a, job.fused_norm, layout.ulysses)
     kept = block_kept_per_token(spec, a, job.fused_norm, layout.ulysses, layout.mode)
-    saved = n * (c.n_layer * kept + shared_saved_per_token(spec, a, job.fused_norm))
+    checkpointed = job.checkpointed_layers(layout)  # the first blocks; the others save everything
+    shared = n * shared_saved_per_token(spec, a, job.fused_norm)
+    saved_checkpointed = n * checkpointed * kept + shared
+    saved = saved_checkpointed + n * (c.n_layer - checkpointed) * per_layer
     total_params = sum(numel for numel, _ in param_tensors(spec))
     gathered = min(total_params, ZERO3_LIVE_ELEMENTS) * PARAM_BYTES if layout.zero == 3 else 0.0
     bucket = ZERO_BUCKET_ELEMENTS * GRAD_BYTES if layout.zero >= 2 else 0.0
@@ -179,19 +182,27 @@ def estimate_memory(job: Job, layout: Layout) -> MemoryEstimate:
     # and one chunk's fp32 logits, logits - lse and probabilities.
     chunk = min(job.loss_chunk, n)
     loss = 2 * n * e * a + v * e * 4 + 3 * chunk * v * 4
-    # Backward of the top block: its recomputed activations (checkpointing; selective: all but what it kept of
-    # attention), dX in and out, then the larger of the MLP's two hidden-width gradients and the attention backward.
-    recomputed = n * (per_layer - (kept - checkpoint_saved_per_token(spec, a))) if layout.checkpointing else 0.0
-    mlp = 2 * n * spec.mlp_hidden * a
-    attn = attention_backward_bytes(job, layout, n)
+    # Backward of a block peaks in one of two places (a GPU memory snapshot of the 3B model's step,
+    # bench_train --snapshot-step): in the MLP's backward, where the GELU input and the gradients of its
+    # output and input are alive (the GELU output, saved for the projection, is freed just before: one
+    # hidden-width tensor beyond what the block saved), or in attention's backward, after the MLP's saved
+    # GELU input and output are freed, with the ring's buffers alive.
+    mlp_saved = 2 * n * spec.mlp_hidden * a
+    block_peak = max(n * spec.mlp_hidden * a, attention_backward_bytes(job, layout, n) - mlp_saved)
     # The head's weight gradient (V x E, bf16) from the loss: with tied weights autograd holds it in the
     # embedding weight's input buffer until the embedding's own gradient arrives, at the end of backward.
     tied_dw = v * e * a if c.tie_weights else 0.0
-    backward_rest = recomputed + 2 * n * e * a + bucket + gathered + tied_dw
+    rest = 2 * n * e * a + bucket + gathered + tied_dw
+    # A checkpointed block recomputes all it did not keep (selective: attention's tensors are kept). The top
+    # block that saves everything peaks first; a checkpointed one only after the blocks above freed theirs.
+    recomputed = n * (per_layer - (kept - checkpoint_saved_per_token(spec, a)))
+    backward = saved + block_peak if checkpointed < c.n_layer else 0.0
+    if checkpointed:
+        backward = max(backward, saved_checkpointed + recomputed + block_peak)
     optimizer = 4 * states.optimizer / OPTIMIZER_BYTES  # fp32 gradients of the rank's partition at the step
     # (saved, attention buffers, transient) of each phase; activations are gone by the optimizer step.
     phases = {"loss": (saved, 0.0, loss + gathered),
-              "backward": (saved, attn, backward_rest + max(mlp - attn, 0.0)),
+              "backward": (backward, 0.0, rest),
               "optimizer": (0.0, 0.0, optimizer)}
     name = max(phases, key=lambda k: sum(phases[k]))
     return MemoryEstimate(states, *phases[name], phase=name)

@@ -3,6 +3,7 @@ the recommendation is the fastest (tokens/s) that fits."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -102,15 +103,38 @@ def evaluate(job: Job, cluster: Cluster, layout: Layout, rates: Rates, usable: f
     return Candidate(layout, memory, step, tokens_per_s, mfu, reason)
 
 
+def fewest_checkpointed(job: Job, cluster: Cluster, candidate: Candidate, rates: Rates, usable: float) -> Candidate:
+    """A checkpointing candidate that fits, with as few blocks checkpointed as still fit (each block left
+    out saves its recomputation; memory grows with every one): the first k blocks, k found by bisection."""
+    if not candidate.fits or candidate.layout.mode == "none":
+        return candidate
+    n_layer = job.model.config.n_layer
+    best, low, high = candidate, 1, n_layer - 1  # k = n_layer fits; k = 0 is "none", a candidate of its own
+    while low <= high:
+        k = (low + high) // 2
+        trial = evaluate(job, cluster, dataclasses.replace(candidate.layout, checkpoint_layers=k), rates, usable)
+        if trial.fits:
+            best, high = trial, k - 1
+        else:
+            low = k + 1
+    return best
+
+
 def plan(job: Job, cluster: Cluster, rates: Rates | None = None, stages: Iterable[int] = (0, 1, 2, 3),
          checkpointing: Iterable[bool | str] = MODES) -> Report:
     """Every (dp, U, R) x ZeRO stage x checkpointing mode candidate on ``cluster``, fastest fitting first.
-    ``checkpointing``: modes "none", "full", "selective"; True stands for both checkpointing modes."""
+    ``checkpointing``: modes "none", "full", "selective"; True stands for both checkpointing modes. A
+    checkpointing candidate that fits checkpoints only as many blocks as it must (``checkpoint_layers``);
+    the recipe's own layout is a candidate too."""
     rates = rates or Rates.for_cluster(cluster)
     memory = rates.data["memory_bytes"]["value"] if rates.measured else cluster.gpu.memory_bytes
     usable = USABLE_FRACTION * memory
     found = [evaluate(job, cluster, layout, rates, usable)
              for layout in layouts(cluster.world, tuple(stages), tuple(checkpointing))]
+    found = [fewest_checkpointed(job, cluster, c, rates, usable) for c in found]
+    recipe = job.recipe_layout
+    if recipe is not None and recipe.world == cluster.world and all(c.layout != recipe for c in found):
+        found.append(evaluate(job, cluster, recipe, rates, usable))  # e.g. its own checkpoint_layers
     # Fitting plans by speed (within 1 %: the smaller memory first), then the out-of-memory ones, then
     # the impossible ones.
     found.sort(key=lambda c: (not c.fits, c.step is None, -round(math.log(max(c.tokens_per_s, 1.0)) / math.log(1.01)),

@@ -42,7 +42,7 @@ def elementwise_bytes_per_token_layer(job: Job) -> float:
         + 2 * e * a + e * (4 + a)
 
 
-def attention_seconds(job: Job, layout: Layout, rates: Rates, passes_forward: int) -> float:
+def attention_seconds(job: Job, layout: Layout, rates: Rates, passes_forward: float) -> float:
     """Attention of all layers for one step: ``passes_forward`` forwards (2 with checkpointing) and one
     backward (2.5 forwards' FLOPs, as the benchmarks count fwd+bwd = 3.5x forward).
 
@@ -89,20 +89,23 @@ def _ring_link_bytes_per_s(job: Job, layout: Layout, rates: Rates, message: floa
     return min(p2p, cl.internode_bytes_per_s / crossing)
 
 
-def matmul_seconds(job: Job, layout: Layout, rates: Rates, passes_forward: int) -> float:
+def matmul_seconds(job: Job, layout: Layout, rates: Rates, passes_forward: float) -> float:
     """Block matmuls: 2 FLOPs per weight per token per pass (forward, recompute, 2x in backward); the
-    loss: logits and dH in bf16, dW in fp32 (the chunked loss computes p^T h in fp32)."""
+    loss: logits, dH and dW (bf16 inputs, fp32 accumulation) in the activations' precision; dW is an
+    fp32 GEMM only for fp32 activations (models/loss.py)."""
     c = job.model.config
     n = job.batch * job.seq_len / (layout.ulysses * layout.ring)
     e, hd, f = c.n_embd, c.head_dim, job.model.mlp_hidden
     shapes = [(e, (c.n_head + 2 * c.kv_heads) * hd), (e, e), (e, f), (f, e)]
     block = sum(2.0 * n * k * m / rates.linear_flops_per_s(k, m) for k, m in shapes)
     head = 2 * 2.0 * n * e * c.vocab_size / rates.linear_flops_per_s(e, c.vocab_size)
-    head += 2.0 * n * e * c.vocab_size / rates.fp32_matmul_flops_per_s()
+    bf16_dw = job.act_bytes == 2 and not job.fp32_loss_weight_grad
+    dw_rate = rates.linear_flops_per_s(e, c.vocab_size) if bf16_dw else rates.fp32_matmul_flops_per_s()
+    head += 2.0 * n * e * c.vocab_size / dw_rate
     return c.n_layer * block * (passes_forward + 2) + head
 
 
-def zero_seconds(job: Job, layout: Layout, rates: Rates, passes_forward: int) -> tuple[float, float]:
+def zero_seconds(job: Job, layout: Layout, rates: Rates, passes_forward: float) -> tuple[float, float]:
     """(collective seconds, optimizer seconds). Gradients are reduced over the whole world (ZeRO-0/1:
     all-reduce = reduce-scatter + all-gather; ZeRO-2: reduce-scatter, then the updated bf16 parameters
     all-gathered; ZeRO-3: parameters all-gathered in every forward and in backward, gradients
@@ -124,7 +127,7 @@ def zero_seconds(job: Job, layout: Layout, rates: Rates, passes_forward: int) ->
     return comm, local * ADAM_BYTES_PER_PARAM / rates.hbm_bytes_per_s()
 
 
-def ulysses_seconds(job: Job, layout: Layout, rates: Rates, passes_forward: int) -> float:
+def ulysses_seconds(job: Job, layout: Layout, rates: Rates, passes_forward: float) -> float:
     """Forward: q, k, v to heads-sharded and the output back; backward: the same in reverse. K/V heads
     replicated when the group is larger than their count."""
     u = layout.ulysses
@@ -140,9 +143,10 @@ def ulysses_seconds(job: Job, layout: Layout, rates: Rates, passes_forward: int)
 
 
 def estimate_step(job: Job, layout: Layout, rates: Rates) -> StepTime:
-    """Checkpointing runs the blocks' matmuls, elementwise work and ZeRO-3 gathers twice; attention (and
-    the Ulysses all-to-all around it) twice only when it is recomputed too (``layout.mode == "full"``)."""
-    passes, attention_passes = layout.forward_passes, layout.attention_forward_passes
+    """Checkpointing runs the checkpointed blocks' matmuls, elementwise work and ZeRO-3 gathers twice;
+    their attention (and the Ulysses all-to-all around it) twice only when it is recomputed too
+    (``layout.mode == "full"``)."""
+    passes, attention_passes = job.forward_passes(layout), job.attention_forward_passes(layout)
     c = job.model.config
     n = job.batch * job.seq_len / (layout.ulysses * layout.ring)
     matmul = matmul_seconds(job, layout, rates, passes)

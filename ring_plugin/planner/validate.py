@@ -34,17 +34,24 @@ class Check:
         return self.predicted / self.measured - 1.0
 
 
-def _train(data: dict[str, Any], name: str) -> list[Check]:
+def _job(spec: ModelSpec, seq_len: int, entry: dict[str, Any], batch: int = 1) -> Job:
+    """The job a run trained; ``"loss_weight_grad": "fp32"`` in its manifest entry marks runs made before
+    the loss' weight gradient became a bf16 GEMM."""
+    return Job(spec, seq_len, batch=batch, fp32_loss_weight_grad=entry.get("loss_weight_grad") == "fp32")
+
+
+def _train(data: dict[str, Any], name: str, entry: dict[str, Any]) -> list[Check]:
     t = data["train"]
     spec = ModelSpec.from_dict({k: t[k] for k in ("vocab_size", "n_layer", "n_head", "n_embd")}
                                | {"n_kv_head": t.get("n_kv_head"), "max_seq_len": t["seq_len"]})
     gpus, ring = t["gpus"], t["ring_size"]
     layout = Layout(gpus // ring, 1, ring, t["zero_stage"], t["activation_checkpointing"])
-    job = Job(spec, t["seq_len"], batch=t.get("batch", 1))
+    job = _job(spec, t["seq_len"], entry, batch=t.get("batch", 1))
     rates = Rates.for_cluster(cluster("h200", gpus, 1))
     peak = max(m["peak_allocated_gib"] for m in t["memory"]) * 2**30
-    return [Check(name, "step_time", estimate_step(job, layout, rates).total, t["median_step_seconds"]),
-            Check(name, "peak_memory", estimate_memory(job, layout).total, peak)]
+    found = [Check(name, "step_time", estimate_step(job, layout, rates).total, t["median_step_seconds"]),
+             Check(name, "peak_memory", estimate_memory(job, layout).total, peak)]
+    return [check for check in found if not _skipped(entry, t, check.quantity)]
 
 
 def _model_config(value: str | dict[str, Any]) -> dict[str, Any]:
@@ -74,11 +81,14 @@ def _bench_train(data: dict[str, Any], name: str, entry: dict[str, Any]) -> list
         # DeepSpeed's Ulysses spans every GPU; ring_plugin's rows say their own sizes (older files: a ring).
         u = gpus if row["variant"] == "ulysses" else row.get("ulysses_size", 1)
         r = gpus // u
-        layout = Layout(1, u, r, row["zero_stage"], row["activation_checkpointing"], row["recompute_attention"])
-        job = Job(spec, row["seq_len"], batch=row.get("batch", 1))
+        layout = Layout(1, u, r, row["zero_stage"], row["activation_checkpointing"], row["recompute_attention"],
+                        row.get("checkpoint_layers"))
+        job = _job(spec, row["seq_len"], entry, batch=row.get("batch", 1))
         rates = Rates.for_cluster(cluster("h200", gpus, 1))
         peak = max(m["peak_allocated_gib"] for m in row["memory"]) * 2**30
         run = f"{name} {row['model']} {row['variant']}"
+        if row.get("checkpoint_layers") not in (None, spec.config.n_layer):
+            run += f"@{row['checkpoint_layers']}"
         found = [Check(run, "step_time", estimate_step(job, layout, rates).total, row["median_step_seconds"]),
                  Check(run, "peak_memory", estimate_memory(job, layout).total, peak)]
         out += [check for check in found if not _skipped(entry, row, check.quantity)]
@@ -88,7 +98,7 @@ def _bench_train(data: dict[str, Any], name: str, entry: dict[str, Any]) -> list
 def _skipped(entry: dict[str, Any], row: dict[str, Any], quantity: str) -> bool:
     """Whether the entry's ``skip`` list (each with a ``why``) leaves this row's quantity unchecked."""
     return any(rule["quantity"] == quantity
-               and all(row.get(k) == v for k, v in rule.items() if k in ("model", "variant"))
+               and all(row.get(k) == v for k, v in rule.items() if k in ("model", "variant", "checkpoint_layers"))
                for rule in entry.get("skip", []))
 
 
@@ -110,7 +120,7 @@ def _attention_only(n: int, causal: bool, heads: int, head_dim: int, gpus: int, 
             Check(name, "peak_memory", held + attention_backward_bytes(job, layout, local), peak)]
 
 
-def _bench_ring(data: dict[str, Any], name: str) -> list[Check]:
+def _bench_ring(data: dict[str, Any], name: str, entry: dict[str, Any]) -> list[Check]:
     out = []
     for run in data["runs"]:
         ring = run["ring"]
@@ -120,7 +130,7 @@ def _bench_ring(data: dict[str, Any], name: str) -> list[Check]:
     return out
 
 
-def _bench_patterns(data: dict[str, Any], name: str) -> list[Check]:
+def _bench_patterns(data: dict[str, Any], name: str, entry: dict[str, Any]) -> list[Check]:
     out = []
     for r in data["results"]:
         if r["case"] == "dense":
@@ -129,7 +139,7 @@ def _bench_patterns(data: dict[str, Any], name: str) -> list[Check]:
     return out
 
 
-def _bench_hf(data: dict[str, Any], name: str) -> list[Check]:
+def _bench_hf(data: dict[str, Any], name: str, entry: dict[str, Any]) -> list[Check]:
     """bench_hf.py's ``ring_gpt`` row: the RingGPT shaped like its Llama (GELU MLP 1.5x the SwiGLU width,
     so as many weights), ZeRO-3, full activation checkpointing, a ring of all GPUs. The HF model's own
     row is not planned (the planner models RingGPT only)."""
@@ -140,15 +150,16 @@ def _bench_hf(data: dict[str, Any], name: str) -> list[Check]:
         mlp_hidden=3 * llama["intermediate_size"] // 2, tie_weights=bool(llama.get("tie_word_embeddings", True)),
         max_seq_len=row["seq_len"], activation_checkpointing=True))
     layout = Layout(1, 1, row["gpus"], row["zero_stage"], True)
-    job = Job(spec, row["seq_len"])
+    job = _job(spec, row["seq_len"], entry)
     rates = Rates.for_cluster(cluster("h200", row["gpus"], 1))
     peak = max(m["peak_allocated_gib"] for m in row["memory"]) * 2**30
     run = f"{name} ring_gpt"
-    return [Check(run, "step_time", estimate_step(job, layout, rates).total, row["median_step_seconds"]),
-            Check(run, "peak_memory", estimate_memory(job, layout).total, peak)]
+    found = [Check(run, "step_time", estimate_step(job, layout, rates).total, row["median_step_seconds"]),
+             Check(run, "peak_memory", estimate_memory(job, layout).total, peak)]
+    return [check for check in found if not _skipped(entry, row, check.quantity)]
 
 
-def _bench_2d(data: dict[str, Any], name: str) -> list[Check]:
+def _bench_2d(data: dict[str, Any], name: str, entry: dict[str, Any]) -> list[Check]:
     """bench_2d.py: the dense layer as a Ulysses group of all GPUs and as a ring of all GPUs."""
     out = []
     for run in data["runs"]:
@@ -164,7 +175,6 @@ def _bench_2d(data: dict[str, Any], name: str) -> list[Check]:
 KINDS: dict[str, Callable[..., list[Check]]] = {
     "train": _train, "bench_ring": _bench_ring, "bench_patterns": _bench_patterns, "bench_train": _bench_train,
     "bench_2d": _bench_2d, "bench_hf": _bench_hf}
-NEEDS_ENTRY = {"bench_train"}  # kinds that read their manifest entry (model map, variants)
 
 
 def validate(results: Path = RESULTS) -> tuple[list[Check], dict[str, float]]:
@@ -173,8 +183,7 @@ def validate(results: Path = RESULTS) -> tuple[list[Check], dict[str, float]]:
     checks = []
     for entry in manifest["runs"]:
         data = json.loads((results / entry["file"]).read_text())
-        extra = (entry,) if entry["kind"] in NEEDS_ENTRY else ()
-        checks += KINDS[entry["kind"]](data, entry["file"], *extra)
+        checks += KINDS[entry["kind"]](data, entry["file"], entry)
     return checks, manifest["targets"]
 
 

@@ -73,6 +73,7 @@ class Layout:
     zero: int
     checkpointing: bool
     recompute_attention: bool = True  # only meaningful with checkpointing
+    checkpoint_layers: int | None = None  # with checkpointing, blocks checkpointed (the first ones); None: all
 
     def __post_init__(self) -> None:
         if not self.checkpointing and not self.recompute_attention:
@@ -94,23 +95,15 @@ class Layout:
         return self.mode == "selective"
 
     @property
-    def forward_passes(self) -> int:
-        """Forwards of the blocks' matmuls (and ZeRO-3 gathers) per step: 2 with either checkpointing."""
-        return 2 if self.checkpointing else 1
-
-    @property
-    def attention_forward_passes(self) -> int:
-        """Forwards of attention per step: 2 only when checkpointing recomputes it."""
-        return 2 if self.mode == "full" else 1
-
-    @property
     def world(self) -> int:
         return self.dp * self.ulysses * self.ring
 
     @property
     def label(self) -> str:
+        """``dp2 U1 R4 Z3 SAC``; ``SAC8``: only the first 8 blocks checkpointed."""
         tag = {"none": "noAC", "full": "AC", "selective": "SAC"}[self.mode]
-        return f"dp{self.dp} U{self.ulysses} R{self.ring} Z{self.zero} {tag}"
+        k = "" if self.mode == "none" or self.checkpoint_layers is None else str(self.checkpoint_layers)
+        return f"dp{self.dp} U{self.ulysses} R{self.ring} Z{self.zero} {tag}{k}"
 
 
 @dataclass(frozen=True)
@@ -123,6 +116,7 @@ class Job:
     loss_chunk: int = 4096  # RingCausalLM.loss_chunk_tokens
     causal: bool = True  # RingGPT is causal; the attention benchmarks also run non-causal
     fused_norm: bool = True  # CUDA's fused RMSNorm saves its input and rstd; the CPU composite saves fp32 copies
+    fp32_loss_weight_grad: bool = False  # the loss' dW GEMM in fp32 (runs before it became bf16, 2026-11-30)
     name: str = "custom"
     recipe_layout: Layout | None = None  # what the recipe itself runs, marked in the table
     notes: tuple[str, ...] = field(default=())
@@ -130,6 +124,21 @@ class Job:
     @property
     def attention(self) -> str:
         return self.model.config.attention
+
+    def checkpointed_layers(self, layout: Layout) -> int:
+        """Blocks that recompute in backward under ``layout``'s checkpointing (``checkpoint_layers``, all
+        when None); none without checkpointing. A recipe's own count is its layout's (:func:`job_from_config`)."""
+        if not layout.checkpointing:
+            return 0
+        return self.model.config.n_layer if layout.checkpoint_layers is None else layout.checkpoint_layers
+
+    def forward_passes(self, layout: Layout) -> float:
+        """Forwards of the blocks' matmuls (and ZeRO-3 gathers) per step: 1 plus the recomputed share."""
+        return 1 + self.checkpointed_layers(layout) / self.model.config.n_layer
+
+    def attention_forward_passes(self, layout: Layout) -> float:
+        """Forwards of attention per step: recomputed too only in "full" checkpointing."""
+        return self.forward_passes(layout) if layout.mode == "full" else 1.0
 
 
 def compose(recipe: str | None, overrides: Sequence[str] = ()) -> Any:
@@ -164,7 +173,7 @@ def job_from_config(cfg: Any, name: str) -> Job:
     ulysses = int(cfg.get("ulysses_size") or 1)  # read where the app has it; not required
     ring = int(cfg.ring_size)
     layout = Layout(world // (ring * ulysses), ulysses, ring, stage, bool(spec.config.activation_checkpointing),
-                    bool(spec.config.recompute_attention))
+                    bool(spec.config.recompute_attention), spec.config.checkpoint_layers)
     precision = str(cfg.trainer.precision)
     return Job(model=spec, seq_len=int(cfg.seq_len), batch=int(cfg.data.get("batch_size", 1)),
                act_bytes=4 if precision.startswith("32") else 2, name=name, recipe_layout=layout)
