@@ -48,7 +48,8 @@ class Case:
         att = "dilated" if self.model.get("attention_kwargs") else self.model.get("attention", "standard")
         ring = self.ring_size or "all"
         kind = f"deepspeed{self.stage}" if self.strategy == "deepspeed" else self.strategy
-        return f"{kind}/ring={ring}/{att}/{self.layout}" + "".join(f"/{k}" for k in sorted(self.options))
+        memory = "".join(f"/{k}" for k in ("offload_checkpoints", "mlp_tile_tokens") if self.model.get(k))
+        return f"{kind}/ring={ring}/{att}/{self.layout}" + "".join(f"/{k}" for k in sorted(self.options)) + memory
 
 
 def make_samples(n: int, seq_len: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
@@ -111,10 +112,10 @@ def reference_step(case: Case, samples: list[dict[str, torch.Tensor]]) -> tuple[
     module = make_module(case)
     ids = torch.stack([s["input_ids"] for s in samples])
     labels = torch.stack([s["labels"] for s in samples])
-    with ring_context(None, "contiguous"):
+    with ring_context(None, "contiguous"):  # backward too: checkpointed blocks run their attention again
         logits = module.model(ids, torch.arange(ids.shape[1]))
-    loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
-    loss.backward()
+        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+        loss.backward()
     return float(loss.detach()), {n: p.grad.clone() for n, p in module.named_parameters()}
 
 

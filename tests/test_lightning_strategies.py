@@ -27,6 +27,10 @@ def _equivalence_cases(ring_size: int) -> list[Case]:
 
 
 OFFLOAD = dict(offload_optimizer=True, offload_parameters=True)
+# Long-context memory settings: block inputs offloaded to the host (reentrant checkpoints under ZeRO-3's
+# hooks) and the MLP in tiles of 5 tokens: the same step as one process.
+LONG = dict(TINY, activation_checkpointing=True, offload_checkpoints=True, mlp_tile_tokens=5)
+LONG_CASES = [Case("deepspeed", 3, model=dict(LONG)), Case("ddp", model=dict(LONG))]
 WORLD2 = _equivalence_cases(2) + [Case("deepspeed", 0), Case("deepspeed", 3, options=OFFLOAD)]
 WORLD4 = _equivalence_cases(4) + [Case("ddp", ring_size=2, batch_size=2), Case("deepspeed", 2, ring_size=2),
                                   Case("deepspeed", 3, ring_size=2, batch_size=2)]
@@ -49,6 +53,10 @@ def world2_worker(rank: int, world: int, workdir: str) -> dict:
     return out
 
 
+def long_context_worker(rank: int, world: int) -> dict:
+    return {c.name: H.run_isolated(H.equivalence_case, c, rank, world) for c in LONG_CASES}
+
+
 def world4_worker(rank: int, world: int) -> dict:
     return {c.name + f"/batch={c.batch_size}": H.run_isolated(H.equivalence_case, c, rank, world) for c in WORLD4}
 
@@ -57,6 +65,11 @@ def world4_worker(rank: int, world: int) -> dict:
 def world2() -> dict:
     with tempfile.TemporaryDirectory() as workdir:
         return run_in_process_group(world2_worker, 2, workdir, timeout=240)[0]
+
+
+@pytest.fixture(scope="module")
+def long_context() -> dict:
+    return run_in_process_group(long_context_worker, 2, timeout=240)[0]
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +87,13 @@ def _check_equivalence(result) -> None:
 @pytest.mark.parametrize("name", [c.name for c in WORLD2])
 def test_ring2_step_matches_one_process(world2, name):
     _check_equivalence(world2[name])
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("name", [c.name for c in LONG_CASES])
+def test_long_context_settings_step_like_one_process(long_context, name):
+    """Offloaded block inputs and MLP tiles, under ZeRO-3 and DDP on a ring of 2: one process's step."""
+    _check_equivalence(long_context[name])
 
 
 @pytest.mark.timeout(300)

@@ -8,6 +8,7 @@ from torch import nn
 
 from ring_plugin.layers import RingMultiheadAttention, TransformerBlock
 from ring_plugin.layers.rotary import RotaryEmbedding, apply_rotary
+from ring_plugin.layers.transformer import MLP
 from ring_plugin.models import GPTConfig, RingCausalLM, RingGPT
 from ring_plugin.models.loss import linear_cross_entropy_sum
 
@@ -116,6 +117,72 @@ def test_gpt_checkpoints_only_the_first_checkpoint_layers_blocks(checkpoint_laye
 def test_gpt_checkpoint_layers_out_of_range_is_refused(bad):
     with pytest.raises(ValueError, match="checkpoint_layers"):
         GPTConfig(n_layer=3, checkpoint_layers=bad)
+
+
+@pytest.mark.parametrize("bad", [0, -4, 2.0, True])
+def test_gpt_mlp_tile_tokens_must_be_positive(bad):
+    with pytest.raises(ValueError, match="mlp_tile_tokens"):
+        GPTConfig(mlp_tile_tokens=bad)
+
+
+@pytest.mark.parametrize("settings", [dict(), dict(activation_checkpointing=True, recompute_attention=False)])
+def test_gpt_offload_needs_full_checkpointing(settings):
+    with pytest.raises(ValueError, match="offload_checkpoints=True needs activation_checkpointing=True"):
+        GPTConfig(offload_checkpoints=True, **settings)
+
+
+def test_tiled_mlp_gives_the_whole_mlp_output_and_gradients():
+    """Tiles of 4 over 11 tokens (the last one short): the same output and gradients as one MLP call, in
+    training and without grad."""
+    torch.manual_seed(0)
+    whole, tiled = MLP(8, 32), MLP(8, 32, tile_tokens=4)
+    tiled.load_state_dict(whole.state_dict())
+    x = torch.randn(2, 11, 8, dtype=torch.float64, requires_grad=True)
+    whole.double(), tiled.double()
+    calls, dense = [], tiled._dense
+    tiled._dense = lambda t: (calls.append(t.shape[-2]), dense(t))[1]
+    outs, grads = [], []
+    for mlp in (whole, tiled):
+        out = mlp(x)
+        out.pow(2).sum().backward()
+        outs.append(out.detach())
+        grads.append([x.grad.clone()] + [p.grad.clone() for p in mlp.parameters()])
+        x.grad = None
+    assert sorted(calls) == [3, 3, 4, 4, 4, 4]  # three tiles, each run again in backward
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-12, atol=1e-12)
+    for a, b in zip(grads[0], grads[1]):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        torch.testing.assert_close(tiled(x), whole(x), rtol=1e-12, atol=1e-12)
+
+
+def test_offloaded_checkpoints_and_tiles_give_the_plain_models_gradients(monkeypatch):
+    """Full checkpointing with the block inputs offloaded (through save_on_cpu, counted here) and the MLP
+    in tiles: the same gradients as the model without either; only the checkpointed blocks offload."""
+    import ring_plugin.layers.transformer as transformer
+
+    packed = []
+
+    class CountingSaveOnCpu(torch.autograd.graph.save_on_cpu):
+        def __init__(self, pin_memory: bool = False):
+            super().__init__(pin_memory=pin_memory)
+            pack = self.pack_hook
+            self.pack_hook = lambda t: (packed.append(tuple(t.shape)), pack(t))[1]
+
+    monkeypatch.setattr(transformer, "save_on_cpu", CountingSaveOnCpu)
+    torch.manual_seed(0)
+    base = dict(vocab_size=40, n_layer=3, n_head=2, n_embd=16, max_seq_len=16)
+    plain = RingGPT(GPTConfig(**base))
+    long = RingGPT(GPTConfig(**base, activation_checkpointing=True, checkpoint_layers=2, offload_checkpoints=True,
+                             mlp_tile_tokens=5))
+    long.load_state_dict(plain.state_dict())
+    ids, pos = torch.randint(0, 40, (2, 12)), torch.arange(12)
+    for model in (plain, long):
+        model(ids, pos).square().mean().backward()
+    for (name, a), b in zip(plain.named_parameters(), long.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, msg=name)
+    # Two checkpointed blocks, each saving its input (2, 12, 16) and the rotary tables.
+    assert packed.count((2, 12, 16)) == 2, packed
 
 
 def test_gpt_tied_head_parameters_and_flops():

@@ -32,6 +32,7 @@ MAY_CHANGE = (
     "trainer.val_check_interval", "trainer.limit_val_batches", "trainer.fast_dev_run",
     # Memory for speed only: the same gradients either way, so a run may switch to fit (or to go faster).
     "model.activation_checkpointing", "model.recompute_attention", "model.checkpoint_layers",
+    "model.offload_checkpoints", "model.mlp_tile_tokens",
 )
 # Keys added to the config after runs may have been recorded, with the value that does what runs did
 # before the key existed: a record without the key and a config with that value are the same run.

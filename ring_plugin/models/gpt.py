@@ -37,6 +37,10 @@ class GPTConfig:
     # With checkpointing: how many blocks, the first ones, are checkpointed (None: all). The last blocks
     # keep everything: backward reaches them first and frees their activations before any block recomputes.
     checkpoint_layers: int | None = None
+    # Long context (millions of tokens): checkpointed blocks keep their input in host memory (full
+    # checkpointing only), and the MLP runs over tiles of this many tokens (None: whole).
+    offload_checkpoints: bool = False
+    mlp_tile_tokens: int | None = None
     tie_weights: bool = True
     mlp_hidden: int | None = None
     norm: str = "rmsnorm"
@@ -53,11 +57,12 @@ class GPTConfig:
             raise ValueError(f"n_embd={self.n_embd} / n_head={self.n_head} must give an even head size")
         if self.n_kv_head is not None and (self.n_kv_head <= 0 or self.n_head % self.n_kv_head):
             raise ValueError(f"n_kv_head={self.n_kv_head} must divide n_head={self.n_head}")
-        if self.checkpoint_layers is not None and (
-                isinstance(self.checkpoint_layers, bool) or not isinstance(self.checkpoint_layers, int)
-                or not 0 <= self.checkpoint_layers <= self.n_layer):
-            raise ValueError(f"checkpoint_layers={self.checkpoint_layers!r} must be None (all blocks) or an "
-                             f"integer from 0 to n_layer={self.n_layer}")
+        _check_optional_int("checkpoint_layers", self.checkpoint_layers, 0, self.n_layer,
+                            f"None (all blocks) or an integer from 0 to n_layer={self.n_layer}")
+        _check_optional_int("mlp_tile_tokens", self.mlp_tile_tokens, 1, None, "None or a positive integer")
+        if self.offload_checkpoints and not (self.activation_checkpointing and self.recompute_attention):
+            raise ValueError("offload_checkpoints=True needs activation_checkpointing=True and "
+                             "recompute_attention=True (it moves the input each checkpointed block keeps to the host)")
         self.attention_kwargs = dict(self.attention_kwargs or {})
 
     @classmethod
@@ -95,7 +100,9 @@ class RingGPT(nn.Module):
             TransformerBlock(c.n_embd, c.n_head, c.n_kv_head, attention=c.attention,
                              attention_kwargs=c.attention_kwargs, mlp_hidden=c.mlp_hidden, norm=c.norm,
                              bias=c.bias, checkpointing=i < c.checkpointed_layers,
-                             recompute_attention=c.recompute_attention)
+                             recompute_attention=c.recompute_attention,
+                             offload_checkpoint=c.offload_checkpoints and i < c.checkpointed_layers,
+                             mlp_tile_tokens=c.mlp_tile_tokens)
             for i in range(c.n_layer)
         )
         self.norm_f = make_norm(c.norm, c.n_embd)
@@ -159,6 +166,13 @@ class RingGPT(nn.Module):
         matmul_weights = c.n_layer * per_layer + c.n_embd * c.vocab_size
         attention = c.n_layer * c.n_head * 4 * hd * self.keys_per_query(seq_len) * 0.5
         return 3.0 * (2.0 * matmul_weights + attention)
+
+
+def _check_optional_int(name: str, value: object, low: int, high: int | None, expected: str) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        raise ValueError(f"{name}={value!r} must be {expected}")
 
 
 def _numel(p: torch.Tensor) -> int:

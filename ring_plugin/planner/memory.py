@@ -74,14 +74,21 @@ def norm_saved_per_token(spec: ModelSpec, a: int, fused: bool) -> float:
     return e * a + 4 if fused else 2 * e * 4 + 4
 
 
+def mlp_hidden_saved_per_token(spec: ModelSpec, a: int) -> float:
+    """GELU's input and the MLP projection's input; none when the MLP runs in tiles (``mlp_tile_tokens``:
+    each tile keeps only its input, a view of the fc input, and recomputes the rest in backward)."""
+    return 0.0 if spec.config.mlp_tile_tokens else 2 * spec.mlp_hidden * a
+
+
 def layer_saved_per_token(spec: ModelSpec, a: int, fused_norm: bool, ulysses: int = 1) -> float:
     """Bytes a transformer block saves for backward per local token, without checkpointing: two norms;
     the qkv, proj and fc inputs; the attention's q, k, v, out (bf16) and lse (fp32); GELU's input and
-    the MLP projection's input. Rotary saves only cos/sin (shared, see :func:`shared_saved_per_token`)."""
+    the MLP projection's input (:func:`mlp_hidden_saved_per_token`). Rotary saves only cos/sin (shared,
+    see :func:`shared_saved_per_token`)."""
     c = spec.config
     kv = ulysses * kv_heads_local(spec, ulysses) * c.head_dim  # K/V widths per local token
     return (2 * norm_saved_per_token(spec, a, fused_norm) + 5 * c.n_embd * a + 2 * kv * a + 4 * c.n_head
-            + 2 * spec.mlp_hidden * a)
+            + mlp_hidden_saved_per_token(spec, a))
 
 
 def shared_saved_per_token(spec: ModelSpec, a: int, fused_norm: bool) -> float:
@@ -173,7 +180,9 @@ def estimate_memory(job: Job, layout: Layout) -> MemoryEstimate:
     kept = block_kept_per_token(spec, a, job.fused_norm, layout.ulysses, layout.mode)
     checkpointed = job.checkpointed_layers(layout)  # the first blocks; the others save everything
     shared = n * shared_saved_per_token(spec, a, job.fused_norm)
-    saved_checkpointed = n * checkpointed * kept + shared
+    # Offloaded checkpoints keep their inputs in host memory; one block's input is back on the GPU while
+    # it recomputes (counted in ``recomputed``'s block input below).
+    saved_checkpointed = (0.0 if job.offloads(layout) else n * checkpointed * kept) + shared
     saved = saved_checkpointed + n * (c.n_layer - checkpointed) * per_layer
     total_params = sum(numel for numel, _ in param_tensors(spec))
     gathered = min(total_params, ZERO3_LIVE_ELEMENTS) * PARAM_BYTES if layout.zero == 3 else 0.0
@@ -187,8 +196,10 @@ def estimate_memory(job: Job, layout: Layout) -> MemoryEstimate:
     # output and input are alive (the GELU output, saved for the projection, is freed just before: one
     # hidden-width tensor beyond what the block saved), or in attention's backward, after the MLP's saved
     # GELU input and output are freed, with the ring's buffers alive.
-    mlp_saved = 2 * n * spec.mlp_hidden * a
-    block_peak = max(n * spec.mlp_hidden * a, attention_backward_bytes(job, layout, n) - mlp_saved)
+    tile = min(spec.config.mlp_tile_tokens or n, n)
+    mlp_saved = n * mlp_hidden_saved_per_token(spec, a)
+    mlp_peak = n * spec.mlp_hidden * a if not spec.config.mlp_tile_tokens else 3 * tile * spec.mlp_hidden * a
+    block_peak = max(mlp_peak, attention_backward_bytes(job, layout, n) - mlp_saved)
     # The head's weight gradient (V x E, bf16) from the loss: with tied weights autograd holds it in the
     # embedding weight's input buffer until the embedding's own gradient arrives, at the end of backward.
     tied_dw = v * e * a if c.tie_weights else 0.0

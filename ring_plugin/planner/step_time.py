@@ -30,6 +30,10 @@ class StepTime:
         return self.matmul + self.attention + self.elementwise + self.ulysses + self.zero_exposed + self.optimizer
 
 
+# GPU <-> pinned host memory, each way (PCIe 5 x16 in practice; an assumption, not measured on our GPUs).
+HOST_LINK_BYTES_PER_S = 25e9
+
+
 def elementwise_bytes_per_token_layer(job: Job) -> float:
     """HBM bytes of one block's forward outside matmuls and attention kernels, per local token: two
     norms (read + write), rotary on q and k (bf16 -> fp32 halves -> four products -> cat -> bf16,
@@ -98,11 +102,13 @@ def matmul_seconds(job: Job, layout: Layout, rates: Rates, passes_forward: float
     e, hd, f = c.n_embd, c.head_dim, job.model.mlp_hidden
     shapes = [(e, (c.n_head + 2 * c.kv_heads) * hd), (e, e), (e, f), (f, e)]
     block = sum(2.0 * n * k * m / rates.linear_flops_per_s(k, m) for k, m in shapes)
+    # MLP tiles recompute their forward once more in backward (fc and proj).
+    tiles = sum(2.0 * n * k * m / rates.linear_flops_per_s(k, m) for k, m in shapes[2:]) if c.mlp_tile_tokens else 0.0
     head = 2 * 2.0 * n * e * c.vocab_size / rates.linear_flops_per_s(e, c.vocab_size)
     bf16_dw = job.act_bytes == 2 and not job.fp32_loss_weight_grad
     dw_rate = rates.linear_flops_per_s(e, c.vocab_size) if bf16_dw else rates.fp32_matmul_flops_per_s()
     head += 2.0 * n * e * c.vocab_size / dw_rate
-    return c.n_layer * block * (passes_forward + 2) + head
+    return c.n_layer * (block * (passes_forward + 2) + tiles) + head
 
 
 def zero_seconds(job: Job, layout: Layout, rates: Rates, passes_forward: float) -> tuple[float, float]:
@@ -154,6 +160,9 @@ def estimate_step(job: Job, layout: Layout, rates: Rates) -> StepTime:
     elementwise = (c.n_layer * n * elementwise_bytes_per_token_layer(job) * (passes + 2)
                    + n * c.vocab_size * LOSS_BYTES_PER_LOGIT) / rates.hbm_bytes_per_s()
     comm, optimizer = zero_seconds(job, layout, rates, passes)
+    if job.offloads(layout):  # each checkpointed block's input to the host and back, not overlapped
+        moved = 2 * job.checkpointed_layers(layout) * n * c.n_embd * job.act_bytes
+        elementwise += moved / HOST_LINK_BYTES_PER_S
     compute = matmul + attention + elementwise
     return StepTime(matmul, attention, elementwise, ulysses_seconds(job, layout, rates, attention_passes),
                     max(comm - compute, 0.0), optimizer)

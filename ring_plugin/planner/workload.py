@@ -35,7 +35,7 @@ class ModelSpec:
     def meta_model(self) -> RingGPT:
         """The real model on the meta device (no memory): its FLOP formula is the one MFU uses."""
         with torch.device("meta"):
-            return RingGPT(dataclasses.replace(self.config, activation_checkpointing=False))
+            return RingGPT(dataclasses.replace(self.config, activation_checkpointing=False, offload_checkpoints=False))
 
     def _figures(self, seq_len: int) -> tuple[float, float]:
         # Building the meta model costs milliseconds; a plan asks for these once per candidate.
@@ -131,6 +131,11 @@ class Job:
         if not layout.checkpointing:
             return 0
         return self.model.config.n_layer if layout.checkpoint_layers is None else layout.checkpoint_layers
+
+    def offloads(self, layout: Layout) -> bool:
+        """Whether checkpointed blocks keep their input in host memory (``offload_checkpoints``; full
+        checkpointing only)."""
+        return bool(self.model.config.offload_checkpoints) and layout.mode == "full"
 
     def forward_passes(self, layout: Layout) -> float:
         """Forwards of the blocks' matmuls (and ZeRO-3 gathers) per step: 1 plus the recomputed share."""
