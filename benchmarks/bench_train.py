@@ -39,7 +39,7 @@ import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning.pytorch as pl
 import torch
@@ -67,13 +67,24 @@ MODELS = {
     "124m": lambda: dict(vocab_size=50304, n_layer=12, n_head=12, n_embd=768, activation_checkpointing=True),
     "smoke": lambda: dict(vocab_size=61, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, activation_checkpointing=True),
 }
-# variant -> (attention swap, strategy layout, recompute attention in backward, ring_plugin's ulysses_size)
+class Variant(NamedTuple):
+    attention: str  # ring_plugin's "ring", or a peer swapped in
+    layout: str  # the strategy's shard layout
+    recompute_attention: bool
+    ulysses_size: int = 1  # ring_plugin's
+    model: dict[str, Any] = {}  # GPTConfig overrides
+
+
 VARIANTS = {
-    "ring": ("ring", "zigzag", False, 1),
-    "ring_recompute": ("ring", "zigzag", True, 1),
-    "ring_ulysses": ("ring", "zigzag", False, 2),
-    "ulysses": ("ulysses", "contiguous", False, 1),
-    "torch_cp": ("torch_cp", "zigzag", False, 1),
+    "ring": Variant("ring", "zigzag", False),
+    "ring_recompute": Variant("ring", "zigzag", True),
+    "ring_ulysses": Variant("ring", "zigzag", False, 2),
+    # The long-context settings (the dense_1m recipe's): every block recomputed, inputs in host memory,
+    # the MLP in 64K-token tiles (--seq-len for the length).
+    "ring_offload": Variant("ring", "zigzag", True, model=dict(checkpoint_layers=None, offload_checkpoints=True,
+                                                                mlp_tile_tokens=65536)),
+    "ulysses": Variant("ulysses", "contiguous", False),
+    "torch_cp": Variant("torch_cp", "zigzag", False),
 }
 
 
@@ -168,8 +179,9 @@ def check_attention(device: torch.device, seq_len: int, heads: int, kv_heads: in
 
 def train(variant: str, model_name: str, args, world: int, rank: int, device: torch.device,
           checkpoint_layers: int | None = None) -> dict[str, Any]:
-    kind, layout, recompute, ulysses = VARIANTS[variant]
-    overrides: dict[str, Any] = {"max_seq_len": args.seq_len, "attention": "sdpa", "recompute_attention": recompute}
+    kind, layout, recompute, ulysses, model_overrides = VARIANTS[variant]
+    overrides: dict[str, Any] = {"max_seq_len": args.seq_len, "attention": "sdpa", "recompute_attention": recompute,
+                                 **model_overrides}
     if checkpoint_layers is not None:
         overrides["checkpoint_layers"] = None if checkpoint_layers < 0 else checkpoint_layers
     config = GPTConfig(**{**MODELS[model_name](), **overrides})
@@ -199,6 +211,7 @@ def train(variant: str, model_name: str, args, world: int, rank: int, device: to
         "model": model_name, "params": module.model.num_parameters(), "seq_len": args.seq_len, "gpus": world,
         "zero_stage": 3, "precision": args.precision, "activation_checkpointing": True,
         "checkpoint_layers": config.checkpointed_layers, "n_layer": config.n_layer,
+        "offload_checkpoints": config.offload_checkpoints, "mlp_tile_tokens": config.mlp_tile_tokens,
         **step_figures(stats, args.seq_len, module.flops_per_token(args.seq_len), args, world, rank),
     }
     if args.snapshot_step is not None:
@@ -231,11 +244,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_run_arguments(parser, steps=6, warmup=2, smoke_help="tiny CPU/gloo run of the ring variants")
     parser.add_argument("--models", nargs="+", default=["3b", "124m"], choices=sorted(MODELS))
-    parser.add_argument("--variants", nargs="+", type=_variant, default=[v for v in VARIANTS if v != "ring_ulysses"],
+    parser.add_argument("--variants", nargs="+", type=_variant,
+                        default=[v for v in VARIANTS if v not in ("ring_ulysses", "ring_offload")],
                         help=f"{', '.join(VARIANTS)}; NAME@K runs that variant with checkpoint_layers=K only")
     parser.add_argument("--checkpoint-layers", nargs="+", type=int, default=[None],
                         help="run every variant with each of these GPTConfig.checkpoint_layers (-1: all blocks); "
                              "default: the model config's own")
+    parser.add_argument("--comm-timeout", type=float, default=300,
+                        help="seconds a collective may wait (a rank that died fails the run this fast)")
     parser.add_argument("--snapshot-step", type=int, default=None,
                         help="record this training batch's allocations (CUDA) and report what is alive at its peak")
     args = parser.parse_args()
@@ -245,12 +261,14 @@ def main() -> None:
     if args.smoke:
         os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions"))
         args.seq_len, args.steps, args.warmup, args.precision = 64, 3, 1, "32-true"
-        args.models, args.variants = ["smoke"], [v for v in args.variants if VARIANTS[v.split("@")[0]][0] == "ring"]
+        args.models = ["smoke"]
+        args.variants = [v for v in args.variants if VARIANTS[v.split("@")[0]].attention == "ring"]
         device = torch.device("cpu")
     else:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
-    dist.init_process_group("gloo" if args.smoke else "nccl")
+    # A rank that fails (an out-of-memory variant) must not leave the other waiting for the default 10 minutes.
+    dist.init_process_group("gloo" if args.smoke else "nccl", timeout=dt.timedelta(seconds=args.comm_timeout))
     import deepspeed
 
     result: dict[str, Any] = {

@@ -75,7 +75,9 @@ def _bench_train(data: dict[str, Any], name: str, entry: dict[str, Any]) -> list
             continue
         config = _model_config(entry["models"][row["model"]])
         config.update(max_seq_len=row["seq_len"], activation_checkpointing=row["activation_checkpointing"],
-                      recompute_attention=row["recompute_attention"])
+                      recompute_attention=row["recompute_attention"],
+                      offload_checkpoints=row.get("offload_checkpoints", False),
+                      mlp_tile_tokens=row.get("mlp_tile_tokens"))
         spec = ModelSpec.from_dict(config)
         gpus = row["gpus"]
         # DeepSpeed's Ulysses spans every GPU; ring_plugin's rows say their own sizes (older files: a ring).
