@@ -91,6 +91,8 @@ def layouts(world: int, stages: Iterable[int], checkpointing: Iterable[bool | st
 
 
 def evaluate(job: Job, cluster: Cluster, layout: Layout, rates: Rates, usable: float) -> Candidate:
+    if layout.host_offload and layout.mode == "full" and not job.model.config.offload_checkpoints:
+        job = job.with_host_offload()
     why = structural_reason(job, cluster, layout)
     if why:
         return Candidate(layout, None, None, 0.0, 0.0, why)
@@ -125,12 +127,18 @@ def plan(job: Job, cluster: Cluster, rates: Rates | None = None, stages: Iterabl
     """Every (dp, U, R) x ZeRO stage x checkpointing mode candidate on ``cluster``, fastest fitting first.
     ``checkpointing``: modes "none", "full", "selective"; True stands for both checkpointing modes. A
     checkpointing candidate that fits checkpoints only as many blocks as it must (``checkpoint_layers``);
-    the recipe's own layout is a candidate too."""
+    full checkpointing that does not fit is tried again with its inputs in host memory and the MLP in
+    tiles (``+host``: ``model.offload_checkpoints``, ``model.mlp_tile_tokens``); the recipe's own layout
+    is a candidate too."""
     rates = rates or Rates.for_cluster(cluster)
     memory = rates.data["memory_bytes"]["value"] if rates.measured else cluster.gpu.memory_bytes
     usable = USABLE_FRACTION * memory
     found = [evaluate(job, cluster, layout, rates, usable)
              for layout in layouts(cluster.world, tuple(stages), tuple(checkpointing))]
+    # Full checkpointing that does not fit on the GPU alone: the same with inputs in host memory and MLP tiles.
+    found += [evaluate(job, cluster, dataclasses.replace(c.layout, host_offload=True), rates, usable)
+              for c in list(found) if c.layout.mode == "full" and not c.layout.host_offload and c.memory is not None
+              and not c.fits]
     found = [fewest_checkpointed(job, cluster, c, rates, usable) for c in found]
     recipe = job.recipe_layout
     if recipe is not None and recipe.world == cluster.world and all(c.layout != recipe for c in found):

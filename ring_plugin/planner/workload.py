@@ -56,6 +56,8 @@ class ModelSpec:
 _FIGURES: dict[tuple[str, int], tuple[float, float]] = {}
 
 
+LONG_CONTEXT_TILE = 65536  # MLP tile of a host_offload plan (the dense_1m recipe's)
+
 # Activation checkpointing modes: (GPTConfig.activation_checkpointing, GPTConfig.recompute_attention).
 # "full" recomputes whole blocks (attention included); "selective" recomputes everything but attention
 # (q, k, v, the attention output and logsumexp stay saved, backward runs no attention forward).
@@ -74,6 +76,7 @@ class Layout:
     checkpointing: bool
     recompute_attention: bool = True  # only meaningful with checkpointing
     checkpoint_layers: int | None = None  # with checkpointing, blocks checkpointed (the first ones); None: all
+    host_offload: bool = False  # full checkpointing with inputs in host memory and MLP tiles (Job.with_host_offload)
 
     def __post_init__(self) -> None:
         if not self.checkpointing and not self.recompute_attention:
@@ -103,7 +106,8 @@ class Layout:
         """``dp2 U1 R4 Z3 SAC``; ``SAC8``: only the first 8 blocks checkpointed."""
         tag = {"none": "noAC", "full": "AC", "selective": "SAC"}[self.mode]
         k = "" if self.mode == "none" or self.checkpoint_layers is None else str(self.checkpoint_layers)
-        return f"dp{self.dp} U{self.ulysses} R{self.ring} Z{self.zero} {tag}{k}"
+        host = "+host" if self.host_offload and self.mode == "full" else ""
+        return f"dp{self.dp} U{self.ulysses} R{self.ring} Z{self.zero} {tag}{k}{host}"
 
 
 @dataclass(frozen=True)
@@ -131,6 +135,14 @@ class Job:
         if not layout.checkpointing:
             return 0
         return self.model.config.n_layer if layout.checkpoint_layers is None else layout.checkpoint_layers
+
+    def with_host_offload(self) -> Job:
+        """This job with the long-context settings a ``host_offload`` layout plans: checkpointed blocks'
+        inputs in host memory and the MLP in tiles (the model's own tile size, else 64K tokens)."""
+        c = self.model.config
+        config = dataclasses.replace(c, activation_checkpointing=True, recompute_attention=True,
+                                     offload_checkpoints=True, mlp_tile_tokens=c.mlp_tile_tokens or LONG_CONTEXT_TILE)
+        return dataclasses.replace(self, model=ModelSpec(config))
 
     def offloads(self, layout: Layout) -> bool:
         """Whether checkpointed blocks keep their input in host memory (``offload_checkpoints``; full
@@ -178,7 +190,8 @@ def job_from_config(cfg: Any, name: str) -> Job:
     ulysses = int(cfg.get("ulysses_size") or 1)  # read where the app has it; not required
     ring = int(cfg.ring_size)
     layout = Layout(world // (ring * ulysses), ulysses, ring, stage, bool(spec.config.activation_checkpointing),
-                    bool(spec.config.recompute_attention), spec.config.checkpoint_layers)
+                    bool(spec.config.recompute_attention), spec.config.checkpoint_layers,
+                    host_offload=bool(spec.config.offload_checkpoints))
     precision = str(cfg.trainer.precision)
     return Job(model=spec, seq_len=int(cfg.seq_len), batch=int(cfg.data.get("batch_size", 1)),
                act_bytes=4 if precision.startswith("32") else 2, name=name, recipe_layout=layout)
