@@ -196,8 +196,10 @@ def train(variant: str, model_name: str, args, world: int, rank: int, device: to
         from memory_peak import PeakSnapshot
 
         callbacks.append(PeakSnapshot(args.snapshot_step))
+    at_start = 0.0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+        at_start = torch.cuda.memory_allocated() / 2**30  # what earlier rows left: part of this row's peak
     data = RandomTokens(args.steps, args.seq_len, config.vocab_size, seed=2)
     context = torch_context_parallel(device) if kind == "torch_cp" else nullcontext()
     with context:
@@ -212,6 +214,7 @@ def train(variant: str, model_name: str, args, world: int, rank: int, device: to
         "zero_stage": 3, "precision": args.precision, "activation_checkpointing": True,
         "checkpoint_layers": config.checkpointed_layers, "n_layer": config.n_layer,
         "offload_checkpoints": config.offload_checkpoints, "mlp_tile_tokens": config.mlp_tile_tokens,
+        "allocated_at_start_gib": at_start,
         **step_figures(stats, args.seq_len, module.flops_per_token(args.seq_len), args, world, rank),
     }
     if args.snapshot_step is not None:
