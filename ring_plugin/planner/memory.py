@@ -148,14 +148,13 @@ def ring_buffers(ring: int) -> RingBuffers:
 @dataclass(frozen=True)
 class MemoryEstimate:
     states: States
-    saved: float  # activations kept for backward over the whole model
-    attention_buffers: float  # the ring's accumulators and in-flight buffers in backward
-    transient: float  # the rest of the peak phase's working set
+    saved: float  # activations still kept for backward at the peak
+    transient: float  # the rest of the peak phase's working set (a recomputed block, the ring's buffers, ...)
     phase: str  # which phase peaks: "loss" (end of forward), "backward" or "optimizer"
 
     @property
     def total(self) -> float:
-        return self.states.total + self.saved + self.attention_buffers + self.transient
+        return self.states.total + self.saved + self.transient
 
 
 def attention_backward_bytes(job: Job, layout: Layout, n: float) -> float:
@@ -207,13 +206,14 @@ def estimate_memory(job: Job, layout: Layout) -> MemoryEstimate:
     # A checkpointed block recomputes all it did not keep (selective: attention's tensors are kept). The top
     # block that saves everything peaks first; a checkpointed one only after the blocks above freed theirs.
     recomputed = n * (per_layer - (kept - checkpoint_saved_per_token(spec, a)))
-    backward = saved + block_peak if checkpointed < c.n_layer else 0.0
+    backward = [(saved, block_peak)] if checkpointed < c.n_layer else []
     if checkpointed:
-        backward = max(backward, saved_checkpointed + recomputed + block_peak)
+        backward.append((saved_checkpointed, recomputed + block_peak))
+    backward_saved, backward_peak = max(backward, key=sum)
     optimizer = 4 * states.optimizer / OPTIMIZER_BYTES  # fp32 gradients of the rank's partition at the step
-    # (saved, attention buffers, transient) of each phase; activations are gone by the optimizer step.
-    phases = {"loss": (saved, 0.0, loss + gathered),
-              "backward": (backward, 0.0, rest),
-              "optimizer": (0.0, 0.0, optimizer)}
+    # (saved, transient) of each phase; activations are gone by the optimizer step.
+    phases = {"loss": (saved, loss + gathered),
+              "backward": (backward_saved, backward_peak + rest),
+              "optimizer": (0.0, optimizer)}
     name = max(phases, key=lambda k: sum(phases[k]))
     return MemoryEstimate(states, *phases[name], phase=name)
