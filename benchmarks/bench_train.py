@@ -53,7 +53,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from gpu_lightning import RandomTokens, StepStats, add_run_arguments, free_memory, make_trainer, release, step_figures  # noqa: E402  # noqa: E402
+from gpu_lightning import RandomTokens, StepStats, add_run_arguments, free_memory, make_trainer, release, step_figures  # noqa: E402
 
 from ring_plugin import create_ring_attention, shard_sequence  # noqa: E402
 from ring_plugin.comm.context import ring_context  # noqa: E402
@@ -233,13 +233,12 @@ def _variant(spec: str) -> str:
     return spec
 
 
-def guarded(fn: Callable[..., dict], *args: Any) -> dict[str, Any]:
+def guarded(fn: Callable[..., dict], *args: Any, **kwargs: Any) -> dict[str, Any]:
     try:
-        return fn(*args)
+        return fn(*args, **kwargs)
     except Exception as exc:  # noqa: BLE001 - an OOM in one variant must not lose the others' figures
         free_memory()
-        layers = args[6] if len(args) > 6 else None
-        return {"variant": args[0], "model": args[1], "checkpoint_layers_asked": layers,
+        return {"variant": args[0], "model": args[1], "checkpoint_layers_asked": kwargs.get("checkpoint_layers"),
                 "error": f"{type(exc).__name__}: {exc}"[:500]}
 
 
@@ -293,7 +292,8 @@ def main() -> None:
             if model == "124m" and variant == "ring_recompute":
                 continue
             for layers in [int(own)] if own else args.checkpoint_layers:
-                result["train"].append(guarded(train, variant, model, args, world, rank, device, layers))
+                result["train"].append(guarded(train, variant, model, args, world, rank, device,
+                                                    checkpoint_layers=layers))
                 _compare(result)
                 result["wall_seconds"] = time.perf_counter() - t0
                 if rank == 0:  # after every variant, so a run stopped by a time limit keeps what it measured

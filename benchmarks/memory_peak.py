@@ -42,27 +42,21 @@ def _where(frames: list[dict[str, Any]]) -> str:
 def peak_breakdown(trace: list[dict[str, Any]], baseline: int) -> dict[str, Any]:
     """Replay ``alloc`` / ``free_requested`` entries from ``baseline`` bytes; at the highest point, the
     live blocks grouped by :func:`_where` (largest first), in bytes."""
-    live: dict[int, tuple[int, str, int]] = {}  # addr -> (size, where, entry index)
-    current = peak = baseline
-    peak_index = -1
-    peak_live: dict[int, tuple[int, str, int]] = {}
-    for i, entry in enumerate(trace):
-        action, addr, size = entry.get("action"), entry.get("addr"), int(entry.get("size", 0))
-        if action == "alloc":
-            live[addr] = (size, _where(entry.get("frames", [])), i)
-            current += size
-            if current > peak:
-                peak, peak_index, peak_live = current, i, dict(live)
-        elif action == "free_requested" and addr in live:
-            current -= live.pop(addr)[0]
+    peak_index, peak = _peak(trace, baseline)
+    live: dict[int, tuple[int, list[dict[str, Any]]]] = {}  # addr -> (size, frames), up to the peak
+    for entry in trace[:peak_index + 1]:
+        if entry.get("action") == "alloc":
+            live[entry.get("addr")] = (int(entry.get("size", 0)), entry.get("frames", []))
+        elif entry.get("action") == "free_requested":
+            live.pop(entry.get("addr"), None)
     groups: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-    for size, where, _ in peak_live.values():
-        groups[where][0] += size
-        groups[where][1] += 1
-    ranked = sorted(groups.items(), key=lambda kv: -kv[1][0])
     sizes: dict[int, int] = defaultdict(int)  # without stacks, a block's size names the tensor (n x d x bytes)
-    for size, _, _ in peak_live.values():
+    for size, frames in live.values():
+        group = groups[_where(frames)]
+        group[0] += size
+        group[1] += 1
         sizes[size] += 1
+    ranked = sorted(groups.items(), key=lambda kv: -kv[1][0])
     by_size = sorted(sizes.items(), key=lambda kv: -kv[0] * kv[1])
     return {
         "baseline_bytes": baseline, "peak_bytes": peak, "peak_entry": peak_index, "entries": len(trace),
@@ -72,6 +66,23 @@ def peak_breakdown(trace: list[dict[str, Any]], baseline: int) -> dict[str, Any]
         "at_peak_by_size": [{"bytes_each": size, "blocks": n} for size, n in by_size[:GROUPS_REPORTED]],
         "peak_allocator_entry": trace[peak_index].get("action") if peak_index >= 0 else None,
     }
+
+
+def _peak(trace: list[dict[str, Any]], baseline: int) -> tuple[int, int]:
+    """(index of the entry at the highest allocated total, that total); (-1, baseline) if it never rises.
+    Frees of blocks allocated before the trace began are not counted (their sizes are in ``baseline``)."""
+    allocated: dict[int, int] = {}
+    current = peak = baseline
+    peak_index = -1
+    for i, entry in enumerate(trace):
+        if entry.get("action") == "alloc":
+            allocated[entry.get("addr")] = int(entry.get("size", 0))
+            current += allocated[entry.get("addr")]
+            if current > peak:
+                peak, peak_index = current, i
+        elif entry.get("action") == "free_requested" and entry.get("addr") in allocated:
+            current -= allocated.pop(entry.get("addr"))
+    return peak_index, peak
 
 
 class PeakSnapshot(Callback):
