@@ -97,11 +97,12 @@ def _stats_worker(rank: int, world: int) -> dict[str, float]:
 
 def test_distributed_variant_counts_bytes_and_time():
     world = 4
-    for stats in run_in_process_group(_stats_worker, world, timeout=90):
-        # forward: K and V go round (world - 1) times; backward: again, plus the fp32 dK/dV
-        # accumulators, which make a full turn home.
-        expected = 2 * (world - 1) * stats["kv_bytes"] + world * stats["kv_bytes"]
-        assert stats["bytes_sent"] == expected, stats
+    for rank, stats in enumerate(run_in_process_group(_stats_worker, world, timeout=90)):
+        # forward: K and V go round (world - 1) times; backward: again, plus the dK/dV of each step
+        # that had work, straight home. Contiguous causal shards: rank r attends to the K/V of
+        # r - 1 .. 0 (whole shards, fp32 on CPU), so it sends r such messages; rank 0 none.
+        expected = 2 * (world - 1) * stats["kv_bytes"] + rank * stats["kv_bytes"]
+        assert stats["bytes_sent"] == expected, (rank, stats)
         assert stats["compute_seconds"] > 0 and stats["wait_seconds"] >= 0
         assert 0.0 <= stats["wait_fraction"] <= 1.0
 

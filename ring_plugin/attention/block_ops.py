@@ -13,6 +13,7 @@ accumulator of a ring step arrives only after the compute.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import singledispatch
 
 import torch
@@ -40,8 +41,16 @@ def backward_block(block, call: RingCall, dout, q, kv, out, lse, dq_acc, first: 
 
 
 # ------------------------------------------------------------------------------ contiguous rows
+def is_seq_major(x: torch.Tensor) -> bool:
+    """``(B, H, L, D)`` stored ``(B, L, H, D)``: the layout flash's varlen kernels read as packed rows."""
+    return x.dim() == 4 and not x.is_contiguous() and x.transpose(1, 2).is_contiguous()
+
+
 def _rows(x: torch.Tensor, s: slice) -> torch.Tensor:
-    return x if (s.start == 0 and s.stop == x.shape[2]) else x[:, :, s].contiguous()
+    if s.start == 0 and s.stop == x.shape[2]:
+        return x
+    # a seq-major slice is already what a varlen kernel reads (rows of (H, D)); others are compacted
+    return x[:, :, s] if is_seq_major(x) else x[:, :, s].contiguous()
 
 
 def _write_rows(out_acc, lse_acc, rows: slice, o, lse, first: bool) -> None:
@@ -54,12 +63,19 @@ def _write_rows(out_acc, lse_acc, rows: slice, o, lse, first: bool) -> None:
     merge_into(out_acc[:, :, rows], lse_acc[:, :, rows], o, lse)
 
 
-def _add_to_rows(kv_rows: slice, dk: torch.Tensor, dv: torch.Tensor) -> AddGrads:
-    def add(acc: list[torch.Tensor]) -> None:
-        for a, g in zip(acc, (dk, dv)):
-            a[:, :, kv_rows] += g
+@dataclass(frozen=True)
+class RowGrads:
+    """One block's dK/dV for the key ``rows`` of its K/V shard; calling it adds them into an
+    accumulator pair (the :data:`AddGrads` of contiguous-row blocks, which the dense ring may also
+    send home as they are)."""
 
-    return add
+    rows: slice
+    dk: torch.Tensor
+    dv: torch.Tensor
+
+    def __call__(self, acc: list[torch.Tensor]) -> None:
+        for a, g in zip(acc, (self.dk, self.dv)):
+            a[:, :, self.rows] += g
 
 
 @forward_block.register
@@ -70,7 +86,7 @@ def _(block: Block, call: RingCall, q, kv, out_acc, lse_acc, first: bool = False
 
 
 @backward_block.register
-def _(block: Block, call: RingCall, dout, q, kv, out, lse, dq_acc, first: bool = False) -> AddGrads:
+def _(block: Block, call: RingCall, dout, q, kv, out, lse, dq_acc, first: bool = False) -> RowGrads:
     kb, vb = (expand_kv_heads(_rows(t, block.kv), call.heads) for t in kv)
     rows = block.q
     dq, dk, dv = call.kernel.backward(
@@ -78,7 +94,7 @@ def _(block: Block, call: RingCall, dout, q, kv, out, lse, dq_acc, first: bool =
     )
     dq_acc[:, :, rows] += dq  # mixed-dtype in-place add: no fp32 copy of dq
     # summed over query heads in the accumulator's dtype (fp32 by default), then added
-    return _add_to_rows(block.kv, *(reduce_kv_heads(g, call.kv_heads, call.grad_dtype) for g in (dk, dv)))
+    return RowGrads(block.kv, *(reduce_kv_heads(g, call.kv_heads, call.grad_dtype) for g in (dk, dv)))
 
 
 # ---------------------------------------------------------------------------------- sliding window
@@ -90,12 +106,12 @@ def _(block: BandBlock, call: RingCall, q, kv, out_acc, lse_acc, first: bool = F
 
 
 @backward_block.register
-def _(block: BandBlock, call: RingCall, dout, q, kv, out, lse, dq_acc, first: bool = False) -> AddGrads:
+def _(block: BandBlock, call: RingCall, dout, q, kv, out, lse, dq_acc, first: bool = False) -> RowGrads:
     rows = block.q
     dq, dk, dv = band_backward(_rows(dout, rows), _rows(q, rows), _rows(kv[0], block.kv), _rows(kv[1], block.kv),
                                _rows(out, rows), _rows(lse, rows), block.left, block.right, call.scale)
     dq_acc[:, :, rows] += dq
-    return _add_to_rows(block.kv, dk, dv)
+    return RowGrads(block.kv, dk, dv)
 
 
 # ------------------------------------------------------------------------------ packed documents
@@ -107,14 +123,14 @@ def _(block: DocumentBlock, call: RingCall, q, kv, out_acc, lse_acc, first: bool
 
 
 @backward_block.register
-def _(block: DocumentBlock, call: RingCall, dout, q, kv, out, lse, dq_acc, first: bool = False) -> AddGrads:
+def _(block: DocumentBlock, call: RingCall, dout, q, kv, out, lse, dq_acc, first: bool = False) -> RowGrads:
     rows = block.q
     dq, dk, dv = document_backward(
         _rows(dout, rows), _rows(q, rows), _rows(kv[0], block.kv), _rows(kv[1], block.kv), _rows(out, rows),
         _rows(lse, rows), block.q_docs, block.k_docs, block.causal, call.scale,
     )
     dq_acc[:, :, rows] += dq
-    return _add_to_rows(block.kv, dk, dv)
+    return RowGrads(block.kv, dk, dv)
 
 
 # --------------------------------------------------------------------------------- strided views

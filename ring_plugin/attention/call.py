@@ -40,10 +40,13 @@ class RingCall:
         rank = self.comm.rank if rank is None else rank
         return (rank - step) % self.comm.world_size
 
-    def dense_blocks(self, step: int, n_local: int) -> list[Block] | list[DocumentBlock] | list[Block | BandBlock]:
-        """The blocks of ring step ``step`` for this rank: dense (optionally causal), restricted to a
-        sliding window or to documents when the call has them (blocks left empty are skipped)."""
-        rank, owner = self.comm.rank, self.kv_owner(step)
+    def dense_blocks(self, step: int, n_local: int, rank: int | None = None
+                     ) -> list[Block] | list[DocumentBlock] | list[Block | BandBlock]:
+        """The blocks of ring step ``step`` for ``rank`` (default: this one): dense (optionally
+        causal), restricted to a sliding window or to documents when the call has them (blocks left
+        empty are skipped). Every rank can plan every other rank's steps."""
+        rank = self.comm.rank if rank is None else rank % self.comm.world_size
+        owner = self.kv_owner(step, rank)
         q_chunks = self.chunks(rank)
         if self.window is not None:
             return plan_window_step(q_chunks, self.chunks(owner), n_local // len(q_chunks), self.window)

@@ -150,15 +150,17 @@ class GradsHome:
         self.comm, self.dkv, self.wire_dtype = comm, dkv, wire_dtype
         self._returning: tuple[PendingExchange, torch.Tensor | slice] | None = None
 
-    def post(self, shift: int, grads: list[torch.Tensor] | None, home: torch.Tensor | slice) -> None:
+    def post(self, shift: int, grads: list[torch.Tensor] | None, home: torch.Tensor | slice,
+             dtype: torch.dtype | None = None) -> None:
         """Send this round's compact ``grads`` (None: nothing read) to rank - shift and receive the
         contributions for our rows ``home`` (an index, or a ``slice`` where they are one run: then
-        they are added in place, no scatter)."""
+        they are added in place, no scatter), in ``dtype`` (default: the wire dtype)."""
         comm = self.comm
         m = home.stop - home.start if isinstance(home, slice) else home.numel()
         recv = None
         if m:
-            recv = [t.new_empty((t.shape[0], m, *t.shape[2:]), dtype=self.wire_dtype or t.dtype) for t in self.dkv]
+            recv = [t.new_empty((t.shape[0], m, *t.shape[2:]), dtype=dtype or self.wire_dtype or t.dtype)
+                    for t in self.dkv]
         pending = comm.exchange_with(grads, comm.rank - shift, recv, comm.rank + shift)
         self._land()
         self._returning = (pending, home)

@@ -247,12 +247,17 @@ class RingEngineAttention(RingAttentionBase):
 
     def _attend(self, q, k, v, causal, ring, documents=None, window=None):
         # The dense ring sends K/V whole, so they are made contiguous; q stays a strided view (the
-        # kernels take it as SDPA does), which saves a copy of the query shard. Patterns read strided
-        # views of all three (and copy only where they gather rows).
+        # kernels take it as SDPA does), which saves a copy of the query shard. Packed documents keep
+        # all three sequence-major, the layout of the varlen kernels' packed rows. Patterns read
+        # strided views of all three (and copy only where they gather rows).
         qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
         call = self.ring_call(q, k, causal, ring, documents=documents, window=window)
         if self.pattern is None:
-            out = DenseRingAttention.apply(qt, kt.contiguous(), vt.contiguous(), call)
+            if documents is not None:
+                kt, vt = (t.contiguous().transpose(1, 2) for t in (k, v))
+            else:
+                kt, vt = kt.contiguous(), vt.contiguous()
+            out = DenseRingAttention.apply(qt, kt, vt, call)
         else:
             out = PeerRingAttention.apply(qt, kt, vt, call, self.exchange_plan(call, q.shape[1]))
         return out.transpose(1, 2)

@@ -32,6 +32,11 @@ class Kernel:
     name: str
     forward: ForwardFn
     backward: BackwardFn
+    fp32_partials: bool = False  # returns half-precision blocks' results in fp32 (see CPU flash)
+
+    def grad_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The dtype of the dQ/dK/dV its backward returns for inputs of ``dtype``."""
+        return torch.float32 if self.fp32_partials and dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def check_backend(backend: str) -> None:
@@ -147,7 +152,7 @@ def _efficient_backward(dout, q, k, v, out, lse, causal, scale):
 
 KERNELS: dict[str, Kernel] = {
     "math": Kernel("math", math_forward, math_backward),
-    "cpu_flash": Kernel("cpu_flash", _cpu_flash_forward, _cpu_flash_backward),
+    "cpu_flash": Kernel("cpu_flash", _cpu_flash_forward, _cpu_flash_backward, fp32_partials=True),
     "cudnn": Kernel("cudnn", _cudnn_forward, _cudnn_backward),
     "flash": Kernel("flash", _flash_forward, _flash_backward),
     "efficient": Kernel("efficient", _efficient_forward, _efficient_backward),
