@@ -19,8 +19,8 @@ from functools import singledispatch
 import torch
 
 from ..cache import BoundedCache
-from ..ops.document_kernels import document_backward, document_forward
-from ..ops.kernels import band_backward, band_forward, expand_kv_heads, reduce_kv_heads
+from ..ops.document_kernels import VarlenRuns, document_backward, document_forward
+from ..ops.kernels import band_backward, band_forward, expand_kv_heads, reduce_kv_heads, takes_flash
 from ..ops.merge import merge_into
 from ..patterns.blocks import IndexBlock, ViewBlock
 from .call import RingCall
@@ -115,10 +115,14 @@ def _(block: BandBlock, call: RingCall, dout, q, kv, out, lse, dq_acc, first: bo
 
 
 # ------------------------------------------------------------------------------ packed documents
+def _runs(block: DocumentBlock, q: torch.Tensor) -> VarlenRuns | None:
+    return block.runs(q.device) if takes_flash(q) else None
+
+
 @forward_block.register
 def _(block: DocumentBlock, call: RingCall, q, kv, out_acc, lse_acc, first: bool = False) -> None:
     o, lse = document_forward(_rows(q, block.q), _rows(kv[0], block.kv), _rows(kv[1], block.kv),
-                              block.q_docs, block.k_docs, block.causal, call.scale)
+                              block.q_docs, block.k_docs, block.causal, call.scale, _runs(block, q))
     _write_rows(out_acc, lse_acc, block.q, o, lse, first)
 
 
@@ -127,7 +131,7 @@ def _(block: DocumentBlock, call: RingCall, dout, q, kv, out, lse, dq_acc, first
     rows = block.q
     dq, dk, dv = document_backward(
         _rows(dout, rows), _rows(q, rows), _rows(kv[0], block.kv), _rows(kv[1], block.kv), _rows(out, rows),
-        _rows(lse, rows), block.q_docs, block.k_docs, block.causal, call.scale,
+        _rows(lse, rows), block.q_docs, block.k_docs, block.causal, call.scale, _runs(block, q),
     )
     dq_acc[:, :, rows] += dq
     return RowGrads(block.kv, dk, dv)

@@ -10,7 +10,7 @@ attends within documents only (:mod:`ring_plugin.ops.document_kernels`).
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -18,6 +18,7 @@ import torch.distributed as dist
 from ..cache import BoundedCache
 from ..documents import document_ids_error
 from ..layout import ShardLayout, merge_adjacent_ranks
+from ..ops.document_kernels import VarlenRuns, varlen_runs
 from .plan import Block
 
 
@@ -30,15 +31,27 @@ class DocumentBlock:
     causal: bool
     q_docs: torch.Tensor
     k_docs: torch.Tensor
+    _runs: dict = field(default_factory=dict, repr=False)  # device -> VarlenRuns, built once per call
+
+    def runs(self, device: torch.device) -> VarlenRuns:
+        """The block's documents as varlen runs on ``device`` (forward and backward share them)."""
+        key = str(device)
+        if key not in self._runs:
+            self._runs[key] = varlen_runs(self.q_docs, self.k_docs, device)
+        return self._runs[key]
 
 
 @dataclass(frozen=True)
 class RingDocuments:
     """Document ids of every rank's rows, ``by_rank[r]`` rank r's (B, n_local) in local order (CPU),
-    and the layout they were sharded in (for ``balanced``, rebuilt from the ids themselves)."""
+    and the layout they were sharded in (for ``balanced``, rebuilt from the ids themselves).
+
+    One call's forward, backward and the plans of its peers' steps all ask for the same blocks:
+    they are built once (``_blocks``) and, with them, their varlen runs."""
 
     by_rank: torch.Tensor  # (world, B, n_local) int64
     layout: ShardLayout
+    _blocks: dict = field(default_factory=dict, repr=False, compare=False)
 
     def merge_adjacent_ranks(self, group: int) -> RingDocuments:
         """The ids as the ring of :func:`~ring_plugin.layout.merge_adjacent_ranks` holds them (Ulysses
@@ -54,29 +67,39 @@ class RingDocuments:
         and the others cut to the run of query rows that have keys in them and the run of key rows
         that have queries (causal blocks are squares of the same positions and stay whole). A cut
         block costs less kernel work and sends fewer dK/dV rows home."""
-        out = []
-        for b in dense:
-            qd, kd = self.by_rank[q_rank][:, b.q], self.by_rank[kv_rank][:, b.kv]
-            q_hit = _in_other(qd, kd)
-            if not bool(q_hit.any()):
-                continue
-            q_rows, kv_rows = b.q, b.kv
-            if not b.causal:
-                q_rows, kv_rows = _hull(b.q, q_hit), _hull(b.kv, _in_other(kd, qd))
-            out.append(DocumentBlock(q_rows, kv_rows, b.causal, self.by_rank[q_rank][:, q_rows],
-                                     self.by_rank[kv_rank][:, kv_rows]))
-        return out
+        key = (q_rank, kv_rank, tuple((b.q.start, b.q.stop, b.kv.start, b.kv.stop, b.causal) for b in dense))
+        if key not in self._blocks:
+            self._blocks[key] = [c for b in dense if (c := self._restrict(b, q_rank, kv_rank)) is not None]
+        return self._blocks[key]
+
+    def _restrict(self, b: Block, q_rank: int, kv_rank: int) -> DocumentBlock | None:
+        q_ids, kv_ids = self.by_rank[q_rank], self.by_rank[kv_rank]
+        q_cut, kv_cut = _shared_hull(q_ids[:, b.q], kv_ids[:, b.kv])
+        if q_cut is None:
+            return None
+        q_rows, kv_rows = b.q, b.kv
+        if not b.causal:
+            q_rows = slice(b.q.start + q_cut[0], b.q.start + q_cut[1])
+            kv_rows = slice(b.kv.start + kv_cut[0], b.kv.start + kv_cut[1])
+        return DocumentBlock(q_rows, kv_rows, b.causal, q_ids[:, q_rows], kv_ids[:, kv_rows])
 
 
-def _in_other(ids: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-    """(B, L) bool: the rows whose document also appears in ``other``'s rows of the same sample."""
-    return torch.stack([torch.isin(a, b) for a, b in zip(ids, other)])
-
-
-def _hull(rows: slice, hit: torch.Tensor) -> slice:
-    """The smallest sub-run of ``rows`` holding every hit row of every sample."""
-    cols = hit.any(0).nonzero()
-    return slice(rows.start + int(cols[0]), rows.start + int(cols[-1]) + 1)
+def _shared_hull(qd: torch.Tensor, kd: torch.Tensor) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
+    """The smallest runs of query and key rows (over every sample) holding each row whose document
+    both sides have, or ``(None, None)`` when no sample shares a document. Ids ascend along rows,
+    so this looks only at each side's few distinct documents, not at every pair of rows."""
+    q_cut = kv_cut = None
+    for a, b in zip(qd, kd):
+        docs_a, docs_b = a.unique_consecutive(), b.unique_consecutive()
+        shared = docs_a[torch.isin(docs_a, docs_b)]
+        if not shared.numel():
+            continue
+        ends = shared[[0, -1]]
+        q_run = (int(torch.searchsorted(a, ends[0])), int(torch.searchsorted(a, ends[1], right=True)))
+        kv_run = (int(torch.searchsorted(b, ends[0])), int(torch.searchsorted(b, ends[1], right=True)))
+        q_cut = q_run if q_cut is None else (min(q_cut[0], q_run[0]), max(q_cut[1], q_run[1]))
+        kv_cut = kv_run if kv_cut is None else (min(kv_cut[0], kv_run[0]), max(kv_cut[1], kv_run[1]))
+    return q_cut, kv_cut
 
 
 def layer_document_ids_error(ids: object, q: torch.Tensor) -> str | None:

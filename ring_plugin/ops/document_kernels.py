@@ -42,7 +42,8 @@ def varlen_runs(q_docs: torch.Tensor, k_docs: torch.Tensor, device: torch.device
     a document with no keys here gives its rows no keys; one with no queries reads nothing)."""
     lq, lk = [0], [0]
     for qd, kd in zip(q_docs, k_docs):
-        docs = torch.unique(torch.cat([qd, kd]))  # sorted
+        # ids ascend: each side's distinct documents are its runs, a few values to merge and sort
+        docs = torch.unique(torch.cat([qd.unique_consecutive(), kd.unique_consecutive()]))
         nq = torch.searchsorted(qd, docs, right=True) - torch.searchsorted(qd, docs)
         nk = torch.searchsorted(kd, docs, right=True) - torch.searchsorted(kd, docs)
         lq += nq.tolist()
@@ -65,11 +66,12 @@ def _unpacked(x: torch.Tensor, batch: int) -> torch.Tensor:
     return x.view(batch, -1, x.shape[1], x.shape[2]).transpose(1, 2)
 
 
-def document_forward(q, k, v, q_docs, k_docs, causal: bool, scale: float):
-    """``(out, lse)`` of the block under the document mask; rows without a key give 0 and -inf."""
+def document_forward(q, k, v, q_docs, k_docs, causal: bool, scale: float, runs: VarlenRuns | None = None):
+    """``(out, lse)`` of the block under the document mask; rows without a key give 0 and -inf.
+    ``runs``: the block's :func:`varlen_runs` on ``q``'s device, where the caller has them."""
     if not takes_flash(q):
         return masked_forward(q, k, v, causal, scale, _allowed(q_docs, k_docs, q.device))
-    runs = varlen_runs(q_docs, k_docs, q.device)
+    runs = runs or varlen_runs(q_docs, k_docs, q.device)
     out, lse, *_ = aten._flash_attention_forward(
         _packed(q), _packed(k), _packed(v), runs.cu_q, runs.cu_k, runs.max_q, runs.max_k, 0.0, causal, False,
         scale=scale,
@@ -80,11 +82,12 @@ def document_forward(q, k, v, q_docs, k_docs, causal: bool, scale: float):
     return _unpacked(out, b), lse.view(q.shape[1], b, -1).transpose(0, 1)
 
 
-def document_backward(dout, q, k, v, out, lse, q_docs, k_docs, causal: bool, scale: float):
+def document_backward(dout, q, k, v, out, lse, q_docs, k_docs, causal: bool, scale: float,
+                      runs: VarlenRuns | None = None):
     """``(dq, dk, dv)`` of the block, fed the merged ``out``/``lse`` of the whole ring."""
     if not takes_flash(q):
         return masked_backward(dout, q, k, v, out, lse, causal, scale, _allowed(q_docs, k_docs, q.device))
-    runs = varlen_runs(q_docs, k_docs, q.device)
+    runs = runs or varlen_runs(q_docs, k_docs, q.device)
     b = q.shape[0]
     rng = torch.zeros(2, dtype=torch.int64, device=q.device)  # no dropout: the RNG state is unused
     packed_lse = lse.transpose(0, 1).reshape(q.shape[1], -1).contiguous()
