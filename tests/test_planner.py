@@ -129,6 +129,11 @@ class StandInRing(RingComm):
         self.received += [weakref.ref(r) for r in recv]
         return PendingExchange([], recv, self)
 
+    def exchange_with(self, send, to, recv, frm) -> PendingExchange:  # the dK/dV messages home
+        recv = [torch.zeros_like(r) for r in recv or []]
+        self.received += [weakref.ref(r) for r in recv]
+        return PendingExchange([], recv, self)
+
     def alive(self) -> int:
         return sum(r() is not None for r in self.received)
 
@@ -156,8 +161,11 @@ def test_ring_in_flight_buffers_match_the_engine(ring: int, monkeypatch: pytest.
     assert peak["backward"] == max(ring_step_received(ring, s, backward=True) for s in steps)
     buffers = ring_buffers(ring)
     assert 2 * buffers.forward_kv == peak["forward"]
-    # Bytes: the received pairs plus, at step 1, our own dK/dV accumulator being sent on.
-    assert 2 * (buffers.backward_kv + buffers.backward_dkv) >= peak["backward"]
+    # From ring 4 the next K/V pair and a dK/dV message are both in flight while a middle step computes.
+    # At ring 3 they never coincide during a block, and at ring 2 the only message lands after the last
+    # step (while the kernel's dK/dV it answers are alive): there the planner counts one pair more.
+    pairs = buffers.backward_kv + buffers.backward_dkv
+    assert 2 * pairs == peak["backward"] + 2 * (ring <= 3)
 
 
 def _pick(data: object, path: list) -> object:

@@ -121,7 +121,8 @@ def block_kept_per_token(spec: ModelSpec, a: int, fused_norm: bool, ulysses: int
 
 @dataclass(frozen=True)
 class RingBuffers:
-    """Foreign K/V and dK/dV accumulator pairs alive while a ring step computes (peak over steps)."""
+    """Foreign K/V pairs and received dK/dV message pairs alive while a ring step computes (peak over
+    steps); our own dK/dV accumulator is counted apart."""
 
     forward_kv: int
     backward_kv: int
@@ -130,19 +131,19 @@ class RingBuffers:
 
 def ring_step_received(ring: int, step: int, backward: bool) -> int:
     """Tensors received from peers that are alive while ring step ``step`` (1..ring-1) computes: the K/V
-    pair of this step, the next pair in flight (not after the last step); in backward also the dK/dV
-    pair in flight and, from step 2, the one received last step being sent on (dense_ring.py)."""
+    pair of this step, the next pair in flight (not after the last step); in backward also, from step
+    2, the dK/dV pair the previous step's peer sent home, landing once this step is posted (dense_ring.py)."""
     kv = 1 + (step + 1 <= ring - 1)
-    dkv = (1 + (step >= 2)) if backward else 0
+    dkv = int(step >= 2) if backward else 0
     return 2 * (kv + dkv)
 
 
 def ring_buffers(ring: int) -> RingBuffers:
     if ring <= 1:
-        return RingBuffers(0, 0, 1)
+        return RingBuffers(0, 0, 0)
     kv = min(ring - 1, 2)
-    # dK/dV: the pair in flight plus the one being sent on (our own accumulator at step 1).
-    return RingBuffers(kv, kv, 2)
+    # dK/dV: one message pair received (after the last step at ring 2, while the one sent leaves).
+    return RingBuffers(kv, kv, 1)
 
 
 @dataclass(frozen=True)
@@ -158,15 +159,20 @@ class MemoryEstimate:
 
 
 def attention_backward_bytes(job: Job, layout: Layout, n: float) -> float:
-    """One attention layer's backward working set beyond its saved tensors: the fp32 dQ accumulator, the
-    dK/dV accumulators (own/being sent + in flight), foreign K/V in flight, the kernel's dQ/dK/dV (K/V
-    expanded to the query heads) and its fp32 dQ workspace, and the contiguous dout."""
+    """One attention layer's backward working set beyond its saved tensors: the fp32 dQ and own dK/dV
+    accumulators, the dK/dV message received from a peer, foreign K/V in flight, the kernel's dQ/dK/dV
+    (K/V expanded to the query heads; what a step sends home) and its fp32 dQ workspace, and the
+    contiguous dout."""
     c, a, g = job.model.config, job.act_bytes, job.grad_comm_bytes
     e = c.n_embd
     kv = n * layout.ulysses * kv_heads_local(job.model, layout.ulysses) * c.head_dim  # elements per K or V
     buffers = ring_buffers(layout.ring)
-    return (n * e * g + buffers.backward_dkv * 2 * kv * g + buffers.backward_kv * 2 * kv * a + 3 * n * e * a
-            + n * e * 4 + n * e * a)
+    wire = job.dkv_wire_bytes(layout.ulysses)
+    if job.travelling_dkv and layout.ring > 1:  # the accumulator received and the one being sent on
+        dkv = 2 * 2 * kv * g
+    else:  # our own accumulator and the messages received
+        dkv = 2 * kv * g + buffers.backward_dkv * 2 * kv * wire
+    return n * e * g + dkv + buffers.backward_kv * 2 * kv * a + 3 * n * e * a + n * e * 4 + n * e * a
 
 
 def estimate_memory(job: Job, layout: Layout) -> MemoryEstimate:

@@ -51,9 +51,9 @@ def attention_seconds(job: Job, layout: Layout, rates: Rates, passes_forward: fl
     backward (2.5 forwards' FLOPs, as the benchmarks count fwd+bwd = 3.5x forward).
 
     Dense: each of the ring's R steps computes 1/R of the rank's work at the single-GPU kernel rate and
-    overlaps the K/V transfer to the next rank (backward: K/V and the travelling dK/dV), so a step
+    overlaps the K/V transfer to the next rank (backward: K/V and the dK/dV going home), so a step
     costs max(compute, transfer); the fp32 merges / accumulator adds are extra, and so is the last
-    dK/dV hop home, which nothing overlaps. Patterns: the measured rate of the pattern's 2-GPU ring."""
+    step's dK/dV message home, which nothing overlaps. Patterns: the measured rate of the pattern's 2-GPU ring."""
     c = job.model.config
     s, b, hd = job.seq_len, job.batch, c.head_dim
     frac = job.model.attention_fraction(s)
@@ -69,15 +69,15 @@ def attention_seconds(job: Job, layout: Layout, rates: Rates, passes_forward: fl
         return compute
     n_ring = b * s / ring  # tokens of one ring rank (after the Ulysses gather)
     kv = n_ring * kv_heads_local(job.model, layout.ulysses) * hd  # elements of K (or V) per rank
-    ab, gb = job.act_bytes, job.grad_comm_bytes
+    ab, wire = job.act_bytes, job.dkv_wire_bytes(layout.ulysses)
     link = _ring_link_bytes_per_s(job, layout, rates, 2 * kv * ab)
-    fwd_msg, bwd_msg = 2 * kv * ab / link, 2 * kv * (ab + gb) / link
+    fwd_msg, bwd_msg = 2 * kv * ab / link, 2 * kv * (ab + wire) / link
     per_step = compute / units / ring  # one forward's share of a ring step
     steps = c.n_layer * (ring - 1) * (passes_forward * max(per_step, fwd_msg) + max(2.5 * per_step, bwd_msg)
                                       - units * per_step)
     q_elems = n_ring * c.n_head / layout.ulysses * hd
     merges = c.n_layer * (ring - 1) * (passes_forward + 2) * q_elems * MERGE_BYTES / rates.hbm_bytes_per_s()
-    last_hop = c.n_layer * 2 * kv * gb / link
+    last_hop = c.n_layer * 2 * kv * wire / link
     return compute + steps + merges + last_hop
 
 

@@ -34,10 +34,13 @@ class Check:
         return self.predicted / self.measured - 1.0
 
 
-def _job(spec: ModelSpec, seq_len: int, entry: dict[str, Any], batch: int = 1) -> Job:
-    """The job a run trained; ``"loss_weight_grad": "fp32"`` in its manifest entry marks runs made before
-    the loss' weight gradient became a bf16 GEMM."""
-    return Job(spec, seq_len, batch=batch, fp32_loss_weight_grad=entry.get("loss_weight_grad") == "fp32")
+def _job(spec: ModelSpec, seq_len: int, entry: dict[str, Any], batch: int = 1, causal: bool = True) -> Job:
+    """The job a run trained; in its manifest entry ``"loss_weight_grad": "fp32"`` marks runs made before
+    the loss' weight gradient became a bf16 GEMM, ``"dkv": "travelling"`` runs made before the ring's
+    dK/dV went straight home."""
+    return Job(spec, seq_len, batch=batch, causal=causal,
+               fp32_loss_weight_grad=entry.get("loss_weight_grad") == "fp32",
+               travelling_dkv=entry.get("dkv") == "travelling")
 
 
 def _train(data: dict[str, Any], name: str, entry: dict[str, Any]) -> list[Check]:
@@ -105,11 +108,11 @@ def _skipped(entry: dict[str, Any], row: dict[str, Any], quantity: str) -> bool:
 
 
 def _attention_only(n: int, causal: bool, heads: int, head_dim: int, gpus: int, seconds: float, peak: float,
-                    name: str, ulysses: int = 1) -> list[Check]:
+                    name: str, entry: dict[str, Any], ulysses: int = 1) -> list[Check]:
     """One dense ring layer, fwd+bwd, as the benchmarks time it: the inputs q, k, v and the output
     gradient (bf16), their K/V contiguous copies, the output, and the backward working set."""
     spec = ModelSpec.from_dict(dict(vocab_size=64, n_layer=1, n_head=heads, n_embd=heads * head_dim, max_seq_len=n))
-    job = Job(spec, n, causal=causal)
+    job = _job(spec, n, entry, causal=causal)
     layout = Layout(1, ulysses, gpus // ulysses, 0, False)
     rates = Rates.for_cluster(cluster("h200", gpus, 1))
     local = n / gpus
@@ -128,7 +131,7 @@ def _bench_ring(data: dict[str, Any], name: str, entry: dict[str, Any]) -> list[
         ring = run["ring"]
         out += _attention_only(run["n"], run["causal"], data["heads"], data["head_dim"], data["gpus"],
                                ring["seconds"], ring["peak_gb"] * 1e9,
-                               f"{name} ring n={run['n']} {'causal' if run['causal'] else 'non-causal'}")
+                               f"{name} ring n={run['n']} {'causal' if run['causal'] else 'non-causal'}", entry)
     return out
 
 
@@ -137,7 +140,7 @@ def _bench_patterns(data: dict[str, Any], name: str, entry: dict[str, Any]) -> l
     for r in data["results"]:
         if r["case"] == "dense":
             out += _attention_only(r["n"], r["causal"], r["heads"], r["head_dim"], r["world"], r["ms"] / 1e3,
-                                   r["peak_gb"] * 1e9, f"{name} dense n={r['n']}")
+                                   r["peak_gb"] * 1e9, f"{name} dense n={r['n']}", entry)
     return out
 
 
@@ -170,7 +173,7 @@ def _bench_2d(data: dict[str, Any], name: str, entry: dict[str, Any]) -> list[Ch
             out += _attention_only(run["n"], run["causal"], run["heads"], run["head_dim"], data["gpus"],
                                    row["seconds"], row["peak_gb"] * 1e9,
                                    f"{name} {split} n={run['n']} {'causal' if run['causal'] else 'non-causal'}",
-                                   ulysses=row["ulysses_size"])
+                                   entry, ulysses=row["ulysses_size"])
     return out
 
 
