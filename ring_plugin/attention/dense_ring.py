@@ -100,14 +100,8 @@ class DenseRingAttention(torch.autograd.Function):
         dq = new_accumulator(q.shape, call.grad_dtype, q.device, 0.0, seq_major)
         dkv = [new_accumulator(t.shape, call.grad_dtype, t.device, 0.0, seq_major) for t in (k, v)]
         home = GradsHome(comm, [t.transpose(1, 2) for t in dkv])  # (B, L, H_kv, D) rows
-        own_later: list = []
         for step, kv in _kv_round_trip(call, k, v):
             blocks = call.dense_blocks(step, n)
-            if step == 0 and comm.world_size > 1:
-                # The second half of our own blocks waits until the last step has sent its dK/dV home:
-                # that message would otherwise be waited on with nothing left to compute.
-                half = (len(blocks) + 1) // 2
-                blocks, own_later = blocks[:half], [(b, kv) for b in blocks[half:]]
             grads = [backward_block(b, call, dout, q, kv, out, lse, dq) for b in blocks]
             del kv
             if step == 0:
@@ -120,7 +114,5 @@ class DenseRingAttention(torch.autograd.Function):
             message = _message(grads, span, _wire_dtype(call, blocks, q.dtype)) if grads else None
             del grads
             home.post(step, message, _span(sender), _wire_dtype(call, sender, q.dtype))
-        for block, kv in own_later:
-            backward_block(block, call, dout, q, kv, out, lse, dq)(dkv)
         home.finish()
         return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None
