@@ -175,6 +175,14 @@ def attention_backward_bytes(job: Job, layout: Layout, n: float) -> float:
     return n * e * g + dkv + buffers.backward_kv * 2 * kv * a + 3 * n * e * a + n * e * 4 + n * e * a
 
 
+def freed_before_attention_backward(job: Job) -> float:
+    """Bytes per token of a block's saved tensors its backward has freed when attention's backward
+    starts: the MLP's (its norm, the fc input, the hidden tensors) and the output projection's input."""
+    spec, a = job.model, job.act_bytes
+    return (mlp_hidden_saved_per_token(spec, a) + norm_saved_per_token(spec, a, job.fused_norm)
+            + 2 * spec.config.n_embd * a)
+
+
 def estimate_memory(job: Job, layout: Layout) -> MemoryEstimate:
     spec, a = job.model, job.act_bytes
     c = spec.config
@@ -202,9 +210,8 @@ def estimate_memory(job: Job, layout: Layout) -> MemoryEstimate:
     # hidden-width tensor beyond what the block saved), or in attention's backward, after the MLP's saved
     # GELU input and output are freed, with the ring's buffers alive.
     tile = min(spec.config.mlp_tile_tokens or n, n)
-    mlp_saved = n * mlp_hidden_saved_per_token(spec, a)
     mlp_peak = n * spec.mlp_hidden * a if not spec.config.mlp_tile_tokens else 3 * tile * spec.mlp_hidden * a
-    block_peak = max(mlp_peak, attention_backward_bytes(job, layout, n) - mlp_saved)
+    block_peak = max(mlp_peak, attention_backward_bytes(job, layout, n) - n * freed_before_attention_backward(job))
     # The head's weight gradient (V x E, bf16) from the loss: with tied weights autograd holds it in the
     # embedding weight's input buffer until the embedding's own gradient arrives, at the end of backward.
     tied_dw = v * e * a if c.tie_weights else 0.0
