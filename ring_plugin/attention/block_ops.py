@@ -6,8 +6,9 @@
 
 Tensors are ``(batch, heads, length, head_dim)``; ``out``/``lse`` accumulators are fp32. A forward
 merges its partial result into the accumulators by logsumexp (``first``: they are still empty, so
-it is copied in). A backward adds its dQ at once and returns how to add its dK/dV, because the dK/dV
-accumulator of a ring step arrives only after the compute.
+it is copied in). A backward adds its dQ at once and returns how to add its dK/dV, because where they
+go is the caller's choice: contiguous-row blocks return :class:`RowGrads` (the dK/dV themselves, which
+the dense ring sends home as they are), pattern blocks a closure over their views or indices.
 """
 
 from __future__ import annotations

@@ -46,16 +46,23 @@ class RingDocuments:
     """Document ids of every rank's rows, ``by_rank[r]`` rank r's (B, n_local) in local order (CPU),
     and the layout they were sharded in (for ``balanced``, rebuilt from the ids themselves).
 
-    One call's forward, backward and the plans of its peers' steps all ask for the same blocks:
-    they are built once (``_blocks``) and, with them, their varlen runs."""
+    A call's forward, backward and the plans of its peers' steps, and every layer that sees the same
+    ids (:func:`gather_documents` keeps them by content), ask for the same blocks: they are built once
+    (``_plans``) and, with them, their varlen runs."""
 
     by_rank: torch.Tensor  # (world, B, n_local) int64
     layout: ShardLayout
-    _blocks: dict = field(default_factory=dict, repr=False, compare=False)
+    _plans: dict = field(default_factory=dict, repr=False, compare=False)  # blocks and merged rings, built once
 
     def merge_adjacent_ranks(self, group: int) -> RingDocuments:
         """The ids as the ring of :func:`~ring_plugin.layout.merge_adjacent_ranks` holds them (Ulysses
-        groups of ``group`` ranks): each merged rank's rows in ascending global order."""
+        groups of ``group`` ranks): each merged rank's rows in ascending global order (built once)."""
+        key = ("merged", group)
+        if key not in self._plans:
+            self._plans[key] = self._merged(group)
+        return self._plans[key]
+
+    def _merged(self, group: int) -> RingDocuments:
         layout = merge_adjacent_ranks(self.layout, group)
         ids = _global_ids(self.by_rank, self.layout)
         n_local = ids.shape[1] // layout.world_size
@@ -68,9 +75,9 @@ class RingDocuments:
         that have queries (causal blocks are squares of the same positions and stay whole). A cut
         block costs less kernel work and sends fewer dK/dV rows home."""
         key = (q_rank, kv_rank, tuple((b.q.start, b.q.stop, b.kv.start, b.kv.stop, b.causal) for b in dense))
-        if key not in self._blocks:
-            self._blocks[key] = [c for b in dense if (c := self._restrict(b, q_rank, kv_rank)) is not None]
-        return self._blocks[key]
+        if key not in self._plans:
+            self._plans[key] = [c for b in dense if (c := self._restrict(b, q_rank, kv_rank)) is not None]
+        return self._plans[key]
 
     def _restrict(self, b: Block, q_rank: int, kv_rank: int) -> DocumentBlock | None:
         q_ids, kv_ids = self.by_rank[q_rank], self.by_rank[kv_rank]
@@ -125,10 +132,13 @@ def gather_documents(ids: torch.Tensor, group: dist.ProcessGroup | None, layout:
         parts = [torch.empty_like(ids) for _ in range(world_size)]
         dist.all_gather(parts, ids, group=group)
         by_rank = torch.stack(parts).cpu()
-    if layout == "balanced":
-        shards = _BALANCED.get(_fingerprint(by_rank), lambda: _balanced_layout(by_rank))
-    else:
-        shards = ShardLayout.named(layout, world_size)
+    # Every layer of a step sees the same ids: the checked ids, their layout and the blocks planned
+    # from them are kept by content, which every rank judges alike (the all-gather still runs each call).
+    return _CHECKED.get((_fingerprint(by_rank), layout), lambda: _checked(by_rank, layout, world_size))
+
+
+def _checked(by_rank: torch.Tensor, layout: str, world_size: int) -> RingDocuments:
+    shards = _balanced_layout(by_rank) if layout == "balanced" else ShardLayout.named(layout, world_size)
     if bool((_global_ids(by_rank, shards).diff(dim=1) < 0).any()):
         raise ValueError(
             "document_ids of the ring's shards do not form one non-decreasing sequence in the "
@@ -147,7 +157,7 @@ def _global_ids(by_rank: torch.Tensor, shards: ShardLayout) -> torch.Tensor:
     return out.view(batch, -1)
 
 
-_BALANCED: BoundedCache[ShardLayout] = BoundedCache(16)  # every layer of a step sees the same ids
+_CHECKED: BoundedCache[RingDocuments] = BoundedCache(8)
 
 
 def _fingerprint(by_rank: torch.Tensor) -> tuple:
