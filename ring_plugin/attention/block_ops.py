@@ -55,13 +55,22 @@ def _rows(x: torch.Tensor, s: slice) -> torch.Tensor:
 
 
 def _write_rows(out_acc, lse_acc, rows: slice, o, lse, first: bool) -> None:
-    """Merge a block's ``(o, lse)`` into the accumulators' query ``rows`` (copied in where it is the
-    first block and covers every row: nothing to merge with yet)."""
-    if first and rows == slice(0, out_acc.shape[2]):
-        out_acc.copy_(o)
-        lse_acc.copy_(lse)
+    """Merge a block's ``(o, lse)`` into the accumulators' query ``rows`` (``first``: no block has
+    written these rows yet, so it is copied in: merging into the empty (0, -inf) gives the same)."""
+    if first:
+        out_acc[:, :, rows].copy_(o)
+        lse_acc[:, :, rows].copy_(lse)
         return
     merge_into(out_acc[:, :, rows], lse_acc[:, :, rows], o, lse)
+
+
+def _add_dq(dq_acc: torch.Tensor, rows: slice, dq: torch.Tensor, first: bool) -> None:
+    """dQ of a block into the accumulator's query ``rows`` (``first``: none written yet, so copied)."""
+    target = dq_acc[:, :, rows]
+    if first:
+        target.copy_(dq)
+    else:
+        target += dq  # mixed-dtype in-place add: no fp32 copy of dq
 
 
 @dataclass(frozen=True)
@@ -74,9 +83,14 @@ class RowGrads:
     dk: torch.Tensor
     dv: torch.Tensor
 
-    def __call__(self, acc: list[torch.Tensor]) -> None:
+    def __call__(self, acc: list[torch.Tensor], first: bool = False) -> None:
+        """Add into ``acc``'s key rows (``first``: none written yet, so copied)."""
         for a, g in zip(acc, (self.dk, self.dv)):
-            a[:, :, self.rows] += g
+            target = a[:, :, self.rows]
+            if first:
+                target.copy_(g)
+            else:
+                target += g
 
 
 @forward_block.register
@@ -93,7 +107,7 @@ def _(block: Block, call: RingCall, dout, q, kv, out, lse, dq_acc, first: bool =
     dq, dk, dv = call.kernel.backward(
         _rows(dout, rows), _rows(q, rows), kb, vb, _rows(out, rows), _rows(lse, rows), block.causal, call.scale
     )
-    dq_acc[:, :, rows] += dq  # mixed-dtype in-place add: no fp32 copy of dq
+    _add_dq(dq_acc, rows, dq, first)
     # summed over query heads in the accumulator's dtype (fp32 by default), then added
     return RowGrads(block.kv, *(reduce_kv_heads(g, call.kv_heads, call.grad_dtype) for g in (dk, dv)))
 
@@ -111,7 +125,7 @@ def _(block: BandBlock, call: RingCall, dout, q, kv, out, lse, dq_acc, first: bo
     rows = block.q
     dq, dk, dv = band_backward(_rows(dout, rows), _rows(q, rows), _rows(kv[0], block.kv), _rows(kv[1], block.kv),
                                _rows(out, rows), _rows(lse, rows), block.left, block.right, call.scale)
-    dq_acc[:, :, rows] += dq
+    _add_dq(dq_acc, rows, dq, first)
     return RowGrads(block.kv, dk, dv)
 
 
@@ -134,7 +148,7 @@ def _(block: DocumentBlock, call: RingCall, dout, q, kv, out, lse, dq_acc, first
         _rows(dout, rows), _rows(q, rows), _rows(kv[0], block.kv), _rows(kv[1], block.kv), _rows(out, rows),
         _rows(lse, rows), block.q_docs, block.k_docs, block.causal, call.scale, _runs(block, q),
     )
-    dq_acc[:, :, rows] += dq
+    _add_dq(dq_acc, rows, dq, first)
     return RowGrads(block.kv, dk, dv)
 
 

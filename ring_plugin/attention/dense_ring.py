@@ -75,15 +75,30 @@ def _message(grads: list[RowGrads], span: slice, dtype: torch.dtype) -> list[tor
     return [t.transpose(1, 2) for t in buf]
 
 
+class _Untouched:
+    """Which rows of an accumulator no block has written yet. A block whose rows are all untouched
+    copies its result in instead of merging or adding it: the rows still hold the accumulator's
+    initial (0, -inf), so the copy is the same result for less memory traffic."""
+
+    def __init__(self) -> None:
+        self._runs: list[tuple[int, int]] = []
+
+    def claim(self, rows: slice) -> bool:
+        fresh = all(rows.stop <= a or rows.start >= b for a, b in self._runs)
+        self._runs.append((rows.start, rows.stop))
+        return fresh
+
+
 class DenseRingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: RingCall):  # type: ignore[override]
         n, seq_major = q.shape[2], is_seq_major(k)
         out = new_accumulator(q.shape, torch.float32, q.device, 0.0, seq_major)
         lse = new_accumulator(q.shape[:3], torch.float32, q.device, float("-inf"))
+        rows = _Untouched()
         for step, kv in _kv_round_trip(call, k, v):
-            for i, block in enumerate(call.dense_blocks(step, n)):
-                forward_block(block, call, q, kv, out, lse, first=step == 0 and i == 0)
+            for block in call.dense_blocks(step, n):
+                forward_block(block, call, q, kv, out, lse, first=rows.claim(block.q))
         out = out.to(q.dtype)  # keeps the accumulator's layout
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.call = call
@@ -100,13 +115,14 @@ class DenseRingAttention(torch.autograd.Function):
         dq = new_accumulator(q.shape, call.grad_dtype, q.device, 0.0, seq_major)
         dkv = [new_accumulator(t.shape, call.grad_dtype, t.device, 0.0, seq_major) for t in (k, v)]
         home = GradsHome(comm, [t.transpose(1, 2) for t in dkv])  # (B, L, H_kv, D) rows
+        q_rows, own_kv_rows = _Untouched(), _Untouched()
         for step, kv in _kv_round_trip(call, k, v):
             blocks = call.dense_blocks(step, n)
-            grads = [backward_block(b, call, dout, q, kv, out, lse, dq) for b in blocks]
+            grads = [backward_block(b, call, dout, q, kv, out, lse, dq, first=q_rows.claim(b.q)) for b in blocks]
             del kv
             if step == 0:
                 for g in grads:
-                    g(dkv)
+                    g(dkv, first=own_kv_rows.claim(g.rows))
                 continue
             # Ours go to the K/V's owner (rank - step); rank + step's, for our K/V, come here. Both
             # sides plan the other's blocks, so they agree on each message's rows and dtype.
