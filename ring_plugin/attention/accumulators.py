@@ -19,3 +19,9 @@ def new_accumulator(shape, dtype: torch.dtype, device: torch.device, fill: float
     else:
         t = torch.full(shape, fill, dtype=dtype, device=device)
     return t.transpose(1, 2) if seq_major else t
+
+
+def in_layout(x: torch.Tensor, seq_major: bool) -> torch.Tensor:
+    """``x`` (B, H, L, D) stored like an accumulator of :func:`new_accumulator` (copied only where it is
+    not already): the kernels' backward reads ``dout`` beside the saved ``out``."""
+    return x.transpose(1, 2).contiguous().transpose(1, 2) if seq_major else x.contiguous()

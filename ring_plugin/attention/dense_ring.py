@@ -20,7 +20,7 @@ import itertools
 
 import torch
 
-from .accumulators import new_accumulator
+from .accumulators import in_layout, new_accumulator
 from .block_ops import RowGrads, backward_block, forward_block, is_seq_major
 from .call import RingCall
 from .exchange import GradsHome
@@ -54,11 +54,11 @@ def _wire_dtype(call: RingCall, blocks, dtype: torch.dtype) -> torch.dtype:
     ``call.grad_dtype`` where blocks overlap or grouped-query heads were summed into it."""
     spans = sorted((b.kv.start, b.kv.stop) for b in blocks)
     overlap = any(a[1] > b[0] for a, b in zip(spans, spans[1:]))
-    summed_heads = call.heads != call.kv_heads and any(type(b) is Block for b in blocks)
-    if overlap or summed_heads:
+    # Block runs call.kernel (its gradient dtype); document and window blocks return the input's dtype.
+    dense = any(type(b) is Block for b in blocks)
+    if overlap or (dense and call.heads != call.kv_heads):
         return call.grad_dtype
-    # Dense blocks return the kernel's dtype; document and window blocks the input's (or flash's).
-    return call.kernel.grad_dtype(dtype) if any(type(b) is Block for b in blocks) else dtype
+    return call.kernel.grad_dtype(dtype) if dense else dtype
 
 
 def _message(grads: list[RowGrads], span: slice, dtype: torch.dtype) -> list[torch.Tensor]:
@@ -109,9 +109,7 @@ class DenseRingAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         call: RingCall = ctx.call
         comm, n, seq_major = call.comm, q.shape[2], is_seq_major(k)
-        # dout in out's layout: the kernels read them side by side
-        dout = dout.to(q.dtype)
-        dout = dout.transpose(1, 2).contiguous().transpose(1, 2) if seq_major else dout.contiguous()
+        dout = in_layout(dout.to(q.dtype), seq_major)
         dq = new_accumulator(q.shape, call.grad_dtype, q.device, 0.0, seq_major)
         dkv = [new_accumulator(t.shape, call.grad_dtype, t.device, 0.0, seq_major) for t in (k, v)]
         home = GradsHome(comm, [t.transpose(1, 2) for t in dkv])  # (B, L, H_kv, D) rows

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..patterns.blocks import ViewBlock
-from .accumulators import new_accumulator
+from .accumulators import in_layout, new_accumulator
 from .block_ops import backward_block, forward_block
 from .call import RingCall
 from .exchange import ExchangePlan, GradsHome, post_rows
@@ -65,9 +65,7 @@ class PeerRingAttention(torch.autograd.Function):
         call: RingCall = ctx.call
         plan: ExchangePlan = ctx.plan
         seq_major, empty = plan.views_only, plan.first_covers
-        # out and dout in one layout: the kernels' backward reads them side by side.
-        dout = dout.to(q.dtype)
-        dout = dout.transpose(1, 2).contiguous().transpose(1, 2) if seq_major else dout.contiguous()
+        dout = in_layout(dout.to(q.dtype), seq_major)
         dq = new_accumulator(q.shape, call.grad_dtype, q.device, None if empty else 0.0, seq_major)
         dkv = [new_accumulator(t.shape, call.grad_dtype, t.device, None if empty else 0.0, seq_major) for t in (k, v)]
         qf, kf, vf = _flat_forms(plan, q, k, v)

@@ -74,6 +74,14 @@ def norm_saved_per_token(spec: ModelSpec, a: int, fused: bool) -> float:
     return e * a + 4 if fused else 2 * e * 4 + 4
 
 
+def dkv_wire_bytes(job: Job, ulysses: int) -> int:
+    """Bytes per element of the dK/dV a ring step sends home: the kernel's own (activation) dtype,
+    unless grouped-query heads were summed into the accumulator dtype first (dense_ring.py), or the
+    run predates that (an fp32 accumulator travelled the ring)."""
+    grouped = kv_heads_local(job.model, ulysses) != job.model.config.n_head // ulysses
+    return job.grad_comm_bytes if grouped or job.travelling_dkv else job.act_bytes
+
+
 def mlp_hidden_saved_per_token(spec: ModelSpec, a: int) -> float:
     """GELU's input and the MLP projection's input; none when the MLP runs in tiles (``mlp_tile_tokens``:
     each tile keeps only its input, a view of the fc input, and recomputes the rest in backward)."""
@@ -167,7 +175,7 @@ def attention_backward_bytes(job: Job, layout: Layout, n: float) -> float:
     e = c.n_embd
     kv = n * layout.ulysses * kv_heads_local(job.model, layout.ulysses) * c.head_dim  # elements per K or V
     buffers = ring_buffers(layout.ring)
-    wire = job.dkv_wire_bytes(layout.ulysses)
+    wire = dkv_wire_bytes(job, layout.ulysses)
     if job.travelling_dkv and layout.ring > 1:  # the accumulator received and the one being sent on
         dkv = 2 * 2 * kv * g
     else:  # our own accumulator and the messages received
@@ -207,8 +215,9 @@ def estimate_memory(job: Job, layout: Layout) -> MemoryEstimate:
     # Backward of a block peaks in one of two places (a GPU memory snapshot of the 3B model's step,
     # bench_train --snapshot-step): in the MLP's backward, where the GELU input and the gradients of its
     # output and input are alive (the GELU output, saved for the projection, is freed just before: one
-    # hidden-width tensor beyond what the block saved), or in attention's backward, after the MLP's saved
-    # GELU input and output are freed, with the ring's buffers alive.
+    # hidden-width tensor beyond what the block saved), or in attention's backward, after the MLP's and
+    # the output projection's saved tensors are freed (:func:`freed_before_attention_backward`), with the
+    # ring's buffers alive.
     tile = min(spec.config.mlp_tile_tokens or n, n)
     mlp_peak = n * spec.mlp_hidden * a if not spec.config.mlp_tile_tokens else 3 * tile * spec.mlp_hidden * a
     block_peak = max(mlp_peak, attention_backward_bytes(job, layout, n) - n * freed_before_attention_backward(job))

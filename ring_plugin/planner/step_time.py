@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .memory import kv_heads_local, param_tensors
+from .memory import dkv_wire_bytes, kv_heads_local, param_tensors
 from .rates import Rates
 from .workload import DENSE, Job, Layout
 
@@ -69,7 +69,7 @@ def attention_seconds(job: Job, layout: Layout, rates: Rates, passes_forward: fl
         return compute
     n_ring = b * s / ring  # tokens of one ring rank (after the Ulysses gather)
     kv = n_ring * kv_heads_local(job.model, layout.ulysses) * hd  # elements of K (or V) per rank
-    ab, wire = job.act_bytes, job.dkv_wire_bytes(layout.ulysses)
+    ab, wire = job.act_bytes, dkv_wire_bytes(job, layout.ulysses)
     link = _ring_link_bytes_per_s(job, layout, rates, 2 * kv * ab)
     fwd_msg, bwd_msg = 2 * kv * ab / link, 2 * kv * (ab + wire) / link
     per_step = compute / units / ring  # one forward's share of a ring step

@@ -124,13 +124,6 @@ class Job:
     travelling_dkv: bool = False  # runs before dK/dV went straight home: an fp32 accumulator made a full turn
     name: str = "custom"
     recipe_layout: Layout | None = None  # what the recipe itself runs, marked in the table
-
-    def dkv_wire_bytes(self, ulysses: int) -> int:
-        """Bytes per element of the dK/dV a ring step sends home: the kernel's own (activation) dtype,
-        unless grouped-query heads were summed into the accumulator dtype first (dense_ring.py)."""
-        c = self.model.config
-        grouped = max(c.kv_heads // ulysses, 1) != c.n_head // ulysses
-        return self.grad_comm_bytes if grouped or self.travelling_dkv else self.act_bytes
     notes: tuple[str, ...] = field(default=())
 
     @property
