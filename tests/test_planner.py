@@ -151,8 +151,8 @@ def test_ring_in_flight_buffers_match_the_engine(ring: int, monkeypatch: pytest.
             return fn(*args, **kwargs)
         return wrapped
 
-    monkeypatch.setattr(dense_ring, "forward_block", counting("forward", dense_ring.forward_block))
-    monkeypatch.setattr(dense_ring, "backward_block", counting("backward", dense_ring.backward_block))
+    monkeypatch.setattr(dense_ring, "forward_rows", counting("forward", dense_ring.forward_rows))
+    monkeypatch.setattr(dense_ring, "backward_rows", counting("backward", dense_ring.backward_rows))
     q = torch.randn(1, 4, 8 * ring, 8, requires_grad=True)
     k, v = (torch.randn(1, 2, 8 * ring, 8, requires_grad=True) for _ in range(2))
     dense_ring.DenseRingAttention.apply(q, k, v, call).sum().backward()

@@ -1,14 +1,16 @@
 """Forward and backward of one block of work, one pair of functions per block kind.
 
-- :class:`~.plan.Block`: contiguous query and key rows (the dense ring's unit);
+- :class:`~.plan.Block`, :class:`~.plan.BandBlock`, :class:`~.documents.DocumentBlock`: contiguous
+  query and key rows (the dense ring's units): :func:`forward_rows` / :func:`backward_rows` return the
+  block's results (``(out, lse)``; dQ and :class:`RowGrads`) and the dense ring decides where they go;
 - :class:`~ring_plugin.patterns.blocks.ViewBlock`: rows on a regular grid, read as strided views;
 - :class:`~ring_plugin.patterns.blocks.IndexBlock`: irregular (head, row) sets, gathered by flat index.
 
-Tensors are ``(batch, heads, length, head_dim)``; ``out``/``lse`` accumulators are fp32. A forward
-merges its partial result into the accumulators by logsumexp (``first``: they are still empty, so
-it is copied in). A backward adds its dQ at once and returns how to add its dK/dV, because where they
-go is the caller's choice: contiguous-row blocks return :class:`RowGrads` (the dK/dV themselves, which
-the dense ring sends home as they are), pattern blocks a closure over their views or indices.
+Tensors are ``(batch, heads, length, head_dim)``. Pattern blocks (:func:`forward_block` /
+:func:`backward_block`) write into the fp32 ``out``/``lse`` accumulators themselves, merging by
+logsumexp (``first``: they are still empty, so it is copied in); their backward adds its dQ at once
+and returns a closure that adds its dK/dV over their views or indices, because where those go is the
+caller's choice.
 """
 
 from __future__ import annotations
@@ -42,6 +44,20 @@ def backward_block(block, call: RingCall, dout, q, kv, out, lse, dq_acc, first: 
 
 
 # ------------------------------------------------------------------------------ contiguous rows
+# Row blocks (dense, sliding window, packed documents) cover contiguous query and key rows; their
+# results go to the caller, which sums them (:class:`.row_sums.RowSums`) or sends them home.
+@singledispatch
+def forward_rows(block, call: RingCall, q, kv) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)`` of the block's query rows."""
+    raise TypeError(f"no row forward for block kind {type(block).__name__}")
+
+
+@singledispatch
+def backward_rows(block, call: RingCall, dout, q, kv, out, lse) -> tuple[torch.Tensor, RowGrads]:
+    """The dQ of the block's query rows and the dK/dV of its key rows."""
+    raise TypeError(f"no row backward for block kind {type(block).__name__}")
+
+
 def is_seq_major(x: torch.Tensor) -> bool:
     """``(B, H, L, D)`` stored ``(B, L, H, D)``: the layout flash's varlen kernels read as packed rows."""
     return x.dim() == 4 and not x.is_contiguous() and x.transpose(1, 2).is_contiguous()
@@ -54,79 +70,50 @@ def _rows(x: torch.Tensor, s: slice) -> torch.Tensor:
     return x[:, :, s] if is_seq_major(x) else x[:, :, s].contiguous()
 
 
-def _write_rows(out_acc, lse_acc, rows: slice, o, lse, first: bool) -> None:
-    """Merge a block's ``(o, lse)`` into the accumulators' query ``rows`` (``first``: no block has
-    written these rows yet, so it is copied in: merging into the empty (0, -inf) gives the same)."""
-    if first:
-        out_acc[:, :, rows].copy_(o)
-        lse_acc[:, :, rows].copy_(lse)
-        return
-    merge_into(out_acc[:, :, rows], lse_acc[:, :, rows], o, lse)
-
-
-def _add_dq(dq_acc: torch.Tensor, rows: slice, dq: torch.Tensor, first: bool) -> None:
-    """dQ of a block into the accumulator's query ``rows`` (``first``: none written yet, so copied)."""
-    target = dq_acc[:, :, rows]
-    if first:
-        target.copy_(dq)
-    else:
-        target += dq  # mixed-dtype in-place add: no fp32 copy of dq
-
-
 @dataclass(frozen=True)
 class RowGrads:
-    """One block's dK/dV for the key ``rows`` of its K/V shard; calling it adds them into an
-    accumulator pair (the :data:`AddGrads` of contiguous-row blocks, which the dense ring may also
-    send home as they are)."""
+    """One block's dK/dV for the key ``rows`` of its K/V shard (the dense ring sums them or sends
+    them home as they are); calling it adds them into an accumulator pair's key rows."""
 
     rows: slice
     dk: torch.Tensor
     dv: torch.Tensor
 
-    def __call__(self, acc: list[torch.Tensor], first: bool = False) -> None:
-        """Add into ``acc``'s key rows (``first``: none written yet, so copied)."""
+    def __call__(self, acc: list[torch.Tensor]) -> None:
         for a, g in zip(acc, (self.dk, self.dv)):
-            target = a[:, :, self.rows]
-            if first:
-                target.copy_(g)
-            else:
-                target += g
+            a[:, :, self.rows] += g
 
 
-@forward_block.register
-def _(block: Block, call: RingCall, q, kv, out_acc, lse_acc, first: bool = False) -> None:
+@forward_rows.register
+def _(block: Block, call: RingCall, q, kv):
     kb, vb = (expand_kv_heads(_rows(t, block.kv), call.heads) for t in kv)
-    o, lse = call.kernel.forward(_rows(q, block.q), kb, vb, block.causal, call.scale)
-    _write_rows(out_acc, lse_acc, block.q, o, lse, first)
+    return call.kernel.forward(_rows(q, block.q), kb, vb, block.causal, call.scale)
 
 
-@backward_block.register
-def _(block: Block, call: RingCall, dout, q, kv, out, lse, dq_acc, first: bool = False) -> RowGrads:
+@backward_rows.register
+def _(block: Block, call: RingCall, dout, q, kv, out, lse):
     kb, vb = (expand_kv_heads(_rows(t, block.kv), call.heads) for t in kv)
     rows = block.q
     dq, dk, dv = call.kernel.backward(
         _rows(dout, rows), _rows(q, rows), kb, vb, _rows(out, rows), _rows(lse, rows), block.causal, call.scale
     )
-    _add_dq(dq_acc, rows, dq, first)
-    # summed over query heads in the accumulator's dtype (fp32 by default), then added
-    return RowGrads(block.kv, *(reduce_kv_heads(g, call.kv_heads, call.grad_dtype) for g in (dk, dv)))
+    # summed over query heads in the accumulator's dtype (fp32 by default)
+    return dq, RowGrads(block.kv, *(reduce_kv_heads(g, call.kv_heads, call.grad_dtype) for g in (dk, dv)))
 
 
 # ---------------------------------------------------------------------------------- sliding window
-@forward_block.register
-def _(block: BandBlock, call: RingCall, q, kv, out_acc, lse_acc, first: bool = False) -> None:
-    o, lse = band_forward(_rows(q, block.q), _rows(kv[0], block.kv), _rows(kv[1], block.kv), block.left,
-                          block.right, call.scale)
-    _write_rows(out_acc, lse_acc, block.q, o, lse, first)
+@forward_rows.register
+def _(block: BandBlock, call: RingCall, q, kv):
+    return band_forward(_rows(q, block.q), _rows(kv[0], block.kv), _rows(kv[1], block.kv), block.left,
+                        block.right, call.scale)
 
 
-@backward_block.register
-def _(block: BandBlock, call: RingCall, dout, q, kv, out, lse, dq_acc, first: bool = False) -> RowGrads:
+@backward_rows.register
+def _(block: BandBlock, call: RingCall, dout, q, kv, out, lse):
     rows = block.q
     dq, dk, dv = band_backward(_rows(dout, rows), _rows(q, rows), _rows(kv[0], block.kv), _rows(kv[1], block.kv),
                                _rows(out, rows), _rows(lse, rows), block.left, block.right, call.scale)
-    _add_dq(dq_acc, rows, dq, first)
-    return RowGrads(block.kv, dk, dv)
+    return dq, RowGrads(block.kv, dk, dv)
 
 
 # ------------------------------------------------------------------------------ packed documents
@@ -134,22 +121,20 @@ def _runs(block: DocumentBlock, q: torch.Tensor) -> VarlenRuns | None:
     return block.runs(q.device) if takes_flash(q) else None
 
 
-@forward_block.register
-def _(block: DocumentBlock, call: RingCall, q, kv, out_acc, lse_acc, first: bool = False) -> None:
-    o, lse = document_forward(_rows(q, block.q), _rows(kv[0], block.kv), _rows(kv[1], block.kv),
-                              block.q_docs, block.k_docs, block.causal, call.scale, _runs(block, q))
-    _write_rows(out_acc, lse_acc, block.q, o, lse, first)
+@forward_rows.register
+def _(block: DocumentBlock, call: RingCall, q, kv):
+    return document_forward(_rows(q, block.q), _rows(kv[0], block.kv), _rows(kv[1], block.kv),
+                            block.q_docs, block.k_docs, block.causal, call.scale, _runs(block, q))
 
 
-@backward_block.register
-def _(block: DocumentBlock, call: RingCall, dout, q, kv, out, lse, dq_acc, first: bool = False) -> RowGrads:
+@backward_rows.register
+def _(block: DocumentBlock, call: RingCall, dout, q, kv, out, lse):
     rows = block.q
     dq, dk, dv = document_backward(
         _rows(dout, rows), _rows(q, rows), _rows(kv[0], block.kv), _rows(kv[1], block.kv), _rows(out, rows),
         _rows(lse, rows), block.q_docs, block.k_docs, block.causal, call.scale, _runs(block, q),
     )
-    _add_dq(dq_acc, rows, dq, first)
-    return RowGrads(block.kv, dk, dv)
+    return dq, RowGrads(block.kv, dk, dv)
 
 
 # --------------------------------------------------------------------------------- strided views

@@ -1,14 +1,17 @@
 """The dense ring: K/V travel round the ring while each rank attends its queries to them.
 
 Forward: at step ``s`` a rank holds the K/V of ``rank - s``; the next shard is in flight while this
-one is computed (:func:`.schedule.prefetched`), and each step's blocks merge into fp32 ``(out, lse)``.
-Backward: K/V go round again; each block's backward is fed the merged output and logsumexp (which
-makes it exact). The dK/dV a rank computes at step ``s`` belong to rank ``s`` back: they go straight
-home (:class:`.exchange.GradsHome`) as the kernel returned them, the key rows its blocks touched and
-no more, and are summed there into the owner's fp32 accumulator. Compared with one accumulator
-travelling the whole ring, that is one message fewer per turn, in half precision where the kernel's
-gradients are half precision, and no fp32 accumulator in flight. No rank holds more than its shard
-plus the one in flight.
+one is computed (:func:`.schedule.prefetched`). Backward: K/V go round again; each block's backward is
+fed the merged output and logsumexp (which makes it exact). The dK/dV a rank computes at step ``s``
+belong to rank ``s`` back: they go straight home (:class:`.exchange.GradsHome`) as the kernel returned
+them, the key rows its blocks touched and no more. Compared with one accumulator travelling the whole
+ring, that is one message fewer per turn, in half precision where the kernel's gradients are half
+precision, and no fp32 accumulator in flight. No rank holds more than its shard plus the one in flight.
+
+Every block's results (output and logsumexp, dQ, dK/dV and the messages home) are summed by
+:class:`.row_sums.RowSums`, which knows from the call's plan how many results each row gets: bit for
+bit an fp32 accumulator's sums, but a row with one result takes it as it is, and a row with two keeps
+the first (half-precision) one in the final tensor; only rows with more sum in fp32 buffers.
 
 Packed documents keep q/k/v/out and the accumulators sequence-major (``(B, L, H, D)`` memory), the
 layout flash's varlen kernels read and write, so no block transposes its operands.
@@ -20,11 +23,12 @@ import itertools
 
 import torch
 
-from .accumulators import in_layout, new_accumulator
-from .block_ops import RowGrads, backward_block, forward_block, is_seq_major
+from .accumulators import in_layout
+from .block_ops import RowGrads, backward_rows, forward_rows, is_seq_major
 from .call import RingCall
 from .exchange import GradsHome
 from .plan import Block
+from .row_sums import RowPlan, RowSums
 from .schedule import prefetched
 
 
@@ -75,52 +79,60 @@ def _message(grads: list[RowGrads], span: slice, dtype: torch.dtype) -> list[tor
     return [t.transpose(1, 2) for t in buf]
 
 
-class _Untouched:
-    """Which rows of an accumulator no block has written yet. A block whose rows are all untouched
-    copies its result in instead of merging or adding it: the rows still hold the accumulator's
-    initial (0, -inf), so the copy is the same result for less memory traffic."""
+def _plan(call: RingCall, n: int) -> list:
+    """Every ring step's blocks for this rank, in the order they run."""
+    return [call.dense_blocks(step, n) for step in range(call.comm.world_size)]
 
-    def __init__(self) -> None:
-        self._runs: list[tuple[int, int]] = []
 
-    def claim(self, rows: slice) -> bool:
-        fresh = all(rows.stop <= a or rows.start >= b for a, b in self._runs)
-        self._runs.append((rows.start, rows.stop))
-        return fresh
+def _kv_touches(call: RingCall, plan: list, n: int) -> list[slice]:
+    """The dK/dV contributions to our key rows, in arrival order: our own step's blocks, then the message
+    each later step's sender (rank + step) posts home, over the rows its blocks touched."""
+    homes = [_span(call.dense_blocks(step, n, rank=call.comm.rank + step)) for step in range(1, len(plan))]
+    return [b.kv for b in plan[0]] + [s for s in homes if s.stop > s.start]
 
 
 class DenseRingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: RingCall):  # type: ignore[override]
         n, seq_major = q.shape[2], is_seq_major(k)
-        out = new_accumulator(q.shape, torch.float32, q.device, 0.0, seq_major)
-        lse = new_accumulator(q.shape[:3], torch.float32, q.device, float("-inf"))
-        rows = _Untouched()
+        plan = _plan(call, n)
+        rows = RowPlan.of([b.q for blocks in plan for b in blocks], n)
+        out = RowSums(rows, q.shape, q.dtype, q.device, seq_major)
         for step, kv in _kv_round_trip(call, k, v):
-            for block in call.dense_blocks(step, n):
-                forward_block(block, call, q, kv, out, lse, first=rows.claim(block.q))
-        out = out.to(q.dtype)  # keeps the accumulator's layout
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.call = call
-        return out
+            for block in plan[step]:
+                out.merge(block.q, *forward_rows(block, call, q, kv))
+        result = out.result()
+        ctx.save_for_backward(q, k, v, result, out.lse)
+        ctx.call, ctx.plan, ctx.q_rows = call, plan, rows
+        return result
 
     @staticmethod
     def backward(ctx, dout: torch.Tensor):  # type: ignore[override]
         q, k, v, out, lse = ctx.saved_tensors
         call: RingCall = ctx.call
-        comm, n, seq_major = call.comm, q.shape[2], is_seq_major(k)
+        comm, n, seq_major, plan = call.comm, q.shape[2], is_seq_major(k), ctx.plan
         dout = in_layout(dout.to(q.dtype), seq_major)
-        dq = new_accumulator(q.shape, call.grad_dtype, q.device, 0.0, seq_major)
-        dkv = [new_accumulator(t.shape, call.grad_dtype, t.device, 0.0, seq_major) for t in (k, v)]
-        home = GradsHome(comm, [t.transpose(1, 2) for t in dkv])  # (B, L, H_kv, D) rows
-        q_rows, own_kv_rows = _Untouched(), _Untouched()
+        dq = RowSums(ctx.q_rows, q.shape, q.dtype, q.device, seq_major, call.grad_dtype)
+        kv_rows = RowPlan.of(_kv_touches(call, plan, n), k.shape[2])
+        dkv = [RowSums(kv_rows, t.shape, t.dtype, t.device, seq_major, call.grad_dtype) for t in (k, v)]
+
+        def add_home(rows: slice, got: list[torch.Tensor]) -> None:  # (B, rows, H_kv, D) from a peer
+            for sums, g in zip(dkv, got):
+                sums.add(rows, g.transpose(1, 2))
+
+        home = GradsHome(comm, [t.transpose(1, 2) for t in (k, v)], add_rows=add_home)
         for step, kv in _kv_round_trip(call, k, v):
-            blocks = call.dense_blocks(step, n)
-            grads = [backward_block(b, call, dout, q, kv, out, lse, dq, first=q_rows.claim(b.q)) for b in blocks]
+            blocks = plan[step]
+            grads = []
+            for b in blocks:
+                block_dq, block_grads = backward_rows(b, call, dout, q, kv, out, lse)
+                dq.add(b.q, block_dq)
+                grads.append(block_grads)
             del kv
             if step == 0:
                 for g in grads:
-                    g(dkv, first=own_kv_rows.claim(g.rows))
+                    for sums, t in zip(dkv, (g.dk, g.dv)):
+                        sums.add(g.rows, t)
                 continue
             # Ours go to the K/V's owner (rank - step); rank + step's, for our K/V, come here. Both
             # sides plan the other's blocks, so they agree on each message's rows and dtype.
@@ -129,4 +141,4 @@ class DenseRingAttention(torch.autograd.Function):
             del grads
             home.post(step, message, _span(sender), _wire_dtype(call, sender, q.dtype))
         home.finish()
-        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None
+        return dq.result(), dkv[0].result(), dkv[1].result(), None

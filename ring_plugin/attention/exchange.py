@@ -16,6 +16,7 @@ peer rounds (:mod:`.peer_ring`) and the gathered block-sparse path (:mod:`.gathe
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -144,10 +145,13 @@ class GradsHome:
     the peer rounds; sequence rows of ``(B, L, H, D)`` for the gathered path).
     """
 
-    def __init__(self, comm: RingComm, dkv: list[torch.Tensor], wire_dtype: torch.dtype | None = None):
+    def __init__(self, comm: RingComm, dkv: list[torch.Tensor], wire_dtype: torch.dtype | None = None,
+                 add_rows: Callable[[slice, list[torch.Tensor]], None] | None = None):
         # wire_dtype: what contributions travel in (default: dkv's). A kernel's own bf16 gradients
         # travel as bf16: widening them before the send adds bytes, not precision.
-        self.comm, self.dkv, self.wire_dtype = comm, dkv, wire_dtype
+        # add_rows(rows, got): where contributions for a run of rows go (default: added into dkv);
+        # dkv then only shapes the receive buffers.
+        self.comm, self.dkv, self.wire_dtype, self.add_rows = comm, dkv, wire_dtype, add_rows
         self._returning: tuple[PendingExchange, torch.Tensor | slice] | None = None
 
     def post(self, shift: int, grads: list[torch.Tensor] | None, home: torch.Tensor | slice,
@@ -178,6 +182,9 @@ class GradsHome:
         if not got:
             return
         if isinstance(rows, slice):
+            if self.add_rows is not None:
+                self.add_rows(rows, got)
+                return
             for acc, g in zip(self.dkv, got):
                 acc[:, rows].add_(g)
             return
