@@ -22,6 +22,53 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ring_plugin import create_ring_attention  # noqa: E402
 
 
+def timeline_summary(trace: dict, steps: int, gap_us: float = 50.0) -> str:
+    """Per CUDA stream: kernels' busy time (intervals merged) over the traced span; for the compute
+    stream (the one with the most kernels), its idle gaps longer than ``gap_us`` and the kernels
+    around each, and its kernels by time."""
+    kernels = [e for e in trace["traceEvents"] if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    if not kernels:
+        return "no GPU kernels traced"
+    start = min(e["ts"] for e in kernels)
+    end = max(e["ts"] + e["dur"] for e in kernels)
+    by_stream: dict = {}
+    for e in kernels:
+        by_stream.setdefault(e["tid"], []).append(e)
+    lines = [f"traced span {(end - start) / 1e3:.2f} ms over {steps} steps"]
+    busiest, busiest_time = None, -1
+    for stream, events in sorted(by_stream.items(), key=lambda kv: str(kv[0])):
+        events.sort(key=lambda e: e["ts"])
+        busy, cur_s, cur_e = 0.0, None, None
+        for e in events:
+            s, t = e["ts"], e["ts"] + e["dur"]
+            if cur_e is None or s > cur_e:
+                busy += 0.0 if cur_e is None else cur_e - cur_s
+                cur_s, cur_e = s, t
+            else:
+                cur_e = max(cur_e, t)
+        busy += cur_e - cur_s
+        lines.append(f"stream {stream}: {len(events)} kernels, busy {busy / 1e3:.2f} ms")
+        if len(events) > busiest_time:  # the compute stream launches the most kernels
+            busiest, busiest_time = stream, len(events)
+    events = by_stream[busiest]
+    gaps = []
+    for a, b in zip(events, events[1:]):
+        gap = b["ts"] - (a["ts"] + a["dur"])
+        if gap > gap_us:
+            gaps.append((gap, a["name"][:70], b["name"][:70]))
+    idle = sum(g[0] for g in gaps) / 1e3
+    lines.append(f"stream {busiest} idle gaps > {gap_us:.0f} us: {len(gaps)}, total {idle:.2f} ms")
+    for gap, a, b in sorted(gaps, reverse=True)[:15]:
+        lines.append(f"  {gap / 1e3:7.3f} ms after {a} | before {b}")
+    by_name: dict = {}
+    for e in events:
+        by_name[e["name"][:90]] = by_name.get(e["name"][:90], 0.0) + e["dur"]
+    lines.append("compute stream kernels by total time (ms per step):")
+    for name, dur in sorted(by_name.items(), key=lambda kv: -kv[1])[:25]:
+        lines.append(f"  {dur / 1e3 / steps:8.3f}  {name}")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--length", type=int, default=262144)
@@ -32,6 +79,8 @@ def main() -> None:
     ap.add_argument("--causal", type=int, default=1)
     ap.add_argument("--rows", type=int, default=20)
     ap.add_argument("--out", default=None, help="write rank 0's table here")
+    ap.add_argument("--timeline", action="store_true",
+                    help="also print each CUDA stream's busy time and the compute stream's idle gaps")
     ap.add_argument("--documents", type=float, default=0.0,
                     help="packed documents of this mean length (ring_plugin.balance generator, seed 0); 0: none")
     args = ap.parse_args()
@@ -65,6 +114,10 @@ def main() -> None:
             step()
         torch.cuda.synchronize()
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=60)
+    if args.timeline:
+        trace = Path(f"/tmp/profile_pattern_trace_{dist.get_rank()}.json")
+        prof.export_chrome_trace(str(trace))
+        table += "\n" + timeline_summary(json.loads(trace.read_text()), steps=2)
     if dist.get_rank() == 0:
         print(table)
         if args.out:

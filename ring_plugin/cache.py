@@ -24,9 +24,10 @@ class BoundedCache(Generic[T]):
         self.max_entries = max_entries
         self._items: OrderedDict[Hashable, T] = OrderedDict()
 
-    def get(self, key: Hashable, build: Callable[[], T]) -> T:
-        """The value for ``key``, built with ``build()`` on a miss (evicting the oldest entry when full)."""
-        if key in self._items:
+    def get(self, key: Hashable, build: Callable[[], T], valid: Callable[[T], bool] | None = None) -> T:
+        """The value for ``key``, built with ``build()`` on a miss (evicting the oldest entry when full).
+        ``valid``: a kept value it rejects is rebuilt (for keys that summarise what defines the value)."""
+        if key in self._items and (valid is None or valid(self._items[key])):
             self._items.move_to_end(key)
             return self._items[key]
         value = build()

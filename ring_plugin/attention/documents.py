@@ -9,7 +9,6 @@ attends within documents only (:mod:`ring_plugin.ops.document_kernels`).
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 
 import torch
@@ -109,14 +108,22 @@ def _shared_hull(qd: torch.Tensor, kd: torch.Tensor) -> tuple[tuple[int, int] | 
     return q_cut, kv_cut
 
 
-def layer_document_ids_error(ids: object, q: torch.Tensor) -> str | None:
+def layer_document_ids_error(ids: object, q: torch.Tensor, check_order: bool = True) -> str | None:
     """This rank's check of its ``document_ids`` shard: the library's check of document ids, and the
-    shape of ``q``'s first two dims ``(batch, n_local)``."""
-    error = document_ids_error(ids)
+    shape of ``q``'s first two dims ``(batch, n_local)`` (``check_order=False``: not their order,
+    which :func:`document_ids_decrease` then checks on the device)."""
+    error = document_ids_error(ids, check_order=check_order)
     if error is None and tuple(ids.shape) != tuple(q.shape[:2]):  # type: ignore[union-attr]
         error = (f"document_ids must have shape (batch, n_local) = {tuple(q.shape[:2])} like q's first two dims, "
                  f"got {tuple(ids.shape)}")  # type: ignore[union-attr]
     return error
+
+
+def document_ids_decrease(ids: torch.Tensor) -> torch.Tensor:
+    """A 0-dim bool tensor on the ids' device: whether they decrease anywhere along a row (no host sync)."""
+    if ids.shape[1] < 2:
+        return torch.zeros((), dtype=torch.bool, device=ids.device)
+    return (ids[:, 1:] < ids[:, :-1]).any()
 
 
 def gather_documents(ids: torch.Tensor, group: dist.ProcessGroup | None, layout: str,
@@ -134,7 +141,11 @@ def gather_documents(ids: torch.Tensor, group: dist.ProcessGroup | None, layout:
         by_rank = torch.stack(parts).cpu()
     # Every layer of a step sees the same ids: the checked ids, their layout and the blocks planned
     # from them are kept by content, which every rank judges alike (the all-gather still runs each call).
-    return _CHECKED.get((_fingerprint(by_rank), layout), lambda: _checked(by_rank, layout, world_size))
+    # The key summarises the ids (shape, sum); a kept entry is used only if its ids are these, which is an
+    # exact test and cheaper than hashing them.
+    key = (layout, tuple(by_rank.shape), int(by_rank.sum()))
+    return _CHECKED.get(key, lambda: _checked(by_rank, layout, world_size),
+                        valid=lambda docs: torch.equal(docs.by_rank, by_rank))
 
 
 def _checked(by_rank: torch.Tensor, layout: str, world_size: int) -> RingDocuments:
@@ -158,10 +169,6 @@ def _global_ids(by_rank: torch.Tensor, shards: ShardLayout) -> torch.Tensor:
 
 
 _CHECKED: BoundedCache[RingDocuments] = BoundedCache(8)
-
-
-def _fingerprint(by_rank: torch.Tensor) -> tuple:
-    return (tuple(by_rank.shape), hashlib.blake2b(by_rank.numpy().tobytes(), digest_size=16).digest())
 
 
 def _balanced_layout(by_rank: torch.Tensor) -> ShardLayout:

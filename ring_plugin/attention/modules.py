@@ -18,13 +18,14 @@ from ..comm.context import RingContext, resolve_ring
 from ..comm.ring import RingComm, RingStats
 from ..comm.validate import agree_or_raise
 from ..config import RingAttentionConfig
+from ..documents import document_ids_error
 from ..layout import sequence_divisor, unshard_sequence
 from ..ops.kernels import default_scale, select_kernel
 from ..patterns.blocks import Pattern
 from ..patterns.dilated import DilatedPattern
 from .call import RingCall
 from .dense_ring import DenseRingAttention
-from .documents import RingDocuments, gather_documents, layer_document_ids_error
+from .documents import RingDocuments, document_ids_decrease, gather_documents, layer_document_ids_error
 from .exchange import ExchangePlan, build_exchange_plan
 from .oracle import document_mask, reference_attention
 from .peer_ring import PeerRingAttention
@@ -98,13 +99,20 @@ class RingAttentionBase(nn.Module):
         of its own document (and causally if ``is_causal``). ``sliding_window=W`` (causal only): a query
         at position p sees keys at positions ``p - W < position <= p`` (Mistral / Qwen2 local windows)."""
         ring = self.resolve_ring()
-        error = (self._input_error(q, k, v, ring) or self._documents_error(document_ids, q, ring)
+        across = self.config.check_inputs_across_ranks
+        error = (self._input_error(q, k, v, ring) or self._documents_error(document_ids, q, ring, not across)
                  or self._window_error(sliding_window, is_causal, document_ids))
-        if self.config.check_inputs_across_ranks:
+        if across:
             # Every check above ran before this first collective, so a bad input on any rank
-            # (even a non-tensor) becomes the same ValueError on every rank.
+            # (even a non-tensor) becomes the same ValueError on every rank. The ids' order is checked
+            # on the device and its verdict travels with the agreement: no host sync of its own.
             signature = (*_signature(q, k), document_ids is not None, sliding_window or 0) if error is None else ()
-            agree_or_raise(error, signature, ring.sequence_group, _device_of(q, ring), self.comm_timeout)
+            deferred = None
+            if document_ids is not None and error is None:
+                ids = document_ids
+                deferred = (document_ids_decrease(ids),
+                            lambda: document_ids_error(ids) or "document_ids must be non-decreasing")
+            agree_or_raise(error, signature, ring.sequence_group, _device_of(q, ring), self.comm_timeout, deferred)
         elif error:
             raise ValueError(error)
         masks: dict[str, Any] = {}  # subclasses that take neither mask keep the plain call shape
@@ -127,12 +135,13 @@ class RingAttentionBase(nn.Module):
             return "sliding_window together with document_ids is not supported yet; pass one of them"
         return self._dense_only_error("sliding_window is")
 
-    def _documents_error(self, document_ids: object, q: torch.Tensor, ring: RingContext) -> str | None:
+    def _documents_error(self, document_ids: object, q: torch.Tensor, ring: RingContext,
+                         check_order: bool = True) -> str | None:
         if document_ids is None:
             if ring.layout == "balanced":
                 return "layout='balanced' needs document_ids: it is the layout of packed documents"
             return None
-        return self._dense_only_error("document_ids are") or layer_document_ids_error(document_ids, q)
+        return self._dense_only_error("document_ids are") or layer_document_ids_error(document_ids, q, check_order)
 
     def _dense_only_error(self, subject: str) -> str | None:
         """Documents and windows restrict the dense ring's blocks, and the Ulysses all-to-all moves heads
