@@ -1,5 +1,5 @@
-"""What the dense ring's backward sends home: each step's dK/dV, over the key rows its blocks touched,
-in the dtype the kernel returned them in unless blocks overlap or grouped-query heads were summed.
+"""What the dense ring's backward sends home: each step's dK/dV block by block, over the key rows each
+block touched, in the dtype the kernel returned them in (fp32 where grouped-query heads were summed).
 
 The dtype rule is checked exactly on hand-built blocks; the bytes on a 2-rank gloo ring, where they
 follow from the shapes alone.
@@ -11,7 +11,7 @@ import torch
 
 from ring_plugin import create_ring_attention, shard_sequence
 from ring_plugin.attention.call import RingCall
-from ring_plugin.attention.dense_ring import _span, _wire_dtype
+from ring_plugin.attention.dense_ring import _grad_dtype
 from ring_plugin.attention.documents import DocumentBlock
 from ring_plugin.attention.plan import Block
 from ring_plugin.comm.ring import RingComm
@@ -33,19 +33,13 @@ BF16, FP32 = torch.bfloat16, torch.float32
 
 
 def test_wire_dtype_is_the_kernels_unless_gradients_were_summed():
-    one = [Block(slice(0, 8), slice(0, 8), False)]
-    disjoint = [Block(slice(0, 4), slice(0, 4), False), Block(slice(4, 8), slice(4, 8), True)]
-    overlapping = [Block(slice(0, 4), slice(0, 4), False), Block(slice(4, 8), slice(0, 8), False)]
-    assert _wire_dtype(_call("flash"), one, BF16) == BF16  # the kernel's own bf16 dK/dV
-    assert _wire_dtype(_call("flash"), disjoint, BF16) == BF16
-    assert _wire_dtype(_call("flash"), overlapping, BF16) == FP32  # rows 0:4 get two blocks: summed in fp32
-    assert _wire_dtype(_call("flash", 4, 2), one, BF16) == FP32  # two query heads summed per K/V head
-    assert _wire_dtype(_call("cpu_flash"), one, BF16) == FP32  # this kernel returns fp32 partials
-    assert _wire_dtype(_call("cpu_flash"), [_doc(slice(0, 8), slice(0, 8))], BF16) == BF16  # masked: input's
-    assert _wire_dtype(_call("flash", 4, 2), [_doc(slice(0, 8), slice(0, 8))], BF16) == BF16  # heads summed by it
-    assert _wire_dtype(_call("flash"), one, FP32) == FP32
-    assert _span(overlapping) == slice(0, 8) and _span([Block(slice(0, 4), slice(2, 5), False)]) == slice(2, 5)
-    assert _span([]) == slice(0, 0)
+    dense, doc = Block(slice(0, 8), slice(0, 8), False), _doc(slice(0, 8), slice(0, 8))
+    assert _grad_dtype(_call("flash"), dense, BF16) == BF16  # the kernel's own bf16 dK/dV
+    assert _grad_dtype(_call("flash", 4, 2), dense, BF16) == FP32  # two query heads summed per K/V head
+    assert _grad_dtype(_call("cpu_flash"), dense, BF16) == FP32  # this kernel returns fp32 partials
+    assert _grad_dtype(_call("cpu_flash"), doc, BF16) == BF16  # masked: the input's dtype
+    assert _grad_dtype(_call("flash", 4, 2), doc, BF16) == BF16  # heads summed by the kernel itself
+    assert _grad_dtype(_call("flash"), dense, FP32) == FP32
 
 
 N, HEADS, DIM = 32, 2, 8

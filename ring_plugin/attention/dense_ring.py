@@ -3,8 +3,8 @@
 Forward: at step ``s`` a rank holds the K/V of ``rank - s``; the next shard is in flight while this
 one is computed (:func:`.schedule.prefetched`). Backward: K/V go round again; each block's backward is
 fed the merged output and logsumexp (which makes it exact). The dK/dV a rank computes at step ``s``
-belong to rank ``s`` back: they go straight home (:class:`.exchange.GradsHome`) as the kernel returned
-them, the key rows its blocks touched and no more. Compared with one accumulator travelling the whole
+belong to rank ``s`` back: they go straight home (:class:`.exchange.GradsHome`) block by block, as the
+kernel returned them: the key rows each block touched and no more. Compared with one accumulator travelling the whole
 ring, that is one message fewer per turn, in half precision where the kernel's gradients are half
 precision, and no fp32 accumulator in flight. No rank holds more than its shard plus the one in flight.
 
@@ -45,38 +45,18 @@ def _kv_round_trip(call: RingCall, k: torch.Tensor, v: torch.Tensor):
     return enumerate(itertools.chain([[k, v]], arrivals))
 
 
-def _span(blocks) -> slice:
-    """The key rows a step's blocks touch, as one run (empty when there are none)."""
-    if not blocks:
-        return slice(0, 0)
-    return slice(min(b.kv.start for b in blocks), max(b.kv.stop for b in blocks))
+def _grad_dtype(call: RingCall, block, dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a block's dK/dV, which it travels home in as it is (widening would add bytes, not
+    precision): the kernel's for dense blocks, ``call.grad_dtype`` where grouped-query heads were summed
+    into it; document and window blocks return the input's dtype."""
+    if type(block) is not Block:
+        return dtype
+    return call.grad_dtype if call.heads != call.kv_heads else call.kernel.grad_dtype(dtype)
 
 
-def _wire_dtype(call: RingCall, blocks, dtype: torch.dtype) -> torch.dtype:
-    """What a step's dK/dV travel home in: the dtype the kernels return them in where every key row
-    gets at most one block's gradient, sent as returned (widening would add bytes, not precision);
-    ``call.grad_dtype`` where blocks overlap or grouped-query heads were summed into it."""
-    spans = sorted((b.kv.start, b.kv.stop) for b in blocks)
-    overlap = any(a[1] > b[0] for a, b in zip(spans, spans[1:]))
-    # Block runs call.kernel (its gradient dtype); document and window blocks return the input's dtype.
-    dense = any(type(b) is Block for b in blocks)
-    if overlap or (dense and call.heads != call.kv_heads):
-        return call.grad_dtype
-    return call.kernel.grad_dtype(dtype) if dense else dtype
-
-
-def _message(grads: list[RowGrads], span: slice, dtype: torch.dtype) -> list[torch.Tensor]:
-    """A step's dK/dV over the key rows ``span`` as ``(B, rows, H_kv, D)`` in ``dtype``: the kernel's
-    own tensors when one block covers the span, else their sum in a buffer."""
-    if len(grads) == 1 and grads[0].rows == span and grads[0].dk.dtype == dtype:
-        return [grads[0].dk.transpose(1, 2), grads[0].dv.transpose(1, 2)]
-    first = grads[0].dk
-    b, h, _, d = first.shape
-    buf = [torch.zeros((b, h, span.stop - span.start, d), dtype=dtype, device=first.device) for _ in range(2)]
-    for g in grads:
-        assert g.dk.itemsize <= buf[0].itemsize, f"a {g.dk.dtype} gradient must not travel rounded to {dtype}"
-        RowGrads(slice(g.rows.start - span.start, g.rows.stop - span.start), g.dk, g.dv)(buf)
-    return [t.transpose(1, 2) for t in buf]
+def _message(grads: list[RowGrads]) -> list[torch.Tensor]:
+    """A step's dK/dV, block by block, as ``(B, rows, H_kv, D)``: the kernels' own tensors."""
+    return [t.transpose(1, 2) for g in grads for t in (g.dk, g.dv)]
 
 
 def _plan(call: RingCall, n: int) -> list:
@@ -85,10 +65,10 @@ def _plan(call: RingCall, n: int) -> list:
 
 
 def _kv_touches(call: RingCall, plan: list, n: int) -> list[slice]:
-    """The dK/dV contributions to our key rows, in arrival order: our own step's blocks, then the message
-    each later step's sender (rank + step) posts home, over the rows its blocks touched."""
-    homes = [_span(call.dense_blocks(step, n, rank=call.comm.rank + step)) for step in range(1, len(plan))]
-    return [b.kv for b in plan[0]] + [s for s in homes if s.stop > s.start]
+    """The dK/dV contributions to our key rows, in arrival order: our own step's blocks, then the blocks
+    of each later step's sender (rank + step), whose dK/dV come home block by block."""
+    senders = [call.dense_blocks(step, n, rank=call.comm.rank + step) for step in range(1, len(plan))]
+    return [b.kv for b in plan[0]] + [b.kv for blocks in senders for b in blocks]
 
 
 class DenseRingAttention(torch.autograd.Function):
@@ -136,9 +116,9 @@ class DenseRingAttention(torch.autograd.Function):
                 continue
             # Ours go to the K/V's owner (rank - step); rank + step's, for our K/V, come here. Both
             # sides plan the other's blocks, so they agree on each message's rows and dtype.
-            span, sender = _span(blocks), call.dense_blocks(step, n, rank=comm.rank + step)
-            message = _message(grads, span, _wire_dtype(call, blocks, q.dtype)) if grads else None
+            sender = call.dense_blocks(step, n, rank=comm.rank + step)
+            message = _message(grads) if grads else None
             del grads
-            home.post(step, message, _span(sender), _wire_dtype(call, sender, q.dtype))
+            home.post(step, message, [b.kv for b in sender], [_grad_dtype(call, b, q.dtype) for b in sender])
         home.finish()
         return dq.result(), dkv[0].result(), dkv[1].result(), None

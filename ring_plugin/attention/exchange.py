@@ -152,22 +152,27 @@ class GradsHome:
         # add_rows(rows, got): where contributions for a run of rows go (default: added into dkv);
         # dkv then only shapes the receive buffers.
         self.comm, self.dkv, self.wire_dtype, self.add_rows = comm, dkv, wire_dtype, add_rows
-        self._returning: tuple[PendingExchange, torch.Tensor | slice] | None = None
+        self._returning: tuple[PendingExchange, list[torch.Tensor | slice]] | None = None
 
-    def post(self, shift: int, grads: list[torch.Tensor] | None, home: torch.Tensor | slice,
-             dtype: torch.dtype | None = None) -> None:
+    def post(self, shift: int, grads: list[torch.Tensor] | None, home: torch.Tensor | slice | list[slice],
+             dtype: torch.dtype | list[torch.dtype] | None = None) -> None:
         """Send this round's compact ``grads`` (None: nothing read) to rank - shift and receive the
-        contributions for our rows ``home`` (an index, or a ``slice`` where they are one run: then
-        they are added in place, no scatter), in ``dtype`` (default: the wire dtype)."""
+        contributions for our rows ``home`` (an index, a ``slice`` where they are one run, or a list of
+        runs, one contribution each: then they are added in place, no scatter), in ``dtype`` (one per
+        run of a list; default: the wire dtype)."""
         comm = self.comm
-        m = home.stop - home.start if isinstance(home, slice) else home.numel()
-        recv = None
-        if m:
-            recv = [t.new_empty((t.shape[0], m, *t.shape[2:]), dtype=dtype or self.wire_dtype or t.dtype)
-                    for t in self.dkv]
-        pending = comm.exchange_with(grads, comm.rank - shift, recv, comm.rank + shift)
+        runs = home if isinstance(home, list) else [home]
+        dtypes = dtype if isinstance(dtype, list) else [dtype] * len(runs)
+        recv, landing = [], []
+        for rows, dt in zip(runs, dtypes):
+            m = rows.stop - rows.start if isinstance(rows, slice) else rows.numel()
+            if m:
+                recv += [t.new_empty((t.shape[0], m, *t.shape[2:]), dtype=dt or self.wire_dtype or t.dtype)
+                         for t in self.dkv]
+                landing.append(rows)
+        pending = comm.exchange_with(grads, comm.rank - shift, recv or None, comm.rank + shift)
         self._land()
-        self._returning = (pending, home)
+        self._returning = (pending, landing)
 
     def finish(self) -> list[torch.Tensor]:
         self._land()
@@ -176,11 +181,14 @@ class GradsHome:
     def _land(self) -> None:
         if self._returning is None:
             return
-        pending, rows = self._returning
+        pending, runs = self._returning
         self._returning = None
         got = pending.wait()
-        if not got:
-            return
+        per = len(self.dkv)
+        for i, rows in enumerate(runs):
+            self._add(rows, got[i * per:(i + 1) * per])
+
+    def _add(self, rows: torch.Tensor | slice, got: list[torch.Tensor]) -> None:
         if isinstance(rows, slice):
             if self.add_rows is not None:
                 self.add_rows(rows, got)
