@@ -5,7 +5,8 @@ Run: ``torchrun --nproc_per_node=2 benchmarks/bench_packed.py`` (``--smoke``: ti
 1. Equivalence: the ring with ``document_ids`` (contiguous and zigzag, causal and not, bf16 and fp32,
    grouped-query heads) against the fp64 oracle of the document mask.
 2. Timing at 128K tokens, 32 heads x 128, bf16, fwd+bwd, documents of a seeded log-normal generator:
-   the ring in each layout (balanced, zigzag, contiguous); the same documents on ONE GPU as one
+   the ring in each layout (balanced, zigzag, contiguous; balanced also with the ids prepared once, as
+   a model passes them to its layers); the same documents on ONE GPU as one
    varlen flash call over the whole packed sequence (the practical limit); the dense causal ring.
    Rates are per GPU on the FLOPs the document mask needs (causal pairs inside documents), so
    ``ring / one GPU`` is the efficiency. The work imbalance of each layout is the planner's count:
@@ -74,7 +75,10 @@ def one_gpu_varlen(lengths: list[int], heads: int, d: int, device: torch.device,
     return {"seconds": times[len(times) // 2], "peak_gb": torch.cuda.max_memory_allocated(device) / 1e9}
 
 
-def ring_time(lengths, layout, heads, d, rank, world, device, warmup, repeat, with_docs=True) -> dict:
+def ring_time(lengths, layout, heads, d, rank, world, device, warmup, repeat, with_docs=True,
+              prepared=False) -> dict:
+    """fwd + bwd of one ring layer; ``prepared``: the ids gathered and checked once, outside the timed
+    calls (``prepare_documents``), as a model does for all its layers of a step."""
     n = sum(lengths)
     shards = resolve_layout(layout, world, ids_of(lengths))
     gen = torch.Generator(device=device).manual_seed(5)  # on the device: CPU randn of 4 GB takes minutes
@@ -85,7 +89,7 @@ def ring_time(lengths, layout, heads, d, rank, world, device, warmup, repeat, wi
         t.requires_grad_()
     ids = shard_sequence(ids_of(lengths), 1, shards, rank, world).to(device)
     attn = create_ring_attention("standard", layout=layout)
-    kwargs = {"document_ids": ids} if with_docs else {}
+    kwargs = {"document_ids": attn.prepare_documents(ids) if prepared else ids} if with_docs else {}
 
     def run() -> None:
         for t in (q, k, v):
@@ -160,14 +164,17 @@ def main() -> None:
             r["imbalance"] = layout_imbalance(ids_of(lengths), layout, world, per="rank")
             r["step_imbalance"] = layout_imbalance(ids_of(lengths), layout, world, per="step")
             row[f"ring_{layout}"] = r
+        r = ring_time(lengths, "balanced", heads, d, rank, world, device, args.warmup, args.repeat, prepared=True)
+        say(rank, f"  ring balanced, prepared ids: {r['seconds'] * 1e3:.1f} ms")
+        r["tflops_per_gpu"] = flops / world / r["seconds"] / 1e12
+        row["ring_balanced_prepared"] = r
         dense = ring_time(lengths, "zigzag", heads, d, rank, world, device, args.warmup, args.repeat, False)
         dense_flops = fwd_bwd_attention_flops(float(n) * n * heads, d, True)
         dense["tflops_per_gpu"] = dense_flops / world / dense["seconds"] / 1e12
         row["dense_causal_ring"] = dense
         if "one_gpu_varlen" in row:
-            for layout in LAYOUTS:
-                row[f"ring_{layout}"]["vs_one_gpu_rate"] = (row[f"ring_{layout}"]["tflops_per_gpu"]
-                                                            / row["one_gpu_varlen"]["tflops"])
+            for key in [f"ring_{layout}" for layout in LAYOUTS] + ["ring_balanced_prepared"]:
+                row[key]["vs_one_gpu_rate"] = row[key]["tflops_per_gpu"] / row["one_gpu_varlen"]["tflops"]
         runs.append(row)
 
     if rank == 0:
@@ -195,6 +202,8 @@ def main() -> None:
                               f"({row[f'ring_{lay}'].get('vs_one_gpu_rate', float('nan')):.2f}x, "
                               f"imbalance {row[f'ring_{lay}']['imbalance']:.3f} rank / "
                               f"{row[f'ring_{lay}']['step_imbalance']:.3f} step)" for lay in LAYOUTS)
+                  + f"; balanced with prepared ids {row['ring_balanced_prepared']['tflops_per_gpu']:.0f} "
+                  f"({row['ring_balanced_prepared'].get('vs_one_gpu_rate', float('nan')):.2f}x)"
                   + f"; dense causal ring {row['dense_causal_ring']['tflops_per_gpu']:.0f}")
         print(f"wrote {path}")
     dist.destroy_process_group()

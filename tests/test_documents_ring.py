@@ -205,3 +205,76 @@ def test_hilbert_refuses_document_ids_instead_of_dropping_them():
     ids = torch.tensor([[0] * 8 + [1] * 8])
     with pytest.raises(ValueError, match="document_ids are supported by the dense variants .* not by 'hilbert'"):
         HilbertRingAttention(grid=(4, 4), token_order="hilbert")(q, q, q, is_causal=True, document_ids=ids)
+
+
+# ------------------------------------------------------------------------------ prepared documents
+def _prepared_worker(rank: int, world: int) -> dict[str, object]:
+    from ring_plugin.attention import documents as docs_module
+    from ring_plugin.models.gpt import GPTConfig, RingGPT
+
+    ids = document_ids("uneven", 2)
+    gen = torch.Generator().manual_seed(7)
+    b, h, hkv, d = SHAPE
+    q, k, v, g = (torch.randn(b, N, hh, d, generator=gen) for hh in (h, hkv, hkv, h))
+    local = [shard_sequence(t, 1, "zigzag", rank, world).requires_grad_() for t in (q, k, v)]
+    attn = create_ring_attention("standard", layout="zigzag")
+    shard_ids = shard_sequence(ids, 1, "zigzag", rank, world)
+    results = {}
+    for name, given in (("ids", shard_ids), ("prepared", attn.prepare_documents(shard_ids))):
+        for t in local:
+            t.grad = None
+        out = attn(*local, is_causal=True, document_ids=given)
+        out.backward(shard_sequence(g, 1, "zigzag", rank, world))
+        results[name] = [out.detach(), *(t.grad for t in local)]
+    same = all(torch.equal(a, b) for a, b in zip(results["ids"], results["prepared"]))
+
+    # misuse of a prepared object is a clear error on this rank
+    contiguous = create_ring_attention("standard", layout="contiguous")
+    errors = {}
+    try:
+        contiguous(*local, is_causal=True, document_ids=attn.prepare_documents(shard_ids))
+    except ValueError as err:
+        errors["layout"] = str(err)
+    try:
+        attn(*(t[:1] for t in local), is_causal=True, document_ids=attn.prepare_documents(shard_ids))
+    except ValueError as err:
+        errors["shape"] = str(err)
+    bad = shard_ids.flip(1) if rank == world - 1 else shard_ids
+    try:
+        attn.prepare_documents(bad)
+    except ValueError as err:
+        errors["order"] = str(err)
+
+    # RingGPT gathers the ids once per forward, not once per layer
+    calls = []
+    original = docs_module.gather_documents
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    config = GPTConfig(vocab_size=32, n_layer=3, n_head=2, n_embd=16, max_seq_len=N,
+                       attention_kwargs={"layout": "zigzag"})
+    torch.manual_seed(0)
+    model = RingGPT(config)
+    tokens = shard_sequence(torch.randint(0, 32, (1, N), generator=gen), 1, "zigzag", rank, world)
+    positions = shard_sequence(torch.arange(N)[None], 1, "zigzag", rank, world)
+    import ring_plugin.attention.modules as modules_module
+    modules_module.gather_documents = counting
+    try:
+        model(tokens, positions, shard_sequence(ids[:1], 1, "zigzag", rank, world))
+    finally:
+        modules_module.gather_documents = original
+    return {"same": same, "errors": errors, "gathers": len(calls)}
+
+
+def test_prepared_documents_equal_per_call_ids_and_refuse_misuse():
+    for rank, res in enumerate(run_in_process_group(_prepared_worker, 2, timeout=120)):
+        assert res["same"], rank  # bit for bit: the same plan, the same kernels
+        assert "prepared for a ring of 2 in layout 'zigzag'" in res["errors"]["layout"], res["errors"]
+        assert "prepared for (batch, n_local) = (2, 24), q has (1, 24)" in res["errors"]["shape"], res["errors"]
+        if rank == 1:
+            assert "must be non-decreasing" in res["errors"]["order"], res["errors"]
+        else:
+            assert "ring input check failed on rank(s) [1]" in res["errors"]["order"], res["errors"]
+        assert res["gathers"] == 1  # one all-gather for the model's three layers

@@ -53,6 +53,18 @@ class RingDocuments:
     layout: ShardLayout
     _plans: dict = field(default_factory=dict, repr=False, compare=False)  # blocks and merged rings, built once
 
+    def use_error(self, q: torch.Tensor, layout: str, world_size: int) -> str | None:
+        """What is wrong with using these (prepared) ids for ``q`` on a ring of ``world_size`` ranks in
+        ``layout``, or None."""
+        world, batch, n_local = self.by_rank.shape
+        if (world, self.layout.name) != (world_size, layout):
+            return (f"document_ids were prepared for a ring of {world} in layout {self.layout.name!r}; this layer's "
+                    f"ring has {world_size} ranks in layout {layout!r}")
+        if (batch, n_local) != tuple(q.shape[:2]):
+            return (f"document_ids were prepared for (batch, n_local) = {(batch, n_local)}, q has "
+                    f"{tuple(q.shape[:2])}")
+        return None
+
     def merge_adjacent_ranks(self, group: int) -> RingDocuments:
         """The ids as the ring of :func:`~ring_plugin.layout.merge_adjacent_ranks` holds them (Ulysses
         groups of ``group`` ranks): each merged rank's rows in ascending global order (built once)."""

@@ -92,37 +92,54 @@ class RingAttentionBase(nn.Module):
     # -------------------------------------------------------------------------------- forward
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool = False,
-        document_ids: torch.Tensor | None = None, sliding_window: int | None = None,
+        document_ids: torch.Tensor | RingDocuments | None = None, sliding_window: int | None = None,
     ) -> torch.Tensor:
         """``document_ids``: this rank's shard ``(batch, n_local)`` (int64, same layout as ``q``) of the
         global, non-decreasing document numbers of packed sequences; a query then attends only to keys
-        of its own document (and causally if ``is_causal``). ``sliding_window=W`` (causal only): a query
-        at position p sees keys at positions ``p - W < position <= p`` (Mistral / Qwen2 local windows)."""
+        of its own document (and causally if ``is_causal``). Or what :meth:`prepare_documents` made of
+        them, once for all the layers of a step. ``sliding_window=W`` (causal only): a query at position
+        p sees keys at positions ``p - W < position <= p`` (Mistral / Qwen2 local windows)."""
         ring = self.resolve_ring()
         across = self.config.check_inputs_across_ranks
         error = (self._input_error(q, k, v, ring) or self._documents_error(document_ids, q, ring, not across)
                  or self._window_error(sliding_window, is_causal, document_ids))
         if across:
             # Every check above ran before this first collective, so a bad input on any rank
-            # (even a non-tensor) becomes the same ValueError on every rank. The ids' order is checked
-            # on the device and its verdict travels with the agreement: no host sync of its own.
+            # (even a non-tensor) becomes the same ValueError on every rank.
             signature = (*_signature(q, k), document_ids is not None, sliding_window or 0) if error is None else ()
-            deferred = None
-            if document_ids is not None and error is None:
-                ids = document_ids
-                deferred = (document_ids_decrease(ids),
-                            lambda: document_ids_error(ids) or "document_ids must be non-decreasing")
-            agree_or_raise(error, signature, ring.sequence_group, _device_of(q, ring), self.comm_timeout, deferred)
+            ids = document_ids if isinstance(document_ids, torch.Tensor) and error is None else None
+            agree_or_raise(error, signature, ring.sequence_group, _device_of(q, ring), self.comm_timeout,
+                           _order_check(ids))
         elif error:
             raise ValueError(error)
         masks: dict[str, Any] = {}  # subclasses that take neither mask keep the plain call shape
-        if document_ids is not None:
+        if isinstance(document_ids, RingDocuments):
+            masks["documents"] = document_ids
+        elif document_ids is not None:
             masks["documents"] = gather_documents(document_ids, ring.sequence_group, ring.layout, ring.sequence_size)
         if sliding_window is not None:
             masks["window"] = int(sliding_window)
         if ring.ulysses_size > 1:
             return ulysses_attend(self._attend, q, k, v, bool(is_causal), ring, **masks)
         return self._attend(q, k, v, bool(is_causal), ring, **masks)
+
+    def prepare_documents(self, document_ids: torch.Tensor) -> RingDocuments:
+        """``document_ids`` (this rank's shard, ``(batch, n_local)``) all-gathered and checked once, for
+        every layer of a step on this layer's ring: pass the result as ``document_ids=`` to each of them,
+        which then skips the all-gather, the check of the ids and a host sync per call. A model calls it
+        once per step (:class:`~ring_plugin.models.gpt.RingGPT` does). Bad ids raise on every rank."""
+        ring = self.resolve_ring()
+        error = self._dense_only_error("document_ids are")
+        if error is None:
+            across = self.config.check_inputs_across_ranks
+            error = document_ids_error(document_ids, check_order=not across)
+        if self.config.check_inputs_across_ranks:
+            ids = document_ids if error is None else None
+            agree_or_raise(error, tuple(document_ids.shape) if error is None else (), ring.sequence_group,
+                           _device_of(document_ids, ring), self.comm_timeout, _order_check(ids))
+        elif error:
+            raise ValueError(error)
+        return gather_documents(document_ids, ring.sequence_group, ring.layout, ring.sequence_size)
 
     def _window_error(self, window: object, is_causal: bool, document_ids: object) -> str | None:
         if window is None:
@@ -141,6 +158,9 @@ class RingAttentionBase(nn.Module):
             if ring.layout == "balanced":
                 return "layout='balanced' needs document_ids: it is the layout of packed documents"
             return None
+        if isinstance(document_ids, RingDocuments):
+            return self._dense_only_error("document_ids are") or document_ids.use_error(q, ring.layout,
+                                                                                         ring.sequence_size)
         return self._dense_only_error("document_ids are") or layer_document_ids_error(document_ids, q, check_order)
 
     def _dense_only_error(self, subject: str) -> str | None:
@@ -226,6 +246,14 @@ class RingAttentionBase(nn.Module):
         c = self.config
         return (f"variant={self.variant}, backend={c.backend}, layout={c.layout}, ring_size={c.ring_size}"
                 + (f", ulysses_size={c.ulysses_size}" if c.ulysses_size is not None else ""))
+
+
+def _order_check(ids: torch.Tensor | None) -> tuple[torch.Tensor, Any] | None:
+    """The ids' order, checked on the device; its verdict travels with the input agreement, so it costs
+    no host sync of its own (None: nothing to check)."""
+    if ids is None:
+        return None
+    return document_ids_decrease(ids), lambda: document_ids_error(ids) or "document_ids must be non-decreasing"
 
 
 def _signature(q: torch.Tensor, k: torch.Tensor) -> tuple[int, ...]:

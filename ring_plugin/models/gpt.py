@@ -129,6 +129,9 @@ class RingGPT(nn.Module):
             raise ValueError(f"position id {int(position_ids.max())} exceeds max_seq_len={self.config.max_seq_len}")
         x = self.wte(input_ids)
         cos, sin = self.rotary(position_ids)
+        if document_ids is not None and len(self.blocks):
+            # gathered and checked once for every block (and every recompute), not once per layer
+            document_ids = self.blocks[0].attn.attn.prepare_documents(document_ids)
         for block in self.blocks:
             x = block(x, cos, sin, document_ids)
         return self.norm_f(x)
