@@ -13,8 +13,9 @@ Every block's results (output and logsumexp, dQ, dK/dV and the messages home) ar
 bit an fp32 accumulator's sums, but a row with one result takes it as it is, and a row with two keeps
 the first (half-precision) one in the final tensor; only rows with more sum in fp32 buffers.
 
-Packed documents keep q/k/v/out and the accumulators sequence-major (``(B, L, H, D)`` memory), the
-layout flash's varlen kernels read and write, so no block transposes its operands.
+q/k/v, the output and the gradients are sequence-major (``(B, L, H, D)`` memory, as the module receives
+them, read as ``(B, H, L, D)`` views): the layout flash's varlen kernels read and write, which dense
+kernels take as strided views, so no block transposes its operands into a copy.
 """
 
 from __future__ import annotations

@@ -283,17 +283,14 @@ class RingEngineAttention(RingAttentionBase):
         self._plans: BoundedCache[Any] = BoundedCache(32)  # exchange plans, keyed by what defines them
 
     def _attend(self, q, k, v, causal, ring, documents=None, window=None):
-        # The dense ring sends K/V whole, so they are made contiguous; q stays a strided view (the
-        # kernels take it as SDPA does), which saves a copy of the query shard. Packed documents keep
-        # all three sequence-major, the layout of the varlen kernels' packed rows. Patterns read
-        # strided views of all three (and copy only where they gather rows).
+        # The dense ring keeps q/k/v sequence-major, as the module receives them ((B, L, H, D) memory,
+        # read as (B, H, L, D) views): the kernels take strided views as SDPA does, K/V travel as their
+        # own memory, and the output, dout and gradients stay in that layout, so nothing is transposed
+        # into a copy. Patterns read strided views of all three (and copy only where they gather rows).
         qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
         call = self.ring_call(q, k, causal, ring, documents=documents, window=window)
         if self.pattern is None:
-            if documents is not None:
-                kt, vt = (t.contiguous().transpose(1, 2) for t in (k, v))
-            else:
-                kt, vt = kt.contiguous(), vt.contiguous()
+            kt, vt = (t.contiguous().transpose(1, 2) for t in (k, v))  # whole (B, L, H, D) rows travel
             out = DenseRingAttention.apply(qt, kt, vt, call)
         else:
             out = PeerRingAttention.apply(qt, kt, vt, call, self.exchange_plan(call, q.shape[1]))
