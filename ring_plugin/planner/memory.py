@@ -88,15 +88,17 @@ def mlp_hidden_saved_per_token(spec: ModelSpec, a: int) -> float:
     return 0.0 if spec.config.mlp_tile_tokens else 2 * spec.mlp_hidden * a
 
 
-def layer_saved_per_token(spec: ModelSpec, a: int, fused_norm: bool, ulysses: int = 1) -> float:
+def layer_saved_per_token(spec: ModelSpec, a: int, fused_norm: bool, ulysses: int = 1,
+                          head_major: bool = False) -> float:
     """Bytes a transformer block saves for backward per local token, without checkpointing: two norms;
-    the qkv, proj and fc inputs; the attention's q, k, v, out (bf16) and lse (fp32); GELU's input and
-    the MLP projection's input (:func:`mlp_hidden_saved_per_token`). Rotary saves only cos/sin (shared,
-    see :func:`shared_saved_per_token`)."""
+    the qkv and fc inputs; the attention's q, k, v, out (bf16) and lse (fp32), out being the proj input
+    too (``head_major``: runs whose attention output was stored head-major, so flattening it for the
+    projection made a copy of its own); GELU's input and the MLP projection's input
+    (:func:`mlp_hidden_saved_per_token`). Rotary saves only cos/sin (shared, see :func:`shared_saved_per_token`)."""
     c = spec.config
     kv = ulysses * kv_heads_local(spec, ulysses) * c.head_dim  # K/V widths per local token
-    return (2 * norm_saved_per_token(spec, a, fused_norm) + 5 * c.n_embd * a + 2 * kv * a + 4 * c.n_head
-            + mlp_hidden_saved_per_token(spec, a))
+    return (2 * norm_saved_per_token(spec, a, fused_norm) + (4 + head_major) * c.n_embd * a + 2 * kv * a
+            + 4 * c.n_head + mlp_hidden_saved_per_token(spec, a))
 
 
 def shared_saved_per_token(spec: ModelSpec, a: int, fused_norm: bool) -> float:
@@ -109,22 +111,23 @@ def checkpoint_saved_per_token(spec: ModelSpec, a: int) -> float:
     return spec.config.n_embd * a
 
 
-def attention_kept_per_token(spec: ModelSpec, a: int, ulysses: int = 1) -> float:
+def attention_kept_per_token(spec: ModelSpec, a: int, ulysses: int = 1, head_major: bool = False) -> float:
     """What selective checkpointing (``recompute_attention=False``) keeps beyond the block input: the
-    attention's q, k, v, output (bf16) and logsumexp (fp32), and the output projection's input (the
-    flattened output, a storage of its own), as in :func:`layer_saved_per_token`."""
+    attention's q, k, v, output (bf16, also the output projection's input) and logsumexp (fp32), as in
+    :func:`layer_saved_per_token` (``head_major``: the projection's input a storage of its own)."""
     c = spec.config
     kv = ulysses * kv_heads_local(spec, ulysses) * c.head_dim
-    return 3 * c.n_embd * a + 2 * kv * a + 4 * c.n_head
+    return (2 + head_major) * c.n_embd * a + 2 * kv * a + 4 * c.n_head
 
 
-def block_kept_per_token(spec: ModelSpec, a: int, fused_norm: bool, ulysses: int, mode: str) -> float:
+def block_kept_per_token(spec: ModelSpec, a: int, fused_norm: bool, ulysses: int, mode: str,
+                         head_major: bool = False) -> float:
     """Bytes one block keeps for backward per local token in checkpointing ``mode`` ("none", "full",
     "selective")."""
     if mode == "none":
-        return layer_saved_per_token(spec, a, fused_norm, ulysses)
+        return layer_saved_per_token(spec, a, fused_norm, ulysses, head_major)
     kept = checkpoint_saved_per_token(spec, a)
-    return kept + attention_kept_per_token(spec, a, ulysses) if mode == "selective" else kept
+    return kept + attention_kept_per_token(spec, a, ulysses, head_major) if mode == "selective" else kept
 
 
 @dataclass(frozen=True)
@@ -168,19 +171,27 @@ class MemoryEstimate:
 
 def attention_backward_bytes(job: Job, layout: Layout, n: float) -> float:
     """One attention layer's backward working set beyond its saved tensors: the fp32 dQ and own dK/dV
-    accumulators, the dK/dV message received from a peer, foreign K/V in flight, the kernel's dQ/dK/dV
-    (K/V expanded to the query heads; what a step sends home) and its fp32 dQ workspace, and the
-    contiguous dout."""
+    sums, the dK/dV message received from a peer, foreign K/V in flight, the kernel's dQ/dK/dV (K/V
+    expanded to the query heads; what a step sends home) and its fp32 dQ workspace.
+
+    The fp32 sums (:class:`~ring_plugin.attention.row_sums.RowSums`) exist only for rows with more than
+    two results, or two whose first is fp32: at ring size 2 none for dQ, and for dK/dV only where
+    grouped-query heads were summed into fp32 first. ``job.head_major_attention`` (older runs): fp32
+    accumulators for every row and a contiguous copy of dout."""
     c, a, g = job.model.config, job.act_bytes, job.grad_comm_bytes
     e = c.n_embd
     kv = n * layout.ulysses * kv_heads_local(job.model, layout.ulysses) * c.head_dim  # elements per K or V
     buffers = ring_buffers(layout.ring)
     wire = dkv_wire_bytes(job, layout.ulysses)
+    full = job.head_major_attention or layout.ring > 2
+    grouped = kv_heads_local(job.model, layout.ulysses) != c.n_head // layout.ulysses
+    dq = n * e * g if full else 0.0
     if job.travelling_dkv and layout.ring > 1:  # the accumulator received and the one being sent on
         dkv = 2 * 2 * kv * g
-    else:  # our own accumulator and the messages received
-        dkv = 2 * kv * g + buffers.backward_dkv * 2 * kv * wire
-    return n * e * g + dkv + buffers.backward_kv * 2 * kv * a + 3 * n * e * a + n * e * 4 + n * e * a
+    else:  # our own sums and the messages received
+        dkv = (2 * kv * g if full or grouped else 0.0) + buffers.backward_dkv * 2 * kv * wire
+    dout = n * e * a if job.head_major_attention else 0.0
+    return dq + dkv + buffers.backward_kv * 2 * kv * a + 3 * n * e * a + n * e * 4 + dout
 
 
 def freed_before_attention_backward(job: Job) -> float:
@@ -197,8 +208,8 @@ def estimate_memory(job: Job, layout: Layout) -> MemoryEstimate:
     e, v, world = c.n_embd, c.vocab_size, layout.world
     n = job.batch * job.seq_len / (layout.ulysses * layout.ring)
     states = state_bytes(spec, world, layout.zero)
-    per_layer = layer_saved_per_token(spec, a, job.fused_norm, layout.ulysses)
-    kept = block_kept_per_token(spec, a, job.fused_norm, layout.ulysses, layout.mode)
+    per_layer = layer_saved_per_token(spec, a, job.fused_norm, layout.ulysses, job.head_major_attention)
+    kept = block_kept_per_token(spec, a, job.fused_norm, layout.ulysses, layout.mode, job.head_major_attention)
     checkpointed = job.checkpointed_layers(layout)  # the first blocks; the others save everything
     shared = n * shared_saved_per_token(spec, a, job.fused_norm)
     # Offloaded checkpoints keep their inputs in host memory; one block's input is back on the GPU while

@@ -122,6 +122,9 @@ class Job:
     fused_norm: bool = True  # CUDA's fused RMSNorm saves its input and rstd; the CPU composite saves fp32 copies
     fp32_loss_weight_grad: bool = False  # the loss' dW GEMM in fp32 (runs before it became bf16, 2026-11-30)
     travelling_dkv: bool = False  # runs before dK/dV went straight home: an fp32 accumulator made a full turn
+    # runs before the dense ring kept tensors sequence-major and summed rows with RowSums: fp32
+    # accumulators for every row, (B, H, L, D) copies of K/V and dout, a copy of the output for the projection
+    head_major_attention: bool = False
     name: str = "custom"
     recipe_layout: Layout | None = None  # what the recipe itself runs, marked in the table
     notes: tuple[str, ...] = field(default=())
