@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from ring_plugin.balance import (
+    CHUNKS_TARGET,
     MIN_CHUNK,
     TARGET_IMBALANCE,
     document_ids_from_lengths,
@@ -104,7 +105,7 @@ def main() -> None:
                       "seeds": list(range(args.seeds)), "distribution": "log-normal", "mean": args.mean,
                       "sigma": args.sigma},
         "documents": {"per_sequence": [len(b) for b in batches], "longest": [max(b) for b in batches]},
-        "balanced": {"target_imbalance": TARGET_IMBALANCE, "min_chunk": MIN_CHUNK},
+        "balanced": {"target_imbalance": CHUNKS_TARGET, "min_chunk": MIN_CHUNK},
         "head_tail": "torch per-document split into 2k pieces, rank r takes pieces r and 2k-1-r; lengths not a "
                      "multiple of 2k split as tensor_split (first pieces one token longer); padding_fraction: "
                      "what torch would pad instead",
