@@ -1,4 +1,4 @@
-"""Accumulator tensors of the ring algorithms (fp32 ``out``/``lse``, dQ, travelling dK/dV)."""
+"""Accumulator tensors of the ring algorithms (fp32 ``out``/``lse``, dQ and dK/dV sums)."""
 
 from __future__ import annotations
 

@@ -73,15 +73,11 @@ def _rows(x: torch.Tensor, s: slice) -> torch.Tensor:
 @dataclass(frozen=True)
 class RowGrads:
     """One block's dK/dV for the key ``rows`` of its K/V shard (the dense ring sums them or sends
-    them home as they are); calling it adds them into an accumulator pair's key rows."""
+    them home as they are)."""
 
     rows: slice
     dk: torch.Tensor
     dv: torch.Tensor
-
-    def __call__(self, acc: list[torch.Tensor]) -> None:
-        for a, g in zip(acc, (self.dk, self.dv)):
-            a[:, :, self.rows] += g
 
 
 @forward_rows.register

@@ -92,7 +92,7 @@ class RowSums:
     # ------------------------------------------------------------------------------ contributions
     def add(self, rows: slice, value: torch.Tensor) -> None:
         adopted = self._arrive(rows, value)
-        for piece, part in self._parts(rows, value):
+        for piece, part in self._parts(value):
             if piece.index == 0:
                 self._first(piece, part, adopted)
             elif piece.run in self._narrow:
@@ -108,7 +108,7 @@ class RowSums:
         elif self.lse is None:
             self.lse = torch.full(self.shape[:3], float("-inf"), dtype=torch.float32, device=self.device)
         lse_adopted = self.lse is lse
-        for piece, part in self._parts(rows, out):
+        for piece, part in self._parts(out):
             part_lse = lse[:, :, piece.at:piece.at + part.shape[2]]
             lse_rows = self.lse[:, :, piece.rows]
             if piece.index == 0:
@@ -157,7 +157,8 @@ class RowSums:
             self.final[:, :, s].zero_()
         return False
 
-    def _parts(self, rows: slice, value: torch.Tensor):
+    def _parts(self, value: torch.Tensor):
+        """This contribution's pieces, each with its rows of ``value``."""
         for piece in self.plan.pieces[self._next - 1]:
             yield piece, value[:, :, piece.at:piece.at + piece.rows.stop - piece.rows.start]
 
