@@ -81,8 +81,6 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="write rank 0's table here")
     ap.add_argument("--timeline", action="store_true",
                     help="also print each CUDA stream's busy time and the compute stream's idle gaps")
-    ap.add_argument("--stacks", default="",
-                    help="comma-separated op names (e.g. aten::clone): print where they are called from")
     ap.add_argument("--documents", type=float, default=0.0,
                     help="packed documents of this mean length (ring_plugin.balance generator, seed 0); 0: none")
     args = ap.parse_args()
@@ -111,17 +109,11 @@ def main() -> None:
     for _ in range(3):
         step()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=bool(args.stacks)) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(2):
             step()
         torch.cuda.synchronize()
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=60)
-    if args.stacks:
-        wanted = set(args.stacks.split(","))
-        for avg in prof.key_averages(group_by_stack_n=6):
-            if avg.key in wanted and avg.device_time_total > 0:
-                table += (f"\n{avg.key} x{avg.count} {avg.device_time_total / 1e3:.3f} ms from\n    "
-                          + "\n    ".join(avg.stack))
     if args.timeline:
         trace = Path(f"/tmp/profile_pattern_trace_{dist.get_rank()}.json")
         prof.export_chrome_trace(str(trace))
