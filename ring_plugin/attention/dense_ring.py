@@ -4,9 +4,10 @@ Forward: at step ``s`` a rank holds the K/V of ``rank - s``; the next shard is i
 one is computed (:func:`.schedule.prefetched`). Backward: K/V go round again; each block's backward is
 fed the merged output and logsumexp (which makes it exact). The dK/dV a rank computes at step ``s``
 belong to rank ``s`` back: they go straight home (:class:`.exchange.GradsHome`) block by block, as the
-kernel returned them: the key rows each block touched and no more. Compared with one accumulator travelling the whole
-ring, that is one message fewer per turn, in half precision where the kernel's gradients are half
-precision, and no fp32 accumulator in flight. No rank holds more than its shard plus the one in flight.
+kernel returned them: the key rows each block touched and no more. Compared with one accumulator
+travelling the whole ring, that is one message fewer per turn, in half precision where the kernel's
+gradients are half precision, and no fp32 accumulator in flight. No rank holds more than its shard
+plus the one in flight.
 
 Every block's results (output and logsumexp, dQ, dK/dV and the messages home) are summed by
 :class:`.row_sums.RowSums`, which knows from the call's plan how many results each row gets: bit for
@@ -65,11 +66,16 @@ def _plan(call: RingCall, n: int) -> list:
     return [call.dense_blocks(step, n) for step in range(call.comm.world_size)]
 
 
-def _kv_touches(call: RingCall, plan: list, n: int) -> list[slice]:
-    """The dK/dV contributions to our key rows, in arrival order: our own step's blocks, then the blocks
-    of each later step's sender (rank + step), whose dK/dV come home block by block."""
-    senders = [call.dense_blocks(step, n, rank=call.comm.rank + step) for step in range(1, len(plan))]
-    return [b.kv for b in plan[0]] + [b.kv for blocks in senders for b in blocks]
+def _senders(call: RingCall, n: int) -> list:
+    """For steps 1, 2, ...: the blocks of the rank whose dK/dV for our K/V come home at that step (rank +
+    step), as it plans them."""
+    return [call.dense_blocks(step, n, rank=call.comm.rank + step) for step in range(1, call.comm.world_size)]
+
+
+def _kv_touches(own: list, senders: list) -> list[slice]:
+    """The dK/dV contributions to our key rows, in arrival order: our own step's blocks, then each
+    sender's blocks, whose dK/dV come home block by block."""
+    return [b.kv for b in own] + [b.kv for blocks in senders for b in blocks]
 
 
 class DenseRingAttention(torch.autograd.Function):
@@ -94,7 +100,8 @@ class DenseRingAttention(torch.autograd.Function):
         comm, n, seq_major, plan = call.comm, q.shape[2], is_seq_major(k), ctx.plan
         dout = in_layout(dout.to(q.dtype), seq_major)
         dq = RowSums(ctx.q_rows, q.shape, q.dtype, q.device, seq_major, call.grad_dtype)
-        kv_rows = RowPlan.of(_kv_touches(call, plan, n), k.shape[2])
+        senders = _senders(call, n)
+        kv_rows = RowPlan.of(_kv_touches(plan[0], senders), k.shape[2])
         dkv = [RowSums(kv_rows, t.shape, t.dtype, t.device, seq_major, call.grad_dtype) for t in (k, v)]
 
         def add_home(rows: slice, got: list[torch.Tensor]) -> None:  # (B, rows, H_kv, D) from a peer
@@ -117,7 +124,7 @@ class DenseRingAttention(torch.autograd.Function):
                 continue
             # Ours go to the K/V's owner (rank - step); rank + step's, for our K/V, come here. Both
             # sides plan the other's blocks, so they agree on each message's rows and dtype.
-            sender = call.dense_blocks(step, n, rank=comm.rank + step)
+            sender = senders[step - 1]
             message = _message(grads) if grads else None
             del grads
             home.post(step, message, [b.kv for b in sender], [_grad_dtype(call, b, q.dtype) for b in sender])

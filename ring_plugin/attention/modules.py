@@ -129,11 +129,9 @@ class RingAttentionBase(nn.Module):
         which then skips the all-gather, the check of the ids and a host sync per call. A model calls it
         once per step (:class:`~ring_plugin.models.gpt.RingGPT` does). Bad ids raise on every rank."""
         ring = self.resolve_ring()
-        error = self._dense_only_error("document_ids are")
-        if error is None:
-            across = self.config.check_inputs_across_ranks
-            error = document_ids_error(document_ids, check_order=not across)
-        if self.config.check_inputs_across_ranks:
+        across = self.config.check_inputs_across_ranks
+        error = self._dense_only_error("document_ids are") or document_ids_error(document_ids, check_order=not across)
+        if across:
             ids = document_ids if error is None else None
             agree_or_raise(error, tuple(document_ids.shape) if error is None else (), ring.sequence_group,
                            _device_of(document_ids, ring), self.comm_timeout, _order_check(ids))
@@ -158,10 +156,10 @@ class RingAttentionBase(nn.Module):
             if ring.layout == "balanced":
                 return "layout='balanced' needs document_ids: it is the layout of packed documents"
             return None
-        if isinstance(document_ids, RingDocuments):
-            return self._dense_only_error("document_ids are") or document_ids.use_error(q, ring.layout,
-                                                                                         ring.sequence_size)
-        return self._dense_only_error("document_ids are") or layer_document_ids_error(document_ids, q, check_order)
+        error = self._dense_only_error("document_ids are")
+        if error is None and isinstance(document_ids, RingDocuments):
+            return document_ids.use_error(q, ring.layout, ring.sequence_size)
+        return error or layer_document_ids_error(document_ids, q, check_order)
 
     def _dense_only_error(self, subject: str) -> str | None:
         """Documents and windows restrict the dense ring's blocks, and the Ulysses all-to-all moves heads

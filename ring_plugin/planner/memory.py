@@ -74,12 +74,17 @@ def norm_saved_per_token(spec: ModelSpec, a: int, fused: bool) -> float:
     return e * a + 4 if fused else 2 * e * 4 + 4
 
 
+def kv_heads_grouped(spec: ModelSpec, ulysses: int) -> bool:
+    """Whether a rank's query heads share K/V heads (grouped-query attention after the Ulysses split):
+    the ring then sums their dK/dV into the accumulator dtype (fp32) before anything else."""
+    return kv_heads_local(spec, ulysses) != spec.config.n_head // ulysses
+
+
 def dkv_wire_bytes(job: Job, ulysses: int) -> int:
     """Bytes per element of the dK/dV a ring step sends home: the kernel's own (activation) dtype,
     unless grouped-query heads were summed into the accumulator dtype first (dense_ring.py), or the
     run predates that (an fp32 accumulator travelled the ring)."""
-    grouped = kv_heads_local(job.model, ulysses) != job.model.config.n_head // ulysses
-    return job.grad_comm_bytes if grouped or job.travelling_dkv else job.act_bytes
+    return job.grad_comm_bytes if kv_heads_grouped(job.model, ulysses) or job.travelling_dkv else job.act_bytes
 
 
 def mlp_hidden_saved_per_token(spec: ModelSpec, a: int) -> float:
@@ -184,12 +189,12 @@ def attention_backward_bytes(job: Job, layout: Layout, n: float) -> float:
     buffers = ring_buffers(layout.ring)
     wire = dkv_wire_bytes(job, layout.ulysses)
     full = job.head_major_attention or layout.ring > 2
-    grouped = kv_heads_local(job.model, layout.ulysses) != c.n_head // layout.ulysses
     dq = n * e * g if full else 0.0
     if job.travelling_dkv and layout.ring > 1:  # the accumulator received and the one being sent on
         dkv = 2 * 2 * kv * g
     else:  # our own sums and the messages received
-        dkv = (2 * kv * g if full or grouped else 0.0) + buffers.backward_dkv * 2 * kv * wire
+        own = full or kv_heads_grouped(job.model, layout.ulysses)
+        dkv = (2 * kv * g if own else 0.0) + buffers.backward_dkv * 2 * kv * wire
     dout = n * e * a if job.head_major_attention else 0.0
     return dq + dkv + buffers.backward_kv * 2 * kv * a + 3 * n * e * a + n * e * 4 + dout
 
