@@ -198,9 +198,12 @@ def test_measured_json_copies_its_sources() -> None:
     assert checked > 20
 
 
-def test_gpu_peaks_agree_with_monitoring() -> None:
+def test_monitoring_counts_mfu_with_the_planners_peaks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The MFU the training run logs and the planner's use one peak per GPU kind."""
     pytest.importorskip("lightning")
-    from ring_plugin.callbacks.monitoring import _GPU_PEAKS
+    from ring_plugin.callbacks.monitoring import device_peak_flops
 
-    for name, kind in GPUS.items():
-        assert _GPU_PEAKS[name.upper()] == kind.peak_bf16_flops
+    for key, name in {"h200": "NVIDIA H200", "h100": "NVIDIA H100 80GB HBM3", "a100": "NVIDIA A100-SXM4-80GB"}.items():
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, name=name: name)
+        assert device_peak_flops(torch.device("cuda"), 1.0) == GPUS[key].peak_bf16_flops
+    assert GPUS["h200"].peak_bf16_flops == 989e12 and GPUS["a100"].peak_bf16_flops == 312e12

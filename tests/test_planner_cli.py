@@ -10,8 +10,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ring_plugin.planner.cli import format_table, report_for
+import pytest
+import torch
+
+from ring_plugin.models.gpt import RingGPT
+from ring_plugin.planner.cli import format_table, main, planned_for, report_for
+from ring_plugin.planner.memory import parameter_count
 from ring_plugin.planner.recommend import evaluate
+from ring_plugin.planner.workload import compose, job_from_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -114,7 +120,7 @@ def test_bad_settings_are_one_line_errors_naming_them() -> None:
     """An unknown recipe, a recipe the planner cannot model, a bad number: exit 2 with the reason, no traceback."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     cases = {"recipe=nope": "recipe='nope' is not a ring-train recipe; valid: block_sparse_90",
-             "recipe=hf_llama_128k": "the planner models RingGPT",
+             "recipe=hf_llama_128k model.config.head_dim=96": "model.config.head_dim=96 x num_attention_heads=32",
              "gpus_per_node=abc": "gpus_per_node='abc' must be a positive int",
              "nodes=0": "nodes='0' must be a positive int"}
     for arg, message in cases.items():
@@ -127,3 +133,108 @@ def test_packed_recipe_plans_one_sample_per_step_that_fits() -> None:
     report = report_for(["recipe=packed_128k"])
     own = next(c for c in report.candidates if c.layout == report.job.recipe_layout)
     assert report.job.batch == 1 and own.fits, own.reason
+
+
+@pytest.mark.parametrize(("arg", "message"), [
+    ("seq_len=0", "seq_len=0 must be a positive integer"),
+    ("zero=5", "zero='5' must be ZeRO stages 0-3"),
+    ("zero=2,x", "zero='2,x' must be ZeRO stages 0-3"),
+    ("batch=-3", "batch='-3' must be a positive int"),
+    ("data.batch_size=0", "data.batch_size=0 must be a positive integer"),
+    ("internode_gbps=nan", "internode_gbps='nan' must be a positive float"),
+    ("nvlink_gbps=inf", "nvlink_gbps='inf' must be a positive float"),
+    ("host_gb=-1", "host_gb='-1' must be a positive float"),
+    ("checkpointing=some", "checkpointing mode 'some' is not known"),
+])
+def test_garbage_is_refused_naming_the_argument(arg: str, message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["recipe=dense_128k_zero3", arg])
+    err = capsys.readouterr()
+    assert exit_info.value.code == 2 and err.out == ""
+    last = err.err.strip().splitlines()[-1]
+    assert last.startswith("ring-plan: error: ") and message in last, err.err
+
+
+def _layout_of_command(command: str):  # noqa: ANN202
+    """The layout ring-train would run for a printed command: its overrides composed like ring-train does."""
+    words = command.split()
+    assert words[0] == "ring-train"
+    recipe = next((w.split("=", 1)[1] for w in words[1:] if w.startswith("recipe=")), None)
+    overrides = [w for w in words[1:] if not w.startswith("recipe=")]
+    cfg = compose(recipe, overrides)
+    return job_from_config(cfg, recipe or "default"), cfg
+
+
+@pytest.mark.parametrize("args", [
+    ["recipe=dense_128k_zero3", "gpus_per_node=8", "nodes=4", "seq_len=1048576"],  # Ulysses x ring on 4 nodes
+    ["recipe=dense_128k_zero3", "seq_len=1048576", "checkpointing=full", "zero=3"],  # checkpoints in host memory
+    ["recipe=hf_llama_128k", "gpus_per_node=1", "seq_len=262144"],  # a transformers model on one GPU
+    ["model.n_layer=4", "seq_len=8192"],  # no recipe: the default config, another model size
+])
+def test_printed_command_runs_the_recommended_layout(args: list[str]) -> None:
+    """Composing the printed ring-train command gives the recommended layout, world and batch exactly."""
+    planned = planned_for(args)
+    best = planned.report.best
+    assert best is not None
+    command = planned.command(best)
+    assert f"Run it: {command}" in format_table(planned.report, 5, planned)
+    job, cfg = _layout_of_command(command)
+    cluster = planned.report.cluster
+    assert (int(cfg.devices), int(cfg.num_nodes)) == (cluster.gpus_per_node, cluster.nodes)
+    assert job.recipe_layout == best.layout, (command, job.recipe_layout, best.layout)
+    assert job.batch == planned.report.job.batch and job.seq_len == planned.report.job.seq_len
+
+
+def test_header_has_the_parameter_count_and_a_legend() -> None:
+    report = report_for(["recipe=dense_128k_zero3"])
+    with torch.device("meta"):
+        real = sum(p.numel() for p in RingGPT(report.job.model.config).parameters())
+    assert parameter_count(report.job.model) == real
+    text = format_table(report, 3)
+    assert f"{real / 1e9:.2f}B parameters" in text.splitlines()[0]
+    legend = next(line for line in text.splitlines() if line.startswith("Layout:"))
+    for word in ("dpN data-parallel", "U Ulysses group (ulysses_size)", "R ring (ring_size)",
+                 "Z ZeRO stage (strategy.stage)", "SAC all but attention recomputed", "(SAC6) the first blocks"):
+        assert word in legend
+
+
+def test_without_a_recipe_one_sample_per_ring_is_planned_and_said() -> None:
+    report = report_for(["seq_len=4096"])
+    assert report.job.batch == 1
+    assert any("No recipe" in note and "batch=N" in note for note in report.notes)
+    assert report_for(["seq_len=4096", "batch=8"]).job.batch == 8
+
+
+def test_nothing_fits_names_the_closest_layout_and_its_shortfall() -> None:
+    report = report_for(["recipe=dense_128k_zero3", "seq_len=4194304"])
+    assert report.best is None and report.closest is not None
+    closest = report.closest
+    assert closest.shortfall == min(c.shortfall for c in report.candidates if c.memory is not None)
+    assert closest.shortfall == pytest.approx(closest.memory.total - report.usable_bytes)
+    text = format_table(report, 3)
+    assert f"Closest: {closest.layout.label}, " in text and f"short by {closest.shortfall / 1e9:.1f} GB" in text
+    assert "Run it" not in text
+
+
+def test_what_if_end_to_end() -> None:
+    """``ring-plan what-if`` as users run it: the table of docs/planner.md, row for row."""
+    out = ring_plan("what-if")
+    rows = [line for line in out.splitlines() if line.startswith("| ")]
+    assert len(rows) == 2 + 12  # header, rule, 3 clusters x 4 lengths
+    assert rows[2].startswith("| 8 | 128K | dp1 U8 R1 Z3 noAC |")
+    docs = (REPO / "docs" / "planner.md").read_text()
+    assert out.strip() in docs
+
+
+def test_docs_example_outputs_are_the_real_output(capsys: pytest.CaptureFixture[str]) -> None:
+    """Every ``$ ring-plan ...`` console block of the docs prints what ring-plan prints."""
+    import re
+    import shlex
+
+    blocks = []
+    for path in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        blocks += re.findall(r"```console\n\$ ring-plan ([^\n]*)\n(.*?)```", path.read_text(), flags=re.S)
+    assert len(blocks) >= 2
+    for args, shown in blocks:
+        main(shlex.split(args))
+        assert capsys.readouterr().out == shown, args

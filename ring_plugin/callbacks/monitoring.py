@@ -19,15 +19,14 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 
 from ..comm.ring import RingStats
-
-# Dense bf16 peak per device (FLOP/s) by name fragment; an explicit `peak_flops` wins.
-_GPU_PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
+from ..gpu_peaks import BF16_PEAK_FLOPS
 
 
 def device_peak_flops(device: torch.device, cpu_peak_flops: float) -> float:
+    """The device's dense bf16 peak by its name (an explicit ``peak_flops`` of the callback wins)."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        for fragment, peak in _GPU_PEAKS.items():
+        for fragment, peak in BF16_PEAK_FLOPS.items():
             if fragment in name:
                 return peak
     return cpu_peak_flops

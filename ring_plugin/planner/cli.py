@@ -5,11 +5,12 @@
     ring-plan recipe=dense_128k_zero3 --json
     ring-plan what-if                      # the 3B model at 128K..4M tokens on 8, 64 and 512 GPUs
 
-Planner keys: gpu, gpus_per_node, nodes, nvlink_gbps, internode_gbps (GB/s per direction), batch
-(samples per ring), zero (e.g. 2,3), checkpointing (none, full, selective, comma-separated; true = full,selective;
-false = none; all or both = every mode, the default). Any other key=value is a
-``ring-train`` override (seq_len=..., model=gpt_3b, model.n_layer=24, ...). Without gpus_per_node and
-nodes the recipe's own devices x num_nodes are planned.
+Planner keys: gpu, gpus_per_node, nodes, nvlink_gbps, internode_gbps (GB/s per direction), host_gb (host
+memory per node, GB; default 128 per GPU), batch (samples per ring), zero (e.g. 2,3), checkpointing (none, full,
+selective, comma-separated; true = full,selective; false = none; all or both = every mode, the default).
+Any other key=value is a ``ring-train`` override (seq_len=..., model=gpt_3b, model.n_layer=24, ...).
+Without gpus_per_node and nodes the recipe's own devices x num_nodes are planned; without a recipe,
+ring-train's default model with one sample per ring (batch=N for more).
 """
 
 from __future__ import annotations
@@ -17,16 +18,23 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 from .cluster import cluster as make_cluster
+from .command import train_command
+from .memory import parameter_count
 from .recommend import MODES, Candidate, Report, plan
 from .workload import compose, job_from_config
 
-PLANNER_KEYS = ("gpu", "gpus_per_node", "nodes", "nvlink_gbps", "internode_gbps", "zero", "checkpointing", "batch",
-                "recipe")
+PLANNER_KEYS = ("gpu", "gpus_per_node", "nodes", "nvlink_gbps", "internode_gbps", "host_gb", "zero", "checkpointing",
+                "batch", "recipe")
+LEGEND = ("Layout: dpN data-parallel replicas (samples per step = N x batch); U Ulysses group (ulysses_size); "
+          "R ring (ring_size); Z ZeRO stage (strategy.stage); noAC no activation checkpointing, AC whole blocks "
+          "recomputed, SAC all but attention recomputed, a number (SAC6) the first blocks checkpointed, +host "
+          "checkpoint inputs in host memory and the MLP in tiles.")
 WHAT_IF_GPUS = (8, 64, 512)
 WHAT_IF_TOKENS = (131072, 524288, 1048576, 4194304)
 
@@ -53,41 +61,80 @@ def _number(settings: dict[str, str], key: str, kind: type, default: Any) -> Any
         value = kind(settings[key])
     except ValueError:
         raise ValueError(f"{key}={settings[key]!r} must be a positive {kind.__name__}") from None
-    if value <= 0:
+    if not math.isfinite(value) or value <= 0:
         raise ValueError(f"{key}={settings[key]!r} must be a positive {kind.__name__}")
     return value
 
 
-def report_for(args: Sequence[str]) -> Report:
-    """The planner's report for ``ring-plan``'s key=value arguments."""
+def _stages(settings: dict[str, str]) -> list[int]:
+    text = settings.get("zero", "0,1,2,3")
+    try:
+        stages = [int(z) for z in text.split(",")]
+    except ValueError:
+        stages = []
+    if not stages or any(z not in (0, 1, 2, 3) for z in stages):
+        raise ValueError(f"zero={text!r} must be ZeRO stages 0-3, comma-separated (e.g. 2,3)")
+    return stages
+
+
+@dataclasses.dataclass(frozen=True)
+class Planned:
+    """A report with what made it: the recipe, the user's ring-train overrides and the composed config."""
+
+    report: Report
+    recipe: str | None
+    overrides: tuple[str, ...]
+    cfg: Any
+
+    def command(self, candidate: Candidate) -> str:
+        r = self.report
+        return train_command(self.recipe, self.overrides, self.cfg, r.job, candidate.layout, r.cluster)
+
+
+def planned_for(args: Sequence[str]) -> Planned:
+    """The planner's report for ``ring-plan``'s key=value arguments, with the config it planned. Every
+    setting is checked (a one-line ValueError naming it) before anything is planned."""
     mine, hydra = _split(args)
-    if "batch" in mine:
-        hydra.append(f"data.batch_size={mine['batch']}")
     recipe = mine.get("recipe")
-    cfg = compose(recipe, hydra)
-    job = job_from_config(cfg, recipe or "default")
-    per_node = _number(mine, "gpus_per_node", int, cfg.devices)
-    nodes = _number(mine, "nodes", int, cfg.num_nodes)
-    cl = make_cluster(mine.get("gpu", "h200"), per_node, nodes, _number(mine, "nvlink_gbps", float, None),
-                      _number(mine, "internode_gbps", float, None))
-    stages = [int(z) for z in mine.get("zero", "0,1,2,3").split(",")]
+    notes = []
+    if "batch" in mine:
+        hydra.append(f"data.batch_size={_number(mine, 'batch', int, 1)}")
+    elif recipe is None and not any(arg.startswith("data.batch_size=") for arg in hydra):
+        hydra.append("data.batch_size=1")
+        notes.append("No recipe: ring-train's default model and data with 1 sample per ring (its CPU default "
+                     "trains 8; batch=N plans N).")
+    per_node, nodes = _number(mine, "gpus_per_node", int, None), _number(mine, "nodes", int, None)
+    links = [_number(mine, key, float, None) for key in ("nvlink_gbps", "internode_gbps", "host_gb")]
+    stages = _stages(mine)
     value = mine.get("checkpointing", "all").lower()
     aliases = {"true": ("full", "selective"), "false": ("none",), "both": MODES, "all": MODES}
     ac = aliases.get(value) or tuple(value.split(","))
-    return plan(job, cl, stages=stages, checkpointing=ac)
+    cfg = compose(recipe, hydra)
+    job = job_from_config(cfg, recipe or "default")
+    cl = make_cluster(mine.get("gpu", "h200"), per_node or int(cfg.devices), nodes or int(cfg.num_nodes), *links)
+    report = plan(job, cl, stages=stages, checkpointing=ac)
+    report.notes[:0] = notes
+    return Planned(report, recipe, tuple(hydra), cfg)
+
+
+def report_for(args: Sequence[str]) -> Report:
+    """The planner's report for ``ring-plan``'s key=value arguments."""
+    return planned_for(args).report
 
 
 def _gb(x: float) -> str:
     return f"{x / 1e9:.1f}"
 
 
-def format_table(report: Report, limit: int) -> str:
+def format_table(report: Report, limit: int, planned: Planned | None = None) -> str:
+    """The table ``ring-plan`` prints; with ``planned``, the ring-train command of its recommendation."""
     job, cl = report.job, report.cluster
     c = job.model.config
-    lines = [f"{job.name}: {job.model.flops_per_token(job.seq_len) / 1e9:.1f} GFLOP/token, {c.n_layer} layers, "
-             f"d={c.n_embd}, {c.n_head} heads ({c.kv_heads} K/V), attention {job.attention}; {job.seq_len:,} tokens x "
-             f"{job.batch} per ring; {cl.world} x {cl.gpu.name} ({cl.nodes} node(s) of {cl.gpus_per_node}), "
-             f"usable {_gb(report.usable_bytes)} GB per GPU", *report.notes]
+    kind = "transformers" if job.model.hf else f"RingGPT, attention {job.attention}"
+    lines = [f"{job.name}: {parameter_count(job.model) / 1e9:.2f}B parameters ({kind}), {c.n_layer} layers, "
+             f"d={c.n_embd}, {c.n_head} heads ({c.kv_heads} K/V), {job.flops_per_token / 1e9:.1f} GFLOP/token; "
+             f"{job.seq_len:,} tokens x {job.batch} per ring; {cl.world} x {cl.gpu.name} ({cl.nodes} node(s) of "
+             f"{cl.gpus_per_node}), usable {_gb(report.usable_bytes)} GB per GPU", *report.notes, LEGEND]
     head = f"{'layout':<22} {'mem GB':>7} {'phase':>9} {'step s':>8} {'tok/s':>10} {'MFU':>6}  verdict"
     lines += [head, "-" * len(head)]
     best = report.best
@@ -96,6 +143,8 @@ def format_table(report: Report, limit: int) -> str:
     if len(report.candidates) > limit:
         lines.append(f"... {len(report.candidates) - limit} more candidates (--top N, --json)")
     lines.append(_reasoning(report))
+    if planned is not None and report.best is not None:
+        lines.append(f"Run it: {planned.command(report.best)}")
     return "\n".join(lines)
 
 
@@ -111,11 +160,17 @@ def _row(cand: Candidate, best: bool, recipe: bool) -> str:
 def _reasoning(report: Report) -> str:
     best = report.best
     if best is None or best.step is None or best.memory is None:
-        return "No candidate fits: every layout is out of memory or impossible (see the reasons above)."
+        closest = report.closest
+        if closest is None or closest.memory is None:
+            return "No candidate fits: every layout is impossible (see the reasons above)."
+        short = "host memory" if closest.reason and closest.reason.startswith("host") else "GPU memory"
+        return (f"No candidate fits. Closest: {closest.layout.label}, {_gb(closest.memory.total)} GB per GPU, "
+                f"{short} short by {_gb(closest.shortfall)} GB: more GPUs (gpus_per_node, nodes) or a shorter "
+                "seq_len.")
     s = best.step
     parts = ", ".join(f"{name} {getattr(s, name):.3f} s" for name in
                       ("matmul", "attention", "elementwise", "ulysses", "zero_exposed", "optimizer")
-                      if getattr(s, name) > 0.0005)
+                      if getattr(s, name) > 0.0005) or "each part under 1 ms"
     return (f"Recommended: {best.layout.label} — the fastest candidate that fits ({_gb(best.memory.total)} GB of "
             f"{_gb(report.usable_bytes)} usable, peak in {best.memory.phase}); step {s.total:.3f} s = {parts}. "
             "* marks the recipe's own layout.")
@@ -185,11 +240,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     from hydra.errors import HydraException
 
+    if ns.top < 1:
+        parser.error(f"--top={ns.top} must be a positive int")
     try:
-        report = report_for(ns.args)
+        planned = planned_for(ns.args)
     except (ValueError, HydraException) as err:  # a bad setting or recipe: its message, not a traceback
         parser.error(str(err))
-    print(json.dumps(_jsonable(report), indent=1) if ns.json else format_table(report, ns.top))
+    report = planned.report
+    if ns.json:
+        data = _jsonable(report)
+        data["command"] = planned.command(report.best) if report.best is not None else None
+        print(json.dumps(data, indent=1))
+    else:
+        print(format_table(report, ns.top, planned))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,9 @@ from .workload import Job, Layout, ModelSpec
 PARAM_BYTES, GRAD_BYTES, OPTIMIZER_BYTES = 2, 2, 12  # bf16 weights and grads; fp32 master + Adam m, v
 ZERO_BUCKET_ELEMENTS = 2e8  # Lightning's DeepSpeed reduce_bucket_size: the gradient bucket, allocated whole
 ZERO3_LIVE_ELEMENTS = 1e9  # stage3_max_live_parameters: gathered parameters ZeRO-3 may keep (with reuse)
+# Host memory of a training process beyond what it offloads: Python, torch, CUDA's context, DeepSpeed's
+# CPU Adam and the data loader (an assumption, not measured).
+HOST_PROCESS_BYTES = 8e9
 
 
 def param_tensors(spec: ModelSpec) -> list[tuple[int, int]]:
@@ -25,10 +28,14 @@ def param_tensors(spec: ModelSpec) -> list[tuple[int, int]]:
     def linear(fan_in: int, fan_out: int) -> list[tuple[int, int]]:
         return [(fan_in * fan_out, 2)] + ([(fan_out, 1)] if c.bias else [])
 
-    layer = (norm + linear(e, (c.n_head + 2 * c.kv_heads) * hd) + linear(e, e) + norm + linear(e, f)
-             + linear(f, e))
+    mlp = linear(e, f) * (spec.mlp_matrices - 1) + linear(f, e)
+    layer = norm + linear(e, (c.n_head + 2 * c.kv_heads) * hd) + linear(e, e) + norm + mlp
     head = [] if c.tie_weights else [(c.vocab_size * e, 2)]
     return [(c.vocab_size * e, 2)] + layer * c.n_layer + norm + head
+
+
+def parameter_count(spec: ModelSpec) -> int:
+    return sum(numel for numel, _ in param_tensors(spec))
 
 
 @dataclass(frozen=True)
@@ -51,14 +58,23 @@ def _partitioned(tensors: list[tuple[int, int]], world: int, per_tensor: bool) -
     return sum(math.ceil(g / world) for g in groups if g)
 
 
-def state_bytes(spec: ModelSpec, world: int, zero: int) -> States:
-    """Parameters, gradients and optimizer states per rank (ZeRO shards over the whole world)."""
+def state_bytes(spec: ModelSpec, world: int, zero: int, offload_optimizer: bool = False) -> States:
+    """Parameters, gradients and optimizer states per rank on the GPU (ZeRO shards over the whole world);
+    ``offload_optimizer``: the optimizer states live in host memory (:func:`host_state_bytes`)."""
     tensors = param_tensors(spec)
     full = sum(n for n, _ in tensors)
     split = _partitioned(tensors, world, per_tensor=zero == 3)
     return States(params=PARAM_BYTES * (split if zero >= 3 else full),
                   grads=GRAD_BYTES * (split if zero >= 2 else full),
-                  optimizer=OPTIMIZER_BYTES * (split if zero >= 1 else full))
+                  optimizer=0.0 if offload_optimizer else OPTIMIZER_BYTES * (split if zero >= 1 else full))
+
+
+def host_state_bytes(spec: ModelSpec, world: int, zero: int) -> float:
+    """Host bytes per rank of ZeRO's ``offload_optimizer``: DeepSpeed's CPU Adam keeps the rank's fp32
+    master weights, both moments and the fp32 gradients there (16 B per parameter of its partition)."""
+    tensors = param_tensors(spec)
+    return (OPTIMIZER_BYTES + 4) * (_partitioned(tensors, world, per_tensor=zero == 3) if zero >= 1
+                                    else sum(n for n, _ in tensors))
 
 
 # ---------------------------------------------------------------------------------- activations
@@ -69,8 +85,11 @@ def kv_heads_local(spec: ModelSpec, ulysses: int) -> int:
 
 def norm_saved_per_token(spec: ModelSpec, a: int, fused: bool) -> float:
     """RMSNorm: the fused CUDA kernel saves its input and fp32 rstd; the composite (CPU) saves the fp32
-    upcast input, the fp32 normalised rows and rstd."""
+    upcast input, the fp32 normalised rows and rstd; transformers' RMSNorm (``spec.hf``) saves the fp32
+    upcast input, rstd and the normalised rows cast back for the weight's product."""
     e = spec.config.n_embd
+    if spec.hf:
+        return e * 4 + e * a + 4
     return e * a + 4 if fused else 2 * e * 4 + 4
 
 
@@ -82,33 +101,44 @@ def kv_heads_grouped(spec: ModelSpec, ulysses: int) -> bool:
 
 def dkv_wire_bytes(job: Job, ulysses: int) -> int:
     """Bytes per element of the dK/dV a ring step sends home: the kernel's own (activation) dtype,
-    unless grouped-query heads were summed into the accumulator dtype first (dense_ring.py), or the
-    run predates that (an fp32 accumulator travelled the ring)."""
-    return job.grad_comm_bytes if kv_heads_grouped(job.model, ulysses) or job.travelling_dkv else job.act_bytes
+    unless grouped-query heads were summed into the accumulator dtype first (dense_ring.py)."""
+    return job.grad_comm_bytes if kv_heads_grouped(job.model, ulysses) else job.act_bytes
 
 
 def mlp_hidden_saved_per_token(spec: ModelSpec, a: int) -> float:
-    """GELU's input and the MLP projection's input; none when the MLP runs in tiles (``mlp_tile_tokens``:
-    each tile keeps only its input, a view of the fc input, and recomputes the rest in backward)."""
-    return 0.0 if spec.config.mlp_tile_tokens else 2 * spec.mlp_hidden * a
+    """GELU's input and the MLP projection's input (SwiGLU: the gate and up outputs, SiLU's output and
+    the down projection's input); none when the MLP runs in tiles (``mlp_tile_tokens``: each tile keeps
+    only its input, a view of the fc input, and recomputes the rest in backward)."""
+    return 0.0 if spec.config.mlp_tile_tokens else mlp_hidden_tensors_per_token(spec, a)
 
 
-def layer_saved_per_token(spec: ModelSpec, a: int, fused_norm: bool, ulysses: int = 1,
-                          head_major: bool = False) -> float:
+def mlp_hidden_tensors_per_token(spec: ModelSpec, a: int) -> float:
+    """The hidden-width tensors an untiled MLP saves (a tile holds them while it recomputes)."""
+    return 2 * (spec.mlp_matrices - 1) * spec.mlp_hidden * a
+
+
+def proj_input_copied(spec: ModelSpec) -> bool:
+    """Whether the attention output projection saves a copy of its own: transformers' layers reshape the
+    (batch, heads, tokens, dim) output to tokens-major; RingGPT's output already is (a view)."""
+    return spec.hf
+
+
+def layer_saved_per_token(spec: ModelSpec, a: int, fused_norm: bool, ulysses: int = 1) -> float:
     """Bytes a transformer block saves for backward per local token, without checkpointing: two norms;
     the qkv and fc inputs; the attention's q, k, v, out (bf16) and lse (fp32), out being the proj input
-    too (``head_major``: runs whose attention output was stored head-major, so flattening it for the
-    projection made a copy of its own); GELU's input and the MLP projection's input
-    (:func:`mlp_hidden_saved_per_token`). Rotary saves only cos/sin (shared, see :func:`shared_saved_per_token`)."""
+    too (or a copy: :func:`proj_input_copied`); the MLP's hidden tensors (:func:`mlp_hidden_saved_per_token`).
+    Rotary saves only cos/sin (shared, see :func:`shared_saved_per_token`)."""
     c = spec.config
     kv = ulysses * kv_heads_local(spec, ulysses) * c.head_dim  # K/V widths per local token
-    return (2 * norm_saved_per_token(spec, a, fused_norm) + (4 + head_major) * c.n_embd * a + 2 * kv * a
-            + 4 * c.n_head + mlp_hidden_saved_per_token(spec, a))
+    return (2 * norm_saved_per_token(spec, a, fused_norm) + (4 + proj_input_copied(spec)) * c.n_embd * a
+            + 2 * kv * a + 4 * c.n_head + mlp_hidden_saved_per_token(spec, a))
 
 
 def shared_saved_per_token(spec: ModelSpec, a: int, fused_norm: bool) -> float:
-    """Saved once for the whole model: token ids (int64), rotary cos/sin (fp32), the final norm."""
-    return 8 + 4 * spec.config.head_dim + norm_saved_per_token(spec, a, fused_norm)
+    """Saved once for the whole model: token ids (int64), rotary cos/sin (fp32; transformers: position
+    ids too, cos/sin in the activations' dtype), the final norm."""
+    rotary = 8 + 2 * spec.config.head_dim * a if spec.hf else 4 * spec.config.head_dim
+    return 8 + rotary + norm_saved_per_token(spec, a, fused_norm)
 
 
 def checkpoint_saved_per_token(spec: ModelSpec, a: int) -> float:
@@ -116,23 +146,22 @@ def checkpoint_saved_per_token(spec: ModelSpec, a: int) -> float:
     return spec.config.n_embd * a
 
 
-def attention_kept_per_token(spec: ModelSpec, a: int, ulysses: int = 1, head_major: bool = False) -> float:
+def attention_kept_per_token(spec: ModelSpec, a: int, ulysses: int = 1) -> float:
     """What selective checkpointing (``recompute_attention=False``) keeps beyond the block input: the
     attention's q, k, v, output (bf16, also the output projection's input) and logsumexp (fp32), as in
-    :func:`layer_saved_per_token` (``head_major``: the projection's input a storage of its own)."""
+    :func:`layer_saved_per_token`."""
     c = spec.config
     kv = ulysses * kv_heads_local(spec, ulysses) * c.head_dim
-    return (2 + head_major) * c.n_embd * a + 2 * kv * a + 4 * c.n_head
+    return (2 + proj_input_copied(spec)) * c.n_embd * a + 2 * kv * a + 4 * c.n_head
 
 
-def block_kept_per_token(spec: ModelSpec, a: int, fused_norm: bool, ulysses: int, mode: str,
-                         head_major: bool = False) -> float:
+def block_kept_per_token(spec: ModelSpec, a: int, fused_norm: bool, ulysses: int, mode: str) -> float:
     """Bytes one block keeps for backward per local token in checkpointing ``mode`` ("none", "full",
     "selective")."""
     if mode == "none":
-        return layer_saved_per_token(spec, a, fused_norm, ulysses, head_major)
+        return layer_saved_per_token(spec, a, fused_norm, ulysses)
     kept = checkpoint_saved_per_token(spec, a)
-    return kept + attention_kept_per_token(spec, a, ulysses, head_major) if mode == "selective" else kept
+    return kept + attention_kept_per_token(spec, a, ulysses) if mode == "selective" else kept
 
 
 @dataclass(frozen=True)
@@ -168,6 +197,7 @@ class MemoryEstimate:
     saved: float  # activations still kept for backward at the peak
     transient: float  # the rest of the peak phase's working set (a recomputed block, the ring's buffers, ...)
     phase: str  # which phase peaks: "loss" (end of forward), "backward" or "optimizer"
+    host: float = 0.0  # host memory of this rank: offloaded optimizer states and checkpoints (pinned)
 
     @property
     def total(self) -> float:
@@ -181,22 +211,17 @@ def attention_backward_bytes(job: Job, layout: Layout, n: float) -> float:
 
     The fp32 sums (:class:`~ring_plugin.attention.row_sums.RowSums`) exist only for rows with more than
     two results, or two whose first is fp32: at ring size 2 none for dQ, and for dK/dV only where
-    grouped-query heads were summed into fp32 first. ``job.head_major_attention`` (older runs): fp32
-    accumulators for every row and a contiguous copy of dout."""
+    grouped-query heads were summed into fp32 first."""
     c, a, g = job.model.config, job.act_bytes, job.grad_comm_bytes
     e = c.n_embd
     kv = n * layout.ulysses * kv_heads_local(job.model, layout.ulysses) * c.head_dim  # elements per K or V
     buffers = ring_buffers(layout.ring)
     wire = dkv_wire_bytes(job, layout.ulysses)
-    full = job.head_major_attention or layout.ring > 2
+    full = layout.ring > 2
     dq = n * e * g if full else 0.0
-    if job.travelling_dkv and layout.ring > 1:  # the accumulator received and the one being sent on
-        dkv = 2 * 2 * kv * g
-    else:  # our own sums and the messages received
-        own = full or kv_heads_grouped(job.model, layout.ulysses)
-        dkv = (2 * kv * g if own else 0.0) + buffers.backward_dkv * 2 * kv * wire
-    dout = n * e * a if job.head_major_attention else 0.0
-    return dq + dkv + buffers.backward_kv * 2 * kv * a + 3 * n * e * a + n * e * 4 + dout
+    own = full or kv_heads_grouped(job.model, layout.ulysses)  # our own sums, then the messages received
+    dkv = (2 * kv * g if own else 0.0) + buffers.backward_dkv * 2 * kv * wire
+    return dq + dkv + buffers.backward_kv * 2 * kv * a + 3 * n * e * a + n * e * 4
 
 
 def freed_before_attention_backward(job: Job) -> float:
@@ -212,11 +237,12 @@ def estimate_memory(job: Job, layout: Layout) -> MemoryEstimate:
     c = spec.config
     e, v, world = c.n_embd, c.vocab_size, layout.world
     n = job.batch * job.seq_len / (layout.ulysses * layout.ring)
-    states = state_bytes(spec, world, layout.zero)
-    per_layer = layer_saved_per_token(spec, a, job.fused_norm, layout.ulysses, job.head_major_attention)
-    kept = block_kept_per_token(spec, a, job.fused_norm, layout.ulysses, layout.mode, job.head_major_attention)
+    states = state_bytes(spec, world, layout.zero, job.offload_optimizer)
+    fused_norm = job.fused_norm
+    per_layer = layer_saved_per_token(spec, a, fused_norm, layout.ulysses)
+    kept = block_kept_per_token(spec, a, fused_norm, layout.ulysses, layout.mode)
     checkpointed = job.checkpointed_layers(layout)  # the first blocks; the others save everything
-    shared = n * shared_saved_per_token(spec, a, job.fused_norm)
+    shared = n * shared_saved_per_token(spec, a, fused_norm)
     # Offloaded checkpoints keep their inputs in host memory; one block's input is back on the GPU while
     # it recomputes (counted in ``recomputed``'s block input below).
     saved_checkpointed = (0.0 if job.offloads(layout) else n * checkpointed * kept) + shared
@@ -224,10 +250,11 @@ def estimate_memory(job: Job, layout: Layout) -> MemoryEstimate:
     total_params = sum(numel for numel, _ in param_tensors(spec))
     gathered = min(total_params, ZERO3_LIVE_ELEMENTS) * PARAM_BYTES if layout.zero == 3 else 0.0
     bucket = ZERO_BUCKET_ELEMENTS * GRAD_BYTES if layout.zero >= 2 else 0.0
-    # End of forward, inside the chunked loss: final hidden states, the loss' saved dH (bf16) and dW (fp32),
-    # and one chunk's fp32 logits, logits - lse and probabilities.
+    # End of forward, inside the tiled loss: final hidden states, the loss' saved dH (bf16) and dW (fp32),
+    # and one tile's fp32 logits, logits - lse and probabilities. Untiled (``tiled_loss=False``): the whole
+    # (n, vocab) logits, their fp32 upcast and log-softmax.
     chunk = min(job.loss_chunk, n)
-    loss = 2 * n * e * a + v * e * 4 + 3 * chunk * v * 4
+    loss = 2 * n * e * a + v * e * 4 + 3 * chunk * v * 4 if job.tiled_loss else n * e * a + n * v * (a + 8)
     # Backward of a block peaks in one of two places (a GPU memory snapshot of the 3B model's step,
     # bench_train --snapshot-step): in the MLP's backward, where the GELU input and the gradients of its
     # output and input are alive (the GELU output, saved for the projection, is freed just before: one
@@ -235,7 +262,10 @@ def estimate_memory(job: Job, layout: Layout) -> MemoryEstimate:
     # the output projection's saved tensors are freed (:func:`freed_before_attention_backward`), with the
     # ring's buffers alive.
     tile = min(spec.config.mlp_tile_tokens or n, n)
-    mlp_peak = n * spec.mlp_hidden * a if not spec.config.mlp_tile_tokens else 3 * tile * spec.mlp_hidden * a
+    # beyond the saved tensors: one hidden-width gradient (GELU) or two (SwiGLU's product and gate); a tile
+    # recomputes its hidden tensors too
+    width = (spec.mlp_matrices - 1) * spec.mlp_hidden * a
+    mlp_peak = n * width if not spec.config.mlp_tile_tokens else tile * (width + mlp_hidden_tensors_per_token(spec, a))
     block_peak = max(mlp_peak, attention_backward_bytes(job, layout, n) - n * freed_before_attention_backward(job))
     # The head's weight gradient (V x E, bf16) from the loss: with tied weights autograd holds it in the
     # embedding weight's input buffer until the embedding's own gradient arrives, at the end of backward.
@@ -254,4 +284,7 @@ def estimate_memory(job: Job, layout: Layout) -> MemoryEstimate:
               "backward": (backward_saved, backward_peak + rest),
               "optimizer": (0.0, optimizer)}
     name = max(phases, key=lambda k: sum(phases[k]))
-    return MemoryEstimate(states, *phases[name], phase=name)
+    host = host_state_bytes(spec, world, layout.zero) if job.offload_optimizer else 0.0
+    if job.offloads(layout):
+        host += n * checkpointed * checkpoint_saved_per_token(spec, a)
+    return MemoryEstimate(states, *phases[name], phase=name, host=host)

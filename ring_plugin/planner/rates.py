@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
+from ..gpu_peaks import BF16_PEAK_FLOPS
 from .cluster import Cluster
 
 
@@ -52,7 +53,7 @@ class Rates:
 
     def _scale(self) -> float:
         # Another GPU kind: the H200 figures scaled by its bf16 peak (a guess, flagged in the report).
-        return 1.0 if self.measured else self.cluster.gpu.peak_bf16_flops / 989e12
+        return 1.0 if self.measured else self.cluster.gpu.peak_bf16_flops / BF16_PEAK_FLOPS[self.data["gpu"].upper()]
 
     # ---------------------------------------------------------------------------------- compute
     def attention_flops_per_s(self, head_dim: int, n: int, causal: bool) -> float:

@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from .cluster import Cluster
-from .memory import MemoryEstimate, estimate_memory
+from .memory import HOST_PROCESS_BYTES, MemoryEstimate, estimate_memory
 from .rates import Rates
 from .step_time import StepTime, estimate_step
 from .workload import DENSE, Job, Layout
@@ -27,6 +27,7 @@ class Candidate:
     tokens_per_s: float
     mfu: float
     reason: str | None  # None: fits and runs
+    shortfall: float = 0.0  # bytes beyond the usable GPU memory (or the node's host memory, see reason)
 
     @property
     def fits(self) -> bool:
@@ -44,6 +45,14 @@ class Report:
     @property
     def best(self) -> Candidate | None:
         return next((c for c in self.candidates if c.fits), None)
+
+    @property
+    def closest(self) -> Candidate | None:
+        """The out-of-memory candidate that misses by the fewest bytes (None when one fits or none can run)."""
+        if self.best is not None:
+            return None
+        missing = [c for c in self.candidates if c.memory is not None and c.shortfall > 0]
+        return min(missing, key=lambda c: c.shortfall, default=None)
 
 
 def _divisors(n: int) -> list[int]:
@@ -66,6 +75,10 @@ def structural_reason(job: Job, cluster: Cluster, layout: Layout) -> str | None:
         return "Ulysses with a sparse pattern is not modelled"
     if job.seq_len % (2 * u * r):
         return f"seq_len not a multiple of 2*U*R={2 * u * r} (zigzag chunks)"
+    if job.model.hf and layout.mode == "selective":
+        return "transformers layers checkpoint whole (no SAC)"
+    if job.offload_optimizer and layout.zero == 0:
+        return "offload_optimizer needs ZeRO 1-3"
     return None
 
 
@@ -93,22 +106,33 @@ def layouts(world: int, stages: Iterable[int], checkpointing: Iterable[bool | st
 def evaluate(job: Job, cluster: Cluster, layout: Layout, rates: Rates, usable: float) -> Candidate:
     if layout.host_offload and layout.mode == "full" and not job.model.config.offload_checkpoints:
         job = job.with_host_offload()
+    elif job.offloads(layout) and not layout.host_offload:  # the model's own offload_checkpoints: say so
+        layout = dataclasses.replace(layout, host_offload=True)
     why = structural_reason(job, cluster, layout)
     if why:
         return Candidate(layout, None, None, 0.0, 0.0, why)
     memory = estimate_memory(job, layout)
     step = estimate_step(job, layout, rates)
     tokens_per_s = layout.dp * job.batch * job.seq_len / step.total
-    mfu = job.model.flops_per_token(job.seq_len) * tokens_per_s / (layout.world * cluster.gpu.peak_bf16_flops)
+    mfu = job.flops_per_token * tokens_per_s / (layout.world * cluster.gpu.peak_bf16_flops)
     over = memory.total - usable
-    reason = f"OOM by {over / 1e9:.1f} GB" if over > 0 else None
-    return Candidate(layout, memory, step, tokens_per_s, mfu, reason)
+    if over > 0:
+        return Candidate(layout, memory, step, tokens_per_s, mfu, f"OOM by {over / 1e9:.1f} GB", over)
+    host_over = node_host_bytes(memory, cluster, layout) - USABLE_FRACTION * cluster.host_bytes
+    if memory.host > 0 and host_over > 0:
+        return Candidate(layout, memory, step, tokens_per_s, mfu, f"host OOM by {host_over / 1e9:.1f} GB", host_over)
+    return Candidate(layout, memory, step, tokens_per_s, mfu, None)
+
+
+def node_host_bytes(memory: MemoryEstimate, cluster: Cluster, layout: Layout) -> float:
+    """Host memory of one node: each of its processes' offloaded bytes and the process itself."""
+    return min(layout.world, cluster.gpus_per_node) * (memory.host + HOST_PROCESS_BYTES)
 
 
 def fewest_checkpointed(job: Job, cluster: Cluster, candidate: Candidate, rates: Rates, usable: float) -> Candidate:
     """A checkpointing candidate that fits, with as few blocks checkpointed as still fit (each block left
     out saves its recomputation; memory grows with every one): the first k blocks, k found by bisection."""
-    if not candidate.fits or candidate.layout.mode == "none":
+    if not candidate.fits or candidate.layout.mode == "none" or job.model.hf:  # transformers: every layer
         return candidate
     n_layer = job.model.config.n_layer
     best, low, high = candidate, 1, n_layer - 1  # k = n_layer fits; k = 0 is "none", a candidate of its own
@@ -143,9 +167,10 @@ def plan(job: Job, cluster: Cluster, rates: Rates | None = None, stages: Iterabl
     recipe = job.recipe_layout
     if recipe is not None and recipe.world == cluster.world and all(c.layout != recipe for c in found):
         found.append(evaluate(job, cluster, recipe, rates, usable))  # e.g. its own checkpoint_layers
-    # Fitting plans by speed (within 1 %: the smaller memory first), then the out-of-memory ones, then
-    # the impossible ones.
-    found.sort(key=lambda c: (not c.fits, c.step is None, -round(math.log(max(c.tokens_per_s, 1.0)) / math.log(1.01)),
+    # Fitting plans by speed (within 1 %: the smaller memory first), then the out-of-memory ones by how
+    # much they miss, then the impossible ones.
+    found.sort(key=lambda c: (not c.fits, c.step is None, c.shortfall,
+                              -round(math.log(max(c.tokens_per_s, 1.0)) / math.log(1.01)),
                               c.memory.total if c.memory else 0.0))
     notes = [] if rates.measured else [f"no measurements of {cluster.gpu.name}: H200 rates scaled by bf16 peak"]
     return Report(job, cluster, usable, found, notes)

@@ -32,18 +32,22 @@ class StepTime:
 
 # GPU <-> pinned host memory, each way (PCIe 5 x16 in practice; an assumption, not measured on our GPUs).
 HOST_LINK_BYTES_PER_S = 25e9
+# DeepSpeed's CPU Adam on the 16 cores of a one-GPU host, parameters updated per second (an assumption,
+# not measured on our hosts); each parameter's fp32 gradient goes to the host and its bf16 value back.
+CPU_ADAM_PARAMS_PER_S = 1e9
+OFFLOAD_LINK_BYTES_PER_PARAM = 4 + 2
 
 
 def elementwise_bytes_per_token_layer(job: Job) -> float:
     """HBM bytes of one block's forward outside matmuls and attention kernels, per local token: two
     norms (read + write), rotary on q and k (bf16 -> fp32 halves -> four products -> cat -> bf16,
-    about 24 bytes an element), two residual adds, GELU, the contiguous K/V and output copies and the
-    fp32 output's cast. Backward moves about twice this."""
+    about 24 bytes an element), two residual adds, GELU (SwiGLU: SiLU and the product), the contiguous
+    K/V and output copies and the fp32 output's cast. Backward moves about twice this."""
     c, a = job.model.config, job.act_bytes
     e, hd = c.n_embd, c.head_dim
     rotary = (c.n_head + c.kv_heads) * hd * 24
-    return 2 * 2 * e * a + rotary + 2 * 3 * e * a + 2 * job.model.mlp_hidden * a + 2 * 2 * c.kv_heads * hd * a \
-        + 2 * e * a + e * (4 + a)
+    activation = 2 * (job.model.mlp_matrices - 1) * job.model.mlp_hidden * a
+    return 2 * 2 * e * a + rotary + 2 * 3 * e * a + activation + 2 * 2 * c.kv_heads * hd * a + 2 * e * a + e * (4 + a)
 
 
 def attention_seconds(job: Job, layout: Layout, rates: Rates, passes_forward: float) -> float:
@@ -56,7 +60,7 @@ def attention_seconds(job: Job, layout: Layout, rates: Rates, passes_forward: fl
     step's dK/dV message home, which nothing overlaps. Patterns: the measured rate of the pattern's 2-GPU ring."""
     c = job.model.config
     s, b, hd = job.seq_len, job.batch, c.head_dim
-    frac = job.model.attention_fraction(s)
+    frac = job.attention_fraction
     causal = 0.5 if job.causal else 1.0
     fwd_flops = c.n_layer * b * 4.0 * s * s * frac * causal * hd * c.n_head / (layout.ulysses * layout.ring)
     units = passes_forward + 2.5
@@ -100,12 +104,13 @@ def matmul_seconds(job: Job, layout: Layout, rates: Rates, passes_forward: float
     c = job.model.config
     n = job.batch * job.seq_len / (layout.ulysses * layout.ring)
     e, hd, f = c.n_embd, c.head_dim, job.model.mlp_hidden
-    shapes = [(e, (c.n_head + 2 * c.kv_heads) * hd), (e, e), (e, f), (f, e)]
+    mlp = [(e, f)] * (job.model.mlp_matrices - 1) + [(f, e)]
+    shapes = [(e, (c.n_head + 2 * c.kv_heads) * hd), (e, e), *mlp]
     block = sum(2.0 * n * k * m / rates.linear_flops_per_s(k, m) for k, m in shapes)
-    # MLP tiles recompute their forward once more in backward (fc and proj).
-    tiles = sum(2.0 * n * k * m / rates.linear_flops_per_s(k, m) for k, m in shapes[2:]) if c.mlp_tile_tokens else 0.0
+    # MLP tiles recompute their forward once more in backward.
+    tiles = sum(2.0 * n * k * m / rates.linear_flops_per_s(k, m) for k, m in mlp) if c.mlp_tile_tokens else 0.0
     head = 2 * 2.0 * n * e * c.vocab_size / rates.linear_flops_per_s(e, c.vocab_size)
-    bf16_dw = job.act_bytes == 2 and not job.fp32_loss_weight_grad
+    bf16_dw = job.act_bytes == 2
     dw_rate = rates.linear_flops_per_s(e, c.vocab_size) if bf16_dw else rates.fp32_matmul_flops_per_s()
     head += 2.0 * n * e * c.vocab_size / dw_rate
     return c.n_layer * (block * (passes_forward + 2) + tiles) + head
@@ -130,6 +135,8 @@ def zero_seconds(job: Job, layout: Layout, rates: Rates, passes_forward: float) 
     else:
         comm = coll("reducescatter", 1) + coll("allgather", 1)
     local = params / world if layout.zero >= 1 else params
+    if job.offload_optimizer:
+        return comm, local / CPU_ADAM_PARAMS_PER_S + local * OFFLOAD_LINK_BYTES_PER_PARAM / HOST_LINK_BYTES_PER_S
     return comm, local * ADAM_BYTES_PER_PARAM / rates.hbm_bytes_per_s()
 
 

@@ -35,14 +35,8 @@ class Check:
 
 
 def _job(spec: ModelSpec, seq_len: int, entry: dict[str, Any], batch: int = 1, causal: bool = True) -> Job:
-    """The job a run trained; in its manifest entry ``"loss_weight_grad": "fp32"`` marks runs made before
-    the loss' weight gradient became a bf16 GEMM, ``"dkv": "travelling"`` runs made before the ring's
-    dK/dV went straight home, ``"attention": "head_major"`` runs made before the dense ring kept its
-    tensors sequence-major and summed rows with RowSums."""
-    return Job(spec, seq_len, batch=batch, causal=causal,
-               fp32_loss_weight_grad=entry.get("loss_weight_grad") == "fp32",
-               travelling_dkv=entry.get("dkv") == "travelling",
-               head_major_attention=entry.get("attention") == "head_major")
+    """The job a run trained (the manifest lists only runs of the engine as it is now)."""
+    return Job(spec, seq_len, batch=batch, causal=causal)
 
 
 def _train(data: dict[str, Any], name: str, entry: dict[str, Any]) -> list[Check]:
@@ -112,7 +106,7 @@ def _skipped(entry: dict[str, Any], row: dict[str, Any], quantity: str) -> bool:
 def _attention_only(n: int, causal: bool, heads: int, head_dim: int, gpus: int, seconds: float, peak: float,
                     name: str, entry: dict[str, Any], ulysses: int = 1) -> list[Check]:
     """One dense ring layer, fwd+bwd, as the benchmarks time it: the inputs q, k, v and the output
-    gradient (bf16), the output (older runs: and K/V contiguous copies), and the backward working set."""
+    gradient (bf16), the output, and the backward working set."""
     spec = ModelSpec.from_dict(dict(vocab_size=64, n_layer=1, n_head=heads, n_embd=heads * head_dim, max_seq_len=n))
     job = _job(spec, n, entry, causal=causal)
     layout = Layout(1, ulysses, gpus // ulysses, 0, False)
@@ -120,8 +114,7 @@ def _attention_only(n: int, causal: bool, heads: int, head_dim: int, gpus: int, 
     local = n / gpus
     e, a = spec.config.n_embd, job.act_bytes
     kv = local * kv_heads_local(spec, 1) * head_dim
-    # q, dout, out, k, v; older runs also kept (B, H, L, D) copies of K and V
-    held = (5 if job.head_major_attention else 3) * local * e * a + 2 * kv * a
+    held = 3 * local * e * a + 2 * kv * a  # q, dout, out, k, v
     if ulysses > 1:  # the all-to-all's outputs are new tensors the engine saves: q, k, v and the output by sequence
         held += 2 * local * e * a + 2 * local * ulysses * kv_heads_local(spec, ulysses) * head_dim * a
     return [Check(name, "step_time", attention_seconds(job, layout, rates, passes_forward=1), seconds),
@@ -186,7 +179,8 @@ KINDS: dict[str, Callable[..., list[Check]]] = {
 
 
 def validate(results: Path = RESULTS) -> tuple[list[Check], dict[str, float]]:
-    """Every manifest entry's checks and the targets (relative error bounds by quantity)."""
+    """Every manifest entry's checks and the targets (relative error bounds by quantity). The manifest's
+    ``history`` (runs of superseded engine states, kept in ``benchmarks/results/history``) is not checked."""
     manifest = json.loads((results / "planner_manifest.json").read_text())
     checks = []
     for entry in manifest["runs"]:
@@ -195,8 +189,23 @@ def validate(results: Path = RESULTS) -> tuple[list[Check], dict[str, float]]:
     return checks, manifest["targets"]
 
 
+def markdown_table(checks: list[Check]) -> str:
+    """The validation table of docs/planner.md: one row per check, as a test compares it."""
+    lines = ["| run | quantity | predicted | measured | error |", "|---|---|---|---|---|"]
+    for check in checks:
+        scale, unit = (1.0, "s") if check.quantity == "step_time" else (1e9, "GB")
+        lines.append(f"| {check.run} | {check.quantity.replace('_', ' ')} | {check.predicted / scale:.3f} {unit} | "
+                     f"{check.measured / scale:.3f} {unit} | {100 * check.error:+.1f} % |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
+    import sys
+
     found, targets = validate()
+    if sys.argv[1:] == ["--markdown"]:
+        print(markdown_table(found))
+        raise SystemExit(0)
     for check in found:
         ok = abs(check.error) <= targets[check.quantity]
         unit = (1.0, "s") if check.quantity == "step_time" else (1e9, "GB")

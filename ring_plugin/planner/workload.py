@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from ..cache import BoundedCache
 from ..models.gpt import GPTConfig, RingGPT
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -19,9 +20,12 @@ DENSE = ("standard", "sdpa", "distributed", "correct")
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A :class:`~ring_plugin.models.GPTConfig` as the planner needs it."""
+    """A model's shape as the planner needs it: a :class:`~ring_plugin.models.GPTConfig` for RingGPT, or
+    the same fields read from a transformers config (``hf=True``: a Llama-style decoder through
+    ``HFCausalLM``; see :mod:`.hf_models` for what differs)."""
 
     config: GPTConfig
+    hf: bool = False
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ModelSpec:
@@ -32,28 +36,33 @@ class ModelSpec:
     def mlp_hidden(self) -> int:
         return self.config.mlp_hidden or 4 * self.config.n_embd
 
-    def meta_model(self) -> RingGPT:
-        """The real model on the meta device (no memory): its FLOP formula is the one MFU uses."""
-        with torch.device("meta"):
-            return RingGPT(dataclasses.replace(self.config, activation_checkpointing=False, offload_checkpoints=False))
+    @property
+    def mlp_matrices(self) -> int:
+        """Weight matrices of one MLP: fc and proj (RingGPT's GELU MLP), gate, up and down (HF's SwiGLU)."""
+        return 3 if self.hf else 2
 
-    def _figures(self, seq_len: int) -> tuple[float, float]:
-        # Building the meta model costs milliseconds; a plan asks for these once per candidate.
-        key = (repr(self.config), seq_len)
-        if key not in _FIGURES:
-            model = self.meta_model()
-            _FIGURES[key] = (model.flops_per_token(seq_len), model.keys_per_query(seq_len) / seq_len)
-        return _FIGURES[key]
-
-    def flops_per_token(self, seq_len: int) -> float:
-        return self._figures(seq_len)[0]
-
-    def attention_fraction(self, seq_len: int) -> float:
-        """Keys per query of the attention pattern over the dense count (1 for dense attention)."""
-        return self._figures(seq_len)[1]
+    def figures(self, seq_len: int) -> tuple[float, float]:
+        """(training FLOPs per token, keys per query over the dense count) at ``seq_len``: RingGPT's own
+        formula from the meta model (the monitoring callback's), ``HFCausalLM.flops_per_token``'s for HF."""
+        if not self.hf:  # building the meta model costs a third of a second; a plan asks once per candidate
+            shape = dataclasses.replace(self.config, activation_checkpointing=False, recompute_attention=True,
+                                        checkpoint_layers=None, offload_checkpoints=False, mlp_tile_tokens=None)
+            return _RING_GPT_FIGURES.get((repr(shape), seq_len), lambda: _ring_gpt_figures(shape, seq_len))
+        c = self.config
+        linear = c.n_layer * (c.n_embd * (c.n_head + 2 * c.kv_heads) * c.head_dim + c.n_embd * c.n_embd
+                              + self.mlp_matrices * c.n_embd * self.mlp_hidden) + c.n_embd * c.vocab_size
+        attention = c.n_layer * c.n_head * 4 * c.head_dim * seq_len * 0.5
+        return 3.0 * (2.0 * linear + attention), 1.0
 
 
-_FIGURES: dict[tuple[str, int], tuple[float, float]] = {}
+def _ring_gpt_figures(config: GPTConfig, seq_len: int) -> tuple[float, float]:
+    """From the real model on the meta device (no memory): its FLOP formula is the one MFU uses."""
+    with torch.device("meta"):
+        model = RingGPT(config)
+    return model.flops_per_token(seq_len), model.keys_per_query(seq_len) / seq_len
+
+
+_RING_GPT_FIGURES: BoundedCache[tuple[float, float]] = BoundedCache(64)
 
 
 LONG_CONTEXT_TILE = 65536  # MLP tile of a host_offload plan (the dense_1m recipe's)
@@ -120,11 +129,8 @@ class Job:
     loss_chunk: int = 4096  # RingCausalLM.loss_chunk_tokens
     causal: bool = True  # RingGPT is causal; the attention benchmarks also run non-causal
     fused_norm: bool = True  # CUDA's fused RMSNorm saves its input and rstd; the CPU composite saves fp32 copies
-    fp32_loss_weight_grad: bool = False  # the loss' dW GEMM in fp32 (runs before it became bf16, 2026-11-30)
-    travelling_dkv: bool = False  # runs before dK/dV went straight home: an fp32 accumulator made a full turn
-    # runs before the dense ring kept tensors sequence-major and summed rows with RowSums: fp32
-    # accumulators for every row, (B, H, L, D) copies of K/V and dout, a copy of the output for the projection
-    head_major_attention: bool = False
+    tiled_loss: bool = True  # logits and cross-entropy in loss_chunk tiles; False: the full (n, vocab) logits
+    offload_optimizer: bool = False  # ZeRO's fp32 master weights, Adam moments and fp32 gradients in host memory
     name: str = "custom"
     recipe_layout: Layout | None = None  # what the recipe itself runs, marked in the table
     notes: tuple[str, ...] = field(default=())
@@ -132,6 +138,16 @@ class Job:
     @property
     def attention(self) -> str:
         return self.model.config.attention
+
+    @property
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token, as the monitoring callback counts MFU."""
+        return self.model.figures(self.seq_len)[0]
+
+    @property
+    def attention_fraction(self) -> float:
+        """Keys per query of the attention pattern over the dense count (1 for dense attention)."""
+        return self.model.figures(self.seq_len)[1]
 
     def checkpointed_layers(self, layout: Layout) -> int:
         """Blocks that recompute in backward under ``layout``'s checkpointing (``checkpoint_layers``, all
@@ -146,7 +162,7 @@ class Job:
         c = self.model.config
         config = dataclasses.replace(c, activation_checkpointing=True, recompute_attention=True,
                                      offload_checkpoints=True, mlp_tile_tokens=c.mlp_tile_tokens or LONG_CONTEXT_TILE)
-        return dataclasses.replace(self, model=ModelSpec(config))
+        return dataclasses.replace(self, model=dataclasses.replace(self.model, config=config))
 
     def offloads(self, layout: Layout) -> bool:
         """Whether checkpointed blocks keep their input in host memory (``offload_checkpoints``; full
@@ -176,19 +192,30 @@ def compose(recipe: str | None, overrides: Sequence[str] = ()) -> Any:
 
 
 def job_from_config(cfg: Any, name: str) -> Job:
-    """A :class:`Job` from a composed ``ring-train`` config (RingGPT models only)."""
+    """A :class:`Job` from a composed ``ring-train`` config: RingGPT (``model=gpt_*``) or a transformers
+    model (``model=hf``: its ``model.config`` or the ``config.json`` of ``model.pretrained``)."""
     from omegaconf import OmegaConf
 
-    model = OmegaConf.to_container(cfg.model, resolve=False)
+    for key in ("seq_len", "data.batch_size", "devices", "num_nodes", "ring_size", "ulysses_size"):
+        value = OmegaConf.select(cfg, key, default=1)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{key}={value!r} must be a positive integer")
+    model = OmegaConf.to_container(cfg.model, resolve=True)
     assert isinstance(model, dict)
     if "_target_" in model:
-        raise ValueError(f"recipe {name!r} trains {model['_target_']}; the planner models RingGPT (model=gpt_*)")
-    attention = cfg.attention
-    kwargs = attention.get("kwargs")
-    model.update(attention=str(attention.layer),
-                 attention_kwargs=OmegaConf.to_container(kwargs, resolve=True) if kwargs else {},
-                 max_seq_len=max(int(cfg.seq_len), 1))
-    spec = ModelSpec.from_dict(model)
+        from .hf_models import HF_TARGET, spec_from_hf_model
+
+        if model["_target_"] != HF_TARGET:
+            raise ValueError(f"recipe {name!r} trains {model['_target_']}; the planner models RingGPT (model=gpt_*) "
+                             f"and transformers models (model=hf)")
+        spec = spec_from_hf_model(model, int(cfg.seq_len))
+    else:
+        attention = cfg.attention
+        kwargs = attention.get("kwargs")
+        model.update(attention=str(attention.layer),
+                     attention_kwargs=OmegaConf.to_container(kwargs, resolve=True) if kwargs else {},
+                     max_seq_len=max(int(cfg.seq_len), 1))
+        spec = ModelSpec.from_dict(model)
     stage = int(cfg.strategy.get("stage", 0)) if "stage" in cfg.strategy else 0
     world = int(cfg.devices) * int(cfg.num_nodes)
     ulysses = int(cfg.get("ulysses_size") or 1)  # read where the app has it; not required
@@ -198,4 +225,6 @@ def job_from_config(cfg: Any, name: str) -> Job:
                     host_offload=bool(spec.config.offload_checkpoints))
     precision = str(cfg.trainer.precision)
     return Job(model=spec, seq_len=int(cfg.seq_len), batch=int(cfg.data.get("batch_size", 1)),
-               act_bytes=4 if precision.startswith("32") else 2, name=name, recipe_layout=layout)
+               act_bytes=4 if precision.startswith("32") else 2, name=name, recipe_layout=layout,
+               tiled_loss=bool(model.get("tiled_loss", True)),
+               offload_optimizer=bool(cfg.strategy.get("offload_optimizer", False)))
