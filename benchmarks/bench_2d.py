@@ -29,6 +29,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from bench_ring import _fwd_bwd, _sdpa_cudnn, attention_flops, peak_gb, reset_peak, time_fn  # noqa: E402
+from provenance import write_json  # noqa: E402
 
 from ring_plugin import create_ring_attention, shard_sequence  # noqa: E402
 
@@ -109,7 +110,7 @@ def main() -> None:
                 for k in SPLITS) + f"; ring2/ulysses2 time {r['ring2_over_ulysses2_seconds']:.3f}")
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / f"bench_2d_2gpu_{result['date']}.json").write_text(json.dumps(result, indent=2))
+        write_json(out / f"bench_2d_2gpu_{result['date']}.json", result)
     dist.barrier()
     dist.destroy_process_group()
 

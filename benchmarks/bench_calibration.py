@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from provenance import write_json  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 LINEAR_SHAPES = [(65536, 768, 2304), (65536, 768, 3072), (65536, 3072, 768), (65536, 4096, 6144),
@@ -103,7 +104,7 @@ def main() -> None:
                "date": date, "memory_total_bytes": torch.cuda.get_device_properties(0).total_memory,
                "results": results}
         path = Path(args.out) / f"bench_calibration_{dist.get_world_size()}xH200_{date}.json"
-        path.write_text(json.dumps(out, indent=2))
+        write_json(path, out)
         print(json.dumps(out, indent=2), f"\nwrote {path}", sep="", flush=True)
     dist.destroy_process_group()
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import sys
 import time
@@ -46,6 +45,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from gpu_lightning import RandomTokens, StepStats, add_run_arguments, free_memory, make_trainer, release, step_figures  # noqa: E402
+from provenance import write_json  # noqa: E402
 
 from ring_plugin.comm.context import ring_context  # noqa: E402
 from ring_plugin.layout import shard_sequence  # noqa: E402
@@ -215,7 +215,7 @@ def _report(result: dict[str, Any], out: str, tag: str) -> None:
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"bench_hf_{tag}_{result['date']}.json"
-    path.write_text(json.dumps(result, indent=2))
+    write_json(path, result)
     print(f"wrote {path}")
 
 

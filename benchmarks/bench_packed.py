@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import sys
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_ring import fwd_bwd_attention_flops, oracle_errors, peak_gb, reset_peak, time_fn  # noqa: E402
+from provenance import write_json  # noqa: E402
 
 from ring_plugin import create_ring_attention, shard_sequence  # noqa: E402
 from ring_plugin.attention.oracle import document_mask  # noqa: E402
@@ -191,7 +191,7 @@ def main() -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         tag = "smoke" if args.smoke else f"{world}x{torch.cuda.get_device_name(device).split()[-1]}"
         path = out_dir / f"bench_packed_{tag}_{result['date']}.json"
-        path.write_text(json.dumps(result, indent=1))
+        write_json(path, result, indent=1)
         print(f"equivalence: {sum(e['passed'] for e in equivalence)}/{len(equivalence)} passed; "
               f"worst bf16 rel {max(e['out_rel'] for e in equivalence if 'bfloat16' in e['dtype']):.2e}")
         for row in runs:

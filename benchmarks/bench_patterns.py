@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 # bench_ring (this folder) also puts the repository on sys.path, so no install is needed.
 from bench_ring import fwd_bwd_attention_flops, oracle_errors
+from provenance import write_json  # noqa: E402
 
 from ring_plugin import create_ring_attention
 from ring_plugin.patterns import DilatedPattern
@@ -249,8 +250,7 @@ def main() -> None:
               "equivalence": equivalence, "results": results}
     if args.out:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
+        write_json(args.out, report, indent=1)
     if not args.smoke:
         dist.destroy_process_group()
 

@@ -31,6 +31,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from provenance import write_json  # noqa: E402
+
 from ring_plugin import create_ring_attention, reference_attention, shard_sequence  # noqa: E402
 
 
@@ -307,7 +309,7 @@ def main() -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         tag = "smoke" if smoke else f"{world}gpu"
         path = out_dir / f"bench_ring_{tag}_{result['date']}.json"
-        path.write_text(json.dumps(result, indent=2))
+        write_json(path, result)
         print_table(result)
         print(f"wrote {path}")
     dist.destroy_process_group()

@@ -54,6 +54,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from gpu_lightning import RandomTokens, StepStats, add_run_arguments, free_memory, make_trainer, release, step_figures  # noqa: E402
+from provenance import write_json  # noqa: E402
 
 from ring_plugin import create_ring_attention, shard_sequence  # noqa: E402
 from ring_plugin.comm.context import ring_context  # noqa: E402
@@ -352,7 +353,7 @@ def _write(result: dict[str, Any], out: str, tag: str) -> Path:
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"bench_train_{tag}_{result['date']}.json"
-    path.write_text(json.dumps(result, indent=2))
+    write_json(path, result)
     return path
 
 

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from provenance import write_json  # noqa: E402
+
 from ring_plugin import create_ring_attention, reference_attention  # noqa: E402
 from ring_plugin.attention.oracle import document_mask  # noqa: E402
 from ring_plugin.ops.document_kernels import document_backward, document_forward  # noqa: E402
@@ -172,7 +173,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"check_document_kernels_1x{result['device'].split()[-1]}_{result['date']}.json"
-    path.write_text(json.dumps(result, indent=1))
+    write_json(path, result, indent=1)
     worst = {k: max(b[k] for b in blocks) for k in ("out_rel", "lse_abs", "dq_rel", "dk_rel", "dv_rel")}
     print("blocks: worst", {k: f"{v:.2e}" for k, v in worst.items()},
           "empty rows match:", all(b["empty_rows_match"] for b in blocks))

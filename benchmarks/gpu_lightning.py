@@ -37,6 +37,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from provenance import write_json  # noqa: E402
+
 from ring_plugin.comm.context import ring_context  # noqa: E402
 from ring_plugin.lightning import RingDeepSpeedStrategy, RingStrategy  # noqa: E402
 from ring_plugin.models import GPTConfig, RingCausalLM  # noqa: E402
@@ -293,7 +295,7 @@ def _report(result: dict, out: str, tag: str) -> None:
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"gpu_lightning_{tag}_{result['date']}.json"
-    path.write_text(json.dumps(result, indent=2))
+    write_json(path, result)
     print(f"wrote {path}")
 
 

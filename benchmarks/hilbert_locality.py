@@ -9,9 +9,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
+from provenance import write_json  # noqa: E402
 
 from ring_plugin.patterns import block_locality, block_mask, hilbert_permutation, segment_locality
 
@@ -60,8 +60,7 @@ def main() -> None:
     ap.add_argument("--sparsity", type=float, default=0.9)
     args = ap.parse_args()
     report = {"segments": segment_rows(), "block_sparse": block_sparse_rows(args.sparsity)}
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=1)
+    write_json(args.out, report, indent=1)
 
 
 if __name__ == "__main__":

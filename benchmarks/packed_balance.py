@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 from pathlib import Path
 
 import torch
+from provenance import write_json  # noqa: E402
 
 from ring_plugin.balance import (
     CHUNKS_TARGET,
@@ -112,7 +112,7 @@ def main() -> None:
         "results": results,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    write_json(args.out, report, indent=1)
     _print_table(results, args.rings)
     if args.plot:
         _plot(results, args.rings, args.plot, args)

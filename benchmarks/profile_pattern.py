@@ -19,6 +19,8 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from provenance import text_header  # noqa: E402
+
 from ring_plugin import create_ring_attention  # noqa: E402
 
 
@@ -121,7 +123,7 @@ def main() -> None:
     if dist.get_rank() == 0:
         print(table)
         if args.out:
-            Path(args.out).write_text(table)
+            Path(args.out).write_text(text_header() + table)
     dist.destroy_process_group()
 
 

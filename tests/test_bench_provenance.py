@@ -1,0 +1,45 @@
+"""``benchmarks/provenance.py``: every benchmark result records the commit it ran on and whether the
+working tree was clean, and every benchmark script writes its results through it."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from provenance import source_state, text_header, write_json  # noqa: E402
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, check=True).stdout
+
+
+def test_result_records_the_commit_and_the_trees_state(tmp_path: Path) -> None:
+    path = write_json(tmp_path / "out" / "result.json", {"tokens_per_s": 1.5})
+    written = json.loads(path.read_text())
+    changed = [line[3:] for line in _git("status", "--porcelain", "--untracked-files=no").splitlines() if line.strip()]
+    assert written == {"tokens_per_s": 1.5, "source": {"commit": _git("rev-parse", "HEAD").strip(),
+                                                       "tree_clean": not changed, "changed": changed}}
+    assert re.fullmatch(r"[0-9a-f]{40}", written["source"]["commit"])
+    state = source_state()
+    assert text_header() == f"# commit {state['commit']}, tree clean: {state['tree_clean']}\n"
+
+
+def test_every_benchmark_script_writes_through_provenance() -> None:
+    """No benchmark writes a result file of its own: each one that writes uses write_json or text_header."""
+    writers = []
+    for script in sorted((REPO / "benchmarks").glob("*.py")):
+        text = script.read_text()
+        if script.name == "provenance.py":
+            continue
+        assert not re.search(r"write_text\(json\.dumps|json\.dump\(", text), script.name
+        if "write_json(" in text or "text_header(" in text:
+            writers.append(script.stem)
+    assert {"bench_2d", "bench_calibration", "bench_hf", "bench_packed", "bench_patterns", "bench_ring", "bench_train",
+            "check_document_kernels", "gpu_lightning", "hilbert_locality", "packed_balance",
+            "profile_pattern"} <= set(writers)
