@@ -1,10 +1,9 @@
 """Transformers models (``model=hf``) as the planner sees them, and the longest sequence one GPU trains.
 
 A Llama-style decoder (Llama, Mistral, Qwen2, ...) differs from RingGPT where memory and time are
-concerned in three places, each modelled in :mod:`.memory` and :mod:`.step_time` under
-``ModelSpec.hf``: a SwiGLU MLP (gate, up and down projections; four hidden-width tensors saved), the
-composite RMSNorm of transformers (an fp32 copy of its input saved), and an attention output reshaped
-to tokens-major before the output projection (a copy saved). Checkpointing is per decoder layer
+concerned in two places, each modelled in :mod:`.memory` and :mod:`.step_time` under ``ModelSpec.hf``:
+a SwiGLU MLP (gate, up and down projections; four hidden-width tensors saved) and the composite RMSNorm
+of transformers (an fp32 copy of its input saved). Checkpointing is per decoder layer
 (``model.activation_checkpointing``, all layers, attention recomputed); the long-context switches are
 ``model.tiled_loss``, ``model.mlp_tile_tokens`` and ``model.offload_checkpoints``, and one GPU can move
 the optimizer to host memory (``strategy.offload_optimizer``, ZeRO-3).

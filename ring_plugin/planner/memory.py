@@ -117,27 +117,22 @@ def mlp_hidden_tensors_per_token(spec: ModelSpec, a: int) -> float:
     return 2 * (spec.mlp_matrices - 1) * spec.mlp_hidden * a
 
 
-def proj_input_copied(spec: ModelSpec) -> bool:
-    """Whether the attention output projection saves a copy of its own: transformers' layers reshape the
-    (batch, heads, tokens, dim) output to tokens-major; RingGPT's output already is (a view)."""
-    return spec.hf
-
 
 def layer_saved_per_token(spec: ModelSpec, a: int, fused_norm: bool, ulysses: int = 1) -> float:
     """Bytes a transformer block saves for backward per local token, without checkpointing: two norms;
     the qkv and fc inputs; the attention's q, k, v, out (bf16) and lse (fp32), out being the proj input
-    too (or a copy: :func:`proj_input_copied`); the MLP's hidden tensors (:func:`mlp_hidden_saved_per_token`).
+    too (a view of it); the MLP's hidden tensors (:func:`mlp_hidden_saved_per_token`).
     Rotary saves only cos/sin (shared, see :func:`shared_saved_per_token`)."""
     c = spec.config
     kv = ulysses * kv_heads_local(spec, ulysses) * c.head_dim  # K/V widths per local token
-    return (2 * norm_saved_per_token(spec, a, fused_norm) + (4 + proj_input_copied(spec)) * c.n_embd * a
-            + 2 * kv * a + 4 * c.n_head + mlp_hidden_saved_per_token(spec, a))
+    return (2 * norm_saved_per_token(spec, a, fused_norm) + 4 * c.n_embd * a + 2 * kv * a + 4 * c.n_head
+            + mlp_hidden_saved_per_token(spec, a))
 
 
 def shared_saved_per_token(spec: ModelSpec, a: int, fused_norm: bool) -> float:
-    """Saved once for the whole model: token ids (int64), rotary cos/sin (fp32; transformers: position
-    ids too, cos/sin in the activations' dtype), the final norm."""
-    rotary = 8 + 2 * spec.config.head_dim * a if spec.hf else 4 * spec.config.head_dim
+    """Saved once for the whole model: token ids (int64), rotary cos/sin (fp32; transformers: in the
+    activations' dtype), the final norm."""
+    rotary = 2 * spec.config.head_dim * a if spec.hf else 4 * spec.config.head_dim
     return 8 + rotary + norm_saved_per_token(spec, a, fused_norm)
 
 
@@ -152,7 +147,7 @@ def attention_kept_per_token(spec: ModelSpec, a: int, ulysses: int = 1) -> float
     :func:`layer_saved_per_token`."""
     c = spec.config
     kv = ulysses * kv_heads_local(spec, ulysses) * c.head_dim
-    return (2 + proj_input_copied(spec)) * c.n_embd * a + 2 * kv * a + 4 * c.n_head
+    return 2 * c.n_embd * a + 2 * kv * a + 4 * c.n_head
 
 
 def block_kept_per_token(spec: ModelSpec, a: int, fused_norm: bool, ulysses: int, mode: str) -> float:
