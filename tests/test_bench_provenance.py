@@ -43,3 +43,18 @@ def test_every_benchmark_script_writes_through_provenance() -> None:
     assert {"bench_2d", "bench_calibration", "bench_hf", "bench_packed", "bench_patterns", "bench_ring", "bench_train",
             "check_document_kernels", "gpu_lightning", "hilbert_locality", "packed_balance",
             "profile_pattern"} <= set(writers)
+
+
+def test_results_index_lists_every_current_result_and_who_quotes_it() -> None:
+    """benchmarks/results/README.md names each file at the top of the folder once, and every doc it says
+    quotes a file does quote it (outside history/)."""
+    results = REPO / "benchmarks" / "results"
+    index = (results / "README.md").read_text()
+    rows = re.findall(r"^\| `([^`]+)` \| [^|]+ \| ([^|]+) \|$", index, flags=re.M)
+    listed = [name for name, _ in rows]
+    current = sorted(p.name for p in results.iterdir() if p.is_file() and p.name != "README.md")
+    assert sorted(listed) == current
+    for name, quoted in rows:
+        for doc in re.findall(r"((?:docs/)?[\w.]+\.md) §", quoted):
+            text = (REPO / doc).read_text()
+            assert re.search(rf"(?<!history/){re.escape(name)}", text), (name, doc)
