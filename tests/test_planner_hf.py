@@ -131,6 +131,11 @@ def test_longest_sequence_is_the_longest_that_fits(gpu: str) -> None:
     assert fit.seq_len % SEQ_STEP == 0 and fit.seq_len >= 786432
     assert fit.gpu_bytes <= 0.9 * memory and fit.host_bytes <= 0.9 * host
     assert f"seq_len={fit.seq_len}" in fit.command and fit.command.startswith("ring-train model=hf ")
+    # the command composes to the planned shape and switches
+    job = job_from_config(compose(None, fit.overrides), "longest")
+    assert job.model.hf and job.seq_len == fit.seq_len and job.model.config.n_layer == 16
+    assert job.model.config.offload_checkpoints == ("model.offload_checkpoints=true" in fit.command)
+    assert job.tiled_loss and job.offload_optimizer == ("strategy.offload_optimizer=true" in fit.command)
     # one step longer does not fit, on the GPU or the host, with any offload choice
     spec = spec_from_hf_config(LLAMA_1B, fit.seq_len)
     for choice in OFFLOAD_CHOICES:

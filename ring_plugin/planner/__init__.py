@@ -3,12 +3,13 @@
 fits. How the model works and how it was validated: docs/planner.md."""
 
 from .cluster import GPUS, Cluster, GPUKind, cluster
+from .hf_models import LongestFit, longest_sequence, spec_from_hf_config
 from .memory import MemoryEstimate, States, estimate_memory, state_bytes
 from .rates import Rates
 from .recommend import Candidate, Report, plan
 from .step_time import StepTime, estimate_step
 from .workload import Job, Layout, ModelSpec, compose, job_from_config
 
-__all__ = ["GPUS", "Candidate", "Cluster", "GPUKind", "Job", "Layout", "MemoryEstimate", "ModelSpec", "Rates",
-           "Report", "States", "StepTime", "cluster", "compose", "estimate_memory", "estimate_step",
-           "job_from_config", "plan", "state_bytes"]
+__all__ = ["GPUS", "Candidate", "Cluster", "GPUKind", "Job", "Layout", "LongestFit", "MemoryEstimate", "ModelSpec",
+           "Rates", "Report", "States", "StepTime", "cluster", "compose", "estimate_memory", "estimate_step",
+           "job_from_config", "longest_sequence", "plan", "spec_from_hf_config", "state_bytes"]

@@ -113,8 +113,7 @@ def planned_for(args: Sequence[str]) -> Planned:
     job = job_from_config(cfg, recipe or "default")
     cl = make_cluster(mine.get("gpu", "h200"), per_node or int(cfg.devices), nodes or int(cfg.num_nodes), *links)
     report = plan(job, cl, stages=stages, checkpointing=ac)
-    report.notes[:0] = notes
-    return Planned(report, recipe, tuple(hydra), cfg)
+    return Planned(dataclasses.replace(report, notes=notes + report.notes), recipe, tuple(hydra), cfg)
 
 
 def report_for(args: Sequence[str]) -> Report:

@@ -81,11 +81,11 @@ class LongestFit:
     host_bytes: float  # predicted host memory of the process at seq_len
     step_seconds: float
     limit: str  # "GPU memory" or "host memory": what the next length up exceeds
-    overrides: tuple[str, ...]  # the ring-train switches of the plan
+    overrides: tuple[str, ...]  # the ring-train overrides of the plan (model=hf, its shape and switches)
 
     @property
     def command(self) -> str:
-        return " ".join(("ring-train", "model=hf", *self.overrides))
+        return " ".join(("ring-train", *self.overrides))
 
 
 def long_context_job(spec: ModelSpec, seq_len: int, offload_optimizer: bool = True,
@@ -134,13 +134,35 @@ def longest_sequence(hf_config: Mapping[str, Any], gpu_memory_bytes: float, host
     job = long_context_job(spec, seq_len, *choice)
     memory = estimate_memory(job, ONE_GPU)
     next_gpu, next_host = over(seq_len + SEQ_STEP, choice)
-    overrides = (f"seq_len={seq_len}", "devices=1", "ring_size=1", "strategy=deepspeed", "strategy.stage=3",
-                 f"strategy.offload_optimizer={str(choice[0]).lower()}", "model.activation_checkpointing=true",
-                 f"model.offload_checkpoints={str(choice[1]).lower()}",
-                 f"model.mlp_tile_tokens={job.model.config.mlp_tile_tokens}", "model.tiled_loss=true")
+    keys = (*HF_SHAPE_KEYS, "num_key_value_heads", "tie_word_embeddings")
+    shape = tuple(f"model.config.{key}={_override_value(hf_config[key])}" for key in keys if key in hf_config)
+    switches = _with_plus_where_new({"model.offload_checkpoints": _override_value(choice[1]),
+                                     "model.mlp_tile_tokens": str(job.model.config.mlp_tile_tokens),
+                                     "model.tiled_loss": "true"})
+    overrides = ("model=hf", *shape, f"seq_len={seq_len}", "devices=1", "ring_size=1", "strategy=deepspeed",
+                 "strategy.stage=3", f"strategy.offload_optimizer={_override_value(choice[0])}",
+                 "model.activation_checkpointing=true", *switches)
     return LongestFit(seq_len, memory.total, memory.host + HOST_PROCESS_BYTES,
                       estimate_step(job, ONE_GPU, Rates.for_cluster(cluster(gpu, 1, 1))).total,
                       "host memory" if next_host > next_gpu else "GPU memory", overrides)
+
+
+def _with_plus_where_new(settings: dict[str, str]) -> tuple[str, ...]:
+    """``key=value`` overrides of ``model=hf``, with Hydra's ``+`` for keys its config group does not have."""
+    from omegaconf import OmegaConf
+
+    from .workload import compose
+
+    cfg = compose(None, ["model=hf"])
+    return tuple(("" if OmegaConf.select(cfg, key, default=_ABSENT) is not _ABSENT else "+") + f"{key}={value}"
+                 for key, value in settings.items())
+
+
+_ABSENT = object()
+
+
+def _override_value(value: object) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _longest_steps(fits: Callable[[int], bool]) -> int:

@@ -35,9 +35,9 @@ def load_measured() -> dict[str, Any]:
     return json.loads(resources.files(__package__).joinpath("measured.json").read_text())
 
 
-@dataclass(frozen=True)
+@dataclass
 class Rates:
-    """Rates of one GPU kind and its links; seconds and bytes in, seconds out."""
+    """Rates of one GPU kind and its links; seconds and bytes in, seconds out. ``data``: ``measured.json``."""
 
     data: dict[str, Any]
     cluster: Cluster
