@@ -8,6 +8,7 @@ Every benchmark script writes its result with :func:`write_json` (or prefixes a 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -25,11 +26,14 @@ def _git(*args: str) -> str | None:
 
 def source_state() -> dict[str, Any]:
     """``{"commit": sha, "tree_clean": bool, "changed": [paths]}`` of the repository the benchmark runs
-    from; ``commit`` and ``tree_clean`` are None where no git repository is found (a copied tree)."""
+    from. A tree copied without its git directory (a GPU host) takes them from ``BENCH_COMMIT`` and
+    ``BENCH_TREE_CLEAN`` ("true"/"false"), set by whoever copied it; None where neither is known."""
     commit = _git("rev-parse", "HEAD")
     status = _git("status", "--porcelain", "--untracked-files=no")
     if commit is None or status is None:
-        return {"commit": None, "tree_clean": None, "changed": []}
+        clean = os.environ.get("BENCH_TREE_CLEAN")
+        return {"commit": os.environ.get("BENCH_COMMIT"), "tree_clean": None if clean is None else clean == "true",
+                "changed": []}
     changed = [line[3:] for line in status.splitlines() if line.strip()]
     return {"commit": commit.strip(), "tree_clean": not changed, "changed": changed}
 

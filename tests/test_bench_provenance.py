@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
@@ -58,3 +60,16 @@ def test_results_index_lists_every_current_result_and_who_quotes_it() -> None:
         for doc in re.findall(r"((?:docs/)?[\w.]+\.md) §", quoted):
             text = (REPO / doc).read_text()
             assert re.search(rf"(?<!history/){re.escape(name)}", text), (name, doc)
+
+
+def test_a_tree_without_git_takes_the_commit_from_the_environment(monkeypatch: pytest.MonkeyPatch,
+                                                                  tmp_path: Path) -> None:
+    import provenance
+
+    monkeypatch.setattr(provenance, "REPO", tmp_path)  # no git repository there
+    monkeypatch.delenv("BENCH_COMMIT", raising=False)
+    monkeypatch.delenv("BENCH_TREE_CLEAN", raising=False)
+    assert source_state() == {"commit": None, "tree_clean": None, "changed": []}
+    monkeypatch.setenv("BENCH_COMMIT", "0" * 40)
+    monkeypatch.setenv("BENCH_TREE_CLEAN", "false")
+    assert source_state() == {"commit": "0" * 40, "tree_clean": False, "changed": []}
