@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .cluster import cluster
+from .hf_models import spec_from_hf_config
 from .memory import attention_backward_bytes, estimate_memory, kv_heads_local
 from .rates import Rates
 from .step_time import attention_seconds, estimate_step
@@ -141,23 +142,30 @@ def _bench_patterns(data: dict[str, Any], name: str, entry: dict[str, Any]) -> l
 
 
 def _bench_hf(data: dict[str, Any], name: str, entry: dict[str, Any]) -> list[Check]:
-    """bench_hf.py's ``ring_gpt`` row: the RingGPT shaped like its Llama (GELU MLP 1.5x the SwiGLU width,
-    so as many weights), ZeRO-3, full activation checkpointing, a ring of all GPUs. The HF model's own
-    row is not planned (the planner models RingGPT only)."""
-    llama, row = data["hf_config"], next(r for r in data["throughput"] if r["model"] == "ring_gpt")
-    spec = ModelSpec.from_dict(dict(
-        vocab_size=llama["vocab_size"], n_layer=llama["num_hidden_layers"], n_head=llama["num_attention_heads"],
-        n_kv_head=llama["num_key_value_heads"], n_embd=llama["hidden_size"],
-        mlp_hidden=3 * llama["intermediate_size"] // 2, tie_weights=bool(llama.get("tie_word_embeddings", True)),
-        max_seq_len=row["seq_len"], activation_checkpointing=True))
-    layout = Layout(1, 1, row["gpus"], row["zero_stage"], True)
-    job = _job(spec, row["seq_len"], entry)
-    rates = Rates.for_cluster(cluster("h200", row["gpus"], 1))
-    peak = max(m["peak_allocated_gib"] for m in row["memory"]) * 2**30
-    run = f"{name} ring_gpt"
-    found = [Check(run, "step_time", estimate_step(job, layout, rates).total, row["median_step_seconds"]),
-             Check(run, "peak_memory", estimate_memory(job, layout).total, peak)]
-    return [check for check in found if not _skipped(entry, row, check.quantity)]
+    """bench_hf.py's rows: ``hf_llama``, the transformers Llama itself (planned from its config), and
+    ``ring_gpt``, the RingGPT shaped like it (GELU MLP 1.5x the SwiGLU width, so as many weights); both
+    ZeRO-3, every layer checkpointed, a ring of all GPUs."""
+    llama = data["hf_config"]
+    out = []
+    for row in data["throughput"]:
+        if row["model"] == "hf_llama":
+            spec = spec_from_hf_config(llama, row["seq_len"], activation_checkpointing=True)
+        else:
+            spec = ModelSpec.from_dict(dict(
+                vocab_size=llama["vocab_size"], n_layer=llama["num_hidden_layers"],
+                n_head=llama["num_attention_heads"], n_kv_head=llama["num_key_value_heads"],
+                n_embd=llama["hidden_size"], mlp_hidden=3 * llama["intermediate_size"] // 2,
+                tie_weights=bool(llama.get("tie_word_embeddings", True)), max_seq_len=row["seq_len"],
+                activation_checkpointing=True))
+        layout = Layout(1, 1, row["gpus"], row["zero_stage"], True)
+        job = _job(spec, row["seq_len"], entry)
+        rates = Rates.for_cluster(cluster("h200", row["gpus"], 1))
+        peak = max(m["peak_allocated_gib"] for m in row["memory"]) * 2**30
+        run = f"{name} {row['model']}"
+        found = [Check(run, "step_time", estimate_step(job, layout, rates).total, row["median_step_seconds"]),
+                 Check(run, "peak_memory", estimate_memory(job, layout).total, peak)]
+        out += [check for check in found if not _skipped(entry, row, check.quantity)]
+    return out
 
 
 def _bench_2d(data: dict[str, Any], name: str, entry: dict[str, Any]) -> list[Check]:
