@@ -31,6 +31,7 @@ from ..callbacks import FaultTolerance, FinalCheckpoint, RingMonitor, RingProgre
 from ..lightning import RingDeepSpeedStrategy
 from ..models import RingCausalLM
 from .identity import RunRecord, is_complete, open_run, save_record, set_aside_logs
+from .known_keys import check_config, check_overrides
 from .launch import check_launch, is_global_rank_zero, launcher
 from .quiet import quiet_known_noise, route_lightning_logs
 from .resume import resolve_resume
@@ -112,6 +113,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     quiet_known_noise()  # before validation, which builds the strategy (and may import DeepSpeed)
     if HydraConfig.initialized():
         check_optional_choices(HydraConfig.get().runtime.choices)
+    check_config(cfg)
     validate_config(cfg)
     check_launch(cfg.devices, cfg.num_nodes)
     _configure_process(cfg)
@@ -289,15 +291,28 @@ def format_summary(s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _config_error(err: ConfigError) -> None:
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        raise err
+    print(f"ring-train: config error: {err}", file=sys.stderr, flush=True)  # one line, no traceback
+    sys.exit(2)
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
-def main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> None:
     try:
         run(cfg)
     except ConfigError as err:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        print(f"ring-train: config error: {err}", file=sys.stderr, flush=True)  # one line, no traceback
-        sys.exit(2)
+        _config_error(err)
+
+
+def main() -> None:
+    """The console script: unknown keys on the command line are refused before Hydra composes the config."""
+    try:
+        check_overrides(sys.argv[1:])
+    except ConfigError as err:
+        _config_error(err)
+    hydra_main()
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from ..app.known_keys import check_config, check_overrides
 from .cluster import cluster as make_cluster
 from .recommend import MODES, Candidate, Report, plan
 from .workload import compose, job_from_config
@@ -64,7 +65,9 @@ def report_for(args: Sequence[str]) -> Report:
     if "batch" in mine:
         hydra.append(f"data.batch_size={mine['batch']}")
     recipe = mine.get("recipe")
+    check_overrides(hydra, PLANNER_KEYS)
     cfg = compose(recipe, hydra)
+    check_config(cfg, PLANNER_KEYS)
     job = job_from_config(cfg, recipe or "default")
     per_node = _number(mine, "gpus_per_node", int, cfg.devices)
     nodes = _number(mine, "nodes", int, cfg.num_nodes)
