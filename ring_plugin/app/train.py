@@ -35,6 +35,7 @@ from .known_keys import check_config, check_overrides
 from .launch import check_launch, is_global_rank_zero, launcher
 from .quiet import quiet_known_noise, route_lightning_logs
 from .resume import resolve_resume
+from .resume_changes import resume_notes, schedule_summary, steps
 from .validate import CONF_DIR, ConfigError, check_optional_choices, is_hf_model, model_kwargs, validate_config
 
 # An absolute path works the same from a source checkout, an editable install and a wheel.
@@ -118,6 +119,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     check_launch(cfg.devices, cfg.num_nodes)
     _configure_process(cfg)
     owner = is_global_rank_zero()  # the run's files are written once, by global rank 0 (of every node)
+    notes = resume_notes(cfg)
     record = open_run(cfg)
     if cfg.resume != "never" and is_complete(record, cfg.max_steps, cfg.paths.checkpoints):
         if owner:
@@ -135,6 +137,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     ckpt_path = resolve_resume("auto" if cfg.resume == "force" else cfg.resume, cfg.paths.checkpoints)
     if trainer.is_global_zero:
         _announce(cfg, trainer, model, ckpt_path)
+        for note in notes if ckpt_path else ():
+            log.info(note)
         _log_config(trainer, cfg, model)
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -161,8 +165,8 @@ def _announce(cfg: DictConfig, trainer: pl.Trainer, model: RingCausalLM, ckpt_pa
     params = sum(p.numel() for p in model.parameters())
     log.info(f"[ring-train] run {cfg.name!r} in {cfg.paths.output_dir}: {cfg.attention.name} attention, "
              f"{params / 1e6:.2f}M parameters, seq_len {cfg.seq_len}, {cfg.devices * cfg.num_nodes} processes"
-             f"{_nodes(cfg)} ({_sequence_parallel(cfg)}, {cfg.layout}), {trainer.max_steps} steps"
-             + (f"; resuming from {ckpt_path}" if ckpt_path else ""))
+             f"{_nodes(cfg)} ({_sequence_parallel(cfg)}, {cfg.layout}), {steps(trainer.max_steps)}"
+             + schedule_summary(model) + (f"; resuming from {ckpt_path}" if ckpt_path else ""))
     if cfg.num_nodes > 1 and cfg.devices % cfg.ulysses_size:
         # Ulysses groups are adjacent ranks: one that straddles two nodes sends its all-to-alls over the network.
         log.warning(f"[ring-train] ulysses_size={cfg.ulysses_size} does not divide devices={cfg.devices}: some "

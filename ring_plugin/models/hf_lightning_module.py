@@ -77,6 +77,7 @@ class HFCausalLM(RingCausalLM):
         min_lr_ratio: float = 0.1,
         loss_chunk_tokens: int = 4096,
         activation_checkpointing: bool = False,
+        schedule_steps: int | None = None,
     ):
         # RingCausalLM.__init__ builds a RingGPT; everything else of it (loss scaling, steps, optimizer) is shared.
         pl.LightningModule.__init__(self)
@@ -90,7 +91,7 @@ class HFCausalLM(RingCausalLM):
             "pretrained": pretrained, "config": None if config is None else config.to_dict(), "lr": lr,
             "weight_decay": weight_decay, "betas": tuple(betas), "warmup_steps": warmup_steps,
             "max_steps": max_steps, "min_lr_ratio": min_lr_ratio, "loss_chunk_tokens": loss_chunk_tokens,
-            "activation_checkpointing": activation_checkpointing})
+            "activation_checkpointing": activation_checkpointing, "schedule_steps": schedule_steps})
         self.hf_config = config
         self.model: nn.Module | None = None
         self._val_sums: torch.Tensor | None = None
