@@ -27,17 +27,23 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from ..callbacks import FaultTolerance, FinalCheckpoint, RingMonitor, RingProgressBar, TaskAccuracy
+from ..callbacks import FaultTolerance, FinalCheckpoint, RingProgressBar
+from ..callbacks.progress import ProgressLines
 from ..lightning import RingDeepSpeedStrategy
 from ..models import RingCausalLM
+from .accelerator import check_accelerator
 from .identity import RunRecord, is_complete, open_run, save_record, set_aside_logs
 from .known_keys import check_config, check_overrides
 from .launch import check_launch, is_global_rank_zero, launcher
 from .quiet import quiet_known_noise, route_lightning_logs
 from .resume import resolve_resume
 from .resume_changes import resume_notes, schedule_summary, steps
+from .run_summary import SummaryInCheckpoint, finish_from_checkpoint, training_metrics
+from .sweep_dirs import register as register_sweep_folders
 from .validate import CONF_DIR, ConfigError, check_optional_choices, is_hf_model, model_kwargs, validate_config
+from .wandb_log import sync_hint
 
+register_sweep_folders()
 # An absolute path works the same from a source checkout, an editable install and a wheel.
 CONFIG_DIR = str(CONF_DIR)
 log = logging.getLogger("ring_plugin.app")
@@ -71,12 +77,15 @@ def build(cfg: DictConfig, record: RunRecord | None = None
         model = instantiate(cfg.model, max_steps=cfg.max_steps)
     else:
         model = RingCausalLM(**model_kwargs(cfg, _attention_extra(cfg)))
+    model._log_hyperparams = False  # the app logs the whole config (_log_config): the model group stays as typed
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    if cfg.trainer.enable_progress_bar:
-        callbacks.append(RingProgressBar())
+    callbacks.append(SummaryInCheckpoint())
+    bar = cfg.trainer.enable_progress_bar and sys.stdout.isatty()
+    if cfg.trainer.enable_progress_bar:  # a bar on a terminal; redirected, a line every log_every_n_steps
+        callbacks.append(RingProgressBar() if bar else ProgressLines(cfg.trainer.log_every_n_steps))
     loggers = [_logger(c, cfg, record) for c in (cfg.get("logger") or {}).values() if c is not None]
     trainer = instantiate(cfg.trainer, strategy=instantiate(cfg.strategy), callbacks=callbacks,
-                          logger=loggers or False)
+                          logger=loggers or False, enable_progress_bar=bar)
     return trainer, model, datamodule
 
 
@@ -88,7 +97,7 @@ def _logger(node: DictConfig, cfg: DictConfig, record: RunRecord | None) -> Any:
         if record is not None:  # the stored id: a resume continues the same W&B run
             extra.update(id=record.wandb_id, resume="allow")
         if _is_multirun():
-            extra["name"] = f"{cfg.name}-{HydraConfig.get().job.num}"
+            extra["name"] = f"{cfg.name}-{Path(cfg.paths.output_dir).name}"  # the job's folder: its overrides
         logger = instantiate(node, **extra)
         logger._wandb_init.pop("anonymous", None)  # Lightning passes None, which wandb warns about
         return logger
@@ -112,9 +121,10 @@ def _pin_run_dir_for_ranks(cfg: DictConfig) -> None:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     quiet_known_noise()  # before validation, which builds the strategy (and may import DeepSpeed)
-    if HydraConfig.initialized():
-        check_optional_choices(HydraConfig.get().runtime.choices)
+    choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+    check_optional_choices(choices)
     check_config(cfg)
+    check_accelerator(cfg, choices.get("recipe"))
     validate_config(cfg)
     check_launch(cfg.devices, cfg.num_nodes)
     _configure_process(cfg)
@@ -127,6 +137,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                      f"{cfg.paths.output_dir}); its summary:" + format_summary(record.summary) +
                      "\nUse name=NEW for a new run, or a larger max_steps to train this one further.")
         return record.summary
+    checkpointed = finish_from_checkpoint(cfg, record.wandb_id)
+    if checkpointed is not None:  # the last step is checkpointed, the run was not marked complete: mark it now
+        if owner:
+            record.completed_step, record.summary = checkpointed["step"], checkpointed
+            save_record(cfg.paths.output_dir, record)
+            log.info(f"[ring-train] run {cfg.name!r} reached step {checkpointed['step']} (checkpointed) but was not "
+                     "marked complete: completed now, nothing to train" + format_summary(checkpointed))
+        return checkpointed
     if owner and not cfg.trainer.fast_dev_run:
         if cfg.resume == "never":
             set_aside_logs(cfg.paths.output_dir)
@@ -236,22 +254,10 @@ def _callback(trainer: pl.Trainer, kind: type) -> Any:
 
 
 def summarize(trainer: pl.Trainer, cfg: DictConfig) -> dict[str, Any]:
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-    monitor = _callback(trainer, RingMonitor)
-    task = _callback(trainer, TaskAccuracy)
     fault = _callback(trainer, FaultTolerance)
     final = _callback(trainer, FinalCheckpoint)
     summary: dict[str, Any] = {
-        "step": trainer.global_step,
-        # ZeRO-3 leaves each rank an empty partition: its full size is ds_numel
-        "parameters": sum(getattr(p, "ds_numel", p.numel()) for p in trainer.lightning_module.parameters()),
-        "train_loss": metrics.get("train/loss"),
-        "val_loss": metrics.get("val/loss"),
-        "task_acc": task.last.get("val/task_acc") if task else None,
-        "token_acc": task.last.get("val/token_acc") if task else None,
-        "tokens_per_s": monitor.mean_tokens_per_s if monitor and monitor.total_time > 0 else None,
-        "mfu": monitor.last.get("monitor/mfu") if monitor else None,
-        "skipped_steps": fault.skipped_steps if fault else 0,
+        **training_metrics(trainer),
         "stopped_by_signal": fault.stopped_by_signal if fault else None,
         "checkpoint": final.last_path if final and final.last_path and os.path.exists(final.last_path) else None,
         "output_dir": str(cfg.paths.output_dir),
@@ -260,6 +266,7 @@ def summarize(trainer: pl.Trainer, cfg: DictConfig) -> dict[str, Any]:
         if isinstance(logger, pl.loggers.WandbLogger) and trainer.is_global_zero:
             summary["wandb_dir"] = str(logger.experiment.dir).removesuffix("/files")
             summary["wandb_mode"] = os.environ.get("WANDB_MODE", "offline")
+            summary["wandb_sync"] = sync_hint(cfg.paths.output_dir, logger.version)
         elif isinstance(logger, pl.loggers.CSVLogger):
             summary["csv"] = os.path.join(logger.log_dir, "metrics.csv")
     chance = getattr(getattr(trainer.datamodule, "val_set", None), "passkey_digits", None)
@@ -284,7 +291,8 @@ def format_summary(s: dict[str, Any]) -> str:
     if s.get("checkpoint"):
         lines.append(f"  checkpoint         {s['checkpoint']} (also last.ckpt)")
     if "wandb_dir" in s:
-        hint = "  (upload: wandb sync " + s["wandb_dir"] + ")" if s["wandb_mode"] == "offline" else ""
+        sync = s.get("wandb_sync") or f"wandb sync {s['wandb_dir']}"
+        hint = f"  (upload: {sync})" if s["wandb_mode"] == "offline" else ""
         lines.append(f"  W&B run ({s['wandb_mode']})  {s['wandb_dir']}{hint}")
     if "csv" in s:
         lines.append(f"  CSV log            {s['csv']}")
