@@ -32,6 +32,8 @@ from ..callbacks.progress import ProgressLines
 from ..lightning import RingDeepSpeedStrategy
 from ..models import RingCausalLM
 from .accelerator import check_accelerator
+from .hf_model import check_attention_dropout
+from .hf_model import describe as describe_hf_model
 from .identity import RunRecord, is_complete, open_run, save_record, set_aside_logs
 from .known_keys import check_config, check_overrides
 from .launch import check_launch, is_global_rank_zero, launcher
@@ -126,6 +128,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     check_config(cfg)
     check_accelerator(cfg, choices.get("recipe"))
     validate_config(cfg)
+    if is_hf_model(cfg):
+        check_attention_dropout(cfg)
     check_launch(cfg.devices, cfg.num_nodes)
     _configure_process(cfg)
     owner = is_global_rank_zero()  # the run's files are written once, by global rank 0 (of every node)
@@ -180,8 +184,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _announce(cfg: DictConfig, trainer: pl.Trainer, model: RingCausalLM, ckpt_path: str | None) -> None:
-    params = sum(p.numel() for p in model.parameters())
-    log.info(f"[ring-train] run {cfg.name!r} in {cfg.paths.output_dir}: {cfg.attention.name} attention, "
+    attention, params = f"{cfg.attention.name} attention", sum(p.numel() for p in model.parameters())
+    if is_hf_model(cfg):  # built later, in the strategy's context: described from its config
+        attention, params = describe_hf_model(cfg)
+    log.info(f"[ring-train] run {cfg.name!r} in {cfg.paths.output_dir}: {attention}, "
              f"{params / 1e6:.2f}M parameters, seq_len {cfg.seq_len}, {cfg.devices * cfg.num_nodes} processes"
              f"{_nodes(cfg)} ({_sequence_parallel(cfg)}, {cfg.layout}), {steps(trainer.max_steps)}"
              + schedule_summary(model) + (f"; resuming from {ckpt_path}" if ckpt_path else ""))

@@ -86,7 +86,7 @@ class RingMonitor(Callback):
         self._warm = False
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._steps > 0:  # every rank ran the same steps: the collectives in _log match
+        if self._steps > 0:  # a stop before max_steps; every rank ran the same steps: the collectives match
             self._log(trainer, pl_module, progress_bar=False)  # self.log is not allowed here
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
@@ -104,7 +104,8 @@ class RingMonitor(Callback):
         ids = batch["input_ids"] if isinstance(batch, dict) else batch[0]
         self._seq_local = ids.shape[-1]
         self._tokens += float(ids.numel())  # this rank's shard; summed over ranks below
-        if trainer.global_step % self.log_every_n_steps == 0 and self._steps > 0:
+        last = 0 < trainer.max_steps <= trainer.global_step  # before the final checkpoint, which keeps the numbers
+        if trainer.global_step % self.log_every_n_steps == 0 or last:
             self._log(trainer, pl_module)
 
     def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, progress_bar: bool = True) -> None:

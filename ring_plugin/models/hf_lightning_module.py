@@ -102,6 +102,8 @@ class HFCausalLM(RingCausalLM):
             return
         with _zero3_announced(self._trainer):
             self.model = build_hf_causal_lm(self.hparams.pretrained, self.hf_config, torch.get_default_dtype())
+        # from_pretrained returns the model in eval mode: train it in train mode (its MLP and embedding dropout on).
+        self.model.train(self.training)
         if self.hparams.activation_checkpointing:
             # Recomputing a layer re-runs its ring forward: every rank recomputes the same layers in the same order.
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
