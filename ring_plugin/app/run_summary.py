@@ -23,16 +23,17 @@ from .wandb_log import offline_segments, sync_hint
 CHECKPOINT_KEY = "ring_summary"
 
 
-def _callback(trainer: pl.Trainer, kind: type) -> Any:
+def find_callback(trainer: pl.Trainer, kind: type) -> Any:
+    """The trainer's callback of class ``kind`` (None without one)."""
     return next((c for c in trainer.callbacks if isinstance(c, kind)), None)
 
 
 def training_metrics(trainer: pl.Trainer) -> dict[str, Any]:
     """The summary's numbers at this point of training (plain floats and ints)."""
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-    monitor = _callback(trainer, RingMonitor)
-    task = _callback(trainer, TaskAccuracy)
-    fault = _callback(trainer, FaultTolerance)
+    monitor = find_callback(trainer, RingMonitor)
+    task = find_callback(trainer, TaskAccuracy)
+    fault = find_callback(trainer, FaultTolerance)
     return {
         "step": trainer.global_step,
         # ZeRO-3 leaves each rank an empty partition: its full size is ds_numel

@@ -40,7 +40,7 @@ from .launch import check_launch, is_global_rank_zero, launcher
 from .quiet import quiet_known_noise, route_lightning_logs
 from .resume import resolve_resume
 from .resume_changes import resume_notes, schedule_summary, steps
-from .run_summary import SummaryInCheckpoint, finish_from_checkpoint, training_metrics
+from .run_summary import SummaryInCheckpoint, find_callback, finish_from_checkpoint, training_metrics
 from .sweep_dirs import register as register_sweep_folders
 from .validate import CONF_DIR, ConfigError, check_optional_choices, is_hf_model, model_kwargs, validate_config
 from .wandb_log import sync_hint
@@ -255,13 +255,9 @@ def _exit_if_distributed(trainer: pl.Trainer, err: BaseException) -> None:
     os._exit(1)
 
 
-def _callback(trainer: pl.Trainer, kind: type) -> Any:
-    return next((c for c in trainer.callbacks if isinstance(c, kind)), None)
-
-
 def summarize(trainer: pl.Trainer, cfg: DictConfig) -> dict[str, Any]:
-    fault = _callback(trainer, FaultTolerance)
-    final = _callback(trainer, FinalCheckpoint)
+    fault = find_callback(trainer, FaultTolerance)
+    final = find_callback(trainer, FinalCheckpoint)
     summary: dict[str, Any] = {
         **training_metrics(trainer),
         "stopped_by_signal": fault.stopped_by_signal if fault else None,
