@@ -27,15 +27,25 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from ..callbacks import FaultTolerance, FinalCheckpoint, RingMonitor, RingProgressBar, TaskAccuracy
+from ..callbacks import FaultTolerance, FinalCheckpoint, RingProgressBar
+from ..callbacks.progress import ProgressLines
 from ..lightning import RingDeepSpeedStrategy
 from ..models import RingCausalLM
+from .accelerator import check_accelerator
+from .hf_model import check_attention_dropout
+from .hf_model import describe as describe_hf_model
 from .identity import RunRecord, is_complete, open_run, save_record, set_aside_logs
+from .known_keys import check_config, check_overrides
 from .launch import check_launch, is_global_rank_zero, launcher
 from .quiet import quiet_known_noise, route_lightning_logs
 from .resume import resolve_resume
+from .resume_changes import resume_notes, schedule_summary, steps
+from .run_summary import SummaryInCheckpoint, find_callback, finish_from_checkpoint, training_metrics
+from .sweep_dirs import register as register_sweep_folders
 from .validate import CONF_DIR, ConfigError, check_optional_choices, is_hf_model, model_kwargs, validate_config
+from .wandb_log import sync_hint
 
+register_sweep_folders()
 # An absolute path works the same from a source checkout, an editable install and a wheel.
 CONFIG_DIR = str(CONF_DIR)
 log = logging.getLogger("ring_plugin.app")
@@ -69,12 +79,15 @@ def build(cfg: DictConfig, record: RunRecord | None = None
         model = instantiate(cfg.model, max_steps=cfg.max_steps)
     else:
         model = RingCausalLM(**model_kwargs(cfg, _attention_extra(cfg)))
+    model._log_hyperparams = False  # the app logs the whole config (_log_config): the model group stays as typed
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    if cfg.trainer.enable_progress_bar:
-        callbacks.append(RingProgressBar())
+    callbacks.append(SummaryInCheckpoint())
+    bar = cfg.trainer.enable_progress_bar and sys.stdout.isatty()
+    if cfg.trainer.enable_progress_bar:  # a bar on a terminal; redirected, a line every log_every_n_steps
+        callbacks.append(RingProgressBar() if bar else ProgressLines(cfg.trainer.log_every_n_steps))
     loggers = [_logger(c, cfg, record) for c in (cfg.get("logger") or {}).values() if c is not None]
     trainer = instantiate(cfg.trainer, strategy=instantiate(cfg.strategy), callbacks=callbacks,
-                          logger=loggers or False)
+                          logger=loggers or False, enable_progress_bar=bar)
     return trainer, model, datamodule
 
 
@@ -86,7 +99,7 @@ def _logger(node: DictConfig, cfg: DictConfig, record: RunRecord | None) -> Any:
         if record is not None:  # the stored id: a resume continues the same W&B run
             extra.update(id=record.wandb_id, resume="allow")
         if _is_multirun():
-            extra["name"] = f"{cfg.name}-{HydraConfig.get().job.num}"
+            extra["name"] = f"{cfg.name}-{Path(cfg.paths.output_dir).name}"  # the job's folder: its overrides
         logger = instantiate(node, **extra)
         logger._wandb_init.pop("anonymous", None)  # Lightning passes None, which wandb warns about
         return logger
@@ -110,12 +123,17 @@ def _pin_run_dir_for_ranks(cfg: DictConfig) -> None:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     quiet_known_noise()  # before validation, which builds the strategy (and may import DeepSpeed)
-    if HydraConfig.initialized():
-        check_optional_choices(HydraConfig.get().runtime.choices)
+    choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+    check_optional_choices(choices)
+    check_config(cfg)
+    check_accelerator(cfg, choices.get("recipe"))
     validate_config(cfg)
+    if is_hf_model(cfg):
+        check_attention_dropout(cfg)
     check_launch(cfg.devices, cfg.num_nodes)
     _configure_process(cfg)
     owner = is_global_rank_zero()  # the run's files are written once, by global rank 0 (of every node)
+    notes = resume_notes(cfg)
     record = open_run(cfg)
     if cfg.resume != "never" and is_complete(record, cfg.max_steps, cfg.paths.checkpoints):
         if owner:
@@ -123,6 +141,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                      f"{cfg.paths.output_dir}); its summary:" + format_summary(record.summary) +
                      "\nUse name=NEW for a new run, or a larger max_steps to train this one further.")
         return record.summary
+    checkpointed = finish_from_checkpoint(cfg, record.wandb_id)
+    if checkpointed is not None:  # the last step is checkpointed, the run was not marked complete: mark it now
+        if owner:
+            record.completed_step, record.summary = checkpointed["step"], checkpointed
+            save_record(cfg.paths.output_dir, record)
+            log.info(f"[ring-train] run {cfg.name!r} reached step {checkpointed['step']} (checkpointed) but was not "
+                     "marked complete: completed now, nothing to train" + format_summary(checkpointed))
+        return checkpointed
     if owner and not cfg.trainer.fast_dev_run:
         if cfg.resume == "never":
             set_aside_logs(cfg.paths.output_dir)
@@ -133,6 +159,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     ckpt_path = resolve_resume("auto" if cfg.resume == "force" else cfg.resume, cfg.paths.checkpoints)
     if trainer.is_global_zero:
         _announce(cfg, trainer, model, ckpt_path)
+        for note in notes if ckpt_path else ():
+            log.info(note)
         _log_config(trainer, cfg, model)
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -156,11 +184,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _announce(cfg: DictConfig, trainer: pl.Trainer, model: RingCausalLM, ckpt_path: str | None) -> None:
-    params = sum(p.numel() for p in model.parameters())
-    log.info(f"[ring-train] run {cfg.name!r} in {cfg.paths.output_dir}: {cfg.attention.name} attention, "
+    attention, params = f"{cfg.attention.name} attention", sum(p.numel() for p in model.parameters())
+    if is_hf_model(cfg):  # built later, in the strategy's context: described from its config
+        attention, params = describe_hf_model(cfg)
+    log.info(f"[ring-train] run {cfg.name!r} in {cfg.paths.output_dir}: {attention}, "
              f"{params / 1e6:.2f}M parameters, seq_len {cfg.seq_len}, {cfg.devices * cfg.num_nodes} processes"
-             f"{_nodes(cfg)} ({_sequence_parallel(cfg)}, {cfg.layout}), {trainer.max_steps} steps"
-             + (f"; resuming from {ckpt_path}" if ckpt_path else ""))
+             f"{_nodes(cfg)} ({_sequence_parallel(cfg)}, {cfg.layout}), {steps(trainer.max_steps)}"
+             + schedule_summary(model) + (f"; resuming from {ckpt_path}" if ckpt_path else ""))
     if cfg.num_nodes > 1 and cfg.devices % cfg.ulysses_size:
         # Ulysses groups are adjacent ranks: one that straddles two nodes sends its all-to-alls over the network.
         log.warning(f"[ring-train] ulysses_size={cfg.ulysses_size} does not divide devices={cfg.devices}: some "
@@ -225,27 +255,11 @@ def _exit_if_distributed(trainer: pl.Trainer, err: BaseException) -> None:
     os._exit(1)
 
 
-def _callback(trainer: pl.Trainer, kind: type) -> Any:
-    return next((c for c in trainer.callbacks if isinstance(c, kind)), None)
-
-
 def summarize(trainer: pl.Trainer, cfg: DictConfig) -> dict[str, Any]:
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-    monitor = _callback(trainer, RingMonitor)
-    task = _callback(trainer, TaskAccuracy)
-    fault = _callback(trainer, FaultTolerance)
-    final = _callback(trainer, FinalCheckpoint)
+    fault = find_callback(trainer, FaultTolerance)
+    final = find_callback(trainer, FinalCheckpoint)
     summary: dict[str, Any] = {
-        "step": trainer.global_step,
-        # ZeRO-3 leaves each rank an empty partition: its full size is ds_numel
-        "parameters": sum(getattr(p, "ds_numel", p.numel()) for p in trainer.lightning_module.parameters()),
-        "train_loss": metrics.get("train/loss"),
-        "val_loss": metrics.get("val/loss"),
-        "task_acc": task.last.get("val/task_acc") if task else None,
-        "token_acc": task.last.get("val/token_acc") if task else None,
-        "tokens_per_s": monitor.mean_tokens_per_s if monitor and monitor.total_time > 0 else None,
-        "mfu": monitor.last.get("monitor/mfu") if monitor else None,
-        "skipped_steps": fault.skipped_steps if fault else 0,
+        **training_metrics(trainer),
         "stopped_by_signal": fault.stopped_by_signal if fault else None,
         "checkpoint": final.last_path if final and final.last_path and os.path.exists(final.last_path) else None,
         "output_dir": str(cfg.paths.output_dir),
@@ -254,6 +268,7 @@ def summarize(trainer: pl.Trainer, cfg: DictConfig) -> dict[str, Any]:
         if isinstance(logger, pl.loggers.WandbLogger) and trainer.is_global_zero:
             summary["wandb_dir"] = str(logger.experiment.dir).removesuffix("/files")
             summary["wandb_mode"] = os.environ.get("WANDB_MODE", "offline")
+            summary["wandb_sync"] = sync_hint(cfg.paths.output_dir, logger.version)
         elif isinstance(logger, pl.loggers.CSVLogger):
             summary["csv"] = os.path.join(logger.log_dir, "metrics.csv")
     chance = getattr(getattr(trainer.datamodule, "val_set", None), "passkey_digits", None)
@@ -278,7 +293,8 @@ def format_summary(s: dict[str, Any]) -> str:
     if s.get("checkpoint"):
         lines.append(f"  checkpoint         {s['checkpoint']} (also last.ckpt)")
     if "wandb_dir" in s:
-        hint = "  (upload: wandb sync " + s["wandb_dir"] + ")" if s["wandb_mode"] == "offline" else ""
+        sync = s.get("wandb_sync") or f"wandb sync {s['wandb_dir']}"
+        hint = f"  (upload: {sync})" if s["wandb_mode"] == "offline" else ""
         lines.append(f"  W&B run ({s['wandb_mode']})  {s['wandb_dir']}{hint}")
     if "csv" in s:
         lines.append(f"  CSV log            {s['csv']}")
@@ -289,15 +305,28 @@ def format_summary(s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _config_error(err: ConfigError) -> None:
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        raise err
+    print(f"ring-train: config error: {err}", file=sys.stderr, flush=True)  # one line, no traceback
+    sys.exit(2)
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
-def main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> None:
     try:
         run(cfg)
     except ConfigError as err:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        print(f"ring-train: config error: {err}", file=sys.stderr, flush=True)  # one line, no traceback
-        sys.exit(2)
+        _config_error(err)
+
+
+def main() -> None:
+    """The console script: unknown keys on the command line are refused before Hydra composes the config."""
+    try:
+        check_overrides(sys.argv[1:])
+    except ConfigError as err:
+        _config_error(err)
+    hydra_main()
 
 
 if __name__ == "__main__":

@@ -4,7 +4,10 @@ Every ``log_every_n_steps`` optimizer steps it reduces its counters across all r
 ``monitor/``: ``tokens_per_s`` (whole job), ``mfu`` (model FLOPs per token × tokens/s over the summed
 device peak), ``peak_mem_gb`` (max over ranks) and ``peak_mem_gb_rank{r}``, ``ring_bytes_sent``
 (per rank and step), ``ring_wait_frac`` (share of ring time spent waiting on a peer),
-``step_time_s`` and ``step_skew`` ((slowest - fastest) / mean step time across ranks), ``loss`` and ``lr``.
+``step_time_s`` and ``step_skew`` ((slowest - fastest) / mean step time across ranks). The loss and LR are
+``train/loss`` and ``train/lr`` (logged once, by the model). The first step of each attempt (start-up, first
+allocations) is left out of the timing; a last window shorter than ``log_every_n_steps`` is logged when
+training ends, so a short run still measures its throughput.
 """
 
 from __future__ import annotations
@@ -69,17 +72,21 @@ class RingMonitor(Callback):
         self.total_time = 0.0
         self._reset_window()
         self._t0 = 0.0
+        self._warm = False
 
     def _reset_window(self) -> None:
         self._tokens = 0.0
         self._time = 0.0
         self._steps = 0
-        self._loss_sum = 0.0
-        self._loss_n = 0
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._ring0 = _ring_totals(pl_module)
         self._reset_window()
+        self._warm = False
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._steps > 0:  # a stop before max_steps; every rank ran the same steps: the collectives match
+            self._log(trainer, pl_module, progress_bar=False)  # self.log is not allowed here
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
@@ -87,19 +94,20 @@ class RingMonitor(Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        if not self._warm:  # the attempt's first step: start-up cost, not throughput
+            self._warm = True
+            self._ring0 = _ring_totals(pl_module)
+            return
         self._time += time.perf_counter() - self._t0
         self._steps += 1
         ids = batch["input_ids"] if isinstance(batch, dict) else batch[0]
         self._seq_local = ids.shape[-1]
         self._tokens += float(ids.numel())  # this rank's shard; summed over ranks below
-        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        if isinstance(loss, torch.Tensor) and torch.isfinite(loss):
-            self._loss_sum += float(loss.detach())
-            self._loss_n += 1
-        if trainer.global_step % self.log_every_n_steps == 0 and self._steps > 0:
+        last = 0 < trainer.max_steps <= trainer.global_step  # before the final checkpoint, which keeps the numbers
+        if trainer.global_step % self.log_every_n_steps == 0 or last:
             self._log(trainer, pl_module)
 
-    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, progress_bar: bool = True) -> None:
         device = pl_module.device
         world = trainer.world_size
         ring = _ring_totals(pl_module)
@@ -107,7 +115,7 @@ class RingMonitor(Callback):
         self._ring0 = ring
         mem = _peak_memory_bytes(device)
         # One all-reduce for sums and one gather for per-rank values keep this cheap.
-        sums = torch.tensor([self._tokens, delta[0], delta[1], delta[2], self._loss_sum, self._loss_n],
+        sums = torch.tensor([self._tokens, delta[0], delta[1], delta[2]],
                             dtype=torch.float64, device=device)
         per_rank = torch.tensor([self._time / self._steps, mem], dtype=torch.float64, device=device)
         if dist.is_available() and dist.is_initialized():
@@ -117,7 +125,7 @@ class RingMonitor(Callback):
             ranks = torch.stack(gathered).cpu()
         else:
             ranks = per_rank.cpu().unsqueeze(0)
-        tokens, ring_bytes, wait, compute, loss_sum, loss_n = sums.cpu().tolist()
+        tokens, ring_bytes, wait, compute = sums.cpu().tolist()
         step_times, mems = ranks[:, 0], ranks[:, 1]
         window = float(step_times.max()) * self._steps  # the job moves at its slowest rank's pace
         tokens_per_s = tokens / window if window > 0 else 0.0
@@ -131,10 +139,7 @@ class RingMonitor(Callback):
             "monitor/ring_wait_frac": wait / (wait + compute) if wait + compute > 0 else 0.0,
             "monitor/step_time_s": float(step_times.mean()),
             "monitor/step_skew": float((step_times.max() - step_times.min()) / step_times.mean()),
-            "monitor/lr": float(trainer.optimizers[0].param_groups[0]["lr"]) if trainer.optimizers else 0.0,
         }
-        if loss_n > 0:
-            metrics["monitor/loss"] = loss_sum / loss_n
         for r, m in enumerate(mems.tolist()):
             metrics[f"monitor/peak_mem_gb_rank{r}"] = m / 1e9
         self.total_tokens += tokens
@@ -143,8 +148,10 @@ class RingMonitor(Callback):
         self._reset_window()
         if trainer.is_global_zero:
             for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=trainer.global_step)
-        pl_module.log("tok/s", tokens_per_s, prog_bar=True, logger=False, rank_zero_only=True)
+                # The index of the window's last step, as Lightning logs train/* (global_step counts it done).
+                logger.log_metrics(metrics, step=trainer.global_step - 1)
+        if progress_bar:
+            pl_module.log("tok/s", tokens_per_s, prog_bar=True, logger=False, rank_zero_only=True)
 
     @property
     def mean_tokens_per_s(self) -> float:

@@ -77,6 +77,7 @@ class HFCausalLM(RingCausalLM):
         min_lr_ratio: float = 0.1,
         loss_chunk_tokens: int = 4096,
         activation_checkpointing: bool = False,
+        schedule_steps: int | None = None,
     ):
         # RingCausalLM.__init__ builds a RingGPT; everything else of it (loss scaling, steps, optimizer) is shared.
         pl.LightningModule.__init__(self)
@@ -90,7 +91,7 @@ class HFCausalLM(RingCausalLM):
             "pretrained": pretrained, "config": None if config is None else config.to_dict(), "lr": lr,
             "weight_decay": weight_decay, "betas": tuple(betas), "warmup_steps": warmup_steps,
             "max_steps": max_steps, "min_lr_ratio": min_lr_ratio, "loss_chunk_tokens": loss_chunk_tokens,
-            "activation_checkpointing": activation_checkpointing})
+            "activation_checkpointing": activation_checkpointing, "schedule_steps": schedule_steps})
         self.hf_config = config
         self.model: nn.Module | None = None
         self._val_sums: torch.Tensor | None = None
@@ -101,6 +102,8 @@ class HFCausalLM(RingCausalLM):
             return
         with _zero3_announced(self._trainer):
             self.model = build_hf_causal_lm(self.hparams.pretrained, self.hf_config, torch.get_default_dtype())
+        # from_pretrained returns the model in eval mode: train it in train mode (its MLP and embedding dropout on).
+        self.model.train(self.training)
         if self.hparams.activation_checkpointing:
             # Recomputing a layer re-runs its ring forward: every rank recomputes the same layers in the same order.
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -37,12 +37,13 @@ class RingCausalLM(pl.LightningModule):
         max_steps: int | None = None,
         min_lr_ratio: float = 0.1,
         loss_chunk_tokens: int = 4096,
+        schedule_steps: int | None = None,
     ):
         super().__init__()
         config = model if isinstance(model, GPTConfig) else GPTConfig.from_dict(dict(model))
         self.save_hyperparameters({"model": config.__dict__, "lr": lr, "weight_decay": weight_decay,
                                    "betas": tuple(betas), "warmup_steps": warmup_steps, "max_steps": max_steps,
-                                   "min_lr_ratio": min_lr_ratio,
+                                   "min_lr_ratio": min_lr_ratio, "schedule_steps": schedule_steps,
                                    "loss_chunk_tokens": loss_chunk_tokens})
         self.config = config
         self.model = RingGPT(config)
@@ -105,17 +106,52 @@ class RingCausalLM(pl.LightningModule):
             count, total, _ = self._val_sums
             self.log("val/loss", (total / count.clamp_min(1.0)).float(), prog_bar=True)
 
+    def _parameter_groups(self) -> list[dict[str, Any]]:
+        """AdamW's groups, in order: matrices decay, vectors do not (empty groups left out). A ZeRO-3
+        partitioned parameter keeps its real shape in ds_shape."""
+        hp = self.hparams
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        decay = [p for p in params if len(getattr(p, "ds_shape", p.shape)) >= 2]
+        no_decay = [p for p in params if len(getattr(p, "ds_shape", p.shape)) < 2]
+        groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return [g for g in groups if g["params"]]
+
+    def schedule_length(self) -> int:
+        """Steps of the cosine schedule: ``schedule_steps``, else ``max_steps``, else the trainer's estimate."""
+        hp = self.hparams
+        return hp.get("schedule_steps") or hp.max_steps or max(1, int(self.trainer.estimated_stepping_batches))
+
+    def lr_factor(self, step: int) -> float:
+        hp = self.hparams
+        return _warmup_cosine(step, hp.warmup_steps, self.schedule_length(), hp.min_lr_ratio)
+
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        # Matrices decay, vectors do not; a ZeRO-3 partitioned parameter keeps its real shape in ds_shape.
-        decay = [p for p in self.model.parameters() if p.requires_grad and len(getattr(p, "ds_shape", p.shape)) >= 2]
-        no_decay = [p for p in self.model.parameters() if p.requires_grad and len(getattr(p, "ds_shape", p.shape)) < 2]
-        groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=hp.lr, betas=tuple(hp.betas))
-        total = hp.max_steps or max(1, int(self.trainer.estimated_stepping_batches))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: _warmup_cosine(step, hp.warmup_steps, total, hp.min_lr_ratio))
+        optimizer = torch.optim.AdamW(self._parameter_groups(), lr=hp.lr, betas=tuple(hp.betas))
+        # A plain function, so the scheduler's state_dict leaves it out: a resume uses this run's schedule.
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.lr_factor(step))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_start(self) -> None:
+        """A restored optimizer and scheduler keep the checkpoint's LR, weight decay and betas: set this run's
+        (the same values on a plain resume; the new ones on ``resume=force``). The schedule's shape (warm-up,
+        length, floor) is this run's already: ``lr_factor`` reads the current hyper-parameters."""
+        if not self.trainer.optimizers or not self.trainer.lr_scheduler_configs:
+            return
+        apply_optimizer_settings(self.trainer.optimizers[0], self.trainer.lr_scheduler_configs[0].scheduler,
+                                 self.hparams, [g["weight_decay"] for g in self._parameter_groups()])
+
+
+def apply_optimizer_settings(optimizer: Any, scheduler: Any, hp: Any, weight_decays: list[float]) -> None:
+    """This run's LR, betas and per-group weight decay on a (restored) optimizer and its LambdaLR."""
+    groups = optimizer.param_groups
+    if len(groups) != len(weight_decays) or not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+        return  # not the optimizer configure_optimizers made (a subclass's own): leave it as restored
+    step = scheduler.last_epoch
+    scheduler.base_lrs = [float(hp.lr)] * len(groups)
+    for group, decay, factor in zip(groups, weight_decays, scheduler.lr_lambdas):
+        group.update(initial_lr=float(hp.lr), weight_decay=decay, betas=tuple(hp.betas), lr=float(hp.lr) * factor(step))
+    scheduler._last_lr = [g["lr"] for g in groups]
 
 
 def _warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:

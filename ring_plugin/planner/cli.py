@@ -23,6 +23,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from ..app.known_keys import check_config, check_overrides
 from .cluster import cluster as make_cluster
 from .command import train_command
 from .memory import parameter_count
@@ -109,7 +110,9 @@ def planned_for(args: Sequence[str]) -> Planned:
     value = mine.get("checkpointing", "all").lower()
     aliases = {"true": ("full", "selective"), "false": ("none",), "both": MODES, "all": MODES}
     ac = aliases.get(value) or tuple(value.split(","))
+    check_overrides(hydra, PLANNER_KEYS)
     cfg = compose(recipe, hydra)
+    check_config(cfg, PLANNER_KEYS)
     job = job_from_config(cfg, recipe or "default")
     cl = make_cluster(mine.get("gpu", "h200"), per_node or int(cfg.devices), nodes or int(cfg.num_nodes), *links)
     report = plan(job, cl, stages=stages, checkpointing=ac)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import signal
 import subprocess
@@ -59,19 +58,19 @@ def test_logs_reach_wandb_and_csv_and_nan_steps_are_skipped(tmp_path: Path) -> N
 
     rows = read_csv_metrics(out)
     monitored = [r for r in rows if r.get("monitor/tokens_per_s")]
-    assert [int(r["step"]) for r in monitored] == [5, 10, 15, 20]
+    assert [int(r["step"]) for r in monitored] == [4, 9, 14, 19]  # the index of each window's last step
     for r in monitored:
         assert float(r["monitor/tokens_per_s"]) > 0 and 0 < float(r["monitor/mfu"]) < 1
         assert float(r["monitor/peak_mem_gb_rank0"]) > 0 and float(r["monitor/peak_mem_gb_rank1"]) > 0
         assert float(r["monitor/ring_bytes_sent"]) > 0  # the ring really passed K/V around
         assert 0 <= float(r["monitor/ring_wait_frac"]) <= 1 and float(r["monitor/step_skew"]) >= 0
-        assert float(r["monitor/lr"]) > 0 and math.isfinite(float(r["monitor/loss"]))
+        assert "monitor/lr" not in r and "monitor/loss" not in r  # train/lr and train/loss, logged once
     assert any(r.get("val/task_acc") for r in rows) and any(r.get("val/loss") for r in rows)
     assert max(float(r["fault/skipped_steps"]) for r in rows if r.get("fault/skipped_steps")) == 4
 
     history = read_wandb_history(out)
     by_step = {int(h["trainer/global_step"]): h for h in history if "monitor/tokens_per_s" in h}
-    assert sorted(by_step) == [5, 10, 15, 20]
+    assert sorted(by_step) == [4, 9, 14, 19]
     csv_by_step = {int(r["step"]): r for r in monitored}
     for step, h in by_step.items():  # the same numbers went to both loggers
         assert h["monitor/tokens_per_s"] == pytest.approx(float(csv_by_step[step]["monitor/tokens_per_s"]))

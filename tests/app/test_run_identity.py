@@ -14,6 +14,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ring_plugin.app.identity import RunRecord, flat_config, identity_diff, is_complete, open_run, save_record
+from ring_plugin.app.sweep_dirs import job_folder
 from ring_plugin.app.validate import ConfigError
 
 from .helpers import REPO, env, read_wandb_runs, ring_train_cmd, run_ring_train
@@ -133,13 +134,26 @@ def test_run_rerun_extend_change(tmp_path: Path) -> None:
 def test_multirun_jobs_get_their_own_wandb_runs(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     cmd = [c for c in ring_train_cmd(tmp_path / "unused", "max_steps=2") if not c.startswith("hydra.run.dir=")]
-    proc = subprocess.run([*cmd[:3], "--multirun", f"hydra.sweep.dir={sweep}", "name=sw", "attention=standard,sdpa",
-                           *cmd[3:]], cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
-    _ok(proc)
+
+    def run_sweep(*overrides: str) -> None:
+        _ok(subprocess.run([*cmd[:3], "--multirun", f"hydra.sweep.dir={sweep}", "name=sw", *overrides, *cmd[3:]],
+                           cwd=REPO, env=env(), capture_output=True, text=True, timeout=300))
+
+    run_sweep("attention=standard,sdpa")
+    # A job's folder is named by its overrides (too long here: shortened, with a hash of them all).
+    folders = {}
+    for job in (p for p in sweep.iterdir() if p.is_dir()):
+        hydra_job = OmegaConf.load(job / ".hydra" / "hydra.yaml").hydra.job
+        assert job.name == job_folder(hydra_job.override_dirname) and "name=" not in hydra_job.override_dirname
+        folders[OmegaConf.load(job / "run.yaml").config["attention.name"]] = job.name
+    assert sorted(folders) == ["sdpa", "standard"] and folders["sdpa"].startswith("attention=sdpa,")
     runs = read_wandb_runs(sweep)
-    assert [r["name"] for r in runs] == ["sw-0", "sw-1"] and runs[0]["id"] != runs[1]["id"]
-    assert [r["group"] for r in runs] == ["sw", "sw"]
-    assert [r["config"]["attention"]["name"] for r in runs] == ["standard", "sdpa"]
-    for job in ("0", "1"):
-        assert _step(sweep / job / "checkpoints" / "last.ckpt") == 2
-        assert OmegaConf.load(sweep / job / "run.yaml").completed_step == 2
+    assert sorted(r["name"] for r in runs) == sorted(f"sw-{f}" for f in folders.values())
+    assert runs[0]["id"] != runs[1]["id"] and [r["group"] for r in runs] == ["sw", "sw"]
+    for folder in folders.values():
+        assert _step(sweep / folder / "checkpoints" / "last.ckpt") == 2
+        assert OmegaConf.load(sweep / folder / "run.yaml").completed_step == 2
+    # A second sweep with a new setting gets new folders (not the first sweep's, whose runs would refuse it).
+    run_sweep("attention=sdpa,standard", "+trainer.gradient_clip_algorithm=value")
+    assert len([p for p in sweep.iterdir() if p.is_dir()]) == 4
+    assert all(OmegaConf.load(sweep / f / "run.yaml").completed_step == 2 for f in folders.values())
