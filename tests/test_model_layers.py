@@ -159,7 +159,7 @@ def test_tiled_mlp_gives_the_whole_mlp_output_and_gradients():
 def test_offloaded_checkpoints_and_tiles_give_the_plain_models_gradients(monkeypatch):
     """Full checkpointing with the block inputs offloaded (through save_on_cpu, counted here) and the MLP
     in tiles: the same gradients as the model without either; only the checkpointed blocks offload."""
-    import ring_plugin.layers.transformer as transformer
+    import ring_plugin.layers.recompute as recompute
 
     packed = []
 
@@ -169,7 +169,7 @@ def test_offloaded_checkpoints_and_tiles_give_the_plain_models_gradients(monkeyp
             pack = self.pack_hook
             self.pack_hook = lambda t: (packed.append(tuple(t.shape)), pack(t))[1]
 
-    monkeypatch.setattr(transformer, "save_on_cpu", CountingSaveOnCpu)
+    monkeypatch.setattr(recompute, "save_on_cpu", CountingSaveOnCpu)
     torch.manual_seed(0)
     base = dict(vocab_size=40, n_layer=3, n_head=2, n_embd=16, max_seq_len=16)
     plain = RingGPT(GPTConfig(**base))

@@ -7,11 +7,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.graph import save_on_cpu
 from torch.utils.checkpoint import checkpoint
 
 from ..attention.documents import RingDocuments
 from ..attention.factory import create_ring_attention
+from .recompute import offloaded_checkpoint, tiled_over_sequence
 from .rotary import apply_rotary
 
 
@@ -72,12 +72,7 @@ class MLP(nn.Module):
         return self.proj(F.gelu(self.fc(x), approximate="tanh"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.tile_tokens is None or x.shape[-2] <= self.tile_tokens:
-            return self._dense(x)
-        tiles = x.split(self.tile_tokens, dim=-2)  # split's backward is one cat: no full-size zeros per tile
-        if not torch.is_grad_enabled():
-            return torch.cat([self._dense(t) for t in tiles], dim=-2)
-        return torch.cat([checkpoint(self._dense, t, use_reentrant=False) for t in tiles], dim=-2)
+        return tiled_over_sequence(self._dense, x, self.tile_tokens)
 
 
 class TransformerBlock(nn.Module):
@@ -130,10 +125,7 @@ class TransformerBlock(nn.Module):
         if not (self.checkpointing and self.training and torch.is_grad_enabled()):
             return self._body(x, cos, sin, document_ids)
         if self.offload_checkpoint:
-            # The reentrant form saves its inputs with save_for_backward, which save_on_cpu moves to the host
-            # (the non-reentrant form keeps them referenced on the GPU).
-            with save_on_cpu(pin_memory=x.is_cuda):
-                return checkpoint(self._body, x, cos, sin, document_ids, use_reentrant=True)
+            return offloaded_checkpoint(self._body, x, cos, sin, document_ids)
         if self.recompute_attention:
             return checkpoint(self._body, x, cos, sin, document_ids, use_reentrant=False)
         q, k, v = checkpoint(self._heads, x, cos, sin, use_reentrant=False)
