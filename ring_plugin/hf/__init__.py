@@ -6,7 +6,9 @@
     loss = model(**batch, use_cache=False).loss      # this rank's share of the global mean
     loss.backward(); ring_plugin.hf.reduce_gradients(model)
 
-or hand the model to ``ring_plugin.hf.RingTrainer`` (transformers' ``Trainer`` on rings).
+``ring_plugin.hf.enable_long_context(model, tiled_loss=True, mlp_tile_tokens=..., offload_checkpoints=True)``
+makes the longest sequences fit (no full logits, MLPs in tiles, layer inputs in host memory). Or hand
+the model to ``ring_plugin.hf.RingTrainer`` (transformers' ``Trainer`` on rings).
 
 Every attention layer then runs on the active ring (the strategy's, or ``ring_plugin.ring_context``);
 one process without a ring computes plain attention.
@@ -22,11 +24,13 @@ except ImportError as err:  # pragma: no cover - depends on the installed extras
 
 from .attention import RING, MaskRefusal, ring_attention_forward, ring_mask
 from .batch import reduce_gradients, shard_batch
+from .tiling import enable_long_context
 
 AttentionInterface.register(RING, ring_attention_forward)
 AttentionMaskInterface.register(RING, ring_mask)
 
-__all__ = ["RING", "MaskRefusal", "RingTrainer", "reduce_gradients", "ring_attention_forward", "ring_mask",
+__all__ = ["RING", "MaskRefusal", "RingTrainer", "enable_long_context", "reduce_gradients", "ring_attention_forward",
+           "ring_mask",
            "shard_batch"]
 
 
