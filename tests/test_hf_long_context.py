@@ -151,3 +151,41 @@ def test_logit_transforms_are_refused_by_the_tiled_loss():
     model.config.logit_scale = 0.5
     with pytest.raises(ValueError, match=r"tiled_loss=True: .*logit_scale"):
         enable_long_context(model)
+
+
+def test_hf_causal_lm_switches_keep_the_loss_and_gradients():
+    """HFCausalLM (the strategies' module) with MLP tiles, offloaded checkpoints and the loss in tiles: its loss
+    and gradients equal the same weights without them (loss at once, no checkpointing)."""
+    from ring_plugin.models import HFCausalLM
+
+    config = family_model("qwen3").config.to_dict()
+    plain = HFCausalLM(config=config, tiled_loss=False)
+    long = HFCausalLM(config=config, activation_checkpointing=True, offload_checkpoints=True,
+                      mlp_tile_tokens=MLP_TILE, loss_chunk_tokens=LOSS_TILE)
+    for module in (plain, long):
+        module.configure_model()
+    long.model.load_state_dict(plain.model.state_dict())
+    batch = token_batch(2, LENGTH, seed=5)
+    batch = {"input_ids": batch["input_ids"], "position_ids": torch.arange(LENGTH)[None].expand(2, -1),
+             "labels": batch["labels"]}
+    means = []
+    for module in (plain, long):
+        module.model.train()
+        loss_sum, (count, _, _) = module._local_loss(batch)
+        (loss_sum / count.float()).backward()
+        means.append(loss_sum.detach() / count.float())
+    assert float((means[1] - means[0]).abs()) <= TOLERANCE
+    for (name, a), b in zip(plain.model.named_parameters(), long.model.parameters()):
+        assert float((b.grad - a.grad).abs().max()) <= TOLERANCE, name
+        assert rel_err(b.grad, a.grad) <= RELATIVE_TOLERANCE, name
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(offload_checkpoints=True), "offload_checkpoints=True needs activation_checkpointing=True"),
+    (dict(mlp_tile_tokens=-4), "mlp_tile_tokens=-4 must be None or a positive"),
+])
+def test_hf_causal_lm_refuses_bad_switches(kwargs, match):
+    from ring_plugin.models import HFCausalLM
+
+    with pytest.raises(ValueError, match=match):
+        HFCausalLM(config={"model_type": "llama", "hidden_size": 32}, **kwargs)

@@ -24,9 +24,6 @@ from torch import nn
 
 from .lightning_module import RingCausalLM
 
-# Output transforms the chunked head/loss does not apply: refused instead of silently dropped.
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
-
 
 def hf_config(config: Any) -> Any:
     """A transformers config from a config object or a dict with ``model_type`` (e.g. ``"llama"``)."""
@@ -45,17 +42,16 @@ def build_hf_causal_lm(pretrained: str | None, config: Any, dtype: torch.dtype) 
     from transformers import AutoModelForCausalLM
 
     import ring_plugin.hf  # noqa: F401 - registers "ring"
+    from ring_plugin.hf.tiling import logit_transform_error
 
     if pretrained is not None:
         model = AutoModelForCausalLM.from_pretrained(pretrained, attn_implementation="ring", dtype=dtype,
                                                      local_files_only=True)
     else:
         model = AutoModelForCausalLM.from_config(hf_config(config), attn_implementation="ring", dtype=dtype)
-    bad = [name for name in _LOGIT_TRANSFORMS if getattr(model.config, name, None) not in (None, 1, 1.0)]
-    head = model.get_output_embeddings()
-    if bad or getattr(head, "bias", None) is not None:
-        raise ValueError(f"{type(model).__name__} transforms its logits ({bad or 'lm_head bias'}), which the "
-                         "chunked cross-entropy does not apply; train it with its own head instead")
+    error = logit_transform_error(model)
+    if error is not None:
+        raise ValueError(f"{error}; train it with its own head instead")
     model.config.use_cache = False  # a KV cache in training is refused on the ring
     return model
 
@@ -63,7 +59,13 @@ def build_hf_causal_lm(pretrained: str | None, config: Any, dtype: torch.dtype) 
 class HFCausalLM(RingCausalLM):
     """``pretrained``: a local ``from_pretrained`` directory (its weights and config; takes precedence), or
     ``config``: a transformers config or a dict with ``model_type`` (random init). The other arguments are
-    :class:`RingCausalLM`'s; ``activation_checkpointing`` recomputes each decoder layer in backward."""
+    :class:`RingCausalLM`'s; ``activation_checkpointing`` recomputes each decoder layer in backward.
+
+    For the longest sequences (see :func:`ring_plugin.hf.enable_long_context`): ``tiled_loss`` computes
+    the head and cross-entropy ``loss_chunk_tokens`` tokens at a time (False: all at once, the full
+    logits); ``mlp_tile_tokens`` runs each decoder MLP in tiles of that many tokens, recomputed in
+    backward; ``offload_checkpoints`` (with ``activation_checkpointing``) keeps each checkpointed
+    layer's input in pinned host memory until backward."""
 
     def __init__(
         self,
@@ -78,12 +80,21 @@ class HFCausalLM(RingCausalLM):
         loss_chunk_tokens: int = 4096,
         activation_checkpointing: bool = False,
         schedule_steps: int | None = None,
+        tiled_loss: bool = True,
+        mlp_tile_tokens: int | None = None,
+        offload_checkpoints: bool = False,
     ):
         # RingCausalLM.__init__ builds a RingGPT; everything else of it (loss scaling, steps, optimizer) is shared.
         pl.LightningModule.__init__(self)
         if pretrained is None and config is None:
             raise ValueError("give pretrained (a local from_pretrained directory) or config (a transformers config, "
                              "or a dict with model_type, for a random init)")
+        from ..hf.tiling import check_long_context_args
+
+        check_long_context_args(tiled_loss, mlp_tile_tokens, offload_checkpoints, loss_chunk_tokens)
+        if offload_checkpoints and not activation_checkpointing:
+            raise ValueError("offload_checkpoints=True needs activation_checkpointing=True (it offloads the "
+                             "checkpointed layers' inputs)")
         # The architecture of a random init; a pretrained directory brings its own. Parsed now, so a bad
         # config fails before any process starts.
         config = None if pretrained is not None else hf_config(config)
@@ -91,22 +102,32 @@ class HFCausalLM(RingCausalLM):
             "pretrained": pretrained, "config": None if config is None else config.to_dict(), "lr": lr,
             "weight_decay": weight_decay, "betas": tuple(betas), "warmup_steps": warmup_steps,
             "max_steps": max_steps, "min_lr_ratio": min_lr_ratio, "loss_chunk_tokens": loss_chunk_tokens,
-            "activation_checkpointing": activation_checkpointing, "schedule_steps": schedule_steps})
+            "activation_checkpointing": activation_checkpointing, "schedule_steps": schedule_steps,
+            "tiled_loss": tiled_loss, "mlp_tile_tokens": mlp_tile_tokens, "offload_checkpoints": offload_checkpoints})
         self.hf_config = config
         self.model: nn.Module | None = None
         self._val_sums: torch.Tensor | None = None
         self._tokens_seen = 0.0
 
     def configure_model(self) -> None:
+        from ..hf.tiling import enable_long_context
+
         if self.model is not None:
             return
         with _zero3_announced(self._trainer):
             self.model = build_hf_causal_lm(self.hparams.pretrained, self.hf_config, torch.get_default_dtype())
         # from_pretrained returns the model in eval mode: train it in train mode (its MLP and embedding dropout on).
         self.model.train(self.training)
-        if self.hparams.activation_checkpointing:
+        hp = self.hparams
+        if hp.activation_checkpointing and not hp.offload_checkpoints:
             # Recomputing a layer re-runs its ring forward: every rank recomputes the same layers in the same order.
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # The loss here runs through hidden_and_head, not the model's forward: its tiles are loss_tile_tokens'.
+        enable_long_context(self.model, tiled_loss=False, mlp_tile_tokens=hp.mlp_tile_tokens,
+                            offload_checkpoints=hp.offload_checkpoints)
+
+    def loss_tile_tokens(self, tokens: int) -> int:
+        return self.hparams.loss_chunk_tokens if self.hparams.tiled_loss else max(tokens, 1)
 
     def _require_model(self) -> nn.Module:
         if self.model is None:

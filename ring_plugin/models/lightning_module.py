@@ -63,11 +63,15 @@ class RingCausalLM(pl.LightningModule):
         hidden = self.model.hidden_states(batch["input_ids"], batch["position_ids"], batch.get("document_ids"))
         return hidden, self.model.head_weight
 
+    def loss_tile_tokens(self, tokens: int) -> int:
+        """Tokens per chunk of the fused head and cross-entropy over ``tokens`` labels."""
+        return self.hparams.loss_chunk_tokens
+
     def _local_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum of this rank's token losses, [label count, loss sum, input tokens] to all-reduce)."""
         hidden, head_weight = self.hidden_and_head(batch)
         labels = batch["labels"]
-        loss_sum = linear_cross_entropy_sum(hidden, head_weight, labels, self.hparams.loss_chunk_tokens)
+        loss_sum = linear_cross_entropy_sum(hidden, head_weight, labels, self.loss_tile_tokens(labels.numel()))
         stats = torch.stack([(labels != IGNORE_INDEX).sum().to(torch.float64), loss_sum.detach().double(),
                              torch.tensor(float(labels.numel()), dtype=torch.float64, device=labels.device)])
         return loss_sum, _all_reduce_sum(stats)
