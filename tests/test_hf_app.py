@@ -55,3 +55,14 @@ def test_ring_train_model_hf_on_two_processes(tmp_path):
     assert f"== ring-train summary (step {steps}) ==" in run.stdout
     loss = float(re.search(r"final train loss\s+([0-9.]+)", run.stdout).group(1))
     assert math.isfinite(loss) and loss < math.log(64) + 1.0, run.stdout  # vocabulary of 64: chance is ln 64
+
+
+def test_one_gpu_longest_recipe_switches_every_memory_saving_on():
+    cfg = _compose("recipe=hf_llama_1gpu_longest", "data.train.path=train.bin", "data.val.path=val.bin")
+    validate_config(cfg)
+    assert (cfg.devices, cfg.ring_size, cfg.strategy.stage, cfg.strategy.offload_optimizer) == (1, 1, 3, True)
+    module = instantiate(cfg.model)
+    hp = module.hparams
+    assert (hp.tiled_loss, hp.mlp_tile_tokens, hp.offload_checkpoints, hp.activation_checkpointing) == (
+        True, 16384, True, True)
+    assert module.hf_config.hidden_size == 2048 and module.hf_config.max_position_embeddings == cfg.seq_len == 524288
