@@ -101,19 +101,13 @@ def test_tiled_model_equals_untiled_on_a_ring_of_2_with_packed_documents():
 
 def test_switches_tile_the_loss_and_mlp_and_offload_each_layer(monkeypatch):
     """One process: the head never runs (no full logits), every MLP sees at most MLP_TILE tokens, each
-    decoder layer's input goes through save_on_cpu once, and the loss equals the untiled model's."""
+    decoder layer's input is copied to the host once, and the loss equals the untiled model's."""
     import ring_plugin.hf as hf
     import ring_plugin.layers.recompute as recompute
 
     packed: list[tuple[int, ...]] = []
-
-    class CountingSaveOnCpu(torch.autograd.graph.save_on_cpu):
-        def __init__(self, pin_memory: bool = False):
-            super().__init__(pin_memory=pin_memory)
-            pack = self.pack_hook
-            self.pack_hook = lambda t: (packed.append(tuple(t.shape)), pack(t))[1]
-
-    monkeypatch.setattr(recompute, "save_on_cpu", CountingSaveOnCpu)
+    host_copy = recompute.host_copy
+    monkeypatch.setattr(recompute, "host_copy", lambda t: (packed.append(tuple(t.shape)), host_copy(t))[1])
     plain = family_model("llama")
     tiled = enable_long_context(copy.deepcopy(plain), mlp_tile_tokens=MLP_TILE, offload_checkpoints=True)
     head_calls, mlp_tokens = [], []
@@ -126,9 +120,9 @@ def test_switches_tile_the_loss_and_mlp_and_offload_each_layer(monkeypatch):
     ref = plain(**shard, use_cache=False)
     assert out.logits is None and head_calls == []
     assert rel_err(out.loss.detach(), ref.loss.detach()) <= TOLERANCE
-    # Forward and the recompute in backward: tiles of 7, 7, ..., 5 over 40 tokens, two layers.
-    assert sorted(set(mlp_tokens)) == [LENGTH % MLP_TILE, MLP_TILE] and len(mlp_tokens) == 2 * 2 * 6
-    assert packed.count((2, LENGTH, 32)) == 2, packed
+    # Forward and the recomputes in backward: only tiles of 7, 7, ..., 5 over 40 tokens (6 per layer forward).
+    assert sorted(set(mlp_tokens)) == [LENGTH % MLP_TILE, MLP_TILE] and len(mlp_tokens) > 2 * 6
+    assert packed == [(2, LENGTH, 32)] * 2, packed
     # Without labels the model's own forward runs: the full logits, as before.
     inputs = {k: v for k, v in shard.items() if k not in ("labels", "shift_labels", "num_items_in_batch")}
     with torch.no_grad():

@@ -1,7 +1,8 @@
 """transformers' ``Trainer`` on the ring (``ring_plugin.hf.RingTrainer``): a few SGD steps of a tiny
 Llama (GQA) on rings of 2 (and 2 rings of 2) end with the weights of one process training on the whole
 sequences, with and without gradient accumulation, and on packed samples (each document on its own);
-the evaluation loss is the one-process loss."""
+the evaluation loss is the one-process loss; the same with the tiled loss, tiled MLPs and offloaded
+checkpoints switched on."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from tests.hf_harness import rel_err, tiny_model, token_batch
 
 SAMPLES, LENGTH, LR = 8, 32, 0.5
 DOCUMENTS = (11, 5, 16)  # packed samples: documents cut across chunks and ranks
+# Every long-context switch on, with tiles shorter than a rank's 16 tokens.
+LONG_CONTEXT = dict(tiled_loss=True, mlp_tile_tokens=5, offload_checkpoints=True, loss_tile_tokens=6)
 
 
 def _dataset(packed: bool = False) -> list[dict[str, torch.Tensor]]:
@@ -64,7 +67,8 @@ def _one_process(order: list[list[int]], steps: int, accumulation: int, replicas
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def _ring_trainer(rank: int, world: int, ring_size: int, accumulation: int, steps: int, packed: bool) -> dict:
+def _ring_trainer(rank: int, world: int, ring_size: int, accumulation: int, steps: int, packed: bool,
+                  long_context: bool = False) -> dict:
     from torch.utils.data import DistributedSampler
 
     import ring_plugin.hf  # noqa: F401
@@ -72,7 +76,8 @@ def _ring_trainer(rank: int, world: int, ring_size: int, accumulation: int, step
 
     with tempfile.TemporaryDirectory() as out:
         trainer = RingTrainer(model=tiny_model("llama", "ring"), args=_arguments(out, accumulation, steps),
-                              train_dataset=_dataset(packed), eval_dataset=_dataset()[:4], ring_size=ring_size)
+                              train_dataset=_dataset(packed), eval_dataset=_dataset()[:4], ring_size=ring_size,
+                              **(LONG_CONTEXT if long_context else {}))
         trainer.train()
         evaluation = trainer.evaluate()
     replicas = world // ring_size
@@ -96,11 +101,13 @@ def _eval_loss_one_process(weights: dict[str, torch.Tensor]) -> float:
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("world, ring_size, accumulation, packed",
-                         [(2, 2, 1, False), (2, 2, 2, False), (4, 2, 1, False), (2, 2, 1, True)])
-def test_ring_trainer_equals_one_process(world, ring_size, accumulation, packed):
+@pytest.mark.parametrize("world, ring_size, accumulation, packed, long_context",
+                         [(2, 2, 1, False, False), (2, 2, 2, False, False), (4, 2, 1, False, False),
+                          (2, 2, 1, True, False), (2, 2, 2, True, True)])
+def test_ring_trainer_equals_one_process(world, ring_size, accumulation, packed, long_context):
     steps = 2
-    results = run_in_process_group(_ring_trainer, world, ring_size, accumulation, steps, packed, timeout=240)
+    results = run_in_process_group(_ring_trainer, world, ring_size, accumulation, steps, packed, long_context,
+                                   timeout=240)
     order = results[0]["order"]
     expected = _one_process(order, steps, accumulation, world // ring_size, packed)
     for rank, result in enumerate(results):

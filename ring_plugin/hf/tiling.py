@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..comm.context import RingContext, current_ring_context, ring_context
 from ..layers.recompute import offloaded_checkpoint, tiled_over_sequence
 from ..models.loss import IGNORE_INDEX, linear_cross_entropy_sum
 
@@ -109,8 +110,18 @@ def _offloaded_layer_forward(self: nn.Module, hidden_states: torch.Tensor, *args
     forward = type(self).forward.__get__(self)
     if not (self.training and torch.is_grad_enabled()):
         return forward(hidden_states, *args, **kwargs)
-    # Every rank of a ring recomputes the same layers in the same order: the ring stays in step.
-    return offloaded_checkpoint(functools.partial(forward, **kwargs), hidden_states, *args)
+    # Every rank of a ring recomputes the same layers in the same order: the ring stays in step. The
+    # recompute runs in backward, which a loop may call outside the ring context the forward ran in
+    # (RingTrainer activates it around the model call only): the forward's ring is taken along.
+    ring = current_ring_context()
+    return offloaded_checkpoint(functools.partial(_forward_on_ring, ring, forward, kwargs), hidden_states, *args)
+
+
+def _forward_on_ring(ring: RingContext | None, forward: Any, kwargs: dict[str, Any], *args: Any) -> Any:
+    if ring is None:
+        return forward(*args, **kwargs)
+    with ring_context(None, ring.layout, mesh=ring.mesh):
+        return forward(*args, **kwargs)
 
 
 def _tiled_loss_forward(self: nn.Module, *args: Any, labels: torch.Tensor | None = None,

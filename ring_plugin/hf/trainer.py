@@ -29,6 +29,7 @@ from ..comm.context import RingContext, ring_context
 from ..comm.topology import SequenceMesh, build_mesh
 from ..layout import check_layout
 from .batch import count_labels, full_sequence_batch, shard_batch
+from .tiling import check_long_context_args, enable_long_context
 
 
 class RingTrainer(Trainer):
@@ -38,12 +39,21 @@ class RingTrainer(Trainer):
     full-length samples (``input_ids``, ``labels``, optionally packed ``position_ids``). Supports
     data parallel x Ulysses x ring under the DDP accelerate sets up; DeepSpeed/FSDP through the
     ``Trainer`` are not wired (use ``RingDeepSpeedStrategy`` with Lightning for ZeRO).
+    ``tiled_loss``, ``mlp_tile_tokens``, ``offload_checkpoints`` and ``loss_tile_tokens`` switch the
+    model for the longest sequences (:func:`~ring_plugin.hf.enable_long_context`).
     """
 
     def __init__(self, *args: Any, ring_size: int | None = None, ulysses_size: int = 1, layout: str = "zigzag",
-                 **kwargs: Any):
+                 tiled_loss: bool = False, mlp_tile_tokens: int | None = None, offload_checkpoints: bool = False,
+                 loss_tile_tokens: int = 4096, **kwargs: Any):
+        check_long_context_args(tiled_loss, mlp_tile_tokens, offload_checkpoints, loss_tile_tokens)
         super().__init__(*args, **kwargs)
         check_layout(layout)
+        if offload_checkpoints and self.args.gradient_checkpointing:
+            raise ValueError("offload_checkpoints=True checkpoints every decoder layer itself: leave "
+                             "TrainingArguments.gradient_checkpointing off")
+        enable_long_context(self.model, tiled_loss=tiled_loss, mlp_tile_tokens=mlp_tile_tokens,
+                            offload_checkpoints=offload_checkpoints, loss_tile_tokens=loss_tile_tokens)
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             raise ValueError("RingTrainer shards sequences under DDP only; for ZeRO use RingDeepSpeedStrategy")
         distributed = dist.is_available() and dist.is_initialized()

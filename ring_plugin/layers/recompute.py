@@ -2,8 +2,8 @@
 
 - :func:`tiled_over_sequence`: a token-wise function over tiles of the sequence, each recomputed in
   backward, so its inner activations exist for one tile at a time.
-- :func:`offloaded_checkpoint`: a checkpoint whose only saved tensors (its inputs) wait in pinned host
-  memory until backward needs them.
+- :func:`offloaded_checkpoint`: a checkpoint whose only kept tensor (its input) waits in pinned host
+  memory until backward needs it.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.autograd.graph import save_on_cpu
 from torch.utils.checkpoint import checkpoint
 
 
@@ -33,12 +32,23 @@ def tiled_over_sequence(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Ten
 
 
 def offloaded_checkpoint(fn: Callable[..., Any], x: torch.Tensor, *args: Any) -> Any:
-    """``fn(x, *args)`` recomputed in backward, its input ``x`` held in host memory until then.
+    """``fn(x, *args)`` recomputed in backward, with ``x`` held in host memory until then.
 
-    The reentrant checkpoint saves its tensor inputs with ``save_for_backward``, which ``save_on_cpu``
-    moves to pinned host memory (copied back without blocking the host when backward unpacks them);
-    the non-reentrant form would keep them referenced on the GPU. Tensors ``fn`` closes over (a
-    ``functools.partial``'s) are not saved by the checkpoint and stay where they are.
+    ``x`` is copied to pinned host memory (asynchronously, on its stream) by an autograd-tracked copy
+    whose backward returns the gradient to ``x``'s device; a non-reentrant checkpoint of "copy back,
+    then ``fn``" keeps only that host copy. The copy back is issued on the stream the recompute runs
+    on, so it is ordered after the copy out and before its first use without a host sync. Being
+    non-reentrant, each parameter's gradient is accumulated once per backward, as DDP requires. The
+    other ``args`` (rotary tables shared by every layer, document ids) stay where they are.
     """
-    with save_on_cpu(pin_memory=x.is_cuda):
-        return checkpoint(fn, x, *args, use_reentrant=True)
+    return checkpoint(_to_device_then, fn, host_copy(x), x.device, *args, use_reentrant=False)
+
+
+def host_copy(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in (pinned, for a GPU tensor) host memory; gradients flow back to ``x``."""
+    host = torch.empty(x.shape, dtype=x.dtype, pin_memory=x.is_cuda)
+    return host.copy_(x, non_blocking=x.is_cuda)
+
+
+def _to_device_then(fn: Callable[..., Any], host: torch.Tensor, device: torch.device, *args: Any) -> Any:
+    return fn(host.to(device, non_blocking=True), *args)
