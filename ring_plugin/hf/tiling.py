@@ -79,9 +79,9 @@ def enable_long_context(model: nn.Module, tiled_loss: bool = True, mlp_tile_toke
         error = logit_transform_error(model)
         if error is not None:
             raise ValueError(f"tiled_loss=True: {error}; train it with tiled_loss=False")
-        _register_head_for_zero3(model)
-        model.forward = types.MethodType(functools.partial(_tiled_loss_forward, loss_tile_tokens=loss_tile_tokens),
-                                         model)
+        head = model.get_output_embeddings()
+        head.forward = types.MethodType(functools.partial(_fused_head_forward, loss_tile_tokens=loss_tile_tokens), head)
+        model.forward = types.MethodType(_tiled_loss_forward, model)
     layers = decoder_layers(model) if mlp_tile_tokens is not None or offload_checkpoints else []
     for layer in layers:
         if mlp_tile_tokens is not None:
@@ -96,14 +96,13 @@ def enable_long_context(model: nn.Module, tiled_loss: bool = True, mlp_tile_toke
     return model
 
 
-def _register_head_for_zero3(model: nn.Module) -> None:
-    """Under ZeRO-3 the head weight is read outside the head's own forward: DeepSpeed must gather it
-    for the whole model's forward and backward."""
-    weight = model.get_output_embeddings().weight
-    if hasattr(weight, "ds_id"):
-        from deepspeed.zero import register_external_parameter
-
-        register_external_parameter(model, weight)
+def _fused_head_forward(self: nn.Module, hidden: torch.Tensor, labels: torch.Tensor | None = None,
+                        loss_tile_tokens: int = 4096) -> torch.Tensor:
+    """The head's own forward (logits), or with ``labels`` the summed cross-entropy of its logits in tiles.
+    Run as the head module's call, so ZeRO-3 gathers its (possibly tied) weight as for the logits."""
+    if labels is None:
+        return type(self).forward(self, hidden)
+    return linear_cross_entropy_sum(hidden, self.weight, labels, loss_tile_tokens)
 
 
 def _offloaded_layer_forward(self: nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
@@ -127,7 +126,7 @@ def _forward_on_ring(ring: RingContext | None, forward: Any, kwargs: dict[str, A
 def _tiled_loss_forward(self: nn.Module, *args: Any, labels: torch.Tensor | None = None,
                         shift_labels: torch.Tensor | None = None,
                         num_items_in_batch: torch.Tensor | int | None = None, logits_to_keep: int = 0,
-                        loss_tile_tokens: int = 4096, **kwargs: Any) -> Any:
+                        **kwargs: Any) -> Any:
     if labels is None and shift_labels is None:  # no loss asked for: the model's own forward, logits and all
         return type(self).forward(self, *args, logits_to_keep=logits_to_keep, **kwargs)
     from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -135,8 +134,8 @@ def _tiled_loss_forward(self: nn.Module, *args: Any, labels: torch.Tensor | None
     outputs = self.get_decoder()(*args, **kwargs)
     if shift_labels is None:
         shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
-    head = self.get_output_embeddings().weight
-    loss = linear_cross_entropy_sum(outputs.last_hidden_state, head, shift_labels.to(head.device), loss_tile_tokens)
+    hidden = outputs.last_hidden_state
+    loss = self.get_output_embeddings()(hidden, shift_labels.to(hidden.device))
     if num_items_in_batch is None:
         num_items_in_batch = (shift_labels != IGNORE_INDEX).sum()
     if isinstance(num_items_in_batch, torch.Tensor):
