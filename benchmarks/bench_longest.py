@@ -7,7 +7,8 @@ For a Llama-3.2-1B-shaped (``--model 1b``) or Llama-3.1-8B-shaped (``--model 8b`
   checkpointed with its input in pinned host memory), ``attn_implementation="ring"``;
 - ``alst``: DeepSpeed's ALST parts: ``TiledMLP`` on every MLP, ``TiledFusedLogitsLoss`` for the head and
   loss, transformers' gradient checkpointing with ``CheckpointHiddenStatesOffload`` (checkpoint inputs on
-  the host), ``attn_implementation="sdpa"`` (flash on the GPU);
+  the host), ``attn_implementation="sdpa"`` (flash on the GPU; ``--alst-attention ring`` gives it the
+  ring variant's attention, so only the tiling and offload parts differ);
 - ``plain``: the model alone with transformers' gradient checkpointing (full logits, whole MLPs).
 
 Every step is a full one: forward, backward and the optimizer step, under DeepSpeed ZeRO-3 with the
@@ -16,7 +17,7 @@ or a torch optimizer on the model's device (``--engine torch``). Given candidate
 (``--lengths 262144,524288,786432``), the script confirms them with real steps, bisecting over the sorted
 candidates (``--search bisect``; ``descending`` tries the largest first), each attempt in its own
 subprocess so an out-of-memory kills only that attempt. Each attempt runs a short warm-up step, then
-times one step at the length: its seconds, tokens/s, causal MFU (the flops_per_token of
+``--steps`` steps at the length and times the last: its seconds, tokens/s, causal MFU (the flops_per_token of
 ``HFCausalLM``: forward + backward matmuls and causal attention, recomputation not counted, over
 ``--peak-tflops``), peak GPU memory (allocated and reserved) and the process's peak host memory (its
 maximum resident set, pinned buffers included). Each attempt's record is appended to
@@ -210,7 +211,7 @@ def attempt(args: argparse.Namespace) -> dict[str, Any]:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         deepspeed.init_distributed(dist_backend="gloo" if tiny else "nccl")
     torch.manual_seed(0)
-    attn = "sdpa" if args.variant == "alst" else "ring"
+    attn = args.alst_attention if args.variant == "alst" else "ring"
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(llama_config(args.model, args.seq_len), attn_implementation=attn,
                                                  dtype=dtype)
@@ -227,20 +228,24 @@ def attempt(args: argparse.Namespace) -> dict[str, Any]:
         engine.step()
         return float(loss.detach())
 
+    cuda = device.type == "cuda"
     if args.warmup_tokens:
         one_step(args.warmup_tokens)
-    if device.type == "cuda":
+    if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    loss = one_step(args.seq_len)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
+    losses, times = [], []
+    for _ in range(args.steps):  # the last step is the one reported (the first at a length pins its host buffers)
+        start = time.perf_counter()
+        losses.append(one_step(args.seq_len))
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    seconds, loss = times[-1], losses[0]
     tokens_per_s = args.seq_len / seconds
-    cuda = device.type == "cuda"
     return {
-        "status": "ok", "loss": loss, "step_s": seconds, "tokens_per_s": tokens_per_s,
+        "status": "ok", "loss": loss, "losses": losses, "step_s": seconds, "step_times_s": times,
+        "tokens_per_s": tokens_per_s, "attention": attn,
         "mfu": flops * tokens_per_s / (args.peak_tflops * 1e12),
         "flops_per_token": flops,
         "peak_gpu_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
@@ -276,7 +281,7 @@ def run_attempt(args: argparse.Namespace, seq_len: int) -> dict[str, Any]:
 
 
 WORKER_KEYS = ("model", "variant", "engine", "optimizer", "mlp_tile_tokens", "loss_tile_tokens", "warmup_tokens",
-               "peak_tflops")
+               "peak_tflops", "steps", "alst_attention")
 
 
 def append_record(out: Path, record: dict[str, Any]) -> None:
@@ -306,7 +311,7 @@ def search(args: argparse.Namespace) -> dict[str, Any]:
     while hi - lo > 1 and deadline - time.monotonic() > args.attempt_timeout:
         index = hi - 1 if args.search == "descending" else (lo + hi) // 2
         record = {"model": args.model, "variant": args.variant, "seq_len": lengths[index], "engine": args.engine,
-                  "optimizer": args.optimizer, "mlp_tile_tokens": args.mlp_tile_tokens,
+                  "optimizer": args.optimizer, "mlp_tile_tokens": args.mlp_tile_tokens, "steps": args.steps,
                   "loss_tile_tokens": args.loss_tile_tokens, "offload_params": args.offload_params,
                   "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **env,
                   **run_attempt(args, lengths[index])}
@@ -341,6 +346,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mlp-tile-tokens", type=int, default=16384)
     p.add_argument("--loss-tile-tokens", type=int, default=16384)
     p.add_argument("--warmup-tokens", type=int, default=8192, help="a short step first (0: none)")
+    p.add_argument("--steps", type=int, default=1, help="steps at the length; the last one is timed")
+    p.add_argument("--alst-attention", choices=("sdpa", "ring"), default="sdpa",
+                   help="the alst variant's attention (ring: the same kernel as the ring variant)")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU, for MFU")
     p.add_argument("--attempt-timeout", type=float, default=420.0)
     p.add_argument("--budget-s", type=float, default=480.0, help="start no attempt that could end after this")
@@ -354,7 +362,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.engine = args.engine or "torch"
         args.mlp_tile_tokens, args.loss_tile_tokens = 7, 9
         args.lengths = args.lengths or [48]
-    for name in ("mlp_tile_tokens", "loss_tile_tokens", "warmup_tokens"):
+    for name in ("mlp_tile_tokens", "loss_tile_tokens", "warmup_tokens", "steps"):
         if getattr(args, name) < (0 if name == "warmup_tokens" else 1):
             p.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be positive")
     if not args.worker and not args.lengths:
