@@ -23,7 +23,9 @@ subprocess so an out-of-memory kills only that attempt. Each attempt runs a shor
 maximum resident set, pinned buffers included). Each attempt's record is appended to
 ``<out>/bench_longest.json`` as it ends, with the git commit and the GPU's name. New attempts stop
 when fewer than ``--attempt-timeout`` seconds remain of ``--budget-s`` (size both to the 10-minute
-limit of one command).
+limit of one command). ``--layers 2`` builds the model with 2 decoder layers: with offloaded checkpoints
+the GPU peak is one layer's working set, so this finds the GPU's limit in a fraction of a step's time;
+each further layer adds its input (seq_len x hidden x 2 bytes) to the host memory.
 
 ``--tiny`` runs a 2-layer fp32 model on the CPU (torch engine, SGD), where every variant's first loss
 must equal ``plain``'s within 1e-6.
@@ -67,11 +69,12 @@ VARIANTS = ("ring", "alst", "plain")
 RESULT_PREFIX = "BENCH_LONGEST_RESULT "
 
 
-def llama_config(model: str, seq_len: int) -> Any:
+def llama_config(model: str, seq_len: int, layers: int | None = None) -> Any:
     from transformers import LlamaConfig
 
     rope = {} if model == "tiny" else {"rope_parameters": LLAMA3_ROPE}
-    return LlamaConfig(**MODELS[model], **rope, max_position_embeddings=max(seq_len, 8192), rms_norm_eps=1e-5,
+    shape = {**MODELS[model], **({"num_hidden_layers": layers} if layers else {})}
+    return LlamaConfig(**shape, **rope, max_position_embeddings=max(seq_len, 8192), rms_norm_eps=1e-5,
                        use_cache=False)
 
 
@@ -166,22 +169,17 @@ def step_context(variant: str) -> contextlib.AbstractContextManager:
 
 def build_engine(loss_module: nn.Module, args: argparse.Namespace) -> tuple[Any, Any]:
     """(callable training module, object with backward/step) for the chosen engine."""
+    opt_cls = torch.optim.SGD if args.optimizer == "sgd" else torch.optim.AdamW
+    optimizer = opt_cls(loss_module.parameters(), lr=1e-5)
     if args.engine == "torch":
-        opt_cls = torch.optim.SGD if args.optimizer == "sgd" else torch.optim.AdamW
-        optimizer = opt_cls(loss_module.parameters(), lr=1e-5)
 
-        class TorchEngine:
-            def backward(self, loss: torch.Tensor) -> None:
-                loss.backward()
+        def step() -> None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
-            def step(self) -> None:
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-
-        return loss_module, TorchEngine()
+        return loss_module, types.SimpleNamespace(backward=lambda loss: loss.backward(), step=step)
     import deepspeed
 
-    opt_cls = torch.optim.SGD if args.optimizer == "sgd" else torch.optim.AdamW
     config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
               "bf16": {"enabled": args.model != "tiny"},
               "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu", "pin_memory": True},
@@ -189,7 +187,6 @@ def build_engine(loss_module: nn.Module, args: argparse.Namespace) -> tuple[Any,
                                        if args.offload_params else {})},
               "zero_force_ds_cpu_optimizer": False, "zero_allow_untested_optimizer": True,
               "gradient_clipping": 0.0, "steps_per_print": 10**9}
-    optimizer = opt_cls(loss_module.parameters(), lr=1e-5)
     engine, *_ = deepspeed.initialize(model=loss_module, optimizer=optimizer, config=config)
     return engine, engine
 
@@ -213,7 +210,8 @@ def attempt(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(0)
     attn = args.alst_attention if args.variant == "alst" else "ring"
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(llama_config(args.model, args.seq_len), attn_implementation=attn,
+        model = AutoModelForCausalLM.from_config(llama_config(args.model, args.seq_len, args.layers),
+                                                 attn_implementation=attn,
                                                  dtype=dtype)
     model.train()
     loss_module = LOSSES[args.variant](model, args)
@@ -250,7 +248,6 @@ def attempt(args: argparse.Namespace) -> dict[str, Any]:
         "flops_per_token": flops,
         "peak_gpu_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         "peak_gpu_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else None,
-        "gpu_total_gib": torch.cuda.get_device_properties(0).total_memory / 2**30 if cuda else None,
         # ru_maxrss is in KiB on Linux: the worker's peak resident host memory, pinned buffers included.
         "peak_host_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
     }
@@ -281,7 +278,7 @@ def run_attempt(args: argparse.Namespace, seq_len: int) -> dict[str, Any]:
 
 
 WORKER_KEYS = ("model", "variant", "engine", "optimizer", "mlp_tile_tokens", "loss_tile_tokens", "warmup_tokens",
-               "peak_tflops", "steps", "alst_attention")
+               "peak_tflops", "steps", "alst_attention", "layers")
 
 
 def append_record(out: Path, record: dict[str, Any]) -> None:
@@ -312,6 +309,7 @@ def search(args: argparse.Namespace) -> dict[str, Any]:
         index = hi - 1 if args.search == "descending" else (lo + hi) // 2
         record = {"model": args.model, "variant": args.variant, "seq_len": lengths[index], "engine": args.engine,
                   "optimizer": args.optimizer, "mlp_tile_tokens": args.mlp_tile_tokens, "steps": args.steps,
+                  "layers": args.layers or MODELS[args.model]["num_hidden_layers"],
                   "loss_tile_tokens": args.loss_tile_tokens, "offload_params": args.offload_params,
                   "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **env,
                   **run_attempt(args, lengths[index])}
@@ -346,6 +344,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mlp-tile-tokens", type=int, default=16384)
     p.add_argument("--loss-tile-tokens", type=int, default=16384)
     p.add_argument("--warmup-tokens", type=int, default=8192, help="a short step first (0: none)")
+    p.add_argument("--layers", type=int, default=0, help="decoder layers (0: the model's): a quick GPU-memory probe")
     p.add_argument("--steps", type=int, default=1, help="steps at the length; the last one is timed")
     p.add_argument("--alst-attention", choices=("sdpa", "ring"), default="sdpa",
                    help="the alst variant's attention (ring: the same kernel as the ring variant)")
@@ -362,9 +361,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.engine = args.engine or "torch"
         args.mlp_tile_tokens, args.loss_tile_tokens = 7, 9
         args.lengths = args.lengths or [48]
-    for name in ("mlp_tile_tokens", "loss_tile_tokens", "warmup_tokens", "steps"):
-        if getattr(args, name) < (0 if name == "warmup_tokens" else 1):
-            p.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be positive")
+    for name in ("mlp_tile_tokens", "loss_tile_tokens", "warmup_tokens", "steps", "layers"):
+        if getattr(args, name) < (0 if name in ("warmup_tokens", "layers") else 1):
+            p.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be positive (or 0 if optional)")
     if not args.worker and not args.lengths:
         p.error("--lengths is required: candidate sequence lengths, e.g. --lengths 262144,524288,786432")
     if args.lengths and min(args.lengths) < 2:
