@@ -1,7 +1,7 @@
 """HFCausalLM trains a transformers model on the ring under RingStrategy and RingDeepSpeedStrategy (ZeRO-3,
 activation checkpointing) exactly like one process training the same model with "eager" attention on the
 whole sequences: the same first-step gradients, the same loss at every step and, after 3 AdamW steps, the
-same weights (CPU, gloo, ring of 2, zigzag)."""
+same weights (CPU, gloo, ring of 2, zigzag); the same with offloaded checkpoints and MLP tiles."""
 
 from __future__ import annotations
 
@@ -18,7 +18,10 @@ from . import lightning_harness as H  # noqa: E402
 from .hf_harness import rel_err, tiny_config  # noqa: E402
 
 STEPS = 3
-CASES = [H.Case("ddp", layout="zigzag"), H.Case("deepspeed", 3, layout="zigzag")]
+# The long-context switches (each layer's input on the host, MLPs in tiles of 5 of a rank's 16 tokens).
+LONG = dict(offload_checkpoints=True, mlp_tile_tokens=5)
+CASES = [H.Case("ddp", layout="zigzag"), H.Case("deepspeed", 3, layout="zigzag"),
+         H.Case("ddp", layout="zigzag", model=dict(LONG)), H.Case("deepspeed", 3, layout="zigzag", model=dict(LONG))]
 
 
 class StableAdamHFCausalLM(HFCausalLM):
@@ -34,11 +37,12 @@ class StableAdamHFCausalLM(HFCausalLM):
         return config
 
 
-def make_module(pretrained: str | None = None) -> StableAdamHFCausalLM:
+def make_module(pretrained: str | None = None, **switches: object) -> StableAdamHFCausalLM:
     # Tied embeddings, as in the Llama-3.2-1B recipe: under ZeRO-3 the head reads the embedding's partitioned weight.
     config = tiny_config("llama", tie_word_embeddings=True).to_dict()
     return StableAdamHFCausalLM(pretrained, config={**config, "model_type": "llama"}, lr=1e-2, weight_decay=0.1,
-                                warmup_steps=1, max_steps=STEPS, loss_chunk_tokens=6, activation_checkpointing=True)
+                                warmup_steps=1, max_steps=STEPS, loss_chunk_tokens=6, activation_checkpointing=True,
+                                **switches)
 
 
 def _full_weights(module) -> dict[str, torch.Tensor]:
@@ -104,7 +108,8 @@ def train_case(case: H.Case, rank: int, world: int, pretrained: str | None = Non
     recorder, capture = Recorder(case.layout), H.GradCapture()
     torch.manual_seed(0)
     samples = H.make_samples(STEPS, 32, seed=4)
-    H.make_trainer(case, world, STEPS, [recorder, capture]).fit(make_module(pretrained),
+    switches = {k: v for k, v in case.model.items() if k in LONG}
+    H.make_trainer(case, world, STEPS, [recorder, capture]).fit(make_module(pretrained, **switches),
                                                                  DataLoader(samples, batch_size=1))
     if rank != 0:
         return None
