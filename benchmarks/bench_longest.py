@@ -20,8 +20,8 @@ subprocess so an out-of-memory kills only that attempt. Each attempt runs a shor
 ``--steps`` steps at the length and times the last: its seconds, tokens/s, causal MFU (the flops_per_token of
 ``HFCausalLM``: forward + backward matmuls and causal attention, recomputation not counted, over
 ``--peak-tflops``), peak GPU memory (allocated and reserved) and the process's peak host memory (its
-maximum resident set, pinned buffers included). Each attempt's record is appended to
-``<out>/bench_longest.json`` as it ends, with the git commit and the GPU's name. New attempts stop
+maximum resident set, pinned buffers included). Each attempt's record is appended to the ``records``
+of ``<out>/bench_longest.json`` as it ends, with the commit, the tree's state and the GPU's name. New attempts stop
 when fewer than ``--attempt-timeout`` seconds remain of ``--budget-s`` (size both to the 10-minute
 limit of one command). ``--layers 2`` builds the model with 2 decoder layers: with offloaded checkpoints
 the GPU peak is one layer's working set, so this finds the GPU's limit in a fraction of a step's time;
@@ -52,6 +52,9 @@ from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from provenance import source_state, write_json  # noqa: E402
 
 from ring_plugin.models.loss import IGNORE_INDEX  # noqa: E402
 
@@ -282,21 +285,18 @@ WORKER_KEYS = ("model", "variant", "engine", "optimizer", "mlp_tile_tokens", "lo
 
 
 def append_record(out: Path, record: dict[str, Any]) -> None:
-    """Append ``record`` to ``out/bench_longest.json`` (a list), written whole to a temporary file first."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Append ``record`` to the ``records`` of ``out/bench_longest.json`` (with the code's source state)."""
     path = out / "bench_longest.json"
-    records = json.loads(path.read_text()) if path.exists() else []
-    records.append(record)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(records, indent=1) + "\n")
-    os.replace(tmp, path)
+    records = json.loads(path.read_text())["records"] if path.exists() else []
+    write_json(path, {"records": [*records, record]}, indent=1)
 
 
 def environment() -> dict[str, Any]:
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    source = source_state()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     host_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return {"commit": commit or None, "gpu": gpu, "host_memory_gib": round(host_gib, 1), "torch": torch.__version__}
+    return {"commit": source["commit"], "tree_clean": source["tree_clean"], "gpu": gpu,
+            "host_memory_gib": round(host_gib, 1), "torch": torch.__version__}
 
 
 def search(args: argparse.Namespace) -> dict[str, Any]:
@@ -387,7 +387,7 @@ def main(argv: list[str] | None = None) -> None:
     for variant in VARIANTS:
         args.variant = variant
         losses[variant] = search(args)
-    records = json.loads((Path(args.out) / "bench_longest.json").read_text())
+    records = json.loads((Path(args.out) / "bench_longest.json").read_text())["records"]
     first = {r["variant"]: r["loss"] for r in records if r.get("status") == "ok"}
     diffs = {v: abs(first[v] - first["plain"]) for v in VARIANTS if v in first}
     append_record(Path(args.out), {"kind": "tiny_losses", "losses": first, "abs_diff_vs_plain": diffs})

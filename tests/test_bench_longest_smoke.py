@@ -24,12 +24,12 @@ def test_tiny_run_trains_every_variant_with_the_plain_models_loss(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_longest.py"), "--tiny", "--out",
                            str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    records = json.loads((tmp_path / "bench_longest.json").read_text())
+    records = json.loads((tmp_path / "bench_longest.json").read_text())["records"]
     steps = [r for r in records if r.get("status")]
     assert [(r["variant"], r["status"], r["seq_len"]) for r in steps] == [(v, "ok", 48) for v in bench_longest.VARIANTS]
     for r in steps:
         assert r["tokens_per_s"] == pytest.approx(48 / r["step_s"]) and r["peak_host_gib"] > 0
-        assert r["commit"] and r["gpu"] == "cpu"
+        assert r["commit"] and r["gpu"] == "cpu" and isinstance(r["tree_clean"], bool)
     summaries = [r for r in records if r.get("kind") == "longest"]
     assert [s["longest_trained"] for s in summaries] == [48, 48, 48]
     (check,) = [r for r in records if r.get("kind") == "tiny_losses"]
@@ -52,7 +52,7 @@ def test_search_finds_the_longest_length_that_trains(tmp_path, monkeypatch, mode
     summary = bench_longest.search(args)
     assert (summary["longest_trained"], summary["first_failed"], summary["settled"]) == (50, 60, True)
     assert tried == expected_tries
-    records = json.loads((tmp_path / "bench_longest.json").read_text())
+    records = json.loads((tmp_path / "bench_longest.json").read_text())["records"]
     assert [r.get("seq_len") for r in records] == [*expected_tries, None]
 
 
