@@ -17,6 +17,7 @@ from ring_plugin.hf.tiling import enable_long_context
 from ring_plugin.testing import run_in_process_group
 
 from .hf_harness import VOCAB, rel_err, token_batch
+from .test_model_layers import record_host_copies
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma")
 LENGTH, DOCUMENTS = 40, (13, 4, 23)  # documents cut across the zigzag chunks of both ranks
@@ -103,11 +104,8 @@ def test_switches_tile_the_loss_and_mlp_and_offload_each_layer(monkeypatch):
     """One process: the head's one call returns the loss (no full logits), every MLP sees at most MLP_TILE tokens, each
     decoder layer's input is copied to the host once, and the loss equals the untiled model's."""
     import ring_plugin.hf as hf
-    import ring_plugin.layers.recompute as recompute
 
-    packed: list[tuple[int, ...]] = []
-    host_copy = recompute.host_copy
-    monkeypatch.setattr(recompute, "host_copy", lambda t: (packed.append(tuple(t.shape)), host_copy(t))[1])
+    packed = record_host_copies(monkeypatch)
     plain = family_model("llama")
     tiled = enable_long_context(copy.deepcopy(plain), mlp_tile_tokens=MLP_TILE, offload_checkpoints=True)
     head_calls, mlp_tokens = [], []

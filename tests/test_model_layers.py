@@ -156,14 +156,20 @@ def test_tiled_mlp_gives_the_whole_mlp_output_and_gradients():
         torch.testing.assert_close(tiled(x), whole(x), rtol=1e-12, atol=1e-12)
 
 
+def record_host_copies(monkeypatch) -> list[tuple[int, ...]]:
+    """The shapes of the tensors offloaded_checkpoint copies to the host, in order (filled as they are)."""
+    import ring_plugin.layers.recompute as recompute
+
+    shapes: list[tuple[int, ...]] = []
+    host_copy = recompute.host_copy
+    monkeypatch.setattr(recompute, "host_copy", lambda t: (shapes.append(tuple(t.shape)), host_copy(t))[1])
+    return shapes
+
+
 def test_offloaded_checkpoints_and_tiles_give_the_plain_models_gradients(monkeypatch):
     """Full checkpointing with the block inputs offloaded (through host_copy, counted here) and the MLP
     in tiles: the same gradients as the model without either; only the checkpointed blocks offload."""
-    import ring_plugin.layers.recompute as recompute
-
-    packed = []
-    host_copy = recompute.host_copy
-    monkeypatch.setattr(recompute, "host_copy", lambda t: (packed.append(tuple(t.shape)), host_copy(t))[1])
+    packed = record_host_copies(monkeypatch)
     torch.manual_seed(0)
     base = dict(vocab_size=40, n_layer=3, n_head=2, n_embd=16, max_seq_len=16)
     plain = RingGPT(GPTConfig(**base))
