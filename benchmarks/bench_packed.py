@@ -10,7 +10,7 @@ Run: ``torchrun --nproc_per_node=2 benchmarks/bench_packed.py`` (``--smoke``: ti
    varlen flash call over the whole packed sequence (the practical limit); the dense causal ring.
    Rates are per GPU on the FLOPs the document mask needs (causal pairs inside documents), so
    ``ring / one GPU`` is the efficiency. The work imbalance of each layout is the planner's count:
-   per rank (max / mean) and per lock-step ring step (``ring_plugin.balance.ring_step_imbalance``).
+   per rank (max / mean) and per lock-step ring step (``packed_layouts.ring_step_imbalance``).
 """
 
 from __future__ import annotations
@@ -27,11 +27,12 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_ring import fwd_bwd_attention_flops, oracle_errors, peak_gb, reset_peak, time_fn  # noqa: E402
+from packed_layouts import document_ids_from_lengths, layout_imbalance  # noqa: E402
 from provenance import write_json  # noqa: E402
 
 from ring_plugin import create_ring_attention, shard_sequence  # noqa: E402
 from ring_plugin.attention.oracle import document_mask  # noqa: E402
-from ring_plugin.balance import document_ids_from_lengths, layout_imbalance, packed_document_lengths  # noqa: E402
+from ring_plugin.documents import packed_document_lengths  # noqa: E402
 from ring_plugin.layout import resolve_layout  # noqa: E402
 
 LAYOUTS = ("balanced", "zigzag", "contiguous")
@@ -182,7 +183,7 @@ def main() -> None:
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "gpus": world, "torch": torch.__version__, "date": datetime.date.today().isoformat(),
             "heads": heads, "head_dim": d, "dtype": "bfloat16", "length": n,
-            "generator": {"kind": "ring_plugin.balance.packed_document_lengths (log-normal, sigma 1.0)",
+            "generator": {"kind": "ring_plugin.documents.packed_document_lengths (log-normal, sigma 1.0)",
                           "mean": args.mean_doc, "seeds": args.seeds},
             "flops": "fwd+bwd = 3.5 x 4 x d x (causal pairs inside documents) x heads",
             "equivalence": equivalence, "runs": runs,

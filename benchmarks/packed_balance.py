@@ -23,20 +23,19 @@ import math
 from pathlib import Path
 
 import torch
-from provenance import write_json  # noqa: E402
-
-from ring_plugin.balance import (
-    CHUNKS_TARGET,
-    MIN_CHUNK,
+from packed_layouts import (
     TARGET_IMBALANCE,
     document_ids_from_lengths,
     imbalance,
     layout_owners,
     owner_rank_work,
-    packed_document_lengths,
     ring_step_imbalance,
     ring_step_work,
 )
+from provenance import write_json
+
+from ring_plugin.documents import packed_document_lengths
+from ring_plugin.documents.balance import CHUNKS_TARGET, MIN_CHUNK
 
 LAYOUTS = ("balanced_positions", "balanced", "zigzag", "contiguous", "head_tail")
 MASKS = {"causal": True, "bidirectional": False}
@@ -101,7 +100,7 @@ def main() -> None:
         "torch": torch.__version__,
         "work": "document-mask keys per query row (mask_work); rank = max / mean of rank totals; step = "
                 "sum over ring steps of the busiest rank's work / (total / ranks)",
-        "generator": {"function": "ring_plugin.balance.packed_document_lengths", "n_tokens": args.n_tokens,
+        "generator": {"function": "ring_plugin.documents.packed_document_lengths", "n_tokens": args.n_tokens,
                       "seeds": list(range(args.seeds)), "distribution": "log-normal", "mean": args.mean,
                       "sigma": args.sigma},
         "documents": {"per_sequence": [len(b) for b in batches], "longest": [max(b) for b in batches]},

@@ -84,7 +84,7 @@ def main() -> None:
     ap.add_argument("--timeline", action="store_true",
                     help="also print each CUDA stream's busy time and the compute stream's idle gaps")
     ap.add_argument("--documents", type=float, default=0.0,
-                    help="packed documents of this mean length (ring_plugin.balance generator, seed 0); 0: none")
+                    help="packed documents of this mean length (ring_plugin.documents generator, seed 0); 0: none")
     args = ap.parse_args()
     dist.init_process_group("nccl")
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -96,7 +96,8 @@ def main() -> None:
 
     masks = {}
     if args.documents:
-        from ring_plugin.balance import document_ids_from_lengths, packed_document_lengths
+        from benchmarks.packed_layouts import document_ids_from_lengths
+        from ring_plugin.documents import packed_document_lengths
         from ring_plugin.layout import shard_sequence
 
         ids = document_ids_from_lengths(packed_document_lengths(args.length, 0, mean=args.documents))[None]

@@ -20,6 +20,7 @@ from .layers.dilated import DilatedAttention, MultiheadDilatedAttention
 from .layers.multihead import RingMultiheadAttention
 from .layout import gather_sequence, global_positions, shard_sequence, unshard_sequence
 from .patterns import block_mask, hilbert_permutation, inverse_permutation
+from .shard_plan import SequenceShards, sequence_shards
 
 __version__ = "0.1.0"
 
@@ -42,6 +43,7 @@ __all__ = [
     "RingPeerClosedError",
     "RingPeerError",
     "RingTimeoutError",
+    "SequenceShards",
     "StandardRingAttention",
     "available_ring_attention",
     "block_mask",
@@ -54,6 +56,7 @@ __all__ = [
     "reference_attention",
     "register_ring_attention",
     "ring_context",
+    "sequence_shards",
     "shard_sequence",
     "unshard_sequence",
     *compat.__all__,  # the predecessor's names

@@ -4,8 +4,8 @@
 ``zigzag``: the sequence is cut into 2k chunks; rank r holds chunks r and 2k-1-r, which balances the
 work of causal attention across ranks.
 ``balanced`` (packed documents): ``k * c`` equal chunks, c per rank, assigned so that every rank gets
-the same work under the document mask (:func:`ring_plugin.balance.balanced_chunks`): a pure function of
-the global ``document_ids`` and the ring size, so every rank rebuilds it from the all-gathered ids.
+the same work under the document mask (:func:`ring_plugin.documents.balance.balanced_chunks`): a pure function of
+the global ``document_ids`` and the ring size, so every rank computes it from the batch it cuts.
 
 Every layout is a :class:`ShardLayout`: the list of global chunk indices each rank holds (ascending,
 so local order equals global order), all chunks of one length; everything else is derived from that.
@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from .documents.balance import balanced_chunks
 
 LAYOUTS = ("contiguous", "zigzag", "balanced")
 
@@ -119,8 +121,6 @@ def resolve_layout(layout: str | ShardLayout, world_size: int,
         return ShardLayout.named(layout, world_size)
     if document_ids is None:
         raise ValueError("layout='balanced' needs the global document_ids (it balances the document-mask work)")
-    from .balance import balanced_chunks  # the balancer reads document helpers that read this module
-
     return ShardLayout("balanced", balanced_chunks(document_ids, world_size))
 
 

@@ -12,9 +12,9 @@ import torch
 from ring_plugin import create_ring_attention, shard_sequence
 from ring_plugin.attention.call import RingCall
 from ring_plugin.attention.dense_ring import _grad_dtype
-from ring_plugin.attention.documents import DocumentBlock
 from ring_plugin.attention.plan import Block
 from ring_plugin.comm.ring import RingComm
+from ring_plugin.documents.blocks import DocumentBlock
 from ring_plugin.layout import ShardLayout
 from ring_plugin.ops.kernels import KERNELS
 from ring_plugin.testing import run_in_process_group

@@ -12,9 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ring_plugin.balance import (
-    CHUNKS_TARGET,
-    balanced_chunks,
+from benchmarks.packed_layouts import (
     balanced_positions,
     chunk_owners,
     document_ids_from_lengths,
@@ -23,13 +21,13 @@ from ring_plugin.balance import (
     layout_chunks,
     layout_imbalance,
     layout_owners,
-    packed_document_lengths,
     positions_owners,
     rank_work,
     ring_step_imbalance,
     ring_step_work,
 )
-from ring_plugin.documents import document_ids_error, document_ids_from_position_ids, mask_work
+from ring_plugin.documents import document_ids_error, document_ids_from_position_ids, mask_work, packed_document_lengths
+from ring_plugin.documents.balance import CHUNKS_TARGET, balanced_chunks
 
 N_128K = 128 * 1024
 REPO = Path(__file__).resolve().parents[1]

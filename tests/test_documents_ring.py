@@ -165,7 +165,9 @@ BALANCED_N = 1024  # long enough for several chunks per rank (a chunk keeps >= 6
 
 
 def _balanced_errors(rank: int, world: int, causal: bool, seed: int) -> dict[str, float]:
-    from ring_plugin.balance import balanced_chunks, document_ids_from_lengths, packed_document_lengths
+    from benchmarks.packed_layouts import document_ids_from_lengths
+    from ring_plugin.documents.balance import balanced_chunks
+    from ring_plugin.documents.ids import packed_document_lengths
 
     ids = torch.stack([document_ids_from_lengths(packed_document_lengths(BALANCED_N, seed + s, mean=160.0))
                        for s in range(2)])
@@ -207,10 +209,12 @@ def test_hilbert_refuses_document_ids_instead_of_dropping_them():
         HilbertRingAttention(grid=(4, 4), token_order="hilbert")(q, q, q, is_causal=True, document_ids=ids)
 
 
-# ------------------------------------------------------------------------------ prepared documents
-def _prepared_worker(rank: int, world: int) -> dict[str, object]:
-    from ring_plugin.attention import documents as docs_module
+# ------------------------------------------------------------------------------ shard plans
+def _plan_worker(rank: int, world: int) -> dict[str, object]:
+    import ring_plugin.attention.modules as modules_module
+    from ring_plugin import sequence_shards
     from ring_plugin.models.gpt import GPTConfig, RingGPT
+    from ring_plugin.sharding import batch_documents, cut_batch
 
     ids = document_ids("uneven", 2)
     gen = torch.Generator().manual_seed(7)
@@ -219,35 +223,49 @@ def _prepared_worker(rank: int, world: int) -> dict[str, object]:
     local = [shard_sequence(t, 1, "zigzag", rank, world).requires_grad_() for t in (q, k, v)]
     attn = create_ring_attention("standard", layout="zigzag")
     shard_ids = shard_sequence(ids, 1, "zigzag", rank, world)
+    plan = sequence_shards(ids, layout="zigzag")
     results = {}
-    for name, given in (("ids", shard_ids), ("prepared", attn.prepare_documents(shard_ids))):
+    for name, given in (("ids", shard_ids), ("prepared", attn.prepare_documents(shard_ids)), ("plan", plan)):
         for t in local:
             t.grad = None
         out = attn(*local, is_causal=True, document_ids=given)
         out.backward(shard_sequence(g, 1, "zigzag", rank, world))
         results[name] = [out.detach(), *(t.grad for t in local)]
-    same = all(torch.equal(a, b) for a, b in zip(results["ids"], results["prepared"]))
+    same = all(torch.equal(a, b) for name in ("prepared", "plan") for a, b in zip(results["ids"], results[name]))
 
-    # misuse of a prepared object is a clear error on this rank
+    # misuse of a plan is a clear error on this rank
     contiguous = create_ring_attention("standard", layout="contiguous")
     errors = {}
     try:
-        contiguous(*local, is_causal=True, document_ids=attn.prepare_documents(shard_ids))
+        contiguous(*local, is_causal=True, document_ids=plan)
     except ValueError as err:
         errors["layout"] = str(err)
     try:
-        attn(*(t[:1] for t in local), is_causal=True, document_ids=attn.prepare_documents(shard_ids))
+        attn(*(t[:1] for t in local), is_causal=True, document_ids=plan)
     except ValueError as err:
         errors["shape"] = str(err)
+    balanced_plan = sequence_shards(ids, layout="balanced")
+    try:
+        contiguous(*local, is_causal=True, document_ids=balanced_plan)
+    except ValueError as err:
+        errors["balanced_vs_contiguous"] = str(err)
     bad = shard_ids.flip(1) if rank == world - 1 else shard_ids
     try:
         attn.prepare_documents(bad)
     except ValueError as err:
         errors["order"] = str(err)
+    # a plan reused for another batch of the same shape: refused where the batch is read
+    batch = cut_batch({"input_ids": torch.zeros(2, N, dtype=torch.long), "document_ids": ids}, "zigzag", rank, world)
+    other = cut_batch({"input_ids": torch.zeros(2, N, dtype=torch.long),
+                       "document_ids": document_ids("many_tiny", 2)}, "zigzag", rank, world)
+    try:
+        batch_documents({**other, "sequence_shards": batch["sequence_shards"]})
+    except ValueError as err:
+        errors["reused"] = str(err)
 
-    # RingGPT gathers the ids once per forward, not once per layer
+    # RingGPT: raw ids build one plan per forward (one all-gather); a cut batch's plan none at all
     calls = []
-    original = docs_module.gather_documents
+    original = modules_module.gather_shards
 
     def counting(*args, **kwargs):
         calls.append(1)
@@ -259,22 +277,31 @@ def _prepared_worker(rank: int, world: int) -> dict[str, object]:
     model = RingGPT(config)
     tokens = shard_sequence(torch.randint(0, 32, (1, N), generator=gen), 1, "zigzag", rank, world)
     positions = shard_sequence(torch.arange(N)[None], 1, "zigzag", rank, world)
-    import ring_plugin.attention.modules as modules_module
-    modules_module.gather_documents = counting
+    modules_module.gather_shards = counting
     try:
-        model(tokens, positions, shard_sequence(ids[:1], 1, "zigzag", rank, world))
+        by_ids = model(tokens, positions, shard_sequence(ids[:1], 1, "zigzag", rank, world))
+        gathers_ids = len(calls)
+        by_plan = model(tokens, positions, sequence_shards(ids[:1], layout="zigzag"))
     finally:
-        modules_module.gather_documents = original
-    return {"same": same, "errors": errors, "gathers": len(calls)}
+        modules_module.gather_shards = original
+    return {"same": same, "errors": errors, "gathers_ids": gathers_ids, "gathers_plan": len(calls) - gathers_ids,
+            "model_same": torch.equal(by_ids, by_plan)}
 
 
-def test_prepared_documents_equal_per_call_ids_and_refuse_misuse():
-    for rank, res in enumerate(run_in_process_group(_prepared_worker, 2, timeout=120)):
-        assert res["same"], rank  # bit for bit: the same plan, the same kernels
-        assert "prepared for a ring of 2 in layout 'zigzag'" in res["errors"]["layout"], res["errors"]
-        assert "prepared for (batch, n_local) = (2, 24), q has (1, 24)" in res["errors"]["shape"], res["errors"]
+def test_shard_plans_equal_per_call_ids_and_refuse_misuse():
+    for rank, res in enumerate(run_in_process_group(_plan_worker, 2, timeout=120)):
+        assert res["same"], rank  # bit for bit: the same blocks, the same kernels
+        errors = res["errors"]
+        assert f"('zigzag', 2, 1, {rank}) does not match the layer's ring ('contiguous', 2, 1, {rank})" \
+            in errors["layout"], errors
+        assert f"('balanced', 2, 1, {rank}) does not match the layer's ring ('contiguous'" \
+            in errors["balanced_vs_contiguous"], errors
+        assert "made for (batch, n_local) = (2, 24), the input has (1, 24)" in errors["shape"], errors
+        assert "a plan belongs to the batch it was cut from" in errors["reused"], errors
         if rank == 1:
-            assert "must be non-decreasing" in res["errors"]["order"], res["errors"]
+            assert "must be non-decreasing" in errors["order"], errors
         else:
-            assert "ring input check failed on rank(s) [1]" in res["errors"]["order"], res["errors"]
-        assert res["gathers"] == 1  # one all-gather for the model's three layers
+            assert "ring input check failed on rank(s) [1]" in errors["order"], errors
+        assert res["gathers_ids"] == 1  # one all-gather for the model's three layers
+        assert res["gathers_plan"] == 0  # the plan came with the batch
+        assert res["model_same"], rank

@@ -16,10 +16,12 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from benchmarks.packed_layouts import document_ids_from_lengths
 from ring_plugin import create_ring_attention, ring_context, shard_sequence
 from ring_plugin.attention.oracle import document_mask
-from ring_plugin.balance import balanced_chunks, document_ids_from_lengths, packed_document_lengths
 from ring_plugin.comm.topology import build_mesh
+from ring_plugin.documents import packed_document_lengths
+from ring_plugin.documents.balance import balanced_chunks
 from ring_plugin.testing import run_in_process_group
 
 from . import lightning_harness as H

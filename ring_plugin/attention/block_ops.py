@@ -1,6 +1,6 @@
 """Forward and backward of one block of work, one pair of functions per block kind.
 
-- :class:`~.plan.Block`, :class:`~.plan.BandBlock`, :class:`~.documents.DocumentBlock`: contiguous
+- :class:`~.plan.Block`, :class:`~.plan.BandBlock`, :class:`~ring_plugin.documents.blocks.DocumentBlock`: contiguous
   query and key rows (the dense ring's units): :func:`forward_rows` / :func:`backward_rows` return the
   block's results (``(out, lse)``; dQ and :class:`RowGrads`) and the dense ring decides where they go;
 - :class:`~ring_plugin.patterns.blocks.ViewBlock`: rows on a regular grid, read as strided views;
@@ -22,12 +22,12 @@ from functools import singledispatch
 import torch
 
 from ..cache import BoundedCache
+from ..documents.blocks import DocumentBlock
 from ..ops.document_kernels import VarlenRuns, document_backward, document_forward
 from ..ops.kernels import band_backward, band_forward, expand_kv_heads, reduce_kv_heads, takes_flash
 from ..ops.merge import merge_into
 from ..patterns.blocks import IndexBlock, ViewBlock
 from .call import RingCall
-from .documents import DocumentBlock
 from .plan import BandBlock, Block
 
 AddGrads = Callable[[list[torch.Tensor]], None]

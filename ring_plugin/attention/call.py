@@ -11,9 +11,9 @@ from dataclasses import dataclass
 import torch
 
 from ..comm.ring import RingComm
+from ..documents.blocks import DocumentBlock, RingDocuments
 from ..layout import ShardLayout
 from ..ops.kernels import Kernel
-from .documents import DocumentBlock, RingDocuments
 from .plan import BandBlock, Block, plan_dense_step, plan_window_step
 
 

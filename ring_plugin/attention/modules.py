@@ -13,19 +13,20 @@ import torch
 from torch import nn
 
 from ..cache import BoundedCache
+from ..comm.agreement import agree_or_raise
 from ..comm.collectives import all_gather_sequence
 from ..comm.context import RingContext, resolve_ring
 from ..comm.ring import RingComm, RingStats
-from ..comm.validate import agree_or_raise
 from ..config import RingAttentionConfig
-from ..documents import document_ids_error
+from ..documents.blocks import RingDocuments
+from ..documents.ids import document_ids_error
 from ..layout import sequence_divisor, unshard_sequence
 from ..ops.kernels import default_scale, select_kernel
 from ..patterns.blocks import Pattern
 from ..patterns.dilated import DilatedPattern
+from ..shard_plan import SequenceShards, document_ids_decrease, gather_shards, layer_document_ids_error
 from .call import RingCall
 from .dense_ring import DenseRingAttention
-from .documents import RingDocuments, document_ids_decrease, gather_documents, layer_document_ids_error
 from .exchange import ExchangePlan, build_exchange_plan
 from .oracle import document_mask, reference_attention
 from .peer_ring import PeerRingAttention
@@ -92,42 +93,54 @@ class RingAttentionBase(nn.Module):
     # -------------------------------------------------------------------------------- forward
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool = False,
-        document_ids: torch.Tensor | RingDocuments | None = None, sliding_window: int | None = None,
+        document_ids: torch.Tensor | SequenceShards | None = None, sliding_window: int | None = None,
     ) -> torch.Tensor:
-        """``document_ids``: this rank's shard ``(batch, n_local)`` (int64, same layout as ``q``) of the
-        global, non-decreasing document numbers of packed sequences; a query then attends only to keys
-        of its own document (and causally if ``is_causal``). Or what :meth:`prepare_documents` made of
-        them, once for all the layers of a step. ``sliding_window=W`` (causal only): a query at position
-        p sees keys at positions ``p - W < position <= p`` (Mistral / Qwen2 local windows)."""
+        """``document_ids``: packed documents; a query then attends only to keys of its own document (and
+        causally if ``is_causal``). Either the batch's shard plan (:class:`~ring_plugin.shard_plan.SequenceShards`,
+        made once where the batch was cut, by the strategies, ``ring_plugin.hf.shard_batch`` or
+        ``ring_plugin.sequence_shards``), or this rank's shard ``(batch, n_local)`` (int64, same layout as
+        ``q``) of the global, non-decreasing document numbers: the slow path, which builds the plan in
+        every call (an all-gather of the ids and, for ``layout="balanced"``, a search for the layout).
+        ``sliding_window=W`` (causal only): a query at position p sees keys at positions
+        ``p - W < position <= p`` (Mistral / Qwen2 local windows)."""
         ring = self.resolve_ring()
+        plan = document_ids if isinstance(document_ids, SequenceShards) else None
+        documents = plan.documents if plan is not None else document_ids
         across = self.config.check_inputs_across_ranks
         error = (self._input_error(q, k, v, ring) or self._documents_error(document_ids, q, ring, not across)
-                 or self._window_error(sliding_window, is_causal, document_ids))
-        if across:
+                 or self._window_error(sliding_window, is_causal, documents))
+        signature = (*_signature(q, k), documents is not None, sliding_window or 0) if error is None else ()
+        if error and plan is not None and plan.agreed(("layer", signature)):
+            raise ValueError(error)  # the peers agreed this step's inputs already and do not wait for a verdict
+        if across and not (plan is not None and plan.agreed(("layer", signature))):
             # Every check above ran before this first collective, so a bad input on any rank
-            # (even a non-tensor) becomes the same ValueError on every rank.
-            signature = (*_signature(q, k), document_ids is not None, sliding_window or 0) if error is None else ()
+            # (even a non-tensor) becomes the same ValueError on every rank. With a plan, every rank
+            # runs the same layers in the same order on it, so one agreement per input signature a step.
             ids = document_ids if isinstance(document_ids, torch.Tensor) and error is None else None
             agree_or_raise(error, signature, ring.sequence_group, _device_of(q, ring), self.comm_timeout,
                            _order_check(ids))
+            if plan is not None:
+                plan.mark_agreed(("layer", signature))
         elif error:
             raise ValueError(error)
         masks: dict[str, Any] = {}  # subclasses that take neither mask keep the plain call shape
-        if isinstance(document_ids, RingDocuments):
-            masks["documents"] = document_ids
-        elif document_ids is not None:
-            masks["documents"] = gather_documents(document_ids, ring.sequence_group, ring.layout, ring.sequence_size)
+        if isinstance(document_ids, torch.Tensor):
+            plan = gather_shards(document_ids, ring.sequence_group, ring.layout, ring.sequence_rank,
+                                 ring.sequence_size, ring.ulysses_size)
+        if plan is not None and plan.documents is not None:
+            masks["documents"] = plan.documents
         if sliding_window is not None:
             masks["window"] = int(sliding_window)
         if ring.ulysses_size > 1:
             return ulysses_attend(self._attend, q, k, v, bool(is_causal), ring, **masks)
         return self._attend(q, k, v, bool(is_causal), ring, **masks)
 
-    def prepare_documents(self, document_ids: torch.Tensor) -> RingDocuments:
-        """``document_ids`` (this rank's shard, ``(batch, n_local)``) all-gathered and checked once, for
-        every layer of a step on this layer's ring: pass the result as ``document_ids=`` to each of them,
-        which then skips the all-gather, the check of the ids and a host sync per call. A model calls it
-        once per step (:class:`~ring_plugin.models.gpt.RingGPT` does). Bad ids raise on every rank."""
+    def prepare_documents(self, document_ids: torch.Tensor) -> SequenceShards:
+        """The shard plan of this rank's ``document_ids`` shard ``(batch, n_local)``, built once by the slow
+        path (one all-gather, the check of the ids, the layout found again) for every layer of a step: pass
+        it as ``document_ids=``. A batch cut by the strategies, ``ring_plugin.hf.shard_batch`` or
+        ``ring_plugin.sequence_shards`` carries its plan already, made with no collective. Bad ids raise on
+        every rank."""
         ring = self.resolve_ring()
         across = self.config.check_inputs_across_ranks
         error = self._dense_only_error("document_ids are") or document_ids_error(document_ids, check_order=not across)
@@ -137,7 +150,8 @@ class RingAttentionBase(nn.Module):
                            _device_of(document_ids, ring), self.comm_timeout, _order_check(ids))
         elif error:
             raise ValueError(error)
-        return gather_documents(document_ids, ring.sequence_group, ring.layout, ring.sequence_size)
+        return gather_shards(document_ids, ring.sequence_group, ring.layout, ring.sequence_rank, ring.sequence_size,
+                             ring.ulysses_size)
 
     def _window_error(self, window: object, is_causal: bool, document_ids: object) -> str | None:
         if window is None:
@@ -157,8 +171,9 @@ class RingAttentionBase(nn.Module):
                 return "layout='balanced' needs document_ids: it is the layout of packed documents"
             return None
         error = self._dense_only_error("document_ids are")
-        if error is None and isinstance(document_ids, RingDocuments):
-            return document_ids.use_error(q, ring.layout, ring.sequence_size)
+        if error is None and isinstance(document_ids, SequenceShards):
+            return document_ids.use_error(q.shape[0], q.shape[1], ring.layout, ring.sequence_rank,
+                                          ring.sequence_size, ring.ulysses_size)
         return error or layer_document_ids_error(document_ids, q, check_order)
 
     def _dense_only_error(self, subject: str) -> str | None:

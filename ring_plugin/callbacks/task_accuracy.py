@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks import Callback
 
 from ..comm.context import current_ring_context
 from ..data.tasks import answer_accuracy
+from ..sharding import batch_documents
 
 
 class TaskAccuracy(Callback):
@@ -29,7 +30,8 @@ class TaskAccuracy(Callback):
     @torch.no_grad()
     def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                                 batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        logits = pl_module(batch["input_ids"], batch["position_ids"])
+        # The batch's documents and layout travel in its shard plan: packed samples attend within documents.
+        logits = pl_module(batch["input_ids"], batch["position_ids"], batch_documents(batch))
         wrong, scored = answer_accuracy(logits, batch["labels"])
         counts = torch.stack([wrong, scored]).to(torch.float64)
         ring = current_ring_context()

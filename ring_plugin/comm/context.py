@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch.distributed as dist
 
 from ..layout import ShardLayout, check_layout, merge_adjacent_ranks
-from .topology import SequenceMesh, build_mesh
+from .topology import SequenceMesh, agree_sizes, build_mesh
 
 
 @dataclass(frozen=True)
@@ -135,6 +135,7 @@ def resolve_ring(
                              f"ulysses_size {active.ulysses_size}")
         return active
     if dist.is_available() and dist.is_initialized():
+        agree_sizes(ring_size, ulysses_size)  # at the first call with these sizes, on every rank
         ulysses = ulysses_size or 1
         if ulysses == 1 and ring_size in (None, dist.get_world_size()):
             # The default group itself: no group creation (a collective with no timeout) in a forward.

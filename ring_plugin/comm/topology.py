@@ -14,7 +14,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.distributed as dist
+
+from ..cache import BoundedCache
 
 
 @dataclass(frozen=True)
@@ -88,12 +91,36 @@ def check_sequence_sizes(ring_size: int | None, ulysses_size: int, world_size: i
     return ring_size, ulysses_size
 
 
-_MESHES: dict[tuple[object, int, int], SequenceMesh] = {}  # one entry per (default group, ring size, Ulysses size)
+# Meshes per (default group, ring size, Ulysses size): every rank asks for the same ones in the same
+# order, so every rank keeps and evicts the same entries and a rebuilt mesh is built by all of them.
+_MESHES: BoundedCache[SequenceMesh] = BoundedCache(8)
+_AGREED: BoundedCache[bool] = BoundedCache(8)  # sizes the ranks already agreed on, per default group
+
+
+def agree_sizes(ring_size: int | None, ulysses_size: int | None) -> None:
+    """Refuse, on every rank at once, sizes that the ranks of the default group disagree on (one
+    all-gather the first time each pair is asked for): a layer built with another ``ulysses_size`` or
+    ``ring_size`` on one rank would otherwise create other groups than its peers and wait for them."""
+    if dist.get_world_size() > 1:
+        _AGREED.get((dist.group.WORLD, ring_size, ulysses_size), lambda: _agree(ring_size, ulysses_size))
+
+
+def _agree(ring_size: int | None, ulysses_size: int | None) -> bool:
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    mine = torch.tensor([ring_size or 0, ulysses_size or 0], dtype=torch.int64, device=device)
+    parts = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, mine)
+    rows = torch.stack(parts).tolist()
+    if any(row != rows[0] for row in rows):
+        sizes = {r: {"ring_size": row[0] or None, "ulysses_size": row[1] or None} for r, row in enumerate(rows)}
+        raise ValueError(f"ranks build their layers with different sizes (None: the default): {sizes}; every "
+                         "rank must pass the same ring_size and ulysses_size")
+    return True
 
 
 def build_mesh(ring_size: int | None, ulysses_size: int = 1) -> SequenceMesh:
     """Create every group of the world (collective: all ranks, same order) and return this rank's
-    mesh (see the module docstring for the numbering). Cached per default group and sizes, so
+    mesh (see the module docstring for the numbering). Kept per default group and sizes, so
     repeated calls reuse the communicators.
 
     Groups are always fresh, even one spanning the world: the ring's point-to-point traffic then has
@@ -101,30 +128,33 @@ def build_mesh(ring_size: int | None, ulysses_size: int = 1) -> SequenceMesh:
     """
     world = dist.get_world_size()
     ring_size, ulysses_size = check_sequence_sizes(ring_size, ulysses_size, world)
-    key = (dist.group.WORLD, ring_size, ulysses_size)
-    if key not in _MESHES:
-        rank = dist.get_rank()
-        seq = ring_size * ulysses_size
+    return _MESHES.get((dist.group.WORLD, ring_size, ulysses_size), lambda: _new_mesh(ring_size, ulysses_size))
 
-        def new_groups(rank_lists: list[list[int]]) -> dist.ProcessGroup | None:
-            """Create every group (all ranks take part in each creation); return this rank's."""
-            mine = None
-            for ranks in rank_lists:
-                g = dist.new_group(ranks)
-                if rank in ranks:
-                    mine = g
-            return mine
 
-        starts = range(0, world, seq)
-        if ulysses_size == 1:
-            ring = sequence = new_groups([list(range(b, b + seq)) for b in starts])
-            ulysses = None
-        else:
-            sequence = new_groups([list(range(b, b + seq)) for b in starts])
-            ulysses = new_groups([list(range(b + g, b + g + ulysses_size)) for b in starts
-                                  for g in range(0, seq, ulysses_size)])
-            ring = new_groups([list(range(b + u, b + seq, ulysses_size)) for b in starts
-                               for u in range(ulysses_size)])
-        dp = new_groups([list(range(s, world, seq)) for s in range(seq)])
-        _MESHES[key] = SequenceMesh((("dp", dp), ("ulysses", ulysses), ("ring", ring), ("sequence", sequence)))
-    return _MESHES[key]
+def _new_mesh(ring_size: int, ulysses_size: int) -> SequenceMesh:
+    """Every group of the mesh, created by all ranks in one order."""
+    world = dist.get_world_size()
+    rank = dist.get_rank()
+    seq = ring_size * ulysses_size
+
+    def new_groups(rank_lists: list[list[int]]) -> dist.ProcessGroup | None:
+        """Create every group (all ranks take part in each creation); return this rank's."""
+        mine = None
+        for ranks in rank_lists:
+            g = dist.new_group(ranks)
+            if rank in ranks:
+                mine = g
+        return mine
+
+    starts = range(0, world, seq)
+    if ulysses_size == 1:
+        ring = sequence = new_groups([list(range(b, b + seq)) for b in starts])
+        ulysses = None
+    else:
+        sequence = new_groups([list(range(b, b + seq)) for b in starts])
+        ulysses = new_groups([list(range(b + g, b + g + ulysses_size)) for b in starts
+                              for g in range(0, seq, ulysses_size)])
+        ring = new_groups([list(range(b + u, b + seq, ulysses_size)) for b in starts
+                           for u in range(ulysses_size)])
+    dp = new_groups([list(range(s, world, seq)) for s in range(seq)])
+    return SequenceMesh((("dp", dp), ("ulysses", ulysses), ("ring", ring), ("sequence", sequence)))

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..balance import packed_document_lengths
+from ..documents.ids import packed_document_lengths
 from .files import TokenFileDataset, _WindowDataset
 from .tasks import FIRST_FREE, IGNORE_INDEX, SeededSamples
 

@@ -20,8 +20,10 @@ import torch
 from torch import nn
 
 from ..attention.modules import StandardRingAttention
+from ..cache import BoundedCache
+from ..comm.agreement import agree_or_raise
 from ..comm.context import RingContext, resolve_ring
-from ..comm.validate import agree_or_raise
+from ..shard_plan import SHARDS_KEY, SequenceShards
 from .structure import structure_error
 
 RING = "ring"
@@ -47,14 +49,11 @@ def ring_mask(*args: Any, attention_mask: torch.Tensor | None = None, **kwargs: 
         "(causal attention never lets a real token see later padding, so this is exact)")
 
 
-_ENGINES: dict[float, StandardRingAttention] = {}
+_ENGINES: BoundedCache[StandardRingAttention] = BoundedCache(8)  # stateless engine layers, one per softmax scale
 
 
 def _engine(scaling: float) -> StandardRingAttention:
-    """One stateless engine layer per softmax scale (the scale is part of its config)."""
-    if scaling not in _ENGINES:
-        _ENGINES[scaling] = StandardRingAttention(softmax_scale=scaling)
-    return _ENGINES[scaling]
+    return _ENGINES.get(scaling, lambda: StandardRingAttention(softmax_scale=scaling))
 
 
 def ring_attention_forward(
@@ -68,18 +67,35 @@ def ring_attention_forward(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention-interface entry: ``query`` (batch, heads, n_local, head_dim), ``key`` and
-    ``value`` (batch, kv_heads, n_local, head_dim); returns (batch, n_local, heads, head_dim) and no weights."""
+    ``value`` (batch, kv_heads, n_local, head_dim); returns (batch, n_local, heads, head_dim) and no weights.
+
+    Packed documents come as the batch's shard plan (``sequence_shards=``, which ``shard_batch`` puts in
+    the batch): the checks that read the data then run in the step's first layer only, and no layer
+    gathers ids. Raw ``document_ids`` (this rank's shard) take the engine's slow path in every layer."""
     ring = resolve_ring(None, None, None)
+    plan = kwargs.get(SHARDS_KEY)
     try:
-        error = _refusal(module, query, key, attention_mask, dropout, kwargs, ring)
+        error = _layer_refusal(module, query, key, attention_mask, dropout, kwargs)
+        if error is None and not (plan is not None and plan.agreed("hf")):
+            error = _data_refusal(query, kwargs, ring, plan)
     except Exception as err:  # noqa: BLE001 - any failure of the checks is reported to every rank, not raised alone
         error = f"checking the inputs of the ring attention failed: {type(err).__name__}: {err}"
-    agree_or_raise(error, (), ring.sequence_group, query.device)
+    if plan is not None and plan.agreed("hf"):
+        # The ranks agreed on this step's data in its first layer; a layer's own refusal (its config)
+        # is the same on every rank of one model, so each rank raises it without a message.
+        if error:
+            raise ValueError(error)
+    else:
+        agree_or_raise(error, (), ring.sequence_group, query.device)
+        if plan is not None:
+            plan.mark_agreed("hf")
     causal = kwargs.get("is_causal")
     causal = getattr(module, "is_causal", True) if causal is None else causal
     engine = _engine(float(scaling) if scaling is not None else query.shape[-1] ** -0.5)
     masks = {}
-    if kwargs.get("document_ids") is not None:  # packed documents
+    if plan is not None:
+        masks["document_ids"] = plan
+    elif kwargs.get("document_ids") is not None:  # packed documents, slow path
         masks["document_ids"] = kwargs["document_ids"]
     if kwargs.get("sliding_window") is not None and causal:  # Mistral / Qwen2 local layers
         masks["sliding_window"] = int(kwargs["sliding_window"])
@@ -87,9 +103,23 @@ def ring_attention_forward(
     return out, None
 
 
-def _refusal(module: nn.Module, query: torch.Tensor, key: torch.Tensor, attention_mask: Any, dropout: float,
-             kwargs: dict[str, Any], ring: RingContext) -> str | None:
-    """What this rank's layer call asks for that the ring cannot do exactly, or None."""
+def _data_refusal(query: torch.Tensor, kwargs: dict[str, Any], ring: RingContext,
+                  plan: SequenceShards | None) -> str | None:
+    """What the step's data asks for that the ring cannot do exactly (positions that do not fit the
+    layout or the documents, a plan of another batch or ring), or None."""
+    documents = kwargs.get("document_ids")
+    if plan is not None:
+        error = plan.ids_error(documents) or plan.use_error(
+            query.shape[0], query.shape[-2], ring.layout, ring.sequence_rank, ring.sequence_size, ring.ulysses_size)
+        if error:
+            return error
+        documents = None if plan.local_ids is None else plan.local_ids.to(query.device)
+    return structure_error(kwargs.get("position_ids"), documents, query.shape[-2], ring)
+
+
+def _layer_refusal(module: nn.Module, query: torch.Tensor, key: torch.Tensor, attention_mask: Any, dropout: float,
+                   kwargs: dict[str, Any]) -> str | None:
+    """What this layer's call asks for that the ring cannot do exactly (its config and call), or None."""
     if key.shape[-2] != query.shape[-2]:
         return (f"keys ({key.shape[-2]}) and queries ({query.shape[-2]}) differ in length: a KV cache with past "
                 "tokens (generation) or cross-attention is not supported by attn_implementation='ring'; switch "
@@ -111,6 +141,7 @@ def _refusal(module: nn.Module, query: torch.Tensor, key: torch.Tensor, attentio
     if any(kwargs.get(k) is not None for k in ("cu_seq_lens_q", "cu_seq_lens_k", "seq_idx")):
         return ("packed sequences are given to attn_implementation='ring' as document_ids (the ring's shard of "
                 "the global document numbers; ring_plugin.hf.shard_batch makes them), not cu_seq_lens / seq_idx")
-    if kwargs.get("document_ids") is not None and kwargs.get("sliding_window") is not None:
+    packed = kwargs.get("document_ids") is not None or kwargs.get(SHARDS_KEY) is not None
+    if packed and kwargs.get("sliding_window") is not None:
         return "a sliding window together with packed documents (document_ids) is not supported yet"
-    return structure_error(kwargs.get("position_ids"), kwargs.get("document_ids"), query.shape[-2], ring)
+    return None

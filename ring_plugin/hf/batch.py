@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..comm.context import resolve_ring
-from ..documents import document_ids_from_position_ids
-from ..sharding import shard_batch as shard_sequence_batch
+from ..documents.ids import document_ids_from_position_ids
+from ..sharding import cut_batch
 
 IGNORE_INDEX = -100
 # Sequence tensors of a transformers batch beyond the strategies' own (input_ids, labels, positions, documents).
@@ -54,8 +54,8 @@ def shard_batch(
             if data_parallel_group is not None:
                 dist.all_reduce(num_items_in_batch, group=data_parallel_group)
         out["num_items_in_batch"] = num_items_in_batch
-    return shard_sequence_batch(out, ring.layout, ring.sequence_rank, ring.sequence_size,
-                                extra_keys=EXTRA_SEQUENCE_KEYS)
+    return cut_batch(out, ring.layout, ring.sequence_rank, ring.sequence_size, extra_keys=EXTRA_SEQUENCE_KEYS,
+                     ulysses_size=ring.ulysses_size)
 
 
 def full_sequence_batch(batch: Mapping[str, Any]) -> dict[str, Any]:

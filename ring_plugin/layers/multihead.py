@@ -17,6 +17,7 @@ from torch import nn
 
 from ..attention.factory import create_ring_attention
 from ..config import RingAttentionConfig
+from ..shard_plan import SequenceShards
 
 
 class RingMultiheadAttention(nn.Module):
@@ -96,8 +97,9 @@ class RingMultiheadAttention(nn.Module):
         attn_mask: torch.Tensor | None = None,
         average_attn_weights: bool = True,
         is_causal: bool = False,
-        document_ids: torch.Tensor | None = None,
+        document_ids: torch.Tensor | SequenceShards | None = None,
     ) -> tuple[torch.Tensor, None]:
+        """``document_ids``: the batch's shard plan (or this rank's ids: the slow path), as for the layers."""
         if need_weights:
             raise ValueError(
                 "need_weights=True is not supported: ring attention never materialises the attention "

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..attention.documents import RingDocuments
 from ..attention.factory import create_ring_attention
+from ..shard_plan import SequenceShards
 from .recompute import offloaded_checkpoint, tiled_over_sequence
 from .rotary import apply_rotary
 
@@ -47,13 +47,13 @@ class RotarySelfAttention(nn.Module):
         return q, k, v.view(b, n, self.n_kv_head, self.head_dim)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               document_ids: torch.Tensor | RingDocuments | None = None) -> torch.Tensor:
+               document_ids: torch.Tensor | SequenceShards | None = None) -> torch.Tensor:
         """Causal (document-masked) attention of rotated heads; (batch, n, heads * head_dim)."""
         out = self.attn(q, k, v, is_causal=True, **({} if document_ids is None else {"document_ids": document_ids}))
         return out.flatten(2)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                document_ids: torch.Tensor | RingDocuments | None = None) -> torch.Tensor:
+                document_ids: torch.Tensor | SequenceShards | None = None) -> torch.Tensor:
         return self.proj(self.attend(*self.heads(x, cos, sin), document_ids))
 
 
@@ -108,7 +108,7 @@ class TransformerBlock(nn.Module):
         self.offload_checkpoint = offload_checkpoint
 
     def _body(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-              document_ids: torch.Tensor | RingDocuments | None) -> torch.Tensor:
+              document_ids: torch.Tensor | SequenceShards | None) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), cos, sin, document_ids)
         return x + self.mlp(self.norm2(x))
 
@@ -120,7 +120,7 @@ class TransformerBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                document_ids: torch.Tensor | RingDocuments | None = None) -> torch.Tensor:
+                document_ids: torch.Tensor | SequenceShards | None = None) -> torch.Tensor:
         """``document_ids``: this rank's shard of packed documents' ids (attention stays inside each)."""
         if not (self.checkpointing and self.training and torch.is_grad_enabled()):
             return self._body(x, cos, sin, document_ids)

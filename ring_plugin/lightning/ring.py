@@ -25,7 +25,7 @@ from torch.distributed.constants import default_pg_timeout
 from ..comm.context import RingContext, clear_ring_context, set_ring_context
 from ..comm.topology import check_ulysses_size
 from ..layout import check_layout
-from ..sharding import shard_batch
+from ..sharding import cut_batch
 from .elastic import elastic_attempt_store
 from .groups import RingGroups, build_ring_groups, check_sequence_sizes
 from .resumable import ResumableLoader, train_position
@@ -101,7 +101,8 @@ class RingStrategyMixin:
 
     def batch_to_device(self, batch: Any, device: torch.device | None = None, dataloader_idx: int = 0) -> Any:
         g = self._require_groups()
-        batch = shard_batch(batch, self.layout, g.sequence_rank, g.sequence_size, self.sequence_keys)
+        batch = cut_batch(batch, self.layout, g.sequence_rank, g.sequence_size, self.sequence_keys,
+                          g.mesh.size("ulysses"))
         return super().batch_to_device(batch, device, dataloader_idx)  # type: ignore[misc]
 
     def process_dataloader(self, dataloader: Any) -> Any:

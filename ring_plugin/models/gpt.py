@@ -18,6 +18,7 @@ from torch import nn
 
 from ..layers.rotary import RotaryEmbedding
 from ..layers.transformer import TransformerBlock, make_norm
+from ..shard_plan import SequenceShards
 
 
 @dataclass
@@ -120,17 +121,18 @@ class RingGPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                      document_ids: torch.Tensor | None = None) -> torch.Tensor:
+                      document_ids: torch.Tensor | SequenceShards | None = None) -> torch.Tensor:
         """The final-norm hidden states (batch, n_local, n_embd) that the head turns into logits.
 
         Packed sequences: ``position_ids`` restart at 0 in each document (rotary per document) and
-        ``document_ids`` (this rank's shard) keep attention inside each document."""
+        ``document_ids`` keep attention inside each document: the batch's shard plan (made where the
+        batch was cut), or this rank's shard of the ids, from which one plan is built for every block."""
         if position_ids.numel() and int(position_ids.max()) >= self.config.max_seq_len:
             raise ValueError(f"position id {int(position_ids.max())} exceeds max_seq_len={self.config.max_seq_len}")
         x = self.wte(input_ids)
         cos, sin = self.rotary(position_ids)
-        if document_ids is not None and len(self.blocks):
-            # gathered and checked once for every block (and every recompute), not once per layer
+        if isinstance(document_ids, torch.Tensor) and len(self.blocks):
+            # one plan for every block (and every recompute), not one per layer
             document_ids = self.blocks[0].attn.attn.prepare_documents(document_ids)
         for block in self.blocks:
             x = block(x, cos, sin, document_ids)
@@ -142,7 +144,7 @@ class RingGPT(nn.Module):
         return self.wte.weight if self.lm_head is None else self.lm_head.weight
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                document_ids: torch.Tensor | None = None) -> torch.Tensor:
+                document_ids: torch.Tensor | SequenceShards | None = None) -> torch.Tensor:
         return F.linear(self.hidden_states(input_ids, position_ids, document_ids), self.head_weight)
 
     def num_parameters(self, non_embedding: bool = False) -> int:

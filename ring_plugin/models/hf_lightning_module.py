@@ -22,6 +22,8 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
+from ..shard_plan import SHARDS_KEY, SequenceShards
+from ..sharding import batch_documents
 from .lightning_module import RingCausalLM
 
 
@@ -134,8 +136,10 @@ class HFCausalLM(RingCausalLM):
             raise RuntimeError("the model is built by configure_model() (Lightning calls it in fit); call it first")
         return self.model
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        return self._require_model()(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                document_ids: torch.Tensor | SequenceShards | None = None) -> torch.Tensor:
+        return self._require_model()(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                                     **document_kwargs(document_ids)).logits
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward + backward = 3x forward), for MFU.
@@ -154,8 +158,16 @@ class HFCausalLM(RingCausalLM):
     def hidden_and_head(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         model = self._require_model()
         hidden = model.get_decoder()(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                                     use_cache=False).last_hidden_state
+                                     use_cache=False, **document_kwargs(batch_documents(batch))).last_hidden_state
         return hidden, model.get_output_embeddings().weight
+
+
+def document_kwargs(documents: torch.Tensor | SequenceShards | None) -> dict[str, Any]:
+    """The keyword arguments that carry packed documents through a transformers model to the ring
+    attention: the shard plan, or (slow path) this rank's ids."""
+    if documents is None:
+        return {}
+    return {SHARDS_KEY: documents} if isinstance(documents, SequenceShards) else {"document_ids": documents}
 
 
 @contextlib.contextmanager

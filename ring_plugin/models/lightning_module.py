@@ -16,6 +16,8 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 
+from ..shard_plan import SequenceShards
+from ..sharding import batch_documents
 from .gpt import GPTConfig, RingGPT
 from .loss import IGNORE_INDEX, linear_cross_entropy_sum
 
@@ -51,7 +53,7 @@ class RingCausalLM(pl.LightningModule):
         self._tokens_seen = 0.0
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                document_ids: torch.Tensor | None = None) -> torch.Tensor:
+                document_ids: torch.Tensor | SequenceShards | None = None) -> torch.Tensor:
         return self.model(input_ids, position_ids, document_ids)
 
     def flops_per_token(self, seq_len: int) -> float:
@@ -60,7 +62,7 @@ class RingCausalLM(pl.LightningModule):
     def hidden_and_head(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's final hidden states and the head weight that turns them into logits (read in
         forward, where ZeRO-3 gathers a partitioned weight on access)."""
-        hidden = self.model.hidden_states(batch["input_ids"], batch["position_ids"], batch.get("document_ids"))
+        hidden = self.model.hidden_states(batch["input_ids"], batch["position_ids"], batch_documents(batch))
         return hidden, self.model.head_weight
 
     def loss_tile_tokens(self, tokens: int) -> int:

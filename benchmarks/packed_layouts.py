@@ -1,171 +1,39 @@
-"""Balanced layouts for packed documents, and the attention work of every layout per rank and per ring step.
+"""Measures of packed-document layouts, for benchmarks and tests: the work of every layout per rank and per
+ring step, torch's per-document head-tail split, a per-step balancer, and document ids from lengths.
 
-Two measures of balance, both on the document-mask work (``documents.mask_work``, summed over the batch):
+Two measures of balance, both on the document-mask work (``mask_work``, summed over the batch):
 
 * per rank: ``max / mean`` of each rank's total work (``imbalance``);
 * per ring step: in step ``s`` rank ``r`` works on the K/V of rank ``r - s``; ranks that exchange in
-  lock-step (the ring engine waits for its neighbours every step) pay ``sum_s max_r M[r, r - s]``, where
-  ``M[a, b]`` is the work of rank ``a``'s queries on rank ``b``'s keys (``ring_step_work``).
-  ``ring_step_imbalance`` is that time over the ideal ``total / world_size``; it is never below the
-  per-rank figure, and it is the one the ring's speed follows.
+  lock-step pay ``sum_s max_r M[r, r - s]``, where ``M[a, b]`` is the work of rank ``a``'s queries on rank
+  ``b``'s keys (``ring_step_work``). ``ring_step_imbalance`` is that time over the ideal
+  ``total / world_size``; it is never below the per-rank figure, and it is the one the ring's speed follows.
 
-``balanced_chunks(document_ids, world_size)`` cuts the sequence into ``world_size * c`` equal chunks and
-gives each rank exactly ``c`` of them, balancing the per-rank work. It is a pure function of the global
-``document_ids`` and the ring size, so every rank of a ring rebuilds the same permutation from the
-all-gathered ids. Choice of ``c``: the candidates are 1, 2, 4, ... such that ``world_size * c`` divides
-``n`` and a chunk keeps at least ``min_chunk`` tokens (``c = 1`` is always a candidate); the first whose
-assignment reaches ``max / mean <= target`` (``CHUNKS_TARGET``, 1.01) wins, else the one with the lowest
-imbalance (smallest ``c`` among equals). Assignment for one ``c``: longest-processing-time greedy under the
-cardinality constraint (heaviest chunk first, to the least-loaded rank that still has room; ties to the
-lower rank), then pairwise swaps between the most-loaded rank and any other while a swap lowers the larger
-of the two loads (each swap lowers the sum of squared loads, so it terminates). Exact integers and index
-tie-breaks: deterministic.
-
-Equal chunks balance the ranks' totals but not the ring steps: documents stay local, so step 0 carries most
-of the work, unevenly (``ring_step_imbalance`` 1.3 to 2.5 on the generator's 128K batches).
 ``balanced_positions(document_ids, world_size)`` balances the steps too. Per sample, documents of at least
 ``threshold`` tokens are split like torch's head-tail (below): ``2 * world_size`` pieces of ``L // (2 *
-world_size)`` tokens, rank ``r`` taking pieces ``r`` and ``2 * world_size - 1 - r``; their work is then
-the same for every (query rank, key rank) pair. The other documents, and the few tokens each split leaves
-over, stay whole: heaviest first, each to the least-loaded rank with room for it; what fits nowhere (the
-lightest, last) fills the remaining room in sequence order. ``threshold`` starts at a shard (a longer
-document cannot stay whole) and halves until ``ring_step_imbalance <= target`` (the best one found if
-none does). Each rank's positions are ascending, so local order is global order and ids stay
-non-decreasing.
+world_size)`` tokens, rank ``r`` taking pieces ``r`` and ``2 * world_size - 1 - r``. The other documents,
+and the few tokens each split leaves over, stay whole: heaviest first, each to the least-loaded rank with
+room for it; what fits nowhere (the lightest, last) fills the remaining room in sequence order.
+``threshold`` starts at a shard and halves until ``ring_step_imbalance <= target``. Each rank's positions
+are ascending, so local order is global order.
 
-For comparison: ``layout_chunks`` gives the ``contiguous`` and ``zigzag`` layouts as chunks, and
-``head_tail_owners`` torch's per-document head-tail balancing (``context_parallel`` with document masks):
+``head_tail_owners``: torch's per-document head-tail balancing (``context_parallel`` with document masks):
 every document cut into ``2 * world_size`` pieces, rank ``r`` taking pieces ``r`` and ``2 * world_size - 1
-- r`` of every document. torch needs every length to be a multiple of ``2 * world_size`` (it pads); here a
-length ``L`` is cut as ``torch.tensor_split`` does, the first ``L % (2 * world_size)`` pieces one token
-longer, which is the most even split possible without padding.
+- r``. A length ``L`` is cut as ``torch.tensor_split`` does, the first ``L % (2 * world_size)`` pieces one
+token longer.
 """
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
-from .documents import mask_work
-from .layout import rank_chunks
+from ring_plugin.documents.balance import Chunks, _batched, _check_world_size, _imbalance_of, balanced_chunks
+from ring_plugin.documents.ids import mask_work
+from ring_plugin.layout import rank_chunks
 
 TARGET_IMBALANCE = 1.05
-# Equal chunks stop being added once the ranks' work is within 1 %, not just within the 1.05 goal: at ring
-# size 2 the busiest rank's share is the layer's time (a 4 % imbalance cost 4 % of the rate on the GPU),
-# and more chunks cost little since the ring cuts each block to the documents its rows share.
-CHUNKS_TARGET = 1.01
-MIN_CHUNK = 64
 _RANKS_AT_ONCE = 64  # ring_step_work: (runs, ranks) tables for this many ranks at a time
-
-Chunks = tuple[tuple[int, ...], ...]
-
-
-def _batched(document_ids: torch.Tensor) -> torch.Tensor:
-    if not isinstance(document_ids, torch.Tensor) or document_ids.dim() not in (1, 2):
-        shape = tuple(document_ids.shape) if isinstance(document_ids, torch.Tensor) else type(document_ids).__name__
-        raise ValueError(f"document_ids must be a tensor (n,) or (batch, n), got {shape}")
-    return document_ids.reshape(-1, document_ids.shape[-1])
-
-
-def _check_world_size(world_size: int) -> None:
-    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size <= 0:
-        raise ValueError(f"world_size={world_size!r} must be a positive integer")
-
-
-def _token_work(document_ids: torch.Tensor, causal: bool) -> np.ndarray:
-    """Work of every position, summed over the batch (int64)."""
-    return mask_work(_batched(document_ids), causal).sum(0).cpu().numpy().astype(np.int64)
-
-
-def _chunk_work(token_work: np.ndarray, num_chunks: int) -> np.ndarray:
-    """Work of each of ``num_chunks`` equal chunks."""
-    n = len(token_work)
-    if n % num_chunks:
-        raise ValueError(f"document_ids has n={n} positions, not a multiple of {num_chunks} chunks")
-    return token_work.reshape(num_chunks, n // num_chunks).sum(1)
-
-
-def _assign(work: np.ndarray, world_size: int) -> list[list[int]]:
-    """Chunks of each rank (``len(work) / world_size`` per rank) minimising the largest rank load."""
-    per_rank = len(work) // world_size
-    ranks: list[list[int]] = [[] for _ in range(world_size)]
-    loads = np.zeros(world_size, dtype=np.int64)
-    for chunk in sorted(range(len(work)), key=lambda i: (-int(work[i]), i)):
-        open_ranks = [r for r in range(world_size) if len(ranks[r]) < per_rank]
-        r = min(open_ranks, key=lambda r: (int(loads[r]), r))
-        ranks[r].append(chunk)
-        loads[r] += work[chunk]
-    owner = np.empty(len(work), dtype=np.int64)
-    for r, chunks in enumerate(ranks):
-        owner[chunks] = r
-    while True:
-        top = int(np.argmax(loads))
-        mine = np.array(ranks[top], dtype=np.int64)
-        others = np.flatnonzero(owner != top)
-        if not len(others):
-            break
-        delta = work[mine][:, None] - work[others][None, :]  # load moved from ``top`` to the other rank
-        other_load = loads[owner[others]][None, :]
-        new_max = np.maximum(loads[top] - delta, other_load + delta)
-        new_max[delta <= 0] = np.iinfo(np.int64).max
-        best = np.unravel_index(int(np.argmin(new_max)), new_max.shape)  # first minimum: deterministic
-        if new_max[best] >= loads[top]:
-            break
-        a, b = int(mine[best[0]]), int(others[best[1]])
-        other = int(owner[b])
-        ranks[top][ranks[top].index(a)] = b
-        ranks[other][ranks[other].index(b)] = a
-        owner[a], owner[b] = other, top
-        moved = int(work[a] - work[b])
-        loads[top] -= moved
-        loads[other] += moved
-    return [sorted(chunks) for chunks in ranks]
-
-
-def _imbalance_of(loads: np.ndarray | torch.Tensor) -> float:
-    loads = np.asarray(loads, dtype=np.float64)
-    return float(loads.max() / loads.mean())
-
-
-def balanced_chunks(
-    document_ids: torch.Tensor, world_size: int, causal: bool = True, *,
-    target: float = CHUNKS_TARGET, min_chunk: int = MIN_CHUNK,
-) -> Chunks:
-    """Global chunk indices (ascending) of every rank in the balanced layout; see the module docstring.
-
-    ``document_ids``: the global ids, (n,) or (batch, n); with a batch, the summed work is balanced so every
-    sample uses the same permutation. ``n`` must be a multiple of ``world_size``.
-    """
-    _check_world_size(world_size)
-    ids = _batched(document_ids)
-    n = ids.shape[1]
-    if n == 0 or n % world_size:
-        raise ValueError(f"document_ids has n={n} positions: it must be a positive multiple of world_size={world_size}")
-    token_work = _token_work(ids, causal)
-    best: tuple[float, list[list[int]]] | None = None
-    for c in chunk_counts(n, world_size, min_chunk):
-        work = _chunk_work(token_work, world_size * c)
-        ranks = _assign(work, world_size)
-        score = _imbalance_of(np.array([work[r].sum() for r in ranks]))
-        if best is None or score < best[0]:
-            best = (score, ranks)
-        if score <= target:
-            break
-    assert best is not None
-    return tuple(tuple(r) for r in best[1])
-
-
-def chunk_counts(n: int, world_size: int, min_chunk: int = MIN_CHUNK) -> list[int]:
-    """The chunks-per-rank candidates of the balanced layout for ``n`` positions, in the order tried:
-    1, 2, 4, ... while ``world_size * c`` divides ``n`` and a chunk keeps ``min_chunk`` tokens."""
-    candidates = [1]
-    c = 2
-    while n % (world_size * c) == 0 and n // (world_size * c) >= min_chunk:
-        candidates.append(c)
-        c *= 2
-    return candidates
 
 
 def balanced_positions(document_ids: torch.Tensor, world_size: int, causal: bool = True, *,
@@ -390,33 +258,6 @@ def layout_imbalance(document_ids: torch.Tensor, layout: str, world_size: int, c
     if per == "step":
         return ring_step_imbalance(ring_step_work(document_ids, owners, world_size, causal))
     raise ValueError(f"per={per!r} must be 'rank' or 'step'")
-
-
-def packed_document_lengths(n_tokens: int, seed: int, mean: float = 8192.0, sigma: float = 1.0) -> list[int]:
-    """Seeded long-tailed document lengths (log-normal, mean ``mean``) that sum to exactly ``n_tokens``.
-
-    Lengths are drawn until they cover ``n_tokens``; the last one is cut to fit. With the defaults (mean 8K,
-    sigma 1), about one document in eight is longer than 16K tokens, a shard at ring 8 of a 128K sequence.
-    """
-    if n_tokens <= 0:
-        raise ValueError(f"n_tokens={n_tokens} must be positive")
-    if mean < 1 or sigma < 0:
-        raise ValueError(f"mean={mean} must be >= 1 and sigma={sigma} >= 0")
-    gen = torch.Generator().manual_seed(seed)
-    mu = math.log(mean) - sigma * sigma / 2  # log-normal mean is exp(mu + sigma^2 / 2)
-    lengths: list[int] = []
-    total = 0
-    while total < n_tokens:
-        draws = torch.full((64,), float(mean), dtype=torch.float64)
-        if sigma:  # sigma 0: every document has the mean length
-            draws.log_normal_(mu, sigma, generator=gen)
-        for x in draws.tolist():
-            length = min(max(1, round(x)), n_tokens - total)
-            lengths.append(length)
-            total += length
-            if total == n_tokens:
-                break
-    return lengths
 
 
 def document_ids_from_lengths(lengths: list[int] | tuple[int, ...]) -> torch.Tensor:

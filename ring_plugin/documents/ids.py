@@ -5,10 +5,14 @@ A packed sequence holds several documents back to back. ``document_ids`` numbers
 to a key only in its own document (and, if causal, not after itself).
 
 ``mask_work`` counts, per query row, the keys that mask allows: the attention FLOPs the mask needs, up to
-a constant factor. The balanced layout and the imbalance figures are built on it.
+a constant factor. The balanced layout is built on it.
+
+``packed_document_lengths`` draws the seeded long-tailed document lengths of the ``data=packed`` task.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -79,3 +83,30 @@ def mask_work(document_ids: torch.Tensor, causal: bool) -> torch.Tensor:
         segment = starts.reshape(-1).long().cumsum(0) - 1
         work = torch.bincount(segment).gather(0, segment).view_as(ids)
     return work.reshape(document_ids.shape)
+
+
+def packed_document_lengths(n_tokens: int, seed: int, mean: float = 8192.0, sigma: float = 1.0) -> list[int]:
+    """Seeded long-tailed document lengths (log-normal, mean ``mean``) that sum to exactly ``n_tokens``.
+
+    Lengths are drawn until they cover ``n_tokens``; the last one is cut to fit. With the defaults (mean 8K,
+    sigma 1), about one document in eight is longer than 16K tokens, a shard at ring 8 of a 128K sequence.
+    """
+    if n_tokens <= 0:
+        raise ValueError(f"n_tokens={n_tokens} must be positive")
+    if mean < 1 or sigma < 0:
+        raise ValueError(f"mean={mean} must be >= 1 and sigma={sigma} >= 0")
+    gen = torch.Generator().manual_seed(seed)
+    mu = math.log(mean) - sigma * sigma / 2  # log-normal mean is exp(mu + sigma^2 / 2)
+    lengths: list[int] = []
+    total = 0
+    while total < n_tokens:
+        draws = torch.full((64,), float(mean), dtype=torch.float64)
+        if sigma:  # sigma 0: every document has the mean length
+            draws.log_normal_(mu, sigma, generator=gen)
+        for x in draws.tolist():
+            length = min(max(1, round(x)), n_tokens - total)
+            lengths.append(length)
+            total += length
+            if total == n_tokens:
+                break
+    return lengths
