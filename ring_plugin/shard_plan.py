@@ -20,7 +20,7 @@ or shape, and a model refuses it next to document ids of another batch.
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 
 import torch
 import torch.distributed as dist
@@ -204,3 +204,11 @@ def document_ids_decrease(ids: torch.Tensor) -> torch.Tensor:
     if ids.shape[1] < 2:
         return torch.zeros((), dtype=torch.bool, device=ids.device)
     return (ids[:, 1:] < ids[:, :-1]).any()
+
+
+def ids_order_check(ids: torch.Tensor | None) -> tuple[torch.Tensor, Callable[[], str]] | None:
+    """The ids' order, checked on the device; its verdict travels with the input agreement, so it costs
+    no host sync of its own (None: nothing to check)."""
+    if ids is None:
+        return None
+    return document_ids_decrease(ids), lambda: document_ids_error(ids) or "document_ids must be non-decreasing"

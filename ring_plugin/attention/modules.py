@@ -24,7 +24,7 @@ from ..layout import sequence_divisor, unshard_sequence
 from ..ops.kernels import default_scale, select_kernel
 from ..patterns.blocks import Pattern
 from ..patterns.dilated import DilatedPattern
-from ..shard_plan import SequenceShards, document_ids_decrease, gather_shards, layer_document_ids_error
+from ..shard_plan import SequenceShards, gather_shards, ids_order_check, layer_document_ids_error
 from .call import RingCall
 from .dense_ring import DenseRingAttention
 from .exchange import ExchangePlan, build_exchange_plan
@@ -103,22 +103,21 @@ class RingAttentionBase(nn.Module):
         every call (an all-gather of the ids and, for ``layout="balanced"``, a search for the layout).
         ``sliding_window=W`` (causal only): a query at position p sees keys at positions
         ``p - W < position <= p`` (Mistral / Qwen2 local windows)."""
-        ring = self.resolve_ring()
-        plan = document_ids if isinstance(document_ids, SequenceShards) else None
+        ring, plan = self.resolve_ring(), document_ids if isinstance(document_ids, SequenceShards) else None
         documents = plan.documents if plan is not None else document_ids
         across = self.config.check_inputs_across_ranks
         error = (self._input_error(q, k, v, ring) or self._documents_error(document_ids, q, ring, not across)
                  or self._window_error(sliding_window, is_causal, documents))
         signature = (*_signature(q, k), documents is not None, sliding_window or 0) if error is None else ()
-        if error and plan is not None and plan.agreed(("layer", signature)):
+        agreed = plan is not None and plan.agreed(("layer", signature))
+        if error and agreed:
             raise ValueError(error)  # the peers agreed this step's inputs already and do not wait for a verdict
-        if across and not (plan is not None and plan.agreed(("layer", signature))):
-            # Every check above ran before this first collective, so a bad input on any rank
-            # (even a non-tensor) becomes the same ValueError on every rank. With a plan, every rank
-            # runs the same layers in the same order on it, so one agreement per input signature a step.
+        if across and not agreed:
+            # Every check above ran before this first collective, so a bad input on any rank becomes the same
+            # ValueError on every rank. All ranks run one step's layers in one order: one agreement per plan.
             ids = document_ids if isinstance(document_ids, torch.Tensor) and error is None else None
             agree_or_raise(error, signature, ring.sequence_group, _device_of(q, ring), self.comm_timeout,
-                           _order_check(ids))
+                           ids_order_check(ids))
             if plan is not None:
                 plan.mark_agreed(("layer", signature))
         elif error:
@@ -136,18 +135,15 @@ class RingAttentionBase(nn.Module):
         return self._attend(q, k, v, bool(is_causal), ring, **masks)
 
     def prepare_documents(self, document_ids: torch.Tensor) -> SequenceShards:
-        """The shard plan of this rank's ``document_ids`` shard ``(batch, n_local)``, built once by the slow
-        path (one all-gather, the check of the ids, the layout found again) for every layer of a step: pass
-        it as ``document_ids=``. A batch cut by the strategies, ``ring_plugin.hf.shard_batch`` or
-        ``ring_plugin.sequence_shards`` carries its plan already, made with no collective. Bad ids raise on
-        every rank."""
+        """The slow path's plan of this rank's ``document_ids`` shard, built once for every layer of a step
+        (pass it as ``document_ids=``); a cut batch carries its plan already. Bad ids raise on every rank."""
         ring = self.resolve_ring()
         across = self.config.check_inputs_across_ranks
         error = self._dense_only_error("document_ids are") or document_ids_error(document_ids, check_order=not across)
         if across:
             ids = document_ids if error is None else None
             agree_or_raise(error, tuple(document_ids.shape) if error is None else (), ring.sequence_group,
-                           _device_of(document_ids, ring), self.comm_timeout, _order_check(ids))
+                           _device_of(document_ids, ring), self.comm_timeout, ids_order_check(ids))
         elif error:
             raise ValueError(error)
         return gather_shards(document_ids, ring.sequence_group, ring.layout, ring.sequence_rank, ring.sequence_size,
@@ -259,14 +255,6 @@ class RingAttentionBase(nn.Module):
         c = self.config
         return (f"variant={self.variant}, backend={c.backend}, layout={c.layout}, ring_size={c.ring_size}"
                 + (f", ulysses_size={c.ulysses_size}" if c.ulysses_size is not None else ""))
-
-
-def _order_check(ids: torch.Tensor | None) -> tuple[torch.Tensor, Any] | None:
-    """The ids' order, checked on the device; its verdict travels with the input agreement, so it costs
-    no host sync of its own (None: nothing to check)."""
-    if ids is None:
-        return None
-    return document_ids_decrease(ids), lambda: document_ids_error(ids) or "document_ids must be non-decreasing"
 
 
 def _signature(q: torch.Tensor, k: torch.Tensor) -> tuple[int, ...]:
