@@ -9,9 +9,10 @@ puts it back. Contiguous runs of the curve are compact 2-D regions, which is the
 from __future__ import annotations
 
 from collections.abc import Iterator
-from functools import lru_cache
 
 import torch
+
+from ..cache import BoundedCache
 
 
 def _sgn(x: int) -> int:
@@ -51,11 +52,17 @@ def _walk(x: int, y: int, ax: int, ay: int, bx: int, by: int) -> Iterator[tuple[
         )
 
 
-@lru_cache(maxsize=16)
+_CURVES: BoundedCache[tuple[tuple[int, int], ...]] = BoundedCache(16)  # a model uses a grid or two
+
+
 def gilbert_curve(height: int, width: int) -> tuple[tuple[int, int], ...]:
     """(row, col) cells of an ``height x width`` grid in generalised Hilbert order."""
     if height <= 0 or width <= 0:
         raise ValueError(f"grid=({height}, {width}) must be two positive integers")
+    return _CURVES.get((height, width), lambda: _curve(height, width))
+
+
+def _curve(height: int, width: int) -> tuple[tuple[int, int], ...]:
     walk = _walk(0, 0, width, 0, 0, height) if width >= height else _walk(0, 0, 0, height, width, 0)
     return tuple((y, x) for x, y in walk)
 
