@@ -1,9 +1,10 @@
 """The one cache policy of the package: small, bounded, least-recently-used.
 
 Plans (which rows meet which, who sends what) are pure functions of what defines them — ring
-geometry, shapes, the pattern's parameters and, for packed data, the document ids — so they are
-worth building once. Every cache is a :class:`BoundedCache` keyed by exactly those things, so a
-long run over many shapes cannot grow memory without bound.
+geometry, shapes, the pattern's parameters — so they are worth building once. Every cache is a
+:class:`BoundedCache` keyed by exactly those things, so a long run over many shapes cannot grow memory
+without bound. What a batch defines (its layout, its documents' blocks) lives in the batch's shard plan
+(:mod:`ring_plugin.shard_plan`) and goes with it, so nothing is kept by a batch's content.
 """
 
 from __future__ import annotations
@@ -24,10 +25,9 @@ class BoundedCache(Generic[T]):
         self.max_entries = max_entries
         self._items: OrderedDict[Hashable, T] = OrderedDict()
 
-    def get(self, key: Hashable, build: Callable[[], T], valid: Callable[[T], bool] | None = None) -> T:
-        """The value for ``key``, built with ``build()`` on a miss (evicting the oldest entry when full).
-        ``valid``: a kept value it rejects is rebuilt (for keys that summarise what defines the value)."""
-        if key in self._items and (valid is None or valid(self._items[key])):
+    def get(self, key: Hashable, build: Callable[[], T]) -> T:
+        """The value for ``key``, built with ``build()`` on a miss (evicting the oldest entry when full)."""
+        if key in self._items:
             self._items.move_to_end(key)
             return self._items[key]
         value = build()
