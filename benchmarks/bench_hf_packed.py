@@ -43,7 +43,10 @@ def main() -> None:
 
     import ring_plugin.hf as hf
     from ring_plugin import ring_context
-    from ring_plugin.documents import packed_document_lengths
+    try:
+        from ring_plugin.documents import packed_document_lengths
+    except ImportError:  # a tree from before the documents package
+        from ring_plugin.balance import packed_document_lengths
 
     cuda = torch.cuda.is_available() and not args.smoke
     if "RANK" in os.environ:
