@@ -115,9 +115,8 @@ class RingAttentionBase(nn.Module):
         if across and not agreed:
             # Every check above ran before this first collective, so a bad input on any rank becomes the same
             # ValueError on every rank. All ranks run one step's layers in one order: one agreement per plan.
-            ids = document_ids if isinstance(document_ids, torch.Tensor) and error is None else None
-            agree_or_raise(error, signature, ring.sequence_group, _device_of(q, ring), self.comm_timeout,
-                           ids_order_check(ids))
+            order = ids_order_check(document_ids if isinstance(document_ids, torch.Tensor) and error is None else None)
+            agree_or_raise(error, signature, ring.sequence_group, _device_of(q, ring), self.comm_timeout, order)
             if plan is not None:
                 plan.mark_agreed(("layer", signature))
         elif error:
@@ -183,7 +182,8 @@ class RingAttentionBase(nn.Module):
 
     def resolve_ring(self) -> RingContext:
         """The ring this forward runs on (single-device layers override this)."""
-        return resolve_ring(self.process_group, self.config.ring_size, self.config.layout, self.config.ulysses_size)
+        c = self.config
+        return resolve_ring(self.process_group, c.ring_size, c.layout, c.ulysses_size, self.comm_timeout)
 
     def _input_error(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ring: RingContext) -> str | None:
         """A message naming what is wrong with this rank's inputs, or None."""

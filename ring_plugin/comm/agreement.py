@@ -45,14 +45,7 @@ def agree_or_raise(
     mine = torch.tensor([1 if local_error else 0, *sig, 0], dtype=torch.int64, device=device)
     if deferred is not None and local_error is None:
         mine[-1] = deferred[0].to(device=device, dtype=torch.int64)
-    gathered = [torch.empty_like(mine) for _ in range(world)]
-    work = dist.all_gather(gathered, mine, group=group, async_op=True)
-    began = time.monotonic()
-    try:
-        work.wait(timedelta(seconds=timeout)) if timeout is not None else work.wait()
-    except RuntimeError as err:
-        raise peer_error(err, time.monotonic() - began, timeout, f"input check, ring of {world}") from err
-    rows = torch.stack(gathered).tolist()  # one copy to the host, not one per rank
+    rows = gather_rows(mine, group, timeout, f"input check, ring of {world}")
     failed = [r for r, row in enumerate(rows) if row[0] or row[-1]]
     if local_error:
         raise ValueError(local_error)
@@ -63,3 +56,18 @@ def agree_or_raise(
     if any(row[1:-1] != rows[0][1:-1] for row in rows):
         shapes = {r: row[1:-1] for r, row in enumerate(rows)}
         raise ValueError(f"ranks of the ring were given inputs of different shapes/dtypes: {shapes}")
+
+
+def gather_rows(mine: torch.Tensor, group: dist.ProcessGroup | None, timeout: float | None,
+                where: str) -> list[list[int]]:
+    """Every rank's ``mine`` (a small 1-D tensor), as one list per rank: one all-gather that waits at most
+    ``timeout`` seconds for the peers (a silent one raises ``RingTimeoutError``, a dead one
+    ``RingPeerClosedError``), read back in one copy to the host."""
+    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    work = dist.all_gather(gathered, mine, group=group, async_op=True)
+    began = time.monotonic()
+    try:
+        work.wait(timedelta(seconds=timeout)) if timeout is not None else work.wait()
+    except RuntimeError as err:
+        raise peer_error(err, time.monotonic() - began, timeout, where) from err
+    return torch.stack(gathered).tolist()

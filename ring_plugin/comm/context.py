@@ -108,7 +108,7 @@ def current_ring_context() -> RingContext | None:
 
 def resolve_ring(
     process_group: dist.ProcessGroup | None, ring_size: int | None, layout: str | None,
-    ulysses_size: int | None = None,
+    ulysses_size: int | None = None, timeout: float | None = None,
 ) -> RingContext:
     """The ring context a layer should use now (see the module docstring for the order)."""
     if process_group is not None:
@@ -135,7 +135,7 @@ def resolve_ring(
                              f"ulysses_size {active.ulysses_size}")
         return active
     if dist.is_available() and dist.is_initialized():
-        agree_sizes(ring_size, ulysses_size)  # at the first call with these sizes, on every rank
+        agree_sizes(ring_size, ulysses_size, timeout)  # at the first call with these sizes, on every rank
         ulysses = ulysses_size or 1
         if ulysses == 1 and ring_size in (None, dist.get_world_size()):
             # The default group itself: no group creation (a collective with no timeout) in a forward.

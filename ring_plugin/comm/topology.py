@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from ..cache import BoundedCache
+from .agreement import gather_rows
 
 
 @dataclass(frozen=True)
@@ -97,20 +98,19 @@ _MESHES: BoundedCache[SequenceMesh] = BoundedCache(8)
 _AGREED: BoundedCache[bool] = BoundedCache(8)  # sizes the ranks already agreed on, per default group
 
 
-def agree_sizes(ring_size: int | None, ulysses_size: int | None) -> None:
+def agree_sizes(ring_size: int | None, ulysses_size: int | None, timeout: float | None = None) -> None:
     """Refuse, on every rank at once, sizes that the ranks of the default group disagree on (one
     all-gather the first time each pair is asked for): a layer built with another ``ulysses_size`` or
-    ``ring_size`` on one rank would otherwise create other groups than its peers and wait for them."""
+    ``ring_size`` on one rank would otherwise create other groups than its peers and wait for them.
+    ``timeout``: seconds to wait for the peers (the layer's ``comm_timeout``)."""
     if dist.get_world_size() > 1:
-        _AGREED.get((dist.group.WORLD, ring_size, ulysses_size), lambda: _agree(ring_size, ulysses_size))
+        _AGREED.get((dist.group.WORLD, ring_size, ulysses_size), lambda: _agree(ring_size, ulysses_size, timeout))
 
 
-def _agree(ring_size: int | None, ulysses_size: int | None) -> bool:
+def _agree(ring_size: int | None, ulysses_size: int | None, timeout: float | None) -> bool:
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     mine = torch.tensor([ring_size or 0, ulysses_size or 0], dtype=torch.int64, device=device)
-    parts = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, mine)
-    rows = torch.stack(parts).tolist()
+    rows = gather_rows(mine, None, timeout, f"size check, world of {dist.get_world_size()}")
     if any(row != rows[0] for row in rows):
         sizes = {r: {"ring_size": row[0] or None, "ulysses_size": row[1] or None} for r, row in enumerate(rows)}
         raise ValueError(f"ranks build their layers with different sizes (None: the default): {sizes}; every "
