@@ -18,14 +18,15 @@ import datetime
 import json
 import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # PYTHONPATH picks the tree measured
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from provenance import write_json  # noqa: E402
 
 
 def main() -> None:
@@ -88,19 +89,16 @@ def main() -> None:
     if dist.is_initialized():
         dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
     if rank == 0:
-        root = Path(__file__).resolve().parents[1]
-        git = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True, cwd=root).stdout.strip()  # noqa: E731
         record = {
             "benchmark": "bench_hf_packed", "seconds_per_step": float(slowest), "world": world,
             "layout": args.layout, "length": args.length, "layers": args.layers, "documents": len(lengths),
             "dtype": str(dtype), "device": torch.cuda.get_device_name(device) if cuda else "cpu",
-            "commit": git("rev-parse", "HEAD"), "tree": "dirty" if git("status", "--porcelain") else "clean",
             "torch": torch.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
         print(json.dumps(record, indent=1))
         if args.out is not None:
-            args.out.write_text(json.dumps(record, indent=1) + "\n")
+            write_json(args.out, record, indent=1)
     if dist.is_initialized():
         dist.destroy_process_group()
 

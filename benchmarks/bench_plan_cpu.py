@@ -21,15 +21,16 @@ import argparse
 import datetime
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # PYTHONPATH picks the tree measured
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from provenance import write_json  # noqa: E402
 
 
 def _lengths(n: int, seed: int) -> list[int]:
@@ -77,16 +78,6 @@ def time_calls(rank: int, world: int, n: int, calls: int, heads: int, head_dim: 
     return out
 
 
-def _git(*args: str) -> str:
-    return subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path(ring_plugin_root())).stdout.strip()
-
-
-def ring_plugin_root() -> str:
-    import ring_plugin
-
-    return str(Path(ring_plugin.__file__).resolve().parents[1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=4096, help="global sequence length")
@@ -106,13 +97,11 @@ def main() -> None:
         "n": args.n, "heads": args.heads, "head_dim": args.head_dim, "calls": args.calls, "threads_per_rank": 1,
         "documents": len(_lengths(args.n, 0)),
         "per_rank": per_rank,
-        "commit": _git("rev-parse", "HEAD"), "tree": "dirty" if _git("status", "--porcelain") else "clean",
         "torch": torch.__version__, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    text = json.dumps(record, indent=1)
-    print(text)
+    print(json.dumps(record, indent=1))
     if args.out is not None:
-        args.out.write_text(text + "\n")
+        write_json(args.out, record, indent=1)
 
 
 if __name__ == "__main__":

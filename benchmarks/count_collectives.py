@@ -18,9 +18,11 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # PYTHONPATH picks the tree measured
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from provenance import write_json  # noqa: E402
 
 COUNTED = ("all_gather", "all_gather_into_tensor", "all_reduce", "all_to_all_single", "broadcast",
            "batch_isend_irecv", "barrier")
@@ -76,11 +78,16 @@ def count_step(rank: int, world: int, layout: str) -> dict[str, object]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layout", default="zigzag", choices=["contiguous", "zigzag", "balanced"])
+    parser.add_argument("--out", type=Path, default=None, help="write the JSON record here")
     args = parser.parse_args()
     from ring_plugin.testing import run_in_process_group
 
     per_rank = run_in_process_group(count_step, 2, args.layout, timeout=300)
-    print(json.dumps({"layers": LAYERS, "layout": args.layout, "world": 2, "per_rank": per_rank}, indent=1))
+    record = {"benchmark": "count_collectives", "layers": LAYERS, "layout": args.layout, "world": 2,
+              "torch": torch.__version__, "per_rank": per_rank}
+    print(json.dumps(record, indent=1))
+    if args.out is not None:
+        write_json(args.out, record, indent=1)
 
 
 if __name__ == "__main__":
