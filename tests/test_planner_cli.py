@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from ring_plugin.models.gpt import RingGPT
+from ring_plugin.planner import compose, job_from_config
 from ring_plugin.planner.cli import format_table, main, planned_for, report_for
 from ring_plugin.planner.memory import parameter_count
 from ring_plugin.planner.recommend import evaluate
-from ring_plugin.planner.workload import compose, job_from_config
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ring_plugin.planner import Layout, compose, job_from_config
 from ring_plugin.planner.cluster import GPUS
 from ring_plugin.planner.hf_models import (
     OFFLOAD_CHOICES,
@@ -29,7 +30,6 @@ from ring_plugin.planner.memory import (
     parameter_count,
     shared_saved_per_token,
 )
-from ring_plugin.planner.workload import Layout, compose, job_from_config
 
 transformers = pytest.importorskip("transformers")
 

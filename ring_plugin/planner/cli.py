@@ -24,11 +24,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..app.known_keys import check_config, check_overrides
+from .app_config import compose
 from .cluster import cluster as make_cluster
 from .command import train_command
 from .memory import parameter_count
+from .recipe_job import job_from_config
 from .recommend import MODES, Candidate, Report, plan
-from .workload import compose, job_from_config
 
 PLANNER_KEYS = ("gpu", "gpus_per_node", "nodes", "nvlink_gbps", "internode_gbps", "host_gb", "zero", "checkpointing",
                 "batch", "recipe")

@@ -151,7 +151,7 @@ def _with_plus_where_new(settings: dict[str, str]) -> tuple[str, ...]:
     """``key=value`` overrides of ``model=hf``, with Hydra's ``+`` for keys its config group does not have."""
     from omegaconf import OmegaConf
 
-    from .workload import compose
+    from .app_config import compose
 
     cfg = compose(None, ["model=hf"])
     return tuple(("" if OmegaConf.select(cfg, key, default=_ABSENT) is not _ABSENT else "+") + f"{key}={value}"

@@ -13,12 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .app_config import CONFIG_DIR
 from .cluster import cluster
 from .hf_models import spec_from_hf_config
 from .memory import attention_backward_bytes, estimate_memory, kv_heads_local
 from .rates import Rates
 from .step_time import attention_seconds, estimate_step
-from .workload import CONFIG_DIR, Job, Layout, ModelSpec
+from .workload import Job, Layout, ModelSpec
 
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 
