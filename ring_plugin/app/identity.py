@@ -46,7 +46,7 @@ INTRODUCED = {"ulysses_size": 1, "strategy.ulysses_size": "${ulysses_size}"}
 class RunRecord:
     """``run_id`` names the run folder's run for good (its checkpoints folder and manifests carry it; a
     ``resume=never`` restart keeps it), ``wandb_id`` the W&B run of the current attempt line, ``checkpoints``
-    the folder its checkpoints were written to."""
+    the folder its checkpoints were written to (relative to the run folder when inside it: the folder may move)."""
 
     config: dict[str, Any]
     wandb_id: str

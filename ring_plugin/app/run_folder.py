@@ -32,10 +32,12 @@ def check_checkpoints_folder(cfg: DictConfig, record: RunRecord) -> None:
             f"paths.checkpoints={directory} belongs to {describe_owner(owner)}; this run {cfg.name!r} "
             f"({_run_dir(cfg)}, run id {record.run_id}) may not resume or rotate its checkpoints: "
             "pick another paths.checkpoints (or another name)")
-    before = record.checkpoints
-    if cfg.resume == "never" or not before or Path(before).resolve() == directory.resolve():
+    if cfg.resume == "never" or not record.checkpoints:
         return
-    if _has_checkpoints_of(Path(before), record.run_id) and not _has_checkpoints_of(directory, record.run_id):
+    before = Path(cfg.paths.output_dir) / record.checkpoints  # relative to the run folder, which may move
+    if before.resolve() == directory.resolve():
+        return
+    if _has_checkpoints_of(before, record.run_id) and not _has_checkpoints_of(directory, record.run_id):
         raise ConfigError(
             f"paths.checkpoints moved from {before} to {directory}, but run {cfg.name!r} has its checkpoints in "
             f"{before}: move them there (mv {before} {directory}) or set paths.checkpoints={before}; "
@@ -56,5 +58,7 @@ def claim_checkpoints_folder(cfg: DictConfig, record: RunRecord) -> None:
     wanted = {"run_id": record.run_id, "name": cfg.name, "run_dir": _run_dir(cfg)}
     if owner != wanted:
         write_owner(directory, **wanted)
-    record.checkpoints = str(directory.resolve())
+    run_dir = Path(cfg.paths.output_dir).resolve()
+    resolved = directory.resolve()
+    record.checkpoints = str(resolved.relative_to(run_dir) if resolved.is_relative_to(run_dir) else resolved)
 
