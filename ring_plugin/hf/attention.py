@@ -22,6 +22,7 @@ from torch import nn
 from ..attention.modules import StandardRingAttention
 from ..comm.context import RingContext, resolve_ring
 from ..comm.validate import agree_or_raise
+from .families import family_refusal
 from .structure import structure_error
 
 RING = "ring"
@@ -70,26 +71,29 @@ def ring_attention_forward(
     """transformers' attention-interface entry: ``query`` (batch, heads, n_local, head_dim), ``key`` and
     ``value`` (batch, kv_heads, n_local, head_dim); returns (batch, n_local, heads, head_dim) and no weights."""
     ring = resolve_ring(None, None, None)
+    causal = kwargs.get("is_causal")
+    causal = getattr(module, "is_causal", True) if causal is None else causal
     try:
-        error = _refusal(module, query, key, attention_mask, dropout, kwargs, ring)
+        error = _refusal(module, query, key, attention_mask, dropout, kwargs, ring, bool(causal))
     except Exception as err:  # noqa: BLE001 - any failure of the checks is reported to every rank, not raised alone
         error = f"checking the inputs of the ring attention failed: {type(err).__name__}: {err}"
     agree_or_raise(error, (), ring.sequence_group, query.device)
-    causal = kwargs.get("is_causal")
-    causal = getattr(module, "is_causal", True) if causal is None else causal
     engine = _engine(float(scaling) if scaling is not None else query.shape[-1] ** -0.5)
     masks = {}
     if kwargs.get("document_ids") is not None:  # packed documents
         masks["document_ids"] = kwargs["document_ids"]
-    if kwargs.get("sliding_window") is not None and causal:  # Mistral / Qwen2 local layers
+    if kwargs.get("sliding_window") is not None:  # Mistral / Qwen2 / Gemma3 local layers (causal: see _refusal)
         masks["sliding_window"] = int(kwargs["sliding_window"])
     out = engine(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), is_causal=bool(causal), **masks)
     return out, None
 
 
 def _refusal(module: nn.Module, query: torch.Tensor, key: torch.Tensor, attention_mask: Any, dropout: float,
-             kwargs: dict[str, Any], ring: RingContext) -> str | None:
+             kwargs: dict[str, Any], ring: RingContext, causal: bool) -> str | None:
     """What this rank's layer call asks for that the ring cannot do exactly, or None."""
+    family = family_refusal(module)
+    if family is not None:
+        return family
     if key.shape[-2] != query.shape[-2]:
         return (f"keys ({key.shape[-2]}) and queries ({query.shape[-2]}) differ in length: a KV cache with past "
                 "tokens (generation) or cross-attention is not supported by attn_implementation='ring'; switch "
@@ -111,6 +115,10 @@ def _refusal(module: nn.Module, query: torch.Tensor, key: torch.Tensor, attentio
     if any(kwargs.get(k) is not None for k in ("cu_seq_lens_q", "cu_seq_lens_k", "seq_idx")):
         return ("packed sequences are given to attn_implementation='ring' as document_ids (the ring's shard of "
                 "the global document numbers; ring_plugin.hf.shard_batch makes them), not cu_seq_lens / seq_idx")
+    if kwargs.get("sliding_window") is not None and not causal:
+        return (f"a sliding window ({kwargs['sliding_window']}) with bidirectional attention (is_causal=False, e.g. "
+                "Gemma3's use_bidirectional_attention=True) is not supported by the ring, which windows causal "
+                "attention only; use causal attention or attn_implementation='sdpa'")
     if kwargs.get("document_ids") is not None and kwargs.get("sliding_window") is not None:
         return "a sliding window together with packed documents (document_ids) is not supported yet"
     return structure_error(kwargs.get("position_ids"), kwargs.get("document_ids"), query.shape[-2], ring)

@@ -145,6 +145,13 @@ def test_fast_dev_run_needs_no_plus() -> None:
          r"model\.n_head=3 must be a multiple of ulysses_size=2"),
         ("devices=4 ulysses_size=2 attention=block_sparse",
          r"ulysses_size=2 is supported by the dense attention layers .* not by attention=block_sparse"),
+        # values Lightning or the optimizer would reject only after spawning or training
+        ("trainer.val_check_interval=0", r"trainer\.val_check_interval=0 must be a number of steps >= 1"),
+        ("trainer.val_check_interval=1.5", r"trainer\.val_check_interval=1\.5 must be .* fraction of an epoch"),
+        ("model.lr=-1", r"model\.lr=-1 must be a positive number"),
+        ("model=hf model.lr=0", r"model\.lr=0 must be a positive number"),
+        ("layout=balanced", r"layout=balanced balances packed documents, but data\.train "
+                            r"\(ring_plugin\.data\.PasskeyRetrieval\) has one document per row"),
     ],
 )
 def test_bad_values_name_the_key(override: str, message: str) -> None:
