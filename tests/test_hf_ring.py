@@ -248,3 +248,23 @@ def test_refusals_are_raised_on_every_rank():
         # The rank with the bad input names it; its peers say which rank failed, so they never wait on it.
         assert any(expected in t for t in texts), (case, texts)
         assert all(expected in t or "failed on rank(s)" in t for t in texts), (case, texts)
+
+
+def test_one_document_with_offset_positions_is_named_as_such():
+    """A row of one document whose positions start at 100 is refused for that, not as transformers' arange."""
+    from types import SimpleNamespace
+
+    from ring_plugin.hf.structure import structure_error
+
+    for layout in LAYOUTS:
+        for rank in range(2):
+            ring = SimpleNamespace(layout=layout, sequence_rank=rank, sequence_size=2)
+            offset = shard_sequence(torch.arange(32)[None] + 100, 1, layout, rank, 2)
+            error = structure_error(offset, None, 16, ring)
+            assert error is not None and "shifted by 100" in error and "arange(n_local)" not in error, error
+            local = torch.arange(16)[None]
+            error = structure_error(local, None, 16, ring)
+            if layout == "contiguous" and rank == 0:
+                assert error is None  # the global positions of the first shard
+            else:
+                assert "arange(n_local) is wrong on every rank but the first" in error, error
