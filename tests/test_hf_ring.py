@@ -168,7 +168,7 @@ REFUSALS = {
     "padding_on_rank_1": "padding masks are not supported",
     "dropout": "dropout=0.1",
     "use_cache_in_training": "use_cache=True in training",
-    "gemma3_bidirectional_window": "a sliding window (8) with bidirectional attention",
+    "gemma3_bidirectional_window": "a sliding window (5) with bidirectional attention",  # Gemma3 halves it: 8 // 2 + 1
     "gemma3_softcap": "softcapping (softcap=50.0) is not supported",
     "llama4": "Llama4TextAttention (model_type 'llama4_text') is not supported by attn_implementation='ring'",
 }

@@ -186,3 +186,16 @@ def test_help_lists_groups_recipes_and_debug_configs() -> None:
     for line in (f"recipe: {', '.join(RECIPES)}", "debug: fdr, limit, overfit", "strategy: ddp, deepspeed",
                  f"attention: {', '.join(ATTENTION)}", "ring-train debug=fdr"):
         assert line in proc.stdout, line
+
+
+def test_unwritable_output_folder_is_a_one_line_error() -> None:
+    """Before Hydra opens train.log in it (else: "Unable to configure handler 'file'" and a traceback).
+    /sys/kernel exists and refuses new files even to root."""
+    from ring_plugin.app.writable_output import unwritable_reason
+
+    assert unwritable_reason(Path("/sys/kernel")) == "Permission denied"
+    proc = subprocess.run([sys.executable, "-m", "ring_plugin.app.train", "hydra.run.dir=/sys/kernel"],
+                          cwd=CONF.parents[1], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip() == ("ring-train: config error: the output folder /sys/kernel cannot be written "
+                                   "(Permission denied): set hydra.run.dir= a writable folder, or run from one")
