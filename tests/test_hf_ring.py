@@ -132,8 +132,8 @@ def refusal(case: str, rank: int, world: int) -> str:
         kwargs["use_cache"], train = True, True
     elif case == "gemma3_bidirectional_window":  # its window would be dropped: wrong logits, so refused
         kind, overrides = "gemma3", dict(use_bidirectional_attention=True)
-    elif case == "gemma3_softcap":
-        kind, overrides = "gemma3", dict(attn_logit_softcapping=50.0)
+    elif case == "gemma2_softcap":  # Gemma2 softcaps its attention logits (Gemma3 keeps the key but never applies it)
+        kind, overrides = "gemma2", dict(attn_logit_softcapping=50.0)
     elif case == "llama4":  # position_ids are passed, its layers drop them: refused for what it is
         kind = "llama4"
     model = tiny_model(kind, "ring", **overrides).train(train)
@@ -169,7 +169,7 @@ REFUSALS = {
     "dropout": "dropout=0.1",
     "use_cache_in_training": "use_cache=True in training",
     "gemma3_bidirectional_window": "a sliding window (5) with bidirectional attention",  # Gemma3 halves it: 8 // 2 + 1
-    "gemma3_softcap": "softcapping (softcap=50.0) is not supported",
+    "gemma2_softcap": "softcapping (softcap=50.0) is not supported",
     "llama4": "Llama4TextAttention (model_type 'llama4_text') is not supported by attn_implementation='ring'",
 }
 DIRECT = {"softcap": "softcap", "sinks": "attention sinks"}

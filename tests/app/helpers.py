@@ -39,6 +39,13 @@ def run_ring_train(out: Path, *overrides: str, timeout: float = 120) -> subproce
                           timeout=timeout)
 
 
+def exited_pid() -> int:
+    """The pid of a process that has already exited (what a lock left by a crashed run names)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
 def read_csv_metrics(out: Path) -> list[dict[str, str]]:
     rows: list[dict[str, str]] = []
     for path in sorted((out / "csv").glob("version_*/metrics.csv")):

@@ -19,7 +19,7 @@ import yaml
 from ring_plugin.app.run_lock import LOCK
 from ring_plugin.callbacks.checkpoint_files import checkpoints_newest_first
 
-from .helpers import REPO, env, ring_train_cmd, run_ring_train
+from .helpers import REPO, env, exited_pid, read_csv_metrics, ring_train_cmd, run_ring_train
 
 VICTIM_STEPS = 10
 
@@ -72,18 +72,8 @@ def test_second_start_of_a_running_run_is_refused_naming_the_process(victim: dic
             in second.stderr), second.stderr[-2000:]
     assert holder["host"] == socket.gethostname()
     assert not (victim["out"] / LOCK).exists()  # released when the run ended
-    steps = [int(row["step"]) for row in _csv_rows(victim["out"]) if row.get("train/loss")]
+    steps = [int(row["step"]) for row in read_csv_metrics(victim["out"]) if row.get("train/loss")]
     assert len(steps) == len(set(steps))  # every step logged once: the second start trained nothing
-
-
-def _csv_rows(out: Path) -> list[dict[str, str]]:
-    import csv
-
-    rows: list[dict[str, str]] = []
-    for path in sorted((out / "csv").glob("version_*/metrics.csv")):
-        with open(path) as f:
-            rows += list(csv.DictReader(f))
-    return rows
 
 
 def test_another_run_is_refused_on_a_runs_checkpoints(victim: dict[str, Any], tmp_path: Path) -> None:
@@ -109,7 +99,7 @@ def test_moving_paths_checkpoints_away_from_the_runs_checkpoints_is_refused(vict
     assert result.returncode != 0
     assert (f"paths.checkpoints moved from {out / 'checkpoints'} to {moved}, but run 'dup' has its "
             f"checkpoints in") in result.stderr, result.stderr[-2000:]
-    assert not moved.exists() and len(_csv_rows(out)) == len(_csv_rows(victim["out"]))
+    assert not moved.exists() and len(read_csv_metrics(out)) == len(read_csv_metrics(victim["out"]))
 
 
 def test_planted_pickle_is_never_loaded_and_a_stale_lock_is_taken_over(victim: dict[str, Any],
@@ -119,7 +109,7 @@ def test_planted_pickle_is_never_loaded_and_a_stale_lock_is_taken_over(victim: d
     out = _copy(victim, tmp_path / "run")
     marker, payload = tmp_path / "marker", out / "checkpoints" / "step999999.ckpt"
     plant_payload(payload, marker)
-    (out / LOCK).write_text(json.dumps({"pid": _exited_pid(), "host": socket.gethostname(), "process_start": "1",
+    (out / LOCK).write_text(json.dumps({"pid": exited_pid(), "host": socket.gethostname(), "process_start": "1",
                                         "started": "earlier", "command": "ring-train"}))
     result = run_ring_train(out, "name=dup", f"max_steps={VICTIM_STEPS + 5}")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -130,12 +120,6 @@ def test_planted_pickle_is_never_loaded_and_a_stale_lock_is_taken_over(victim: d
     assert payload.exists()  # left alone, and not counted by rotation (keep_last=2 of this run's own)
     assert [p.name for p in checkpoints_newest_first(out / "checkpoints")] == [
         "step999999.ckpt", f"step{VICTIM_STEPS + 5:06d}.ckpt", f"step{VICTIM_STEPS:06d}.ckpt"]
-
-
-def _exited_pid() -> int:
-    proc = subprocess.Popen(["true"])
-    proc.wait()
-    return proc.pid
 
 
 def test_failed_forced_resume_leaves_the_record_unchanged(victim: dict[str, Any], tmp_path: Path) -> None:

@@ -21,13 +21,7 @@ from ring_plugin.callbacks.checkpoint_files import manifest_path, write_manifest
 from ring_plugin.callbacks.checkpointing import save_atomic
 from ring_plugin.callbacks.disk_full import DiskFullError
 
-from .helpers import REPO, env
-
-
-def _exited_pid() -> int:
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
+from .helpers import REPO, env, exited_pid
 
 
 def _acquire_elsewhere(run_dir: Path) -> subprocess.CompletedProcess:
@@ -46,7 +40,7 @@ def test_a_live_holder_is_named_and_a_dead_ones_lock_is_taken_over(tmp_path: Pat
     release_run_lock(lock)
     assert not lock.exists()
 
-    dead = {"pid": _exited_pid(), "host": socket.gethostname(), "process_start": "1", "started": "x", "command": "c"}
+    dead = {"pid": exited_pid(), "host": socket.gethostname(), "process_start": "1", "started": "x", "command": "c"}
     (tmp_path / LOCK).write_text(json.dumps(dead))
     taken = _acquire_elsewhere(tmp_path)
     assert taken.returncode == 0 and "got it" in taken.stdout, taken.stderr
