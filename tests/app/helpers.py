@@ -168,6 +168,13 @@ def corrupt_tensor_bytes(path: Path, count: int = 256) -> None:
         fh.write(b"\x7f" * count)
 
 
+class FailRestore(Callback):
+    """Fails while a checkpoint is being restored: a resume that breaks after it started loading."""
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        raise RuntimeError("restore failed on purpose")
+
+
 class LateStart(Callback):
     """Delays rank ``rank`` by ``seconds`` while the run is being built, before it joins the rendezvous."""
 

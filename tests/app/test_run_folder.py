@@ -125,8 +125,9 @@ def test_planted_pickle_is_never_loaded_and_a_stale_lock_is_taken_over(victim: d
 def test_failed_forced_resume_leaves_the_record_unchanged(victim: dict[str, Any], tmp_path: Path) -> None:
     out = _copy(victim, tmp_path / "run")
     record = (out / "run.yaml").read_bytes()
-    forced = run_ring_train(out, "name=dup", f"max_steps={VICTIM_STEPS + 5}", "resume=force", "model.n_embd=64")
-    assert forced.returncode != 0 and "size mismatch" in forced.stderr, forced.stderr[-2000:]
+    forced = run_ring_train(out, "name=dup", f"max_steps={VICTIM_STEPS + 5}", "resume=force", "model.lr=0.5",
+                            "+callbacks.fail._target_=tests.app.helpers.FailRestore")
+    assert forced.returncode != 0 and "restore failed on purpose" in forced.stderr, forced.stderr[-2000:]
     assert (out / "run.yaml").read_bytes() == record
     again = run_ring_train(out, "name=dup", f"max_steps={VICTIM_STEPS}")
     assert again.returncode == 0 and f"run 'dup' is complete ({VICTIM_STEPS} steps" in again.stdout + again.stderr
