@@ -11,14 +11,20 @@ VOCAB = 61
 
 
 def tiny_config(kind: str, **overrides: Any):
-    """A 2-layer model: ``llama`` (grouped-query heads), ``qwen2`` (qkv bias), ``mistral`` (sliding window)."""
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    """A 2-layer model: ``llama`` (grouped-query heads), ``qwen2`` (qkv bias), ``mistral`` (sliding window),
+    ``gemma3`` (a sliding-window layer of 8 tokens, then a global one), ``gemma2`` (softcapped attention) and
+    ``llama4`` (both refused by the ring)."""
+    from transformers import Gemma2Config, Gemma3TextConfig, Llama4TextConfig, LlamaConfig, MistralConfig, Qwen2Config
 
     common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                   tie_word_embeddings=False, use_cache=False)
-    configs = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}
-    extra = {"mistral": dict(sliding_window=64)}.get(kind, {})
+    configs = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig, "gemma3": Gemma3TextConfig,
+               "gemma2": Gemma2Config, "llama4": Llama4TextConfig}
+    extra = {"mistral": dict(sliding_window=64),
+             "gemma3": dict(head_dim=8, sliding_window=8, layer_types=["sliding_attention", "full_attention"]),
+             "gemma2": dict(head_dim=8, sliding_window=8),
+             "llama4": dict(head_dim=8, intermediate_size_mlp=48, num_local_experts=2)}.get(kind, {})
     return configs[kind](**{**common, **extra, **overrides})
 
 

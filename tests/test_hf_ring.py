@@ -14,9 +14,13 @@ from ring_plugin.testing import run_in_process_group  # noqa: E402
 
 from .hf_harness import rel_err, tiny_model, token_batch  # noqa: E402
 
-# mistral: a sliding window (64) longer than the sequence; mistral_sw8: a window of 8 tokens in 32
+# mistral: a sliding window (64) longer than the sequence; mistral_sw8: a window of 8 tokens in 32;
+# gemma3: a causal layer windowed to 8 tokens, then a global one (its query scale, RMS norms and two RoPEs);
+# gemma3_bidirectional: use_bidirectional_attention=True on global layers (non-causal, no window)
 MODELS = {"llama": ("llama", {}), "qwen2": ("qwen2", {}), "mistral": ("mistral", {}),
-          "mistral_sw8": ("mistral", {"sliding_window": 8})}
+          "mistral_sw8": ("mistral", {"sliding_window": 8}), "gemma3": ("gemma3", {}),
+          "gemma3_bidirectional": ("gemma3", {"use_bidirectional_attention": True,
+                                              "layer_types": ["full_attention", "full_attention"]})}
 LAYOUTS = ("zigzag", "contiguous")
 
 
@@ -126,6 +130,12 @@ def refusal(case: str, rank: int, world: int) -> str:
         overrides, train = dict(attention_dropout=0.1), True
     elif case == "use_cache_in_training":
         kwargs["use_cache"], train = True, True
+    elif case == "gemma3_bidirectional_window":  # its window would be dropped: wrong logits, so refused
+        kind, overrides = "gemma3", dict(use_bidirectional_attention=True)
+    elif case == "gemma2_softcap":  # Gemma2 softcaps its attention logits (Gemma3 keeps the key but never applies it)
+        kind, overrides = "gemma2", dict(attn_logit_softcapping=50.0)
+    elif case == "llama4":  # position_ids are passed, its layers drop them: refused for what it is
+        kind = "llama4"
     model = tiny_model(kind, "ring", **overrides).train(train)
     with ring_context(dist.group.WORLD, "contiguous"):
         try:
@@ -158,6 +168,9 @@ REFUSALS = {
     "padding_on_rank_1": "padding masks are not supported",
     "dropout": "dropout=0.1",
     "use_cache_in_training": "use_cache=True in training",
+    "gemma3_bidirectional_window": "a sliding window (5) with bidirectional attention",  # Gemma3 halves it: 8 // 2 + 1
+    "gemma2_softcap": "softcapping (softcap=50.0) is not supported",
+    "llama4": "Llama4TextAttention (model_type 'llama4_text') is not supported by attn_implementation='ring'",
 }
 DIRECT = {"softcap": "softcap", "sinks": "attention sinks"}
 
@@ -235,3 +248,23 @@ def test_refusals_are_raised_on_every_rank():
         # The rank with the bad input names it; its peers say which rank failed, so they never wait on it.
         assert any(expected in t for t in texts), (case, texts)
         assert all(expected in t or "failed on rank(s)" in t for t in texts), (case, texts)
+
+
+def test_one_document_with_offset_positions_is_named_as_such():
+    """A row of one document whose positions start at 100 is refused for that, not as transformers' arange."""
+    from types import SimpleNamespace
+
+    from ring_plugin.hf.structure import structure_error
+
+    for layout in LAYOUTS:
+        for rank in range(2):
+            ring = SimpleNamespace(layout=layout, sequence_rank=rank, sequence_size=2)
+            offset = shard_sequence(torch.arange(32)[None] + 100, 1, layout, rank, 2)
+            error = structure_error(offset, None, 16, ring)
+            assert error is not None and "shifted by 100" in error and "arange(n_local)" not in error, error
+            local = torch.arange(16)[None]
+            error = structure_error(local, None, 16, ring)
+            if layout == "contiguous" and rank == 0:
+                assert error is None  # the global positions of the first shard
+            else:
+                assert "arange(n_local) is wrong on every rank but the first" in error, error

@@ -16,10 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import yaml
+from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from ..callbacks.checkpoint_files import checkpoints_newest_first, verify
+from ..callbacks.checkpoint_files import checkpoints_newest_first, is_own, verify
+from ..callbacks.disk_full import cleaned_up_on_disk_full
 from .validate import ConfigError
 
 RECORD = "run.yaml"
@@ -41,10 +44,16 @@ INTRODUCED = {"ulysses_size": 1, "strategy.ulysses_size": "${ulysses_size}"}
 
 @dataclass
 class RunRecord:
+    """``run_id`` names the run folder's run for good (its checkpoints folder and manifests carry it; a
+    ``resume=never`` restart keeps it), ``wandb_id`` the W&B run of the current attempt line, ``checkpoints``
+    the folder its checkpoints were written to (relative to the run folder when inside it: the folder may move)."""
+
     config: dict[str, Any]
     wandb_id: str
     completed_step: int | None = None
     summary: dict[str, Any] = field(default_factory=dict)
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    checkpoints: str | None = None
 
 
 def flat_config(cfg: DictConfig) -> dict[str, Any]:
@@ -86,7 +95,8 @@ def load_record(run_dir: str | Path) -> RunRecord | None:
         return None
     data = yaml.safe_load(path.read_text()) or {}
     return RunRecord(config=data.get("config", {}), wandb_id=data["wandb_id"],
-                     completed_step=data.get("completed_step"), summary=data.get("summary") or {})
+                     completed_step=data.get("completed_step"), summary=data.get("summary") or {},
+                     run_id=data.get("run_id") or data["wandb_id"], checkpoints=data.get("checkpoints"))
 
 
 def save_record(run_dir: str | Path, record: RunRecord) -> None:
@@ -94,9 +104,12 @@ def save_record(run_dir: str | Path, record: RunRecord) -> None:
     path = Path(run_dir) / RECORD
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{RECORD}.{os.getpid()}.tmp")
-    tmp.write_text(yaml.safe_dump({"wandb_id": record.wandb_id, "completed_step": record.completed_step,
-                                   "summary": record.summary, "config": record.config}, sort_keys=False))
-    os.replace(tmp, path)
+    with cleaned_up_on_disk_full(path, tmp):
+        tmp.write_text(yaml.safe_dump({"run_id": record.run_id, "wandb_id": record.wandb_id,
+                                       "completed_step": record.completed_step, "summary": record.summary,
+                                       "checkpoints": record.checkpoints, "config": record.config},
+                                      sort_keys=False))
+        os.replace(tmp, path)
 
 
 def open_run(cfg: DictConfig) -> RunRecord:
@@ -107,12 +120,16 @@ def open_run(cfg: DictConfig) -> RunRecord:
     run_dir = Path(cfg.paths.output_dir)
     config = flat_config(cfg)
     old = load_record(run_dir)
-    has_checkpoints = bool(checkpoints_newest_first(cfg.paths.checkpoints))
-    if old is None or cfg.resume == "never":
+    if old is None:
         return RunRecord(config=config, wandb_id=new_wandb_id())
+    # A new start of the same run folder keeps its run id (and where its checkpoints were).
+    fresh = RunRecord(config=config, wandb_id=new_wandb_id(), run_id=old.run_id, checkpoints=old.checkpoints)
+    if cfg.resume == "never":
+        return fresh
+    has_checkpoints = any(is_own(p) for p in checkpoints_newest_first(cfg.paths.checkpoints))
     changed = identity_diff(old.config, config)
     if changed and not has_checkpoints and old.completed_step is None:
-        return RunRecord(config=config, wandb_id=new_wandb_id())  # nothing of the old attempt to continue
+        return fresh  # nothing of the old attempt to continue
     if changed and cfg.resume != "force":
         shown = ", ".join(f"{k}: {old.config.get(k)!r} -> {config.get(k)!r}" for k in changed[:8])
         more = f" (and {len(changed) - 8} more)" if len(changed) > 8 else ""
@@ -143,3 +160,16 @@ def set_aside_logs(run_dir: str | Path) -> None:
         target.mkdir(exist_ok=True)
         for version in versions:
             os.replace(version, target / version.name)
+
+
+class SaveRecordWhenRestored(Callback):
+    """``resume=force``: the new config becomes the run's record only once training starts, that is after
+    the checkpoint was restored into the new model. A forced resume that fails (a size mismatch, say)
+    leaves the record, and the history it shows, as it was."""
+
+    def __init__(self, run_dir: str | Path, record: RunRecord):
+        self.run_dir = run_dir
+        self.record = record
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        save_record(self.run_dir, self.record)

@@ -3,7 +3,9 @@
 A run that has checkpoints never restarts from step 0 by accident: with ``auto``, if none of them
 verifies, the run refuses to start and names each file and what is wrong with it. Starting over
 (``never``) or from an older checkpoint (``PATH``) sets the checkpoints it would abandon aside
-instead of deleting them, so a later ``auto`` cannot pick a checkpoint of the abandoned run.
+instead of deleting them, so a later ``auto`` cannot pick a checkpoint of the abandoned run. Files in
+the folder that are not this run's checkpoints (no manifest naming the folder's owner) are reported,
+never loaded and never moved.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 from ..callbacks.checkpoint_files import (
     checkpoint_step,
     checkpoints_newest_first,
+    is_own,
     manifest_path,
     scan,
     verify,
@@ -31,7 +34,7 @@ def resolve_resume(resume: str, checkpoint_dir: str | Path) -> str | None:
     """The checkpoint to resume from; raises :class:`ResumeError` instead of silently starting over."""
     directory = Path(checkpoint_dir)
     if resume == "never":
-        set_aside(checkpoints_newest_first(directory), directory)
+        set_aside(_own_newest_first(directory), directory)
         return None
     if resume == "auto":
         found = scan(directory)
@@ -54,8 +57,12 @@ def resolve_resume(resume: str, checkpoint_dir: str | Path) -> str | None:
     step = checkpoint_step(path)
     if step is not None and path.parent.resolve() == directory.resolve():
         # Resuming an older checkpoint of this run: the newer ones belong to a timeline being abandoned.
-        set_aside([p for p in checkpoints_newest_first(directory) if (checkpoint_step(p) or 0) > step], directory)
+        set_aside([p for p in _own_newest_first(directory) if (checkpoint_step(p) or 0) > step], directory)
     return resume
+
+
+def _own_newest_first(directory: Path) -> list[Path]:
+    return [p for p in checkpoints_newest_first(directory) if is_own(p)]
 
 
 def set_aside(checkpoints: list[Path], directory: Path) -> None:

@@ -28,18 +28,21 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from ..callbacks import FaultTolerance, FinalCheckpoint, RingProgressBar
+from ..callbacks.disk_full import DiskFullError
 from ..callbacks.progress import ProgressLines
 from ..lightning import RingDeepSpeedStrategy
 from ..models import RingCausalLM
 from .accelerator import check_accelerator
 from .hf_model import check_attention_dropout
 from .hf_model import describe as describe_hf_model
-from .identity import RunRecord, is_complete, open_run, save_record, set_aside_logs
+from .identity import RunRecord, SaveRecordWhenRestored, is_complete, open_run, save_record, set_aside_logs
 from .known_keys import check_config, check_overrides
 from .launch import check_launch, is_global_rank_zero, launcher
 from .quiet import quiet_known_noise, route_lightning_logs
 from .resume import resolve_resume
 from .resume_changes import resume_notes, schedule_summary, steps
+from .run_folder import check_checkpoints_folder, claim_checkpoints_folder
+from .run_lock import acquire_run_lock
 from .run_summary import SummaryInCheckpoint, find_callback, finish_from_checkpoint, training_metrics
 from .sweep_dirs import register as register_sweep_folders
 from .validate import CONF_DIR, ConfigError, check_optional_choices, is_hf_model, model_kwargs, validate_config
@@ -133,8 +136,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     check_launch(cfg.devices, cfg.num_nodes)
     _configure_process(cfg)
     owner = is_global_rank_zero()  # the run's files are written once, by global rank 0 (of every node)
+    if owner:
+        acquire_run_lock(cfg.paths.output_dir)  # a second start of this run is refused, naming this process
     notes = resume_notes(cfg)
     record = open_run(cfg)
+    check_checkpoints_folder(cfg, record)
     if cfg.resume != "never" and is_complete(record, cfg.max_steps, cfg.paths.checkpoints):
         if owner:
             log.info(f"[ring-train] run {cfg.name!r} is complete ({record.completed_step} steps, "
@@ -149,13 +155,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             log.info(f"[ring-train] run {cfg.name!r} reached step {checkpointed['step']} (checkpointed) but was not "
                      "marked complete: completed now, nothing to train" + format_summary(checkpointed))
         return checkpointed
-    if owner and not cfg.trainer.fast_dev_run:
+    keeps_record = owner and not cfg.trainer.fast_dev_run
+    if keeps_record:
+        claim_checkpoints_folder(cfg, record)
         if cfg.resume == "never":
             set_aside_logs(cfg.paths.output_dir)
-        save_record(cfg.paths.output_dir, record)
+        if cfg.resume != "force":  # a forced resume is recorded once its checkpoint is restored
+            save_record(cfg.paths.output_dir, record)
     _pin_run_dir_for_ranks(cfg)
     env_before = dict(os.environ)
     trainer, model, datamodule = build(cfg, record)
+    if keeps_record and cfg.resume == "force":
+        trainer.callbacks.append(SaveRecordWhenRestored(cfg.paths.output_dir, record))
     ckpt_path = resolve_resume("auto" if cfg.resume == "force" else cfg.resume, cfg.paths.checkpoints)
     if trainer.is_global_zero:
         _announce(cfg, trainer, model, ckpt_path)
@@ -163,7 +174,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             log.info(note)
         _log_config(trainer, cfg, model)
     try:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        # Tensors and plain containers only: nothing in a checkpoint file can run code while it loads.
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     except BaseException as err:
         _exit_if_distributed(trainer, err)
         raise
@@ -244,7 +256,8 @@ def _exit_if_distributed(trainer: pl.Trainer, err: BaseException) -> None:
     """
     if trainer.world_size <= 1 or isinstance(err, SystemExit):
         return
-    traceback.print_exception(err, file=sys.stderr)
+    if not isinstance(err, DiskFullError):  # its message says it all
+        traceback.print_exception(err, file=sys.stderr)
     print(f"[ring-train] rank {trainer.global_rank} failed: {type(err).__name__}: {err}", file=sys.stderr,
           flush=True)
     # Lightning's own launcher started the other ranks as children of rank 0: do not leave them behind.
@@ -318,6 +331,9 @@ def hydra_main(cfg: DictConfig) -> None:
         run(cfg)
     except ConfigError as err:
         _config_error(err)
+    except DiskFullError as err:
+        print(f"ring-train: {err}", file=sys.stderr, flush=True)  # one line: where the disk is full
+        sys.exit(1)
 
 
 def main() -> None:

@@ -138,6 +138,9 @@ def validate_config(cfg: DictConfig) -> None:
                             ulysses_size=cfg.ulysses_size)
     _validate_attention(cfg)
     _validate_model(cfg)
+    from .run_values import check_run_values  # imports this module's ConfigError
+
+    check_run_values(cfg)
     with _as_config_error("strategy"):
         instantiate(cfg.strategy)
 

@@ -2,9 +2,11 @@
 
 Each checkpoint ``stepNNNNNN.ckpt`` (a file, or a directory with DeepSpeed) has a manifest
 ``stepNNNNNN.ckpt.manifest.json`` beside it, written before the checkpoint is renamed into place. It
-holds the SHA-256 of every file and whether the model was healthy (no non-finite steps being skipped)
-when it was written. A checkpoint is usable only if every byte still matches: a damaged tensor inside
-an intact zip loads without complaint, so opening the file proves nothing.
+holds the id of the run that wrote it, the SHA-256 of every file and whether the model was healthy (no
+non-finite steps being skipped) when it was written. A checkpoint is usable only if its manifest names
+the folder's owner (``checkpoint_owner``) and every byte still matches: a damaged tensor inside an intact
+zip loads without complaint, so opening the file proves nothing, and a file without such a manifest is
+never opened at all (unpickling it could run code).
 """
 
 from __future__ import annotations
@@ -13,11 +15,11 @@ import hashlib
 import json
 import os
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+from .checkpoint_owner import OWNER, owner_id
+from .disk_full import cleaned_up_on_disk_full, remove_path
 
 CHECKPOINT_NAME = re.compile(r"^step(\d+)\.ckpt$")
 MANIFEST_SUFFIX = ".manifest.json"
@@ -56,16 +58,17 @@ def fsync_tree(path: Path) -> None:
             os.fsync(fh.fileno())
 
 
-def write_manifest(checkpoint: Path, written: Path, step: int, healthy: bool) -> None:
+def write_manifest(checkpoint: Path, written: Path, step: int, healthy: bool, run_id: str) -> None:
     """Write (atomically) the manifest of ``checkpoint`` from the bytes of ``written``, its not yet renamed copy."""
     target = manifest_path(checkpoint)
     partial = target.with_name(target.name + PARTIAL_SUFFIX)
-    manifest = {"step": step, "healthy": healthy, "sha256": digests(written)}
-    with open(partial, "w") as fh:
-        json.dump(manifest, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(partial, target)
+    manifest = {"run_id": run_id, "step": step, "healthy": healthy, "sha256": digests(written)}
+    with cleaned_up_on_disk_full(target, partial, written):
+        with open(partial, "w") as fh:
+            json.dump(manifest, fh, indent=1)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(partial, target)
 
 
 def read_manifest(checkpoint: Path) -> dict | None:
@@ -75,19 +78,33 @@ def read_manifest(checkpoint: Path) -> dict | None:
         return None
 
 
-def verify(checkpoint: Path) -> str | None:
-    """Why ``checkpoint`` cannot be used, or None when every byte matches its manifest.
-
-    A checkpoint without a manifest (written before manifests existed) must load completely, every
-    tensor read; truncation is caught that way, damaged bytes inside a tensor are not.
-    """
-    if not checkpoint.exists():
-        return "missing"
+def foreign_reason(checkpoint: Path) -> str | None:
+    """Why ``checkpoint`` is not one of its folder's owner's checkpoints (None when it is). Reads only JSON."""
     manifest = read_manifest(checkpoint)
     if manifest is None:
-        if manifest_path(checkpoint).exists():
-            return f"its manifest {manifest_path(checkpoint).name} is unreadable"
-        return _full_load_error(checkpoint)
+        what = "an unreadable manifest" if manifest_path(checkpoint).exists() else "no manifest"
+        return f"{what}: not written by this run, left alone"
+    owner = owner_id(checkpoint.parent)
+    if owner is None:
+        return f"its folder has no {OWNER} naming the run that owns it, left alone"
+    if manifest.get("run_id") != owner:
+        return f"written by another run (run id {manifest.get('run_id')}, this folder's is {owner}), left alone"
+    return None
+
+
+def is_own(checkpoint: Path) -> bool:
+    return foreign_reason(checkpoint) is None
+
+
+def verify(checkpoint: Path) -> str | None:
+    """Why ``checkpoint`` cannot be used, or None when its manifest names the folder's owner and every byte
+    matches it. Nothing is unpickled: a checkpoint is trusted only through its manifest."""
+    if not checkpoint.exists():
+        return "missing"
+    reason = foreign_reason(checkpoint)
+    if reason is not None:
+        return reason
+    manifest = read_manifest(checkpoint) or {}
     want: dict[str, str] = manifest.get("sha256", {})
     got = digests(checkpoint)
     for name in sorted(want.keys() | got.keys()):
@@ -101,20 +118,10 @@ def verify(checkpoint: Path) -> str | None:
     return None
 
 
-def _full_load_error(checkpoint: Path) -> str | None:
-    if checkpoint.is_dir():
-        return None if any(checkpoint.iterdir()) else "empty directory and no manifest"
-    try:
-        torch.load(checkpoint, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001 - any failure to read means "not usable"
-        return f"no manifest and it does not load: {type(err).__name__}: {err}"[:300]
-    return None
-
-
 def is_healthy(checkpoint: Path) -> bool:
-    """Whether the model was healthy when ``checkpoint`` was written (true for one without a manifest)."""
+    """Whether the model was healthy when ``checkpoint`` was written, by its manifest."""
     manifest = read_manifest(checkpoint)
-    return bool(manifest.get("healthy", True)) if manifest is not None else True
+    return manifest is not None and bool(manifest.get("healthy", True))
 
 
 def checkpoints_newest_first(dirpath: str | Path) -> list[Path]:
@@ -127,10 +134,12 @@ def checkpoints_newest_first(dirpath: str | Path) -> list[Path]:
 
 @dataclass
 class Scan:
-    """The newest checkpoint of a directory that can be used (or None), and the newer ones rejected, with why."""
+    """The newest checkpoint of a directory that can be used (or None), the run's newer ones rejected, with why,
+    and the files named like checkpoints that are not the run's (``foreign``: never loaded, never deleted)."""
 
     found: Path | None = None
     rejected: list[tuple[Path, str]] = field(default_factory=list)
+    foreign: list[tuple[Path, str]] = field(default_factory=list)
 
     def report(self) -> str:
         return "\n".join(f"  {path}: {reason}" for path, reason in self.rejected)
@@ -141,6 +150,11 @@ def scan(dirpath: str | Path, healthy_only: bool = False) -> Scan:
     also rejects those written while non-finite steps were being skipped (no rollback target)."""
     result = Scan()
     for path in checkpoints_newest_first(dirpath):
+        not_own = foreign_reason(path)
+        if not_own is not None:
+            result.foreign.append((path, not_own))
+            print(f"[ring-train] ignoring {path}: {not_own}", flush=True)
+            continue
         reason = verify(path)
         if reason is None and healthy_only and not is_healthy(path):
             reason = "written while non-finite steps were being skipped"
@@ -158,21 +172,22 @@ def newest_complete_checkpoint(dirpath: str | Path) -> Path | None:
 
 
 def rotate(directory: Path, keep_last: int, protect: set[Path]) -> list[Path]:
-    """Delete all but the ``keep_last`` newest checkpoints of ``directory`` (whichever run wrote them),
-    except those in ``protect``, and manifests left without a checkpoint; returns what was deleted."""
-    deleted = [p for p in checkpoints_newest_first(directory)[keep_last:] if p not in protect]
+    """Delete all but the ``keep_last`` newest of this run's checkpoints in ``directory`` (its manifest names
+    the folder's owner; another run's files and junk neither count nor are deleted), except those in
+    ``protect``, and this run's manifests left without a checkpoint; returns what was deleted."""
+    own = [p for p in checkpoints_newest_first(directory) if is_own(p)]
+    deleted = [p for p in own[keep_last:] if p not in protect]
     for path in deleted:
         remove_checkpoint(path)
+    owner = owner_id(directory)
     for manifest in directory.glob("*" + MANIFEST_SUFFIX):  # left by a write interrupted before its rename
-        if not manifest.with_name(manifest.name.removesuffix(MANIFEST_SUFFIX)).exists():
+        checkpoint = manifest.with_name(manifest.name.removesuffix(MANIFEST_SUFFIX))
+        if not checkpoint.exists() and (read_manifest(checkpoint) or {}).get("run_id") == owner:
             manifest.unlink(missing_ok=True)
     return deleted
 
 
 def remove_checkpoint(checkpoint: Path) -> None:
     """Delete a checkpoint and its manifest."""
-    if checkpoint.is_dir():
-        shutil.rmtree(checkpoint)
-    elif checkpoint.exists():
-        checkpoint.unlink()
+    remove_path(checkpoint)
     manifest_path(checkpoint).unlink(missing_ok=True)

@@ -30,6 +30,8 @@ from .checkpoint_files import (
     rotate,
     write_manifest,
 )
+from .checkpoint_owner import claim_if_unowned
+from .disk_full import cleaned_up_on_disk_full, remove_path
 
 
 def weights_are_finite(pl_module: pl.LightningModule) -> bool:
@@ -113,14 +115,16 @@ def save_atomic(trainer: pl.Trainer, filepath: str, healthy: bool = True) -> Non
     """Write ``filepath`` under a temporary name on every rank, then (rank 0) its manifest, then rename it."""
     target = Path(filepath)
     partial = target.with_name(target.name + PARTIAL_SUFFIX)
-    if trainer.is_global_zero and partial.exists():
-        shutil.rmtree(partial) if partial.is_dir() else partial.unlink()
+    if trainer.is_global_zero:
+        remove_path(partial)
     trainer.strategy.barrier("ring_ckpt_clean")
-    trainer.save_checkpoint(partial, weights_only=False)
+    with cleaned_up_on_disk_full(target, partial):
+        trainer.save_checkpoint(partial, weights_only=False)  # what is saved, in full: loading is what is guarded
     trainer.strategy.barrier("ring_ckpt_written")
     if trainer.is_global_zero:
         fsync_tree(partial)
-        write_manifest(target, partial, trainer.global_step, healthy)  # before the rename: never unverifiable
+        run_id = claim_if_unowned(target.parent)
+        write_manifest(target, partial, trainer.global_step, healthy, run_id)  # before the rename: never unverifiable
         if target.is_dir():  # a directory cannot be replaced in one rename: move the old one aside first
             old = target.with_name(target.name + ".old")
             os.replace(target, old)

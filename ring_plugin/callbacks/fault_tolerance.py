@@ -134,7 +134,7 @@ class FaultTolerance(Callback):
                 "itself. Lower the learning rate or check the data, then run the command again: it resumes from "
                 f"the newest good checkpoint (or pass resume=PATH for an older one in {ckpt.dirpath})."
             )
-        state = trainer.strategy.load_checkpoint(path)
+        state = trainer.strategy.load_checkpoint(path, weights_only=True)  # verified by scan: this run's
         trainer.strategy.load_model_state_dict(state)
         trainer.strategy.load_optimizer_state_dict(state)
         self.rollbacks += 1

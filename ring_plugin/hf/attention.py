@@ -24,6 +24,7 @@ from ..cache import BoundedCache
 from ..comm.agreement import agree_or_raise
 from ..comm.context import RingContext, resolve_ring
 from ..shard_plan import SHARDS_KEY, SequenceShards
+from .families import family_refusal
 from .structure import structure_error
 
 RING = "ring"
@@ -74,8 +75,10 @@ def ring_attention_forward(
     gathers ids. Raw ``document_ids`` (this rank's shard) take the engine's slow path in every layer."""
     ring = resolve_ring(None, None, None)
     plan = kwargs.get(SHARDS_KEY)
+    causal = kwargs.get("is_causal")
+    causal = getattr(module, "is_causal", True) if causal is None else causal
     try:
-        error = _layer_refusal(module, query, key, attention_mask, dropout, kwargs)
+        error = _layer_refusal(module, query, key, attention_mask, dropout, kwargs, bool(causal))
         if error is None and not (plan is not None and plan.agreed("hf")):
             error = _data_refusal(query, kwargs, ring, plan)
     except Exception as err:  # noqa: BLE001 - any failure of the checks is reported to every rank, not raised alone
@@ -89,15 +92,13 @@ def ring_attention_forward(
         agree_or_raise(error, (), ring.sequence_group, query.device)
         if plan is not None:
             plan.mark_agreed("hf")
-    causal = kwargs.get("is_causal")
-    causal = getattr(module, "is_causal", True) if causal is None else causal
     engine = _engine(float(scaling) if scaling is not None else query.shape[-1] ** -0.5)
     masks = {}
     if plan is not None:
         masks["document_ids"] = plan
     elif kwargs.get("document_ids") is not None:  # packed documents, slow path
         masks["document_ids"] = kwargs["document_ids"]
-    if kwargs.get("sliding_window") is not None and causal:  # Mistral / Qwen2 local layers
+    if kwargs.get("sliding_window") is not None:  # Mistral / Qwen2 / Gemma3 local layers (causal: see _layer_refusal)
         masks["sliding_window"] = int(kwargs["sliding_window"])
     out = engine(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), is_causal=bool(causal), **masks)
     return out, None
@@ -118,8 +119,11 @@ def _data_refusal(query: torch.Tensor, kwargs: dict[str, Any], ring: RingContext
 
 
 def _layer_refusal(module: nn.Module, query: torch.Tensor, key: torch.Tensor, attention_mask: Any, dropout: float,
-                   kwargs: dict[str, Any]) -> str | None:
+                   kwargs: dict[str, Any], causal: bool) -> str | None:
     """What this layer's call asks for that the ring cannot do exactly (its config and call), or None."""
+    family = family_refusal(module)
+    if family is not None:
+        return family
     if key.shape[-2] != query.shape[-2]:
         return (f"keys ({key.shape[-2]}) and queries ({query.shape[-2]}) differ in length: a KV cache with past "
                 "tokens (generation) or cross-attention is not supported by attn_implementation='ring'; switch "
@@ -141,6 +145,10 @@ def _layer_refusal(module: nn.Module, query: torch.Tensor, key: torch.Tensor, at
     if any(kwargs.get(k) is not None for k in ("cu_seq_lens_q", "cu_seq_lens_k", "seq_idx")):
         return ("packed sequences are given to attn_implementation='ring' as document_ids (the ring's shard of "
                 "the global document numbers; ring_plugin.hf.shard_batch makes them), not cu_seq_lens / seq_idx")
+    if kwargs.get("sliding_window") is not None and not causal:
+        return (f"a sliding window ({kwargs['sliding_window']}) with bidirectional attention (is_causal=False, e.g. "
+                "Gemma3's use_bidirectional_attention=True) is not supported by the ring, which windows causal "
+                "attention only; use causal attention or attn_implementation='sdpa'")
     packed = kwargs.get("document_ids") is not None or kwargs.get(SHARDS_KEY) is not None
     if packed and kwargs.get("sliding_window") is not None:
         return "a sliding window together with packed documents (document_ids) is not supported yet"

@@ -35,11 +35,20 @@ def structure_error(
         if _restarts_within_chunk(position_ids, chunks):
             return ("position_ids restart inside the sequence (packed documents): pass document_ids= as well "
                     "(ring_plugin.hf.shard_batch makes them from the global position_ids)")
-        return (f"position_ids on sequence-parallel rank {ring.sequence_rank} of {ring.sequence_size} "
-                f"({ring.layout} layout) are not the "
-                f"global positions of its shard (expected {_preview(expected)}, got {_preview(position_ids[0])}). "
-                "transformers' default arange(n_local) is wrong on every rank but the first: pass the global "
-                "positions (ring_plugin.hf.shard_batch creates them)")
+        where = (f"position_ids on sequence-parallel rank {ring.sequence_rank} of {ring.sequence_size} "
+                 f"({ring.layout} layout)")
+        shown = f"expected {_preview(expected)}, got {_preview(position_ids[0])}"
+        if bool((position_ids == torch.arange(n_local, device=position_ids.device)).all()):
+            return (f"{where} are not the global positions of its shard ({shown}). transformers' default "
+                    "arange(n_local) is wrong on every rank but the first: pass the global positions "
+                    "(ring_plugin.hf.shard_batch creates them)")
+        offset = position_ids - expected
+        if bool((offset == offset.flatten()[0]).all()):
+            return (f"{where} are not the global positions of its shard but those shifted by "
+                    f"{int(offset.flatten()[0])} ({shown}): the ring runs one document per row starting at position "
+                    "0; pass positions from 0 (or document_ids with positions restarting at 0 for packed documents)")
+        return (f"{where} are not the global positions of its shard ({shown}): pass the global positions "
+                "(ring_plugin.hf.shard_batch creates them)")
     return None
 
 

@@ -39,6 +39,13 @@ def run_ring_train(out: Path, *overrides: str, timeout: float = 120) -> subproce
                           timeout=timeout)
 
 
+def exited_pid() -> int:
+    """The pid of a process that has already exited (what a lock left by a crashed run names)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
 def read_csv_metrics(out: Path) -> list[dict[str, str]]:
     rows: list[dict[str, str]] = []
     for path in sorted((out / "csv").glob("version_*/metrics.csv")):
@@ -159,6 +166,13 @@ def corrupt_tensor_bytes(path: Path, count: int = 256) -> None:
         name_len, extra_len = struct.unpack("<HH", fh.read(4))
         fh.seek(info.header_offset + 30 + name_len + extra_len + (info.file_size - count) // 2)
         fh.write(b"\x7f" * count)
+
+
+class FailRestore(Callback):
+    """Fails while a checkpoint is being restored: a resume that breaks after it started loading."""
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        raise RuntimeError("restore failed on purpose")
 
 
 class LateStart(Callback):

@@ -17,17 +17,22 @@ from ring_plugin.callbacks.checkpoint_files import (
     verify,
     write_manifest,
 )
+from ring_plugin.callbacks.checkpoint_owner import write_owner
 
 from .helpers import corrupt_tensor_bytes
 
+RUN_ID = "run-under-test"
 
-def _write(directory: Path, step: int, healthy: bool = True, manifest: bool = True) -> Path:
-    """A checkpoint as the callback writes it: saved, manifest from its bytes, then in place."""
+
+def _write(directory: Path, step: int, healthy: bool = True, manifest: bool = True, run_id: str = RUN_ID) -> Path:
+    """A checkpoint as the callback writes it into a folder of run ``RUN_ID``: saved, manifest from its bytes,
+    then in place."""
+    write_owner(directory, RUN_ID, "under-test", str(directory.parent))
     path = directory / f"step{step:06d}.ckpt"
     partial = path.with_name(path.name + ".partial")
     torch.save({"global_step": step, "state_dict": {"w": torch.full((64, 64), float(step))}}, partial)
     if manifest:
-        write_manifest(path, partial, step, healthy)
+        write_manifest(path, partial, step, healthy, run_id)
     partial.rename(path)
     return path
 
@@ -74,11 +79,19 @@ def test_explicit_resume_verifies_and_sets_newer_checkpoints_aside(tmp_path: Pat
         resolve_resume(str(old), tmp_path)
 
 
-def test_checkpoint_without_manifest_must_load_completely(tmp_path: Path) -> None:
-    legacy = _write(tmp_path, 5, manifest=False)
-    assert verify(legacy) is None
-    legacy.write_bytes(legacy.read_bytes()[:-200])
-    assert verify(legacy).startswith("no manifest and it does not load")
+def test_checkpoint_without_this_runs_manifest_is_foreign_and_left_alone(tmp_path: Path, capsys) -> None:
+    own = _write(tmp_path, 5)
+    bare, other = _write(tmp_path, 10, manifest=False), _write(tmp_path, 15, run_id="another-run")
+    assert verify(bare) == "no manifest: not written by this run, left alone"
+    assert verify(other) == ("written by another run (run id another-run, this folder's is run-under-test), "
+                             "left alone")
+    found = scan(tmp_path)
+    assert found.found == own and found.rejected == []
+    assert found.foreign == [(other, verify(other)), (bare, verify(bare))]
+    assert f"ignoring {other}: written by another run" in capsys.readouterr().out
+    assert resolve_resume("auto", tmp_path) == str(own)
+    assert resolve_resume("never", tmp_path) is None  # starting over sets aside this run's only
+    assert checkpoints_newest_first(tmp_path) == [other, bare]
 
 
 def test_rollback_candidates_skip_checkpoints_written_while_skipping(tmp_path: Path, capsys) -> None:
@@ -91,15 +104,28 @@ def test_rollback_candidates_skip_checkpoints_written_while_skipping(tmp_path: P
     assert "skipping checkpoint" in capsys.readouterr().out
 
 
-def test_rotation_counts_earlier_runs_and_keeps_the_last_good(tmp_path: Path) -> None:
+def test_rotation_counts_earlier_attempts_and_keeps_the_last_good(tmp_path: Path) -> None:
     paths = {step: _write(tmp_path, step) for step in (5, 10, 15, 20, 25)}
     orphan = manifest_path(tmp_path / "step000030.ckpt")
-    orphan.write_text("{}")  # a write interrupted between manifest and rename
+    orphan.write_text(json.dumps({"run_id": RUN_ID}))  # a write interrupted between manifest and rename
     deleted = rotate(tmp_path, keep_last=2, protect={paths[10]})
     assert sorted(deleted) == [paths[5], paths[15]]
     assert checkpoints_newest_first(tmp_path) == [paths[25], paths[20], paths[10]]
     assert sorted(p.name for p in tmp_path.glob("*.manifest.json")) == sorted(
         manifest_path(paths[s]).name for s in (10, 20, 25))
+
+
+def test_rotation_neither_counts_nor_deletes_junk_or_another_runs_checkpoints(tmp_path: Path) -> None:
+    own = {step: _write(tmp_path, step) for step in (5, 10)}
+    junk = tmp_path / "step000900.ckpt"
+    junk.write_bytes(b"not a checkpoint")
+    foreign = _write(tmp_path, 800, run_id="another-run")
+    foreign_orphan = manifest_path(tmp_path / "step000700.ckpt")
+    foreign_orphan.write_text(json.dumps({"run_id": "another-run"}))
+    assert rotate(tmp_path, keep_last=2, protect=set()) == []  # two of this run's: nothing to delete
+    assert rotate(tmp_path, keep_last=1, protect=set()) == [own[5]]
+    assert checkpoints_newest_first(tmp_path) == [junk, foreign, own[10]]
+    assert junk.read_bytes() == b"not a checkpoint" and foreign_orphan.exists() and manifest_path(foreign).exists()
 
 
 def test_directory_checkpoints_verify_every_file(tmp_path: Path) -> None:
@@ -108,7 +134,8 @@ def test_directory_checkpoints_verify_every_file(tmp_path: Path) -> None:
     (partial / "checkpoint").mkdir(parents=True)
     for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_1_optim_states.pt"):
         torch.save({"w": torch.arange(100.0)}, partial / "checkpoint" / name)
-    write_manifest(path, partial, 5, True)
+    write_owner(tmp_path, RUN_ID)
+    write_manifest(path, partial, 5, True, RUN_ID)
     partial.rename(path)
     assert verify(path) is None
     shard = path / "checkpoint" / "zero_pp_rank_1_optim_states.pt"

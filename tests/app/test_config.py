@@ -145,6 +145,13 @@ def test_fast_dev_run_needs_no_plus() -> None:
          r"model\.n_head=3 must be a multiple of ulysses_size=2"),
         ("devices=4 ulysses_size=2 attention=block_sparse",
          r"ulysses_size=2 is supported by the dense attention layers .* not by attention=block_sparse"),
+        # values Lightning or the optimizer would reject only after spawning or training
+        ("trainer.val_check_interval=0", r"trainer\.val_check_interval=0 must be a number of steps >= 1"),
+        ("trainer.val_check_interval=1.5", r"trainer\.val_check_interval=1\.5 must be .* fraction of an epoch"),
+        ("model.lr=-1", r"model\.lr=-1 must be a positive number"),
+        ("model=hf model.lr=0", r"model\.lr=0 must be a positive number"),
+        ("layout=balanced", r"layout=balanced balances packed documents, but data\.train "
+                            r"\(ring_plugin\.data\.PasskeyRetrieval\) has one document per row"),
     ],
 )
 def test_bad_values_name_the_key(override: str, message: str) -> None:
@@ -179,3 +186,16 @@ def test_help_lists_groups_recipes_and_debug_configs() -> None:
     for line in (f"recipe: {', '.join(RECIPES)}", "debug: fdr, limit, overfit", "strategy: ddp, deepspeed",
                  f"attention: {', '.join(ATTENTION)}", "ring-train debug=fdr"):
         assert line in proc.stdout, line
+
+
+def test_unwritable_output_folder_is_a_one_line_error() -> None:
+    """Before Hydra opens train.log in it (else: "Unable to configure handler 'file'" and a traceback).
+    /sys/kernel exists and refuses new files even to root."""
+    from ring_plugin.app.writable_output import unwritable_reason
+
+    assert unwritable_reason(Path("/sys/kernel")) == "Permission denied"
+    proc = subprocess.run([sys.executable, "-m", "ring_plugin.app.train", "hydra.run.dir=/sys/kernel"],
+                          cwd=CONF.parents[1], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip() == ("ring-train: config error: the output folder /sys/kernel cannot be written "
+                                   "(Permission denied): set hydra.run.dir= a writable folder, or run from one")

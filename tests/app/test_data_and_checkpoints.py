@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from ring_plugin.app.resume import resolve_resume
-from ring_plugin.callbacks.checkpoint_files import newest_complete_checkpoint
+from ring_plugin.callbacks.checkpoint_files import newest_complete_checkpoint, write_manifest
+from ring_plugin.callbacks.checkpoint_owner import write_owner
 from ring_plugin.data import AssociativeRecall, ByteTextDataset, PasskeyRetrieval, StepSampler, TokenFileDataset
 
 
@@ -51,8 +52,11 @@ def test_token_and_byte_files(tmp_path: Path) -> None:
 
 
 def test_damaged_newest_checkpoint_falls_back_to_previous(tmp_path: Path) -> None:
+    write_owner(tmp_path, "run")
     for step in (10, 20):
-        torch.save({"global_step": step}, tmp_path / f"step{step:06d}.ckpt")
+        path = tmp_path / f"step{step:06d}.ckpt"
+        torch.save({"global_step": step}, path)
+        write_manifest(path, path, step, True, "run")
     (tmp_path / "step000030.ckpt.partial").write_bytes(b"interrupted write")  # never a candidate
     assert newest_complete_checkpoint(tmp_path) == tmp_path / "step000020.ckpt"
     data = (tmp_path / "step000020.ckpt").read_bytes()

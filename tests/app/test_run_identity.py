@@ -16,6 +16,8 @@ from omegaconf import OmegaConf
 from ring_plugin.app.identity import RunRecord, flat_config, identity_diff, is_complete, open_run, save_record
 from ring_plugin.app.sweep_dirs import job_folder
 from ring_plugin.app.validate import ConfigError
+from ring_plugin.callbacks.checkpoint_files import write_manifest
+from ring_plugin.callbacks.checkpoint_owner import write_owner
 
 from .helpers import REPO, env, read_wandb_runs, ring_train_cmd, run_ring_train
 from .test_config import compose_app
@@ -69,14 +71,17 @@ def test_open_run_refuses_a_changed_config_and_never_mixes_checkpoints(tmp_path:
     assert open_run(cfg()).wandb_id == first.wandb_id  # nothing trained yet: same run
     # no checkpoint yet: a changed config starts the run over, under a new W&B run
     assert open_run(cfg("seed=7")).wandb_id != first.wandb_id
-    (tmp_path / "checkpoints").mkdir()
-    torch.save({"global_step": 5}, tmp_path / "checkpoints" / "step000005.ckpt")
+    ckpt = tmp_path / "checkpoints" / "step000005.ckpt"
+    write_owner(ckpt.parent, first.run_id)
+    torch.save({"global_step": 5}, ckpt)
+    write_manifest(ckpt, ckpt, 5, True, first.run_id)  # one of this run's checkpoints
     with pytest.raises(ConfigError, match=r"different config: seed: 1234 -> 7\. Use name=NEW .* resume=force"):
         open_run(cfg("seed=7"))
     assert open_run(cfg("seed=7", "resume=force")).config["seed"] == 7
     assert open_run(cfg("max_steps=1000")).wandb_id == first.wandb_id
     # resume=never starts over as a new W&B run (resolve_resume sets the old checkpoints aside)
-    assert open_run(cfg("resume=never")).wandb_id != first.wandb_id
+    restarted = open_run(cfg("resume=never"))
+    assert restarted.wandb_id != first.wandb_id and restarted.run_id == first.run_id  # the same run folder
     done = RunRecord(config=first.config, wandb_id="abc", completed_step=600,
                      summary={"checkpoint": "/elsewhere/step000005.ckpt"})
     save_record(tmp_path, done)
