@@ -45,7 +45,15 @@ from .run_folder import check_checkpoints_folder, claim_checkpoints_folder
 from .run_lock import acquire_run_lock
 from .run_summary import SummaryInCheckpoint, find_callback, finish_from_checkpoint, training_metrics
 from .sweep_dirs import register as register_sweep_folders
-from .validate import CONF_DIR, ConfigError, check_optional_choices, is_hf_model, model_kwargs, validate_config
+from .validate import (
+    CONF_DIR,
+    ConfigError,
+    check_optional_choices,
+    instantiate_data,
+    is_hf_model,
+    model_kwargs,
+    validate_config,
+)
 from .wandb_log import sync_hint
 
 register_sweep_folders()
@@ -77,7 +85,7 @@ def build(cfg: DictConfig, record: RunRecord | None = None
           ) -> tuple[pl.Trainer, pl.LightningModule, pl.LightningDataModule]:
     """Instantiate everything the run needs from the composed config."""
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    datamodule = instantiate(cfg.data)
+    datamodule = instantiate_data(cfg)
     if is_hf_model(cfg):  # a transformers model: every layer runs the ring engine, no attention group
         model = instantiate(cfg.model, max_steps=cfg.max_steps)
     else:

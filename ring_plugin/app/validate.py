@@ -38,6 +38,7 @@ DERIVED = {
     "strategy.timeout.seconds": "comm_timeout",
     "data.train.seq_len": "seq_len",
     "data.val.seq_len": "seq_len",
+    "data.seq_len": "seq_len",
     "data.train.vocab_size": "model.vocab_size",
     "data.val.vocab_size": "model.vocab_size",
     "callbacks.monitoring.log_every_n_steps": "trainer.log_every_n_steps",
@@ -143,6 +144,13 @@ def validate_config(cfg: DictConfig) -> None:
     check_run_values(cfg)
     with _as_config_error("strategy"):
         instantiate(cfg.strategy)
+
+
+def instantiate_data(cfg: DictConfig) -> Any:
+    """The data group, built; a library error (a bad path, field or tokenizer) becomes a ConfigError naming
+    ``data.<argument>``, a one-line error before any process spawns."""
+    with _as_config_error("data"):
+        return instantiate(cfg.data)
 
 
 def _validate_attention(cfg: DictConfig) -> None:

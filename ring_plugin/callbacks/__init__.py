@@ -4,9 +4,10 @@ from .checkpoint_files import newest_complete_checkpoint
 from .checkpointing import AtomicModelCheckpoint
 from .fault_tolerance import FaultTolerance
 from .final_checkpoint import FinalCheckpoint
+from .hf_export import HFExport
 from .monitoring import RingMonitor
 from .progress import RingProgressBar
 from .task_accuracy import TaskAccuracy
 
-__all__ = ["AtomicModelCheckpoint", "FaultTolerance", "FinalCheckpoint", "RingMonitor", "RingProgressBar",
+__all__ = ["AtomicModelCheckpoint", "FaultTolerance", "FinalCheckpoint", "HFExport", "RingMonitor", "RingProgressBar",
            "TaskAccuracy", "newest_complete_checkpoint"]

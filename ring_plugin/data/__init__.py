@@ -1,6 +1,7 @@
 """Data for long-context training: synthetic tasks, token files, raw bytes, packed documents, a DataModule."""
 
 from .files import ByteTextDataset, TokenFileDataset
+from .hf_text import HFTextDataModule
 from .module import RingDataModule
 from .packed import PackedSynthetic, PackedTextFolder, PackedTokenFile, packed_documents
 from .stream import StepSampler
@@ -10,6 +11,7 @@ __all__ = [
     "IGNORE_INDEX",
     "AssociativeRecall",
     "ByteTextDataset",
+    "HFTextDataModule",
     "PackedSynthetic",
     "PackedTextFolder",
     "PackedTokenFile",
