@@ -59,11 +59,13 @@ def load_documents(path: str | Path, cache_dir: Path) -> Any:
         raise ValueError(f"path={str(path)!r} must hold files of one kind ({', '.join(BUILDERS)}), found "
                          f"{', '.join(bad) or ', '.join(sorted(k for k in kinds if k))}")
     builder = kinds.pop()
+    if all(f.stat().st_size == 0 for f in files):
+        raise ValueError(f"path={str(path)!r} holds no documents (an empty dataset)")
     extra = {"sample_by": "document"} if builder == "text" else {}
     try:
         return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train",
                                      cache_dir=str(cache_dir), **extra)
-    except datasets.exceptions.DatasetGenerationError as err:
+    except (datasets.exceptions.DatasetGenerationError, ValueError) as err:
         raise ValueError(f"path={str(path)!r} could not be read as {builder}: {err.__cause__ or err}") from None
 
 
