@@ -8,6 +8,8 @@ import json
 import random
 from pathlib import Path
 
+from lightning.pytorch.callbacks import Callback
+
 WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
          "upsilon phi chi psi omega red green blue river stone cloud seven eleven").split()
 CHAT_TEMPLATE = (
@@ -52,3 +54,17 @@ def train_tokenizer(folder: Path, vocab_size: int = 128, eos: bool = True, chat:
         wrapped.chat_template = CHAT_TEMPLATE
     wrapped.save_pretrained(folder)
     return folder
+
+
+
+class BatchRecorder(Callback):
+    """For ring-train runs in tests: appends each training step's (sharded) input ids to ``<path>/rank<R>.jsonl``,
+    so a test can compare the samples a resumed run trains on with the expected ones."""
+
+    def __init__(self, path: str):
+        self.path = Path(path)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+        self.path.mkdir(parents=True, exist_ok=True)
+        with open(self.path / f"rank{trainer.global_rank}.jsonl", "a") as f:
+            f.write(json.dumps({"step": trainer.global_step, "input_ids": batch["input_ids"].tolist()}) + "\n")
