@@ -183,7 +183,8 @@ def is_hf_model(cfg: DictConfig) -> bool:
 
 def _validate_model(cfg: DictConfig) -> None:
     if is_hf_model(cfg):
-        return  # transformers checks its config when HFCausalLM builds the model
+        _validate_hf_model(cfg)
+        return
     kwargs = model_kwargs(cfg)
     with _as_config_error("model"):
         model = GPTConfig.from_dict(kwargs.pop("model"))
@@ -193,3 +194,14 @@ def _validate_model(cfg: DictConfig) -> None:
     unknown = set(kwargs) - set(inspect.signature(RingCausalLM).parameters)
     if unknown:
         raise ConfigError(f"model.{sorted(unknown)[0]} is neither a GPTConfig field nor a RingCausalLM argument")
+
+
+def _validate_hf_model(cfg: DictConfig) -> None:
+    """The transformers config the run trains (the pretrained folder's, read without weights), with its
+    ``config_overrides``, holds ``seq_len``; transformers checks the rest when HFCausalLM builds the model."""
+    from ..models.hf_overrides import apply_config_overrides, check_context, pretrained_or_given_config
+
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    with _as_config_error("model"):
+        config = pretrained_or_given_config(model.get("pretrained"), model.get("config"))
+        check_context(apply_config_overrides(config, model.get("config_overrides")), cfg.seq_len)

@@ -98,6 +98,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, tokenizer: st
 
     from ..callbacks.checkpoint_files import read_manifest, verify
     from ..models.hf_lightning_module import hf_config
+    from ..models.hf_overrides import apply_config_overrides
 
     path = Path(checkpoint).expanduser().resolve()
     if not path.exists():
@@ -113,7 +114,8 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, tokenizer: st
     if "pretrained" not in hparams:
         raise ValueError(f"CHECKPOINT={str(checkpoint)!r} is not a checkpoint of a model=hf run (no HF model in it)")
     if hparams.get("pretrained"):
-        config = AutoConfig.from_pretrained(hparams["pretrained"], local_files_only=True)
+        config = apply_config_overrides(AutoConfig.from_pretrained(hparams["pretrained"], local_files_only=True),
+                                        hparams.get("config_overrides"))
     else:
         config = hf_config(hparams["config"])
     dtype = next(t.dtype for t in state_dict.values() if t.is_floating_point())

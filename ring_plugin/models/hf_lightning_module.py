@@ -24,6 +24,7 @@ from torch import nn
 
 from ..shard_plan import SHARDS_KEY, SequenceShards
 from ..sharding import batch_documents
+from .hf_overrides import apply_config_overrides, pretrained_or_given_config
 from .lightning_module import RingCausalLM
 
 
@@ -39,16 +40,21 @@ def hf_config(config: Any) -> Any:
     return AutoConfig.for_model(values.pop("model_type"), **values)
 
 
-def build_hf_causal_lm(pretrained: str | None, config: Any, dtype: torch.dtype) -> nn.Module:
-    """The causal LM on ``attn_implementation="ring"``: from a local directory or a config."""
+def build_hf_causal_lm(pretrained: str | None, config: Any, dtype: torch.dtype,
+                       config_overrides: dict[str, Any] | None = None) -> nn.Module:
+    """The causal LM on ``attn_implementation="ring"``: from a local directory or a config (with
+    ``config_overrides`` set on the pretrained folder's config, e.g. a longer context's RoPE)."""
     from transformers import AutoModelForCausalLM
 
     import ring_plugin.hf  # noqa: F401 - registers "ring"
     from ring_plugin.hf.tiling import logit_transform_error
 
     if pretrained is not None:
+        extra = {}
+        if config_overrides:
+            extra["config"] = apply_config_overrides(pretrained_or_given_config(pretrained, None), config_overrides)
         model = AutoModelForCausalLM.from_pretrained(pretrained, attn_implementation="ring", dtype=dtype,
-                                                     local_files_only=True)
+                                                     local_files_only=True, **extra)
     else:
         model = AutoModelForCausalLM.from_config(hf_config(config), attn_implementation="ring", dtype=dtype)
     error = logit_transform_error(model)
@@ -61,7 +67,8 @@ def build_hf_causal_lm(pretrained: str | None, config: Any, dtype: torch.dtype) 
 class HFCausalLM(RingCausalLM):
     """``pretrained``: a local ``from_pretrained`` directory (its weights and config; takes precedence), or
     ``config``: a transformers config or a dict with ``model_type`` (random init). The other arguments are
-    :class:`RingCausalLM`'s; ``activation_checkpointing`` recomputes each decoder layer in backward.
+    :class:`RingCausalLM`'s; ``activation_checkpointing`` recomputes each decoder layer in backward;
+    ``config_overrides`` sets fields of the config (a longer context's ``rope_parameters``, ...).
 
     For the longest sequences (see :func:`ring_plugin.hf.enable_long_context`): ``tiled_loss`` computes
     the head and cross-entropy ``loss_chunk_tokens`` tokens at a time (False: all at once, the full
@@ -85,6 +92,7 @@ class HFCausalLM(RingCausalLM):
         tiled_loss: bool = True,
         mlp_tile_tokens: int | None = None,
         offload_checkpoints: bool = False,
+        config_overrides: dict[str, Any] | None = None,
     ):
         # RingCausalLM.__init__ builds a RingGPT; everything else of it (loss scaling, steps, optimizer) is shared.
         pl.LightningModule.__init__(self)
@@ -99,13 +107,14 @@ class HFCausalLM(RingCausalLM):
                              "checkpointed layers' inputs)")
         # The architecture of a random init; a pretrained directory brings its own. Parsed now, so a bad
         # config fails before any process starts.
-        config = None if pretrained is not None else hf_config(config)
+        config = None if pretrained is not None else apply_config_overrides(hf_config(config), config_overrides)
         self.save_hyperparameters({
             "pretrained": pretrained, "config": None if config is None else config.to_dict(), "lr": lr,
             "weight_decay": weight_decay, "betas": tuple(betas), "warmup_steps": warmup_steps,
             "max_steps": max_steps, "min_lr_ratio": min_lr_ratio, "loss_chunk_tokens": loss_chunk_tokens,
             "activation_checkpointing": activation_checkpointing, "schedule_steps": schedule_steps,
-            "tiled_loss": tiled_loss, "mlp_tile_tokens": mlp_tile_tokens, "offload_checkpoints": offload_checkpoints})
+            "tiled_loss": tiled_loss, "mlp_tile_tokens": mlp_tile_tokens, "offload_checkpoints": offload_checkpoints,
+            "config_overrides": config_overrides})
         self.hf_config = config
         self.model: nn.Module | None = None
         self._val_sums: torch.Tensor | None = None
@@ -117,7 +126,8 @@ class HFCausalLM(RingCausalLM):
         if self.model is not None:
             return
         with _zero3_announced(self._trainer):
-            self.model = build_hf_causal_lm(self.hparams.pretrained, self.hf_config, torch.get_default_dtype())
+            self.model = build_hf_causal_lm(self.hparams.pretrained, self.hf_config, torch.get_default_dtype(),
+                                            self.hparams.config_overrides if self.hparams.pretrained else None)
         # from_pretrained returns the model in eval mode: train it in train mode (its MLP and embedding dropout on).
         self.model.train(self.training)
         hp = self.hparams
