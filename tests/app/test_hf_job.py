@@ -19,18 +19,18 @@ from ring_plugin.layout import shard_sequence
 from ..hf_data_fixtures import documents, train_tokenizer, write_jsonl
 from .helpers import REPO, env, read_csv_metrics, read_wandb_history
 
-SEQ, STEPS, BATCH, LENGTHS = 256, 4, 2, (128, 256)
+# The hf_job_cpu recipe's sizes.
+SEQ, STEPS, BATCH, LENGTHS, DEPTHS = 256, 4, 2, (128, 256), (0.0, 0.5, 1.0)
 
 
 def _cmd(root, vocab: int, out, steps: int, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "ring_plugin.app.train", f"hydra.run.dir={out}", "model=hf", "data=hf",
+    """The CPU recipe (balanced layout, seq_len 256, long-context eval at 128 and 256 tokens), a step budget
+    small enough for a test, and a recorder of the samples each step trains on."""
+    return [sys.executable, "-m", "ring_plugin.app.train", f"hydra.run.dir={out}", "recipe=hf_job_cpu",
             f"data.path={root / 'docs.jsonl'}", f"data.tokenizer={root / 'tok'}", f"data.cache_dir={root / 'cache'}",
-            "data.num_proc=2", "data.val_fraction=0.1", f"data.batch_size={BATCH}", "data.val_batches=1",
-            f"model.config.vocab_size={vocab}", "model.config.tie_word_embeddings=false", f"seq_len={SEQ}",
-            f"max_steps={steps}", "trainer.val_check_interval=2", "trainer.enable_progress_bar=false",
+            f"model.config.vocab_size={vocab}", "model.config.tie_word_embeddings=false", f"max_steps={steps}",
+            "trainer.val_check_interval=2", "trainer.enable_progress_bar=false",
             "callbacks.checkpointing.every_n_train_steps=2", "comm_timeout=30", "logger=[csv,wandb]",
-            f"callbacks.long_context_eval.lengths=[{','.join(map(str, LENGTHS))}]",
-            "callbacks.long_context_eval.depths=[0.0,0.5,1.0]",
             "+callbacks.recorder._target_=tests.hf_data_fixtures.BatchRecorder",
             f"+callbacks.recorder.path={out / 'batches'}", *extra]
 
@@ -106,12 +106,12 @@ def test_long_context_eval_logs_the_answer_likelihood_of_the_trained_model(job):
     rows = [r for r in read_csv_metrics(job["out"]) if r.get("long_context/acc")]
     assert len(rows) >= STEPS // 2, rows  # every validation (steps 2 and 4)
     final = rows[-1]
-    evaluator = LongContextEval(list(LENGTHS), [0.0, 0.5, 1.0], str(job["out"]), seed=1234)
+    evaluator = LongContextEval(list(LENGTHS), list(DEPTHS), str(job["out"]), seed=1234)
     model = AutoModelForCausalLM.from_pretrained(job["out"] / "hf", attn_implementation="eager",
                                                  dtype=torch.float32).eval()
     data = job["data"]
     for length in LENGTHS:
-        for depth in (0.0, 0.5, 1.0):
+        for depth in DEPTHS:
             ids, labels = evaluator.probe(data.tokenizer, data.val_set.tokens, length, depth, 0)
             with torch.no_grad():
                 logp = torch.log_softmax(model(input_ids=ids[None]).logits[0], -1)
@@ -139,8 +139,9 @@ def test_a_resume_continues_at_the_exact_sample(job):
     assert sorted(seen) == list(range(STEPS + 2))
     train = job["data"].train_set
     for step, ids in seen.items():  # one ring: step s trains samples s*BATCH .. s*BATCH+BATCH-1 (rank 0's shard)
-        full = torch.stack([train[(step * BATCH + i) % len(train)]["input_ids"] for i in range(BATCH)])
-        assert ids == shard_sequence(full, 1, "zigzag", 0, 2).tolist(), step
+        samples = [train[(step * BATCH + i) % len(train)] for i in range(BATCH)]
+        full, docs = (torch.stack([s[k] for s in samples]) for k in ("input_ids", "document_ids"))
+        assert ids == shard_sequence(full, 1, "balanced", 0, 2, docs).tolist(), step
 
 
 def test_bad_data_is_a_one_line_config_error(job, tmp_path):
