@@ -86,7 +86,8 @@ def _read_checkpoint(checkpoint: Path) -> tuple[dict[str, torch.Tensor], dict[st
 
     # The run wrote these files and their manifest verified every byte, so DeepSpeed's reader may open them.
     weights = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=DEEPSPEED_TAG)
-    states = checkpoint / DEEPSPEED_TAG / "mp_rank_00_model_states.pt"
+    # Lightning's own entries (hyper-parameters, ...) are in rank 0's model states (ZeRO-3: zero_pp_rank_0_...).
+    states = sorted((checkpoint / DEEPSPEED_TAG).glob("*mp_rank_00_model_states.pt"))[0]
     client = torch.load(states, map_location="cpu", weights_only=True)
     return _strip(weights), client
 

@@ -151,3 +151,24 @@ def test_bad_data_is_a_one_line_config_error(job, tmp_path):
     assert run.stderr.strip().splitlines()[-1] == (
         f"ring-train: config error: data.text_field='body' is not a field of path="
         f"'{job['root'] / 'docs.jsonl'}'; its fields: text")
+
+
+@pytest.mark.timeout(400)
+def test_zero3_run_gathers_the_same_weights_deepspeed_consolidates(job, tmp_path):
+    """ZeRO-3: the folder written at the end (parameters gathered one at a time) equals ring-export's from the
+    run's DeepSpeed checkpoint (DeepSpeed's zero_to_fp32), every tensor exactly and at its full shape."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "zero3"
+    cmd = _cmd(job["root"], job["vocab"], out, 2, "strategy=deepspeed", "strategy.stage=3",
+               "callbacks.long_context_eval=null", "comm_timeout=60")
+    run = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=380)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (out / "checkpoints" / "step000002.ckpt").is_dir()  # a DeepSpeed checkpoint folder
+    export = [sys.executable, "-m", "ring_plugin.hf.export", str(out / "checkpoints" / "last.ckpt"),
+              str(tmp_path / "exported")]
+    done = subprocess.run(export, cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    got, want = (load_file(p / "model.safetensors") for p in (out / "hf", tmp_path / "exported"))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert got["model.embed_tokens.weight"].shape == (job["vocab"], 64)
