@@ -205,3 +205,18 @@ def _validate_hf_model(cfg: DictConfig) -> None:
     with _as_config_error("model"):
         config = pretrained_or_given_config(model.get("pretrained"), model.get("config"))
         check_context(apply_config_overrides(config, model.get("config_overrides")), cfg.seq_len)
+    _check_vocabulary(cfg, config)
+
+
+def _check_vocabulary(cfg: DictConfig, config: Any) -> None:
+    """``data=hf``'s tokenizer loads, and its ids fit the model's embedding (else every rank fails mid-step)."""
+    if not str(cfg.data.get("_target_", "")).endswith("HFTextDataModule"):
+        return
+    from ..data.hf_source import load_tokenizer
+
+    with _as_config_error("data"):
+        tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.get("messages_field"))
+    if len(tokenizer) > config.vocab_size:
+        key = "the pretrained model's vocab_size" if cfg.model.get("pretrained") else "model.config.vocab_size"
+        raise ConfigError(f"{key}={config.vocab_size} is smaller than the {len(tokenizer)} tokens of "
+                          f"data.tokenizer={cfg.data.tokenizer!r}: set model.config.vocab_size={len(tokenizer)}")

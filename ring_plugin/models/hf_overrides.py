@@ -23,6 +23,8 @@ def pretrained_or_given_config(pretrained: str | None, config: Any) -> Any:
         if not Path(pretrained).expanduser().is_dir():
             raise ValueError(f"pretrained={pretrained!r} is not a folder (a local from_pretrained folder)")
         return AutoConfig.from_pretrained(str(Path(pretrained).expanduser()), local_files_only=True)
+    if config is None:
+        raise ValueError("pretrained is not set: give pretrained=FOLDER (a local from_pretrained folder), or a config")
     return hf_config(config)
 
 

@@ -144,13 +144,17 @@ def test_a_resume_continues_at_the_exact_sample(job):
         assert ids == shard_sequence(full, 1, "balanced", 0, 2, docs).tolist(), step
 
 
-def test_bad_data_is_a_one_line_config_error(job, tmp_path):
-    run = subprocess.run(_cmd(job["root"], job["vocab"], tmp_path / "bad", 2, "data.text_field=body"), cwd=REPO,
+@pytest.mark.parametrize("override, line", [
+    ("data.text_field=body", "data.text_field='body' is not a field of path='{docs}'; its fields: text"),
+    ("model.config.vocab_size=64", "model.config.vocab_size=64 is smaller than the {vocab} tokens of "
+                                   "data.tokenizer='{tok}': set model.config.vocab_size={vocab}"),
+])
+def test_bad_data_is_a_one_line_config_error(job, tmp_path, override, line):
+    run = subprocess.run(_cmd(job["root"], job["vocab"], tmp_path / "bad", 2, override), cwd=REPO,
                          env={**env(), "HYDRA_FULL_ERROR": "0"}, capture_output=True, text=True, timeout=120)
     assert run.returncode == 2
-    assert run.stderr.strip().splitlines()[-1] == (
-        f"ring-train: config error: data.text_field='body' is not a field of path="
-        f"'{job['root'] / 'docs.jsonl'}'; its fields: text")
+    want = line.format(docs=job["root"] / "docs.jsonl", vocab=job["vocab"], tok=job["root"] / "tok")
+    assert run.stderr.strip().splitlines()[-1] == f"ring-train: config error: {want}"
 
 
 @pytest.mark.timeout(400)
