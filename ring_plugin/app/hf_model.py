@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ..models.hf_lightning_module import hf_config
+from ..models.hf_overrides import apply_config_overrides, pretrained_or_given_config
 from .validate import ConfigError
 
 # transformers' names for the attention-probability dropout, by model family.
@@ -20,12 +20,11 @@ ATTENTION_DROPOUT_KEYS = ("attention_dropout", "attn_pdrop", "attention_probs_dr
 
 
 def model_config(cfg: DictConfig) -> Any:
-    """The transformers config of ``cfg.model``: a local pretrained directory's, else ``model.config``."""
-    if cfg.model.get("pretrained"):
-        from transformers import AutoConfig
-
-        return AutoConfig.from_pretrained(cfg.model.pretrained, local_files_only=True)
-    return hf_config(OmegaConf.to_container(cfg.model.config, resolve=True))
+    """The transformers config of ``cfg.model``: a local pretrained directory's, else ``model.config``, with
+    ``model.config_overrides`` set (checked: see ``models.hf_overrides``)."""
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    config = pretrained_or_given_config(model.get("pretrained"), model.get("config"))
+    return apply_config_overrides(config, model.get("config_overrides"))
 
 
 def check_attention_dropout(cfg: DictConfig) -> None:

@@ -4,8 +4,9 @@ The valid keys are what the config groups' yaml files define (every option of ev
 lands in), the arguments of each ``_target_`` a node instantiates, and the GPT model's fields. They are read
 from the files, so a group option or key added to ``conf/`` is known without a list to update here.
 
-Free-form, so not checked here: ``model.config`` (a transformers config, checked by transformers) and
-``attention.kwargs`` (checked by ``RingAttentionConfig``). ``callbacks`` and ``logger`` take new entries
+Free-form, so not checked here: ``model.config`` and ``model.config_overrides`` (a transformers config and
+fields set on it, checked by transformers and ``models.hf_overrides``) and ``attention.kwargs`` (checked by
+``RingAttentionConfig``). ``callbacks`` and ``logger`` take new entries
 that name a ``_target_`` (``+callbacks.mine._target_=pkg.MyCallback``); their keys are that class's arguments.
 
 Both ``ring-train`` and ``ring-plan`` call :func:`check_overrides` on the command line (before Hydra composes,
@@ -28,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from .validate import CONF_DIR, ConfigError
 
 # Subtrees whose keys are someone else's to check.
-FREE_FORM = ("model.config", "attention.kwargs")
+FREE_FORM = ("model.config", "model.config_overrides", "attention.kwargs")
 # Dicts of instantiable entries: a new entry is fine when it names a ``_target_``.
 ENTRY_COLLECTIONS = ("callbacks", "logger")
 # The GPT model group has no ``_target_``: its keys are these classes' arguments (see validate.model_kwargs).

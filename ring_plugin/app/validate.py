@@ -199,12 +199,12 @@ def _validate_model(cfg: DictConfig) -> None:
 def _validate_hf_model(cfg: DictConfig) -> None:
     """The transformers config the run trains (the pretrained folder's, read without weights), with its
     ``config_overrides``, holds ``seq_len``; transformers checks the rest when HFCausalLM builds the model."""
-    from ..models.hf_overrides import apply_config_overrides, check_context, pretrained_or_given_config
+    from ..models.hf_overrides import check_context
+    from .hf_model import model_config
 
-    model = OmegaConf.to_container(cfg.model, resolve=True)
     with _as_config_error("model"):
-        config = pretrained_or_given_config(model.get("pretrained"), model.get("config"))
-        check_context(apply_config_overrides(config, model.get("config_overrides")), cfg.seq_len)
+        config = model_config(cfg)
+        check_context(config, cfg.seq_len)
     _check_vocabulary(cfg, config)
 
 
