@@ -130,7 +130,8 @@ class LongContextEval(Callback):
         if trainer.is_global_zero:
             path = self._heat_map(acc, logp, trainer.global_step)
             for logger in trainer.loggers:
-                if isinstance(logger, pl.loggers.WandbLogger):
+                if isinstance(logger, pl.loggers.WandbLogger):  # the grid and its picture, at the trainer's step
+                    logger.log_metrics(self.last, step=trainer.global_step)
                     logger.log_image(key="long_context/heat_map", images=[str(path)], step=trainer.global_step)
 
     def _heat_map(self, acc: np.ndarray, logp: np.ndarray, step: int) -> Path:
