@@ -43,6 +43,8 @@ from ring_plugin.comm.collectives import all_gather_sequence
 from ring_plugin.ops.kernels import KERNELS
 from ring_plugin.testing import run_in_process_group
 
+from .pattern_world import oracle_mask
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -84,7 +86,7 @@ LENGTHS = {"standard": 8192, "distributed": 4096, "hilbert": 65536, "block_spars
 def _reference(name: str, layer, q, k, v) -> torch.Tensor:
     n = q.shape[1]
     if name == "block_sparse":
-        mask = layer.pattern.counts(n, q.shape[2]).bool()
+        mask = oracle_mask(layer, n, q.shape[2]).bool()
         return reference_attention(q, k, v, causal=True, allowed=mask, compute_dtype=torch.float32)
     if name == "preset":
         return reference_attention(q, k, v, causal=True, compute_dtype=torch.float32)
@@ -259,7 +261,7 @@ def test_hilbert_post_pattern_and_its_multihead_form() -> None:
     out, _ = mha(x, x, x, is_causal=True)
     q, k, v = (t.view(2, 16, 2, 8) for t in mha._project(x, x, x))
     perm = hilbert_permutation(4, 4)
-    mask = mha.attention.pattern.counts(16, 2).bool()
+    mask = oracle_mask(mha.attention, 16, 2).bool()
     att = reference_attention(q[:, perm], k[:, perm], v[:, perm], causal=True, allowed=mask)
     att = att[:, inverse_permutation(perm)]
     assert (out - mha.out_proj(att.reshape(2, 16, 16))).abs().max() < 1e-5
