@@ -303,7 +303,7 @@ def world_results(world: int) -> tuple[list[dict[str, list[float]]], list[dict[s
     and the facts of :func:`_extra_checks` (none in one process)."""
     if world == 1:
         return [_errors_by_name(0, 1)], []
-    out = run_in_process_group(world_worker, world, timeout=200)
+    out = run_in_process_group(world_worker, world, timeout=200, reuse=True)
     return [r["errors"] for r in out], [r["extra"] for r in out]
 
 

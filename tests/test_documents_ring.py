@@ -135,7 +135,7 @@ def _bad_ids_worker(rank: int, world: int) -> dict[str, str]:
 
 
 def test_bad_document_ids_raise_on_every_rank_before_any_send():
-    per_rank = run_in_process_group(_bad_ids_worker, 2, timeout=120)
+    per_rank = run_in_process_group(_bad_ids_worker, 2, timeout=120, reuse=True)
     expected = {
         "wrong shape": "document_ids must have shape (batch, n_local) = (1, 8)",
         "not int64": "document_ids must be int64",
@@ -190,7 +190,7 @@ def _balanced_worker(rank: int, world: int) -> list[dict[str, float]]:
 @pytest.mark.parametrize("world", [2, 4])
 def test_balanced_layout_matches_the_oracle(world):
     """layout='balanced': the layer rebuilds the permutation from the shards' ids and stays exact."""
-    per_rank = run_in_process_group(_balanced_worker, world, timeout=240)
+    per_rank = run_in_process_group(_balanced_worker, world, timeout=240, reuse=True)
     for case in zip(*per_rank):
         for key in ("out_abs", "dq_abs", "dk_abs", "dv_abs"):
             assert max(r[key] for r in case) < 1e-5, (key, case)
@@ -269,7 +269,7 @@ def _prepared_worker(rank: int, world: int) -> dict[str, object]:
 
 
 def test_prepared_documents_equal_per_call_ids_and_refuse_misuse():
-    for rank, res in enumerate(run_in_process_group(_prepared_worker, 2, timeout=120)):
+    for rank, res in enumerate(run_in_process_group(_prepared_worker, 2, timeout=120, reuse=True)):
         assert res["same"], rank  # bit for bit: the same plan, the same kernels
         assert "prepared for a ring of 2 in layout 'zigzag'" in res["errors"]["layout"], res["errors"]
         assert "prepared for (batch, n_local) = (2, 24), q has (1, 24)" in res["errors"]["shape"], res["errors"]

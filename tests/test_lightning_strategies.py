@@ -64,17 +64,17 @@ def world4_worker(rank: int, world: int) -> dict:
 @pytest.fixture(scope="module")
 def world2() -> dict:
     with tempfile.TemporaryDirectory() as workdir:
-        return H.every_rank(run_in_process_group(world2_worker, 2, workdir, timeout=240))
+        return H.every_rank(run_in_process_group(world2_worker, 2, workdir, timeout=240, reuse=True))
 
 
 @pytest.fixture(scope="module")
 def long_context() -> dict:
-    return H.every_rank(run_in_process_group(long_context_worker, 2, timeout=240))
+    return H.every_rank(run_in_process_group(long_context_worker, 2, timeout=240, reuse=True))
 
 
 @pytest.fixture(scope="module")
 def world4() -> dict:
-    return H.every_rank(run_in_process_group(world4_worker, 4, timeout=240))
+    return H.every_rank(run_in_process_group(world4_worker, 4, timeout=240, reuse=True))
 
 
 def _check_equivalence(result) -> None:

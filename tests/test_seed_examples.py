@@ -184,7 +184,7 @@ def test_examples_in_one_process() -> None:
 @pytest.mark.parametrize("world", [2, 4])
 def test_examples_multi_process(world: int) -> None:
     names = [n for n in LENGTHS if n != "preset" or world == 4]
-    results = run_in_process_group(run_examples, world, names, timeout=200)
+    results = run_in_process_group(run_examples, world, names, timeout=200, reuse=True)
     for rank_errors in results:
         assert {"BaseRingAttention", "RingAttentionFunction", "RingCommunicationStats"} <= set(rank_errors)
         assert max(rank_errors.values()) < 1e-5, rank_errors

@@ -195,7 +195,7 @@ def world8_worker(rank: int, world: int) -> dict[str, dict[str, float]]:
 
 @pytest.fixture(scope="module")
 def world4() -> list[dict[str, Any]]:
-    return run_in_process_group(world4_worker, SEQ, timeout=300)
+    return run_in_process_group(world4_worker, SEQ, timeout=300, reuse=True)
 
 
 @pytest.fixture(scope="module")
