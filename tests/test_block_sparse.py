@@ -46,6 +46,7 @@ def test_bad_block_size_raises_on_every_rank(world: int) -> None:
         assert "block_size=16 must divide" in extra["bad"]["block_size"]
 
 
+@pytest.mark.unit
 def test_oracle_definition_by_hand() -> None:
     """The oracle's masks (8 blocks), spelled out: keep = round((1 - sparsity) * 8) blocks per query block."""
     rows = {
@@ -67,6 +68,7 @@ def test_oracle_definition_by_hand() -> None:
         assert got == want, (pattern, sparsity, got)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("pattern", ["local", "dilated_sparse", "global_local"])
 def test_block_mask_is_the_definition(pattern: str) -> None:
     for n_blocks in (1, 2, 3, 7, 8, 16, 33, 64):
@@ -75,6 +77,7 @@ def test_block_mask_is_the_definition(pattern: str) -> None:
             assert torch.equal(block_mask(n_blocks, sparsity, pattern), want), (pattern, n_blocks, sparsity)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("pattern", ["local", "dilated_sparse", "global_local"])
 @pytest.mark.parametrize("sparsity", [0.5, 0.75, 0.9])
 def test_sparsity_is_fraction_skipped(pattern: str, sparsity: float) -> None:
@@ -87,6 +90,7 @@ def test_sparsity_is_fraction_skipped(pattern: str, sparsity: float) -> None:
     assert torch.equal(layer.block_mask(128), mask)
 
 
+@pytest.mark.unit
 def test_uncovered_rows_are_zero_with_finite_gradients() -> None:
     # Every pattern keeps the diagonal, so uncovered rows come from dilation: rate 2 with one head
     # leaves odd positions uncovered; they output 0 (never NaN) and get zero gradient.
@@ -99,6 +103,7 @@ def test_uncovered_rows_are_zero_with_finite_gradients() -> None:
     assert out[:, 1::2].abs().max() == 0 and out[:, 0::2].abs().max() > 0
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("sparsity", [-0.1, 1.0, 1.5])
 def test_bad_sparsity_raises(sparsity: float) -> None:
     with pytest.raises(ValueError, match="sparsity_ratio"):
@@ -107,6 +112,7 @@ def test_bad_sparsity_raises(sparsity: float) -> None:
         RingAttentionConfig(sparsity_ratio=sparsity)
 
 
+@pytest.mark.unit
 def test_bad_pattern_raises() -> None:
     with pytest.raises(ValueError, match="pattern_type"):
         RingBlockSparseAttention(pattern_type="random")

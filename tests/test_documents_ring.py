@@ -152,6 +152,7 @@ def test_bad_document_ids_raise_on_every_rank_before_any_send():
         assert messages["after"] == "torch.Size([1, 8, 2, 4])"
 
 
+@pytest.mark.unit
 def test_patterns_refuse_document_ids_clearly():
     q = torch.randn(1, 16, 2, 4)
     ids = torch.zeros(1, 16, dtype=torch.long)
@@ -197,6 +198,7 @@ def test_balanced_layout_matches_the_oracle(world):
     assert max(r["chunks_per_rank"] for case in per_rank for r in case) > 1  # several chunks per rank occur
 
 
+@pytest.mark.unit
 def test_hilbert_refuses_document_ids_instead_of_dropping_them():
     """The Hilbert variant reorders tokens; without a refusal it would silently ignore the documents."""
     from ring_plugin import HilbertRingAttention

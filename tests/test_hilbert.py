@@ -47,6 +47,7 @@ def test_grid_mismatch_raises_on_every_rank(world: int) -> None:
         assert "block_size=16 must divide" in extra["bad"]["hilbert_block_sparse_block_size"]
 
 
+@pytest.mark.unit
 def test_hilbert_blocks_are_2d_patches() -> None:
     # 8x8 grid, blocks of 4 curve positions, one block per window: each token attends to exactly
     # the 2x2 patch its block covers, in any order of the 4 cells.
@@ -65,6 +66,7 @@ def test_hilbert_blocks_are_2d_patches() -> None:
         assert (out[:, idx] - want).abs().max() < 1e-5
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("grid", [(1, 1), (1, 7), (4, 4), (5, 7), (6, 10), (3, 17), (16, 16), (32, 48), (9, 2)])
 def test_curve_is_a_path_through_every_cell(grid: tuple[int, int]) -> None:
     cells = gilbert_curve(*grid)
@@ -75,11 +77,13 @@ def test_curve_is_a_path_through_every_cell(grid: tuple[int, int]) -> None:
     assert torch.equal(perm[inverse_permutation(perm)], torch.arange(grid[0] * grid[1]))
 
 
+@pytest.mark.unit
 def test_hilbert_segments_are_more_local_than_row_major() -> None:
     perm = hilbert_permutation(64, 64)
     assert segment_locality(perm, 64, 64, 256) > segment_locality(torch.arange(4096), 64, 64, 256)
 
 
+@pytest.mark.unit
 def test_block_locality_counts_neighbours_in_allowed_blocks() -> None:
     # 4x4 grid, blocks of 4, each block sees itself only: row-major blocks are rows (12 of the 24
     # neighbour pairs inside), Hilbert blocks are 2x2 squares (4 pairs each: 16 of 24).
@@ -98,6 +102,7 @@ def test_block_locality_counts_neighbours_in_allowed_blocks() -> None:
         block_locality(torch.arange(16), 4, 4, 5, own)
 
 
+@pytest.mark.unit
 def test_factory_and_level() -> None:
     layer = create_ring_attention(hilbert_level=2)  # 'auto' picks hilbert when a grid is given
     assert isinstance(layer, HilbertRingAttention) and layer.grid_for(16) == (4, 4)

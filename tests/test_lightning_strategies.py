@@ -132,6 +132,7 @@ def test_resume_gives_same_next_losses(world2, name):
     assert result["resumed"] == pytest.approx(result["full"][2:], abs=1e-6)
 
 
+@pytest.mark.unit
 def test_dilated_case_is_not_dense():
     """The dilated cases would prove nothing if the layer silently ran dense attention."""
     dense, _ = H.reference_step(Case("ddp"), H.make_samples(1, 32, seed=1))
@@ -148,6 +149,7 @@ def test_packed_documents_train_like_one_process(world2, name):
     assert result["weight_abs"] < 1e-5, result
 
 
+@pytest.mark.unit
 def test_a_failure_on_any_rank_fails_the_case():
     """A world's results are read through every_rank: rank 1's exception is the case's result, not rank 0's dict."""
     ok = {"loss": 0.0, "grad_rel": 0.0}

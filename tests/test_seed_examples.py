@@ -190,6 +190,7 @@ def test_examples_multi_process(world: int) -> None:
         assert max(rank_errors.values()) < 1e-5, rank_errors
 
 
+@pytest.mark.unit
 def test_migration_names() -> None:
     assert RingDilatedAttentionProduction is StandardRingAttention
     assert issubclass(RingDilatedAttentionHilbertGPUOptimized, HilbertRingAttention)
@@ -211,6 +212,7 @@ SEED_INTERNALS = ["RingCommunicationMixin", "AsyncRingCommunicator", "RingAttent
                   "StandardizedRingAttentionMixin"]
 
 
+@pytest.mark.unit
 def test_every_seed_name_imports_or_is_in_the_migration_table() -> None:
     for name in SEED_IMPLEMENTATIONS + SEED_UTILITIES:
         assert name in ring_plugin.__all__ and getattr(ring_plugin, name).__doc__, name
@@ -221,6 +223,7 @@ def test_every_seed_name_imports_or_is_in_the_migration_table() -> None:
         assert f"| `{name}` |" in table, name
 
 
+@pytest.mark.unit
 def test_standardized_config_is_the_config() -> None:
     config = StandardizedRingConfig(segment_lengths=[8, 16], dilation_rates=[1, 2], ring_size=1)
     assert StandardizedRingConfig is RingAttentionConfig
@@ -232,6 +235,7 @@ def test_standardized_config_is_the_config() -> None:
         StandardizedRingConfig(segment_lengths=[8, 16], dilation_rates=[1])
 
 
+@pytest.mark.unit
 def test_stable_accumulator_merges_blocks_into_one_softmax() -> None:
     torch.manual_seed(3)
     q, k, v = (torch.randn(2, 3, 12, 8) for _ in range(3))
@@ -251,6 +255,7 @@ def test_stable_accumulator_merges_blocks_into_one_softmax() -> None:
         empty.update(torch.zeros(1, 3, 4), torch.zeros(1, 3))
 
 
+@pytest.mark.unit
 def test_hilbert_post_pattern_and_its_multihead_form() -> None:
     assert BlockSparseRingDilatedAttentionHilbertPostPattern is HilbertBlockSparseAttention
     kw = dict(grid=(4, 4), block_size=4, sparsity_ratio=0.5, pattern_type="local")
