@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 import ring_plugin
 from ring_plugin import (
@@ -264,7 +265,7 @@ def test_hilbert_post_pattern_and_its_multihead_form() -> None:
     assert isinstance(mha.attention, HilbertBlockSparseAttention)
     x = torch.randn(2, 16, 16)
     out, _ = mha(x, x, x, is_causal=True)
-    q, k, v = (t.view(2, 16, 2, 8) for t in mha._project(x, x, x))
+    q, k, v = (t.view(2, 16, 2, 8) for t in F.linear(x, mha.in_proj_weight, mha.in_proj_bias).chunk(3, -1))
     perm = hilbert_permutation(4, 4)
     mask = oracle_mask(mha.attention, 16, 2).bool()
     att = reference_attention(q[:, perm], k[:, perm], v[:, perm], causal=True, allowed=mask)
