@@ -33,7 +33,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    root = config.rootpath
     for item in items:
-        if item.path.relative_to(root).as_posix() in UNIT_MODULES:
+        if item.path.is_relative_to(config.rootpath) and \
+                item.path.relative_to(config.rootpath).as_posix() in UNIT_MODULES:
             item.add_marker(pytest.mark.unit)
