@@ -6,4 +6,5 @@ bash scripts/setup_env.sh
 export TORCH_EXTENSIONS_DIR="$PWD/.torch_extensions"  # DeepSpeed compiles its CPU comm op once
 export WANDB_MODE=offline WANDB_SILENT=true
 .venv/bin/ruff check .
-exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+# --durations=15: the slowest tests close every run, so growth shows
+exec .venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 "$@"

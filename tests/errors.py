@@ -61,6 +61,6 @@ def worst_over_ranks(worker: Callable, cases: list, worlds: Iterable[int] = (1, 
 
     out = {}
     for world in worlds:
-        per_rank = run_in_process_group(worker, world, cases, timeout=timeout)
+        per_rank = run_in_process_group(worker, world, cases, timeout=timeout, reuse=True)
         out[world] = [{key: max(r[i][key] for r in per_rank) for key in per_rank[0][i]} for i in range(len(cases))]
     return out

@@ -191,11 +191,28 @@ def validate_case(case: Case, rank: int, world: int) -> dict[str, float] | None:
 
 
 def run_isolated(fn: Any, *args: Any) -> Any:
-    """``fn(*args)``, or the exception's text: one failing case must not hide the others' results."""
+    """``fn(*args)``, or the exception's text: one failing case must not hide the others' results.
+    Read a world's results with :func:`every_rank`, so that a failure on any rank fails the case."""
     try:
         return fn(*args)
     except Exception as err:  # noqa: BLE001 - reported per case by the test
         return f"{type(err).__name__}: {err}"
+
+
+def every_rank(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per case: rank 0's result, unless a rank failed (:func:`run_isolated`'s text); then the first failure,
+    prefixed with its rank ("rank 1: ..."), which is no result dict, so the case's test fails. A failure the
+    test expects must then be the same on every rank: ranks that fail differently give each one's text."""
+    merged: dict[str, Any] = {}
+    for key, first in per_rank[0].items():
+        failures = {rank: r[key] for rank, r in enumerate(per_rank) if isinstance(r[key], str)}
+        if not failures:
+            merged[key] = first
+        elif len(failures) == len(per_rank) and len(set(failures.values())) == 1:
+            merged[key] = first  # the same error on every rank
+        else:
+            merged[key] = "; ".join(f"rank {rank}: {text}" for rank, text in failures.items())
+    return merged
 
 
 def multihead_case(rank: int, world: int, causal: bool) -> dict[str, float]:

@@ -136,13 +136,50 @@ def all_cases() -> list[Case]:
     return cases
 
 
+def block_sparse_definition(n_blocks: int, sparsity_ratio: float, pattern_type: str) -> torch.Tensor:
+    """(query block, key block) pairs each pattern keeps, written pair by pair from the patterns' documented
+    meaning, apart from ``ring_plugin.patterns.block_mask`` (what the ring plans from): each query block keeps
+    ``keep = round((1 - sparsity) * n_blocks)`` key blocks (at least one)."""
+    keep = max(1, round((1.0 - sparsity_ratio) * n_blocks))
+    mask = torch.zeros(n_blocks, n_blocks, dtype=torch.bool)
+    for query in range(n_blocks):
+        if pattern_type == "local":  # a window of `keep` blocks centred on the diagonal (an even one leans right)
+            keys = set(range(query - (keep - 1) // 2, query - (keep - 1) // 2 + keep))
+        elif pattern_type == "dilated_sparse":  # every stride-th block counted from the diagonal, both ways
+            stride = max(1, round(1.0 / (1.0 - sparsity_ratio)))
+            keys = {query + stride * m for m in range(-n_blocks, n_blocks + 1)}
+        elif pattern_type == "global_local":
+            # the first keep // 4 blocks see and are seen by every block; the rest of the budget is a local window
+            n_global = max(1, keep // 4)
+            window = max(1, keep - n_global)
+            keys = set(range(query - (window - 1) // 2, query - (window - 1) // 2 + window)) | set(range(n_global))
+            if query < n_global:
+                keys = set(range(n_blocks))
+        else:
+            raise ValueError(pattern_type)
+        for key in keys:
+            if 0 <= key < n_blocks:
+                mask[query, key] = True
+    return mask
+
+
+def oracle_mask(layer, n: int, heads: int) -> torch.Tensor | None:
+    """The oracle's mask: none (dense), the dilated pattern's counts, or the block-sparse definition expanded to
+    tokens."""
+    if layer.pattern is None:
+        return None
+    if isinstance(layer.pattern, DilatedPattern):
+        return layer.pattern.counts(n, heads)
+    c = layer.config
+    blocks = block_sparse_definition(n // c.block_size, c.sparsity_ratio, c.pattern_type)
+    return blocks.repeat_interleave(c.block_size, 0).repeat_interleave(c.block_size, 1)
+
+
 def oracle(layer, q, k, v, causal: bool):
-    """Dense attention with the pattern's mask (dilated: its counts); a Hilbert layer taking
-    row-major tokens: permute into Hilbert order, the same, permute back."""
+    """Dense attention with the pattern's mask (:func:`oracle_mask`); a Hilbert layer taking row-major tokens:
+    permute into Hilbert order, the same, permute back."""
     n, heads = q.shape[1], q.shape[2]
-    counts = layer.pattern.counts(n, heads) if layer.pattern is not None else None
-    if counts is not None and not isinstance(layer.pattern, DilatedPattern):
-        counts = counts.bool()
+    counts = oracle_mask(layer, n, heads)
     if isinstance(layer, HilbertRingAttention) and layer.config.token_order == "row_major":
         perm = hilbert_permutation(*layer.grid_for(n))
         out = reference_attention(q[:, perm], k[:, perm], v[:, perm], causal=causal, allowed=counts)
@@ -266,7 +303,7 @@ def world_results(world: int) -> tuple[list[dict[str, list[float]]], list[dict[s
     and the facts of :func:`_extra_checks` (none in one process)."""
     if world == 1:
         return [_errors_by_name(0, 1)], []
-    out = run_in_process_group(world_worker, world, timeout=200)
+    out = run_in_process_group(world_worker, world, timeout=200, reuse=True)
     return [r["errors"] for r in out], [r["extra"] for r in out]
 
 

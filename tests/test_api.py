@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import ring_plugin
 from ring_plugin import (
@@ -99,7 +100,7 @@ def test_multihead_names_fix_the_variant_and_match_the_oracle(cls, kwargs, varia
     assert isinstance(mha, RingMultiheadAttention) and type(mha.attention) is variant
     x = torch.randn(2, 16, 16)
     out, _ = mha(x, x, x, is_causal=True)
-    q, k, v = (t.view(2, 16, 2, 8) for t in mha._project(x, x, x))
+    q, k, v = (t.view(2, 16, 2, 8) for t in F.linear(x, mha.in_proj_weight, mha.in_proj_bias).chunk(3, -1))
     want = mha.out_proj(oracle(mha.attention, q, k, v, causal=True).reshape(2, 16, 16))
     assert (out - want).abs().max() < 1e-5
     with pytest.raises(TypeError, match="fixes the attention variant"):

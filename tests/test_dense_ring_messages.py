@@ -57,7 +57,7 @@ def _bytes_worker(rank: int, world: int) -> dict[str, float]:
 
 
 def test_a_step_sends_home_only_the_rows_it_read_in_the_kernels_dtype():
-    sent = run_in_process_group(_bytes_worker, 2, timeout=90)
+    sent = run_in_process_group(_bytes_worker, 2, timeout=90, reuse=True)
     row_bytes = HEADS * DIM * 2 * 2  # one key row of dK and dV in bf16
     # forward and backward: K/V once each way; rank 0's queries read nothing of rank 1
     assert sent[0]["sent"] == 2 * sent[0]["kv"]

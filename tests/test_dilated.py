@@ -76,6 +76,7 @@ def _longnet(q, k, v, segs, rates, causal):
     return sum(weights[i][..., None] * outs[i] for i in range(len(outs)))
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("segs,rates", [([8, 16, 48], [1, 2, 4]), ([12, 96], [1, 3]), ([16], [2])])
 @pytest.mark.parametrize("causal", [False, True])
 def test_oracle_is_longnets_rule(segs, rates, causal) -> None:
@@ -93,6 +94,7 @@ def test_oracle_is_longnets_rule(segs, rates, causal) -> None:
     assert (layer(q.float(), k.float(), v.float(), is_causal=causal).double() - want).abs().max() < 1e-5
 
 
+@pytest.mark.unit
 def test_multihead_dilated_matches_projections_plus_oracle() -> None:
     torch.manual_seed(1)
     mha = MultiheadDilatedAttention(24, 3, dilation_rates=[1, 2], segment_lengths=[8, 16])
@@ -114,6 +116,7 @@ def test_multihead_dilated_matches_projections_plus_oracle() -> None:
         ({"segment_lengths": [8]}, "give both or neither"),
     ],
 )
+@pytest.mark.unit
 def test_bad_dilated_configs_raise(kw, word) -> None:
     with pytest.raises(ValueError, match=word):
         StandardRingAttention(**kw)
@@ -121,12 +124,14 @@ def test_bad_dilated_configs_raise(kw, word) -> None:
         RingAttentionConfig(**kw)
 
 
+@pytest.mark.unit
 def test_length_not_multiple_of_segment_raises() -> None:
     x = torch.randn(1, 24, 2, 4)
     with pytest.raises(ValueError, match=r"multiple of every segment length.*\[16\]"):
         DilatedAttention([8, 16], [1, 2])(x, x, x)
 
 
+@pytest.mark.unit
 def test_regular_dilated_pairs_plan_as_views_with_few_calls() -> None:
     # The config on a 128K shard, 32 heads: offsets fold into the head axis, so each pair is
     # at most 4 kernel calls on strided views (1 + 4 + 2 + 1), with no gathered index blocks.
@@ -141,6 +146,7 @@ def test_regular_dilated_pairs_plan_as_views_with_few_calls() -> None:
     assert not any(isinstance(b, ViewBlock) for b in pattern.plan((0,), (0,), 4096, 8192, True, 8, 2))
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("head_step", [(3, 0), (1, 1)])
 def test_view_block_reads_the_rows_its_indices_name(head_step) -> None:
     block = ViewBlock(groups=2, group_stride=12, heads=2, head_start=1, head_step=head_step, q_start=1,

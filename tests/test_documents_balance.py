@@ -41,6 +41,7 @@ def _brute_mask_work(ids: torch.Tensor, causal: bool) -> torch.Tensor:
     return same.sum(1)
 
 
+@pytest.mark.unit
 def test_document_ids_from_position_ids_hand_cases() -> None:
     pos = torch.tensor([[0, 1, 2, 0, 1, 0, 0, 1], [5, 6, 0, 1, 2, 3, 0, 0]])
     expected = torch.tensor([[0, 0, 0, 1, 1, 2, 3, 3], [0, 0, 1, 1, 1, 1, 2, 3]])
@@ -61,6 +62,7 @@ def test_docs_example_runs_as_written() -> None:
     assert ns["mask_work"](ns["ids"], causal=True).tolist() == [[1, 2, 3, 1, 2, 1, 2, 3, 4]]
 
 
+@pytest.mark.unit
 def test_document_ids_error_names_each_problem() -> None:
     good = torch.tensor([[0, 0, 1, 2]])
     assert document_ids_error(good) is None and document_ids_error(good, 4) is None
@@ -71,6 +73,7 @@ def test_document_ids_error_names_each_problem() -> None:
     assert "non-decreasing" in msg and "row 1" in msg and "position 2" in msg
 
 
+@pytest.mark.unit
 def test_mask_work_hand_cases_and_oracle() -> None:
     ids = torch.tensor([0, 0, 0, 1, 2, 2])
     assert mask_work(ids, causal=True).tolist() == [1, 2, 3, 1, 1, 2]
@@ -85,6 +88,7 @@ def test_mask_work_hand_cases_and_oracle() -> None:
         mask_work(torch.tensor([0, 1, 0]), causal=True)
 
 
+@pytest.mark.unit
 def test_generator_is_seeded_long_tailed_and_exact() -> None:
     a = packed_document_lengths(N_128K, seed=3)
     assert a == packed_document_lengths(N_128K, seed=3) and a != packed_document_lengths(N_128K, seed=4)
@@ -103,6 +107,7 @@ def _assert_permutation(chunks: tuple[tuple[int, ...], ...], world_size: int) ->
     assert sorted(i for r in chunks for i in r) == list(range(world_size * c))
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("world_size", [2, 4, 8, 16])
 def test_balanced_meets_target_and_beats_zigzag(world_size: int) -> None:
     for seed in range(2):
@@ -120,6 +125,7 @@ def test_balanced_meets_target_and_beats_zigzag(world_size: int) -> None:
     assert imbalance(rank_work(batch, chunks, causal=False)) <= CHUNKS_TARGET
 
 
+@pytest.mark.unit
 def test_rank_work_and_layouts_by_hand() -> None:
     ids = torch.tensor([0, 0, 0, 0, 1, 1, 2, 2])  # causal work 1 2 3 4 | 1 2 | 1 2
     assert layout_chunks("zigzag", 2) == ((0, 3), (1, 2)) and layout_chunks("contiguous", 2) == ((0,), (1,))
@@ -131,6 +137,7 @@ def test_rank_work_and_layouts_by_hand() -> None:
         rank_work(ids, ((0, 1), (1, 2)))
 
 
+@pytest.mark.unit
 def test_head_tail_work_by_hand() -> None:
     # Ring 2, four pieces per document; rank 0 takes pieces 0 and 3, rank 1 pieces 1 and 2.
     # Document 0 (length 6, split 2 2 1 1): positions 0-1 | 2-3 | 4 | 5 -> rank 0: 1+2+6, rank 1: 3+4+5.
@@ -140,6 +147,7 @@ def test_head_tail_work_by_hand() -> None:
     assert head_tail_rank_work(ids, 2, causal=False).tolist() == [18 + 3 + 3, 18 + 6 + 6]
 
 
+@pytest.mark.unit
 def test_balanced_edge_cases() -> None:
     one_doc = torch.zeros(1024, dtype=torch.long)
     assert balanced_chunks(one_doc, 4) == ((0, 7), (1, 6), (2, 5), (3, 4))  # zigzag is optimal for one document
@@ -168,6 +176,7 @@ def _brute_step_work(ids: torch.Tensor, owners: torch.Tensor, world_size: int, c
     return onehot.T @ allowed.long() @ onehot
 
 
+@pytest.mark.unit
 def test_ring_step_work_by_hand_and_oracle() -> None:
     ids = torch.tensor([0, 0, 0, 0, 1, 1, 2, 2])
     contiguous = chunk_owners(layout_chunks("contiguous", 2), 8)
@@ -192,6 +201,7 @@ def _assert_positions(positions: torch.Tensor, n: int, world_size: int) -> None:
     assert bool((positions[:, 1:] > positions[:, :-1]).all())  # ascending: local order is global order
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("world_size", [2, 4, 8, 16])
 def test_balanced_positions_even_every_ring_step(world_size: int) -> None:
     ids = document_ids_from_lengths(packed_document_lengths(N_128K, seed=world_size))
@@ -205,6 +215,7 @@ def test_balanced_positions_even_every_ring_step(world_size: int) -> None:
         assert step < layout_imbalance(ids, "zigzag", world_size, causal, per="step")
 
 
+@pytest.mark.unit
 def test_balanced_positions_edge_cases() -> None:
     # One document: split head-tail into 8 pieces of 128, which is exactly zigzag.
     one_doc = balanced_positions(torch.zeros(1024, dtype=torch.long), 4)

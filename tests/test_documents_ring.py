@@ -135,7 +135,7 @@ def _bad_ids_worker(rank: int, world: int) -> dict[str, str]:
 
 
 def test_bad_document_ids_raise_on_every_rank_before_any_send():
-    per_rank = run_in_process_group(_bad_ids_worker, 2, timeout=120)
+    per_rank = run_in_process_group(_bad_ids_worker, 2, timeout=120, reuse=True)
     expected = {
         "wrong shape": "document_ids must have shape (batch, n_local) = (1, 8)",
         "not int64": "document_ids must be int64",
@@ -152,6 +152,7 @@ def test_bad_document_ids_raise_on_every_rank_before_any_send():
         assert messages["after"] == "torch.Size([1, 8, 2, 4])"
 
 
+@pytest.mark.unit
 def test_patterns_refuse_document_ids_clearly():
     q = torch.randn(1, 16, 2, 4)
     ids = torch.zeros(1, 16, dtype=torch.long)
@@ -192,13 +193,14 @@ def _balanced_worker(rank: int, world: int) -> list[dict[str, float]]:
 @pytest.mark.parametrize("world", [2, 4])
 def test_balanced_layout_matches_the_oracle(world):
     """layout='balanced': the layer rebuilds the permutation from the shards' ids and stays exact."""
-    per_rank = run_in_process_group(_balanced_worker, world, timeout=240)
+    per_rank = run_in_process_group(_balanced_worker, world, timeout=240, reuse=True)
     for case in zip(*per_rank):
         for key in ("out_abs", "dq_abs", "dk_abs", "dv_abs"):
             assert max(r[key] for r in case) < 1e-5, (key, case)
     assert max(r["chunks_per_rank"] for case in per_rank for r in case) > 1  # several chunks per rank occur
 
 
+@pytest.mark.unit
 def test_hilbert_refuses_document_ids_instead_of_dropping_them():
     """The Hilbert variant reorders tokens; without a refusal it would silently ignore the documents."""
     from ring_plugin import HilbertRingAttention
@@ -289,7 +291,7 @@ def _plan_worker(rank: int, world: int) -> dict[str, object]:
 
 
 def test_shard_plans_equal_per_call_ids_and_refuse_misuse():
-    for rank, res in enumerate(run_in_process_group(_plan_worker, 2, timeout=120)):
+    for rank, res in enumerate(run_in_process_group(_plan_worker, 2, timeout=120, reuse=True)):
         assert res["same"], rank  # bit for bit: the same blocks, the same kernels
         errors = res["errors"]
         assert f"('zigzag', 2, 1, {rank}) does not match the layer's ring ('contiguous', 2, 1, {rank})" \

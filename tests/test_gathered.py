@@ -103,6 +103,7 @@ def test_compiled_cpu_flex_forward_matches_exact() -> None:
     assert (got - want).abs().max().item() < 1e-5
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("name", ["standard", "sdpa", "distributed", "correct", "hilbert"])
 def test_flex_backend_is_block_sparse_only(name: str) -> None:
     with pytest.raises(ValueError, match="backend='flex'"):
@@ -111,6 +112,7 @@ def test_flex_backend_is_block_sparse_only(name: str) -> None:
         select_kernel("flex", torch.device("cpu"), torch.float32, 64)
 
 
+@pytest.mark.unit
 def test_gathered_path_selection() -> None:
     q = torch.randn(1, 8, 2, 4, dtype=torch.bfloat16)
     assert create_ring_attention("block_sparse", backend="flex").uses_gathered_path(q)
@@ -118,6 +120,7 @@ def test_gathered_path_selection() -> None:
     assert not create_ring_attention("block_sparse", backend="math").uses_gathered_path(q)
 
 
+@pytest.mark.unit
 def test_uncovered_rows_are_zero_with_finite_gradients() -> None:
     q = torch.randn(1, 2, 8, 4, requires_grad=True)
     allowed = torch.ones(8, 8, dtype=torch.bool).tril()

@@ -142,7 +142,7 @@ def results(tmp_path_factory) -> dict:
 
     pretrained = tmp_path_factory.mktemp("pretrained")
     tiny_model("llama", "eager", seed=7).save_pretrained(pretrained)
-    return run_in_process_group(world_worker, 2, str(pretrained), timeout=280)[0]
+    return H.every_rank(run_in_process_group(world_worker, 2, str(pretrained), timeout=280, reuse=True))
 
 
 @pytest.mark.timeout(300)

@@ -225,7 +225,7 @@ _RESULTS: dict[int, list[dict]] = {}
 def results(size: int) -> list[dict]:
     """Every case of one spawned world of ``size`` ranks (spawned once per test module)."""
     if size not in _RESULTS:
-        _RESULTS[size] = run_in_process_group(world_worker, size, timeout=240)
+        _RESULTS[size] = run_in_process_group(world_worker, size, timeout=240, reuse=True)
     return _RESULTS[size]
 
 

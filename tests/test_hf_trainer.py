@@ -107,7 +107,7 @@ def _eval_loss_one_process(weights: dict[str, torch.Tensor]) -> float:
 def test_ring_trainer_equals_one_process(world, ring_size, accumulation, packed, long_context):
     steps = 2
     results = run_in_process_group(_ring_trainer, world, ring_size, accumulation, steps, packed, long_context,
-                                   timeout=240)
+                                   timeout=240, reuse=True)
     order = results[0]["order"]
     expected = _one_process(order, steps, accumulation, world // ring_size, packed)
     for rank, result in enumerate(results):

@@ -47,6 +47,7 @@ def test_grid_mismatch_raises_on_every_rank(world: int) -> None:
         assert "block_size=16 must divide" in extra["bad"]["hilbert_block_sparse_block_size"]
 
 
+@pytest.mark.unit
 def test_hilbert_blocks_are_2d_patches() -> None:
     # 8x8 grid, blocks of 4 curve positions, one block per window: each token attends to exactly
     # the 2x2 patch its block covers, in any order of the 4 cells.
@@ -65,6 +66,7 @@ def test_hilbert_blocks_are_2d_patches() -> None:
         assert (out[:, idx] - want).abs().max() < 1e-5
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("grid", [(1, 1), (1, 7), (4, 4), (5, 7), (6, 10), (3, 17), (16, 16), (32, 48), (9, 2)])
 def test_curve_is_a_path_through_every_cell(grid: tuple[int, int]) -> None:
     cells = gilbert_curve(*grid)
@@ -75,11 +77,13 @@ def test_curve_is_a_path_through_every_cell(grid: tuple[int, int]) -> None:
     assert torch.equal(perm[inverse_permutation(perm)], torch.arange(grid[0] * grid[1]))
 
 
+@pytest.mark.unit
 def test_hilbert_segments_are_more_local_than_row_major() -> None:
     perm = hilbert_permutation(64, 64)
     assert segment_locality(perm, 64, 64, 256) > segment_locality(torch.arange(4096), 64, 64, 256)
 
 
+@pytest.mark.unit
 def test_block_locality_counts_neighbours_in_allowed_blocks() -> None:
     # 4x4 grid, blocks of 4, each block sees itself only: row-major blocks are rows (12 of the 24
     # neighbour pairs inside), Hilbert blocks are 2x2 squares (4 pairs each: 16 of 24).
@@ -98,6 +102,7 @@ def test_block_locality_counts_neighbours_in_allowed_blocks() -> None:
         block_locality(torch.arange(16), 4, 4, 5, own)
 
 
+@pytest.mark.unit
 def test_factory_and_level() -> None:
     layer = create_ring_attention(hilbert_level=2)  # 'auto' picks hilbert when a grid is given
     assert isinstance(layer, HilbertRingAttention) and layer.grid_for(16) == (4, 4)
@@ -108,3 +113,51 @@ def test_factory_and_level() -> None:
     x = torch.randn(1, 12, 2, 4)
     with pytest.raises(ValueError, match="must equal the grid"):
         HilbertRingAttention(hilbert_level=2)(x, x, x)
+
+
+def _neighbour_share(order: torch.Tensor, height: int, width: int, block: int, allowed: torch.Tensor) -> float:
+    """Share of (token, 4-neighbour) pairs whose blocks the mask allows, counted here from positions: the
+    sequence position of each grid cell, its block, every right and down neighbour pair in both directions."""
+    position = torch.empty(height * width, dtype=torch.int64)
+    position[order] = torch.arange(height * width)
+    blocks = (position // block).view(height, width)
+    pairs = [(blocks[:, :-1], blocks[:, 1:]), (blocks[:-1, :], blocks[1:, :])]
+    hits = sum(int(allowed[a, b].sum()) + int(allowed[b, a].sum()) for a, b in pairs)
+    return hits / sum(2 * a.numel() for a, _ in pairs)
+
+
+@pytest.mark.unit
+def test_the_documented_locality_figures() -> None:
+    """The README's and docs/variants.md's locality figures, recomputed (3 decimals as printed)."""
+    import re
+    from pathlib import Path
+
+    from tests.pattern_world import block_sparse_definition
+
+    repo = Path(__file__).resolve().parents[1]
+    readme = " ".join(repo.joinpath("README.md").read_text().split())
+    h, w, seg, hilbert, row_major = re.search(
+        r"on a (\d+)×(\d+) grid with (\d+)-token segments, ([\d.]+) % of a token's 4-neighbours lie in its own "
+        r"segment in Hilbert order against ([\d.]+) % in row-major order", readme).groups()
+    h, w, seg = int(h), int(w), int(seg)
+    own = torch.eye(h * w // seg, dtype=torch.bool)
+    assert round(100 * _neighbour_share(hilbert_permutation(h, w), h, w, seg, own), 1) == float(hilbert)
+    assert round(100 * _neighbour_share(torch.arange(h * w), h, w, seg, own), 1) == float(row_major)
+
+    docs = repo.joinpath("docs", "variants.md").read_text()
+    segments = re.findall(r"^\| (\d+)x(\d+) \| (\d+) \| ([\d.]+) \| ([\d.]+) \|$", docs, re.M)
+    blocks = re.findall(r"^\| (\d+)x(\d+) \| (local|dilated_sparse|global_local) \| ([\d.]+) \| ([\d.]+) \|$", docs,
+                        re.M)
+    assert len(segments) == 6 and len(blocks) == 9
+    perms: dict[tuple[int, int], torch.Tensor] = {}
+    for rows, block_of in ((segments, lambda n, seg: (int(seg), torch.eye(n // int(seg), dtype=torch.bool))),
+                           (blocks, lambda n, pattern: (64, block_sparse_definition(n // 64, 0.9, pattern)))):
+        for h, w, key, row_major, hilbert in rows:
+            h, w = int(h), int(w)
+            block, allowed = block_of(h * w, key)
+            perm = perms.setdefault((h, w), hilbert_permutation(h, w))
+            got = [round(_neighbour_share(order, h, w, block, allowed), 3) for order in (torch.arange(h * w), perm)]
+            assert got == [float(row_major), float(hilbert)], (h, w, key, got)
+    # the library's own figure function agrees with this count
+    assert block_locality(perms[(64, 64)], 64, 64, 256, torch.eye(16, dtype=torch.bool)) == pytest.approx(
+        _neighbour_share(perms[(64, 64)], 64, 64, 256, torch.eye(16, dtype=torch.bool)), abs=1e-12)

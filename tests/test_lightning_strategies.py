@@ -64,17 +64,17 @@ def world4_worker(rank: int, world: int) -> dict:
 @pytest.fixture(scope="module")
 def world2() -> dict:
     with tempfile.TemporaryDirectory() as workdir:
-        return run_in_process_group(world2_worker, 2, workdir, timeout=240)[0]
+        return H.every_rank(run_in_process_group(world2_worker, 2, workdir, timeout=240, reuse=True))
 
 
 @pytest.fixture(scope="module")
 def long_context() -> dict:
-    return run_in_process_group(long_context_worker, 2, timeout=240)[0]
+    return H.every_rank(run_in_process_group(long_context_worker, 2, timeout=240, reuse=True))
 
 
 @pytest.fixture(scope="module")
 def world4() -> dict:
-    return run_in_process_group(world4_worker, 4, timeout=240)[0]
+    return H.every_rank(run_in_process_group(world4_worker, 4, timeout=240, reuse=True))
 
 
 def _check_equivalence(result) -> None:
@@ -132,6 +132,7 @@ def test_resume_gives_same_next_losses(world2, name):
     assert result["resumed"] == pytest.approx(result["full"][2:], abs=1e-6)
 
 
+@pytest.mark.unit
 def test_dilated_case_is_not_dense():
     """The dilated cases would prove nothing if the layer silently ran dense attention."""
     dense, _ = H.reference_step(Case("ddp"), H.make_samples(1, 32, seed=1))
@@ -146,3 +147,15 @@ def test_packed_documents_train_like_one_process(world2, name):
     assert isinstance(result, dict), result
     assert result["moved"] > 1e-3, result  # the weights did change
     assert result["weight_abs"] < 1e-5, result
+
+
+@pytest.mark.unit
+def test_a_failure_on_any_rank_fails_the_case():
+    """A world's results are read through every_rank: rank 1's exception is the case's result, not rank 0's dict."""
+    ok = {"loss": 0.0, "grad_rel": 0.0}
+    merged = H.every_rank([{"a": ok, "b": ok, "c": "ValueError: x", "d": "ValueError: x"},
+                           {"a": None, "b": "RuntimeError: boom", "c": "ValueError: x", "d": "ValueError: y"}])
+    assert merged == {"a": ok, "b": "rank 1: RuntimeError: boom", "c": "ValueError: x",
+                      "d": "rank 0: ValueError: x; rank 1: ValueError: y"}
+    with pytest.raises(AssertionError):
+        _check_equivalence(merged["b"])

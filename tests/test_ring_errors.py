@@ -49,7 +49,7 @@ def _bad_input_worker(rank: int, world: int) -> list[tuple[str, str, float]]:
 
 
 def test_bad_input_raises_on_every_rank_before_any_send():
-    per_rank = run_in_process_group(_bad_input_worker, 2, timeout=90)
+    per_rank = run_in_process_group(_bad_input_worker, 2, timeout=90, reuse=True)
     expected = {
         "lengths differ between ranks": ["different shapes", "different shapes"],
         "zigzag needs an even shard": ["positive multiple of 2", "positive multiple of 2"],
@@ -97,7 +97,7 @@ def _stats_worker(rank: int, world: int) -> dict[str, float]:
 
 def test_distributed_variant_counts_bytes_and_time():
     world = 4
-    for rank, stats in enumerate(run_in_process_group(_stats_worker, world, timeout=90)):
+    for rank, stats in enumerate(run_in_process_group(_stats_worker, world, timeout=90, reuse=True)):
         # forward: K and V go round (world - 1) times; backward: again, plus the dK/dV of each step
         # that had work, straight home. Contiguous causal shards: rank r attends to the K/V of
         # r - 1 .. 0 (whole shards, fp32 on CPU), so it sends r such messages; rank 0 none.
@@ -119,7 +119,7 @@ def _two_rings_worker(rank: int, world: int) -> float:
 
 
 def test_ring_size_smaller_than_world_builds_adjacent_rings():
-    errors = run_in_process_group(_two_rings_worker, 4, timeout=90)
+    errors = run_in_process_group(_two_rings_worker, 4, timeout=90, reuse=True)
     assert max(errors) < 1e-6, errors
 
 
@@ -139,5 +139,5 @@ def _half_grad_comm_worker(rank: int, world: int) -> dict[str, float]:
 
 
 def test_half_precision_grad_accumulators_stay_within_bf16_tolerance():
-    for errors in run_in_process_group(_half_grad_comm_worker, 4, timeout=90):
+    for errors in run_in_process_group(_half_grad_comm_worker, 4, timeout=90, reuse=True):
         assert max(errors.values()) < 2e-2, errors

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 import ring_plugin
 from ring_plugin import (
@@ -42,6 +43,8 @@ from ring_plugin import (
 from ring_plugin.comm.collectives import all_gather_sequence
 from ring_plugin.ops.kernels import KERNELS
 from ring_plugin.testing import run_in_process_group
+
+from .pattern_world import oracle_mask
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -84,7 +87,7 @@ LENGTHS = {"standard": 8192, "distributed": 4096, "hilbert": 65536, "block_spars
 def _reference(name: str, layer, q, k, v) -> torch.Tensor:
     n = q.shape[1]
     if name == "block_sparse":
-        mask = layer.pattern.counts(n, q.shape[2]).bool()
+        mask = oracle_mask(layer, n, q.shape[2]).bool()
         return reference_attention(q, k, v, causal=True, allowed=mask, compute_dtype=torch.float32)
     if name == "preset":
         return reference_attention(q, k, v, causal=True, compute_dtype=torch.float32)
@@ -182,12 +185,13 @@ def test_examples_in_one_process() -> None:
 @pytest.mark.parametrize("world", [2, 4])
 def test_examples_multi_process(world: int) -> None:
     names = [n for n in LENGTHS if n != "preset" or world == 4]
-    results = run_in_process_group(run_examples, world, names, timeout=200)
+    results = run_in_process_group(run_examples, world, names, timeout=200, reuse=True)
     for rank_errors in results:
         assert {"BaseRingAttention", "RingAttentionFunction", "RingCommunicationStats"} <= set(rank_errors)
         assert max(rank_errors.values()) < 1e-5, rank_errors
 
 
+@pytest.mark.unit
 def test_migration_names() -> None:
     assert RingDilatedAttentionProduction is StandardRingAttention
     assert issubclass(RingDilatedAttentionHilbertGPUOptimized, HilbertRingAttention)
@@ -209,6 +213,7 @@ SEED_INTERNALS = ["RingCommunicationMixin", "AsyncRingCommunicator", "RingAttent
                   "StandardizedRingAttentionMixin"]
 
 
+@pytest.mark.unit
 def test_every_seed_name_imports_or_is_in_the_migration_table() -> None:
     for name in SEED_IMPLEMENTATIONS + SEED_UTILITIES:
         assert name in ring_plugin.__all__ and getattr(ring_plugin, name).__doc__, name
@@ -219,6 +224,7 @@ def test_every_seed_name_imports_or_is_in_the_migration_table() -> None:
         assert f"| `{name}` |" in table, name
 
 
+@pytest.mark.unit
 def test_standardized_config_is_the_config() -> None:
     config = StandardizedRingConfig(segment_lengths=[8, 16], dilation_rates=[1, 2], ring_size=1)
     assert StandardizedRingConfig is RingAttentionConfig
@@ -230,6 +236,7 @@ def test_standardized_config_is_the_config() -> None:
         StandardizedRingConfig(segment_lengths=[8, 16], dilation_rates=[1])
 
 
+@pytest.mark.unit
 def test_stable_accumulator_merges_blocks_into_one_softmax() -> None:
     torch.manual_seed(3)
     q, k, v = (torch.randn(2, 3, 12, 8) for _ in range(3))
@@ -249,6 +256,7 @@ def test_stable_accumulator_merges_blocks_into_one_softmax() -> None:
         empty.update(torch.zeros(1, 3, 4), torch.zeros(1, 3))
 
 
+@pytest.mark.unit
 def test_hilbert_post_pattern_and_its_multihead_form() -> None:
     assert BlockSparseRingDilatedAttentionHilbertPostPattern is HilbertBlockSparseAttention
     kw = dict(grid=(4, 4), block_size=4, sparsity_ratio=0.5, pattern_type="local")
@@ -257,9 +265,9 @@ def test_hilbert_post_pattern_and_its_multihead_form() -> None:
     assert isinstance(mha.attention, HilbertBlockSparseAttention)
     x = torch.randn(2, 16, 16)
     out, _ = mha(x, x, x, is_causal=True)
-    q, k, v = (t.view(2, 16, 2, 8) for t in mha._project(x, x, x))
+    q, k, v = (t.view(2, 16, 2, 8) for t in F.linear(x, mha.in_proj_weight, mha.in_proj_bias).chunk(3, -1))
     perm = hilbert_permutation(4, 4)
-    mask = mha.attention.pattern.counts(16, 2).bool()
+    mask = oracle_mask(mha.attention, 16, 2).bool()
     att = reference_attention(q[:, perm], k[:, perm], v[:, perm], causal=True, allowed=mask)
     att = att[:, inverse_permutation(perm)]
     assert (out - mha.out_proj(att.reshape(2, 16, 16))).abs().max() < 1e-5

@@ -65,6 +65,7 @@ def test_sliding_window_matches_the_oracle(errors_by_world, world, window):
     ({"sliding_window": 4, "is_causal": False}, "is a causal window"),
     ({"sliding_window": 4, "document_ids": torch.zeros(1, 16, dtype=torch.long)}, "not supported yet"),
 ])
+@pytest.mark.unit
 def test_bad_sliding_window_is_refused(kwargs, message):
     q = torch.randn(1, 16, 2, 4)
     kwargs = {"is_causal": True, **kwargs}
@@ -72,6 +73,7 @@ def test_bad_sliding_window_is_refused(kwargs, message):
         create_ring_attention("standard")(q, q, q, **kwargs)
 
 
+@pytest.mark.unit
 def test_patterns_refuse_a_sliding_window():
     q = torch.randn(1, 16, 2, 4)
     with pytest.raises(ValueError, match="supported by the dense variants"):

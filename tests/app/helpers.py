@@ -175,6 +175,22 @@ class FailRestore(Callback):
         raise RuntimeError("restore failed on purpose")
 
 
+class ExitOnce(Callback):
+    """Rank ``rank`` exits at once (a crashed process, exit code 137) at the start of step ``step``, once: the
+    ``marker`` file it writes first makes the same command, run again, train through."""
+
+    def __init__(self, step: int, marker: str, rank: int = 1):
+        self.step = step
+        self.marker = Path(marker)
+        self.rank = rank
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if trainer.global_step == self.step and trainer.global_rank == self.rank and not self.marker.exists():
+            self.marker.write_text(str(time.time()))
+            os._exit(137)
+
+
 class LateStart(Callback):
     """Delays rank ``rank`` by ``seconds`` while the run is being built, before it joins the rendezvous."""
 

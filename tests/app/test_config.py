@@ -191,22 +191,29 @@ def test_unknown_group_option_is_refused_by_hydra() -> None:
         compose_app("attention=nonexistent")
 
 
-def test_misspelt_recipe_or_debug_is_refused_not_skipped() -> None:
+def _ring_train(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    """``ring-train`` run from a temporary folder, its Hydra run directory inside it: nothing lands in the repo."""
+    from .helpers import env
+
+    return subprocess.run([sys.executable, "-m", "ring_plugin.app.train", f"hydra.run.dir={tmp_path / 'run'}", *args],
+                          cwd=tmp_path, env={**env(), "HYDRA_FULL_ERROR": "0"}, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_misspelt_recipe_or_debug_is_refused_not_skipped(tmp_path: Path) -> None:
     """Hydra skips a missing option of an optional group: the app refuses it, listing the names."""
     with pytest.raises(ConfigError, match=f"recipe=dense_128k is not a recipe config; valid: {', '.join(RECIPES)}"):
         check_optional_choices({"recipe": "dense_128k", "debug": None})
     with pytest.raises(ConfigError, match="debug=fdrr is not a debug config; valid: fdr, limit, overfit"):
         check_optional_choices({"recipe": None, "debug": "fdrr"})
     check_optional_choices({"recipe": "cpu_default", "debug": "fdr"})
-    proc = subprocess.run([sys.executable, "-m", "ring_plugin.app.train", "recipe=dense_128k"], cwd=CONF.parents[1],
-                          capture_output=True, text=True, timeout=120)
+    proc = _ring_train(tmp_path, "recipe=dense_128k")
     assert proc.returncode != 0 and "config error: recipe=dense_128k is not a recipe config" in proc.stderr, \
         proc.stderr[-2000:]
 
 
-def test_help_lists_groups_recipes_and_debug_configs() -> None:
-    proc = subprocess.run([sys.executable, "-m", "ring_plugin.app.train", "--help"], cwd=CONF.parents[1],
-                          capture_output=True, text=True, timeout=120)
+def test_help_lists_groups_recipes_and_debug_configs(tmp_path: Path) -> None:
+    proc = _ring_train(tmp_path, "--help")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith("ring-train: train long-context models with exact ring attention")
     for line in (f"recipe: {', '.join(RECIPES)}", "debug: fdr, limit, overfit", "strategy: ddp, deepspeed",
