@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from omegaconf import DictConfig
 
-from .validate import ConfigError
+from .config_error import ConfigError
 
 GPU_ACCELERATORS = ("gpu", "cuda")
 CPU_ALTERNATIVE = "ring-train recipe=cpu_default (a 2-layer GPT on 2 CPU processes)"

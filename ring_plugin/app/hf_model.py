@@ -13,7 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ..models.hf_overrides import apply_config_overrides, pretrained_or_given_config
-from .validate import ConfigError
+from .config_error import ConfigError
 
 # transformers' names for the attention-probability dropout, by model family.
 ATTENTION_DROPOUT_KEYS = ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob")

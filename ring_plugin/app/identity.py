@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..callbacks.checkpoint_files import checkpoints_newest_first, is_own, verify
 from ..callbacks.disk_full import cleaned_up_on_disk_full
-from .validate import ConfigError
+from .config_error import ConfigError
 
 RECORD = "run.yaml"
 # Dotted prefixes of keys that may differ between the attempts of one run.

@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from .validate import CONF_DIR, ConfigError
+from .config_checks import CONF_DIR, ConfigError
 
 # Subtrees whose keys are someone else's to check.
 FREE_FORM = ("model.config", "model.config_overrides", "attention.kwargs")

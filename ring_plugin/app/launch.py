@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
-from .validate import ConfigError
+from .config_error import ConfigError
 
 # SLURM job names under which Lightning leaves the processes to another launcher (its interactive mode).
 SLURM_INTERACTIVE = ("bash", "interactive")

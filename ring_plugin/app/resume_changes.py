@@ -14,8 +14,8 @@ from typing import Any
 from omegaconf import DictConfig
 
 from ..callbacks.checkpoint_files import checkpoints_newest_first
+from .config_error import ConfigError
 from .identity import flat_config, identity_diff, load_record
-from .validate import ConfigError
 
 # GPTConfig fields that set a weight's shape (or which weights exist): a checkpoint cannot take another value.
 SHAPE_KEYS = ("vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "tie_weights", "mlp_hidden", "norm", "bias")

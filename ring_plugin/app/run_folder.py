@@ -14,8 +14,8 @@ from omegaconf import DictConfig
 
 from ..callbacks.checkpoint_files import checkpoints_newest_first, foreign_reason
 from ..callbacks.checkpoint_owner import describe_owner, read_owner, write_owner
+from .config_error import ConfigError
 from .identity import RunRecord
-from .validate import ConfigError
 
 
 def _run_dir(cfg: DictConfig) -> str:

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .validate import ConfigError
+from .config_error import ConfigError
 
 LOCK = "run.lock"
 TAKEOVER = "run.lock.takeover"

@@ -7,7 +7,7 @@ import math
 
 from omegaconf import DictConfig, OmegaConf
 
-from .validate import ConfigError
+from .config_error import ConfigError
 
 # Datasets that give no document ids (one document per row): the balanced layout has nothing to balance.
 UNPACKED_DATA = ("ring_plugin.data.PasskeyRetrieval", "ring_plugin.data.AssociativeRecall",

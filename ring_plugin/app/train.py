@@ -33,6 +33,15 @@ from ..callbacks.progress import ProgressLines
 from ..lightning import RingDeepSpeedStrategy
 from ..models import RingCausalLM
 from .accelerator import check_accelerator
+from .config_checks import (
+    CONF_DIR,
+    ConfigError,
+    check_optional_choices,
+    instantiate_data,
+    is_hf_model,
+    model_kwargs,
+    validate_config,
+)
 from .hf_model import check_attention_dropout
 from .hf_model import describe as describe_hf_model
 from .identity import RunRecord, SaveRecordWhenRestored, is_complete, open_run, save_record, set_aside_logs
@@ -45,15 +54,6 @@ from .run_folder import check_checkpoints_folder, claim_checkpoints_folder
 from .run_lock import acquire_run_lock
 from .run_summary import SummaryInCheckpoint, find_callback, finish_from_checkpoint, training_metrics
 from .sweep_dirs import register as register_sweep_folders
-from .validate import (
-    CONF_DIR,
-    ConfigError,
-    check_optional_choices,
-    instantiate_data,
-    is_hf_model,
-    model_kwargs,
-    validate_config,
-)
 from .wandb_log import sync_hint
 
 register_sweep_folders()

@@ -14,7 +14,6 @@ full model.
 from __future__ import annotations
 
 import contextlib
-import copy
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,20 +23,8 @@ from torch import nn
 
 from ..shard_plan import SHARDS_KEY, SequenceShards
 from ..sharding import batch_documents
-from .hf_overrides import apply_config_overrides, pretrained_or_given_config
+from .hf_overrides import apply_config_overrides, hf_config, pretrained_or_given_config
 from .lightning_module import RingCausalLM
-
-
-def hf_config(config: Any) -> Any:
-    """A transformers config from a config object or a dict with ``model_type`` (e.g. ``"llama"``)."""
-    from transformers import AutoConfig, PretrainedConfig
-
-    if isinstance(config, PretrainedConfig):
-        return copy.deepcopy(config)
-    values = dict(config)
-    if "model_type" not in values:
-        raise ValueError(f"config={values!r} needs a model_type (e.g. 'llama', 'qwen2', 'mistral')")
-    return AutoConfig.for_model(values.pop("model_type"), **values)
 
 
 def build_hf_causal_lm(pretrained: str | None, config: Any, dtype: torch.dtype,

@@ -13,11 +13,21 @@ from pathlib import Path
 from typing import Any
 
 
+def hf_config(config: Any) -> Any:
+    """A transformers config from a config object or a dict with ``model_type`` (e.g. ``"llama"``)."""
+    from transformers import AutoConfig, PretrainedConfig
+
+    if isinstance(config, PretrainedConfig):
+        return copy.deepcopy(config)
+    values = dict(config)
+    if "model_type" not in values:
+        raise ValueError(f"config={values!r} needs a model_type (e.g. 'llama', 'qwen2', 'mistral')")
+    return AutoConfig.for_model(values.pop("model_type"), **values)
+
+
 def pretrained_or_given_config(pretrained: str | None, config: Any) -> Any:
     """The transformers config a run trains: the pretrained folder's (read, no weights), else ``config``."""
     from transformers import AutoConfig
-
-    from .hf_lightning_module import hf_config
 
     if pretrained is not None:
         if not Path(pretrained).expanduser().is_dir():

@@ -25,6 +25,8 @@ from ..layout import sequence_divisor
 from ..lightning.groups import check_sequence_sizes
 from ..models import GPTConfig, RingCausalLM
 from ..patterns.dilated import dilated_error
+from .config_error import ConfigError
+from .run_values import check_run_values
 
 # Keys set from one top-level key: overriding them on their own would make two values of one setting
 # (``trainer.max_steps=-1`` training forever while the LR schedule ends at ``max_steps``).
@@ -48,10 +50,6 @@ MODEL_VOCAB = "${oc.select:model.vocab_size,${oc.select:model.config.vocab_size,
 # GPTConfig / RingCausalLM arguments the app sets from the rest of the config (see ``model_kwargs``).
 MODEL_FROM_APP = ("max_seq_len", "attention", "attention_kwargs", "max_steps")
 RESUME_WORDS = ("auto", "never", "force")
-
-
-class ConfigError(ValueError):
-    """A value in the composed config is invalid; the message names the key."""
 
 
 @contextlib.contextmanager
@@ -139,7 +137,6 @@ def validate_config(cfg: DictConfig) -> None:
                             ulysses_size=cfg.ulysses_size)
     _validate_attention(cfg)
     _validate_model(cfg)
-    from .run_values import check_run_values  # imports this module's ConfigError
 
     check_run_values(cfg)
     with _as_config_error("strategy"):
