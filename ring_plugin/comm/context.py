@@ -34,37 +34,16 @@ class RingContext:
     def of(cls, group: dist.ProcessGroup | None, layout: str = "contiguous") -> RingContext:
         return cls(SequenceMesh.of_ring(group), layout)
 
-    @property
-    def group(self) -> dist.ProcessGroup | None:
-        return self.mesh.group("ring")
-
-    @property
-    def world_size(self) -> int:
-        return self.mesh.size("ring")
-
-    @property
-    def rank(self) -> int:
-        return self.mesh.rank("ring")
-
-    @property
-    def ulysses_group(self) -> dist.ProcessGroup | None:
-        return self.mesh.group("ulysses")
-
-    @property
-    def ulysses_size(self) -> int:
-        return self.mesh.size("ulysses")
-
-    @property
-    def sequence_group(self) -> dist.ProcessGroup | None:
-        return self.mesh.group("sequence")
-
-    @property
-    def sequence_size(self) -> int:
-        return self.mesh.size("sequence")
-
-    @property
-    def sequence_rank(self) -> int:
-        return self.mesh.rank("sequence")
+    # The mesh's dimensions, read through: the ring's group, size and rank, the Ulysses group's and the
+    # sequence group's (U x R ranks sharing a sample).
+    group = property(lambda self: self.mesh.group("ring"))
+    world_size = property(lambda self: self.mesh.size("ring"))
+    rank = property(lambda self: self.mesh.rank("ring"))
+    ulysses_group = property(lambda self: self.mesh.group("ulysses"))
+    ulysses_size = property(lambda self: self.mesh.size("ulysses"))
+    sequence_group = property(lambda self: self.mesh.group("sequence"))
+    sequence_size = property(lambda self: self.mesh.size("sequence"))
+    sequence_rank = property(lambda self: self.mesh.rank("sequence"))
 
     def engine_layout(self) -> ShardLayout:
         """The layout the ring engine runs in: the named layout over the sequence-parallel ranks with

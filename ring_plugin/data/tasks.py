@@ -11,6 +11,8 @@ tokens. ``answer_mask`` tells the metric which label positions belong to the ans
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch.utils.data import Dataset
 
@@ -32,19 +34,20 @@ def _shifted_labels(input_ids: torch.Tensor, answer_positions: torch.Tensor) -> 
     return labels
 
 
+@dataclass(eq=False)
 class SeededSamples(Dataset):
     """``num_samples`` samples of ``seq_len`` tokens, each a pure function of ``(seed, index)``:
     subclasses build one from its own random stream (:meth:`_sample`)."""
 
-    def __init__(self, seq_len: int, vocab_size: int, num_samples: int, seed: int):
-        if seq_len <= 0:
-            raise ValueError(f"seq_len={seq_len} must be positive")
-        if num_samples <= 0:
-            raise ValueError(f"num_samples={num_samples} must be positive")
-        self.seq_len = seq_len
-        self.vocab_size = vocab_size
-        self.num_samples = num_samples
-        self.seed = seed
+    seq_len: int
+    vocab_size: int
+    num_samples: int
+    seed: int
+
+    def __post_init__(self) -> None:
+        for name, value in (("seq_len", self.seq_len), ("num_samples", self.num_samples)):
+            if value <= 0:
+                raise ValueError(f"{name}={value} must be positive")
 
     def __len__(self) -> int:
         return self.num_samples
