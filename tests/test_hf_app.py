@@ -12,7 +12,7 @@ import pytest
 import torch  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 
-from ring_plugin.app.validate import validate_config  # noqa: E402
+from ring_plugin.app.config_checks import validate_config  # noqa: E402
 from ring_plugin.models.hf_lightning_module import build_hf_causal_lm  # noqa: E402
 
 from .app.helpers import REPO, env, read_csv_metrics  # noqa: E402

@@ -11,8 +11,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
+from ring_plugin.app.config_checks import ConfigError, check_optional_choices, model_kwargs, validate_config
 from ring_plugin.app.train import CONFIG_DIR
-from ring_plugin.app.validate import ConfigError, check_optional_choices, model_kwargs, validate_config
 
 CONF = Path(CONFIG_DIR)
 RECIPES = sorted(p.stem for p in (CONF / "recipe").glob("*.yaml"))

@@ -11,8 +11,8 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
+from ring_plugin.app.config_checks import ConfigError
 from ring_plugin.app.hf_model import check_attention_dropout, describe
-from ring_plugin.app.validate import ConfigError
 
 from ..hf_harness import tiny_model
 from .helpers import REPO, env

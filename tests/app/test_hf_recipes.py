@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from omegaconf import OmegaConf
 
-from ring_plugin.app.validate import ConfigError, validate_config
+from ring_plugin.app.config_checks import ConfigError, validate_config
 from ring_plugin.models.hf_overrides import apply_config_overrides, pretrained_or_given_config
 
 from .hf_pretrained import SHORT_CONTEXT, short_context_llama

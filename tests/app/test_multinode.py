@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from ring_plugin.app.config_checks import ConfigError
 from ring_plugin.app.launch import check_launch, is_global_rank_zero, launcher
-from ring_plugin.app.validate import ConfigError
 from ring_plugin.testing import free_port
 
 from .helpers import REPO, TINY, env, final_weights, read_csv_metrics

@@ -10,7 +10,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from ring_plugin.app.validate import model_kwargs
+from ring_plugin.app.config_checks import model_kwargs
 from ring_plugin.data.tasks import answer_accuracy
 from ring_plugin.models import RingCausalLM
 

@@ -13,9 +13,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from ring_plugin.app.config_checks import ConfigError
 from ring_plugin.app.identity import RunRecord, flat_config, identity_diff, is_complete, open_run, save_record
 from ring_plugin.app.sweep_dirs import job_folder
-from ring_plugin.app.validate import ConfigError
 from ring_plugin.callbacks.checkpoint_files import write_manifest
 from ring_plugin.callbacks.checkpoint_owner import write_owner
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from ring_plugin.app.config_checks import ConfigError
 from ring_plugin.app.known_keys import check_config, check_overrides, closest, schema
-from ring_plugin.app.validate import ConfigError
 from ring_plugin.planner import cli as plan_cli
 
 from .helpers import REPO, env, ring_train_cmd
