@@ -90,7 +90,7 @@ def _arguments(target: str) -> frozenset[str] | None:
         return None
     # A class whose __init__ passes **kwargs on takes its bases' arguments too.
     functions = [c.__init__ for c in obj.__mro__ if "__init__" in vars(c)] if inspect.isclass(obj) else [obj]
-    names: set[str] = set()
+    names: set[str] = set(_forwarded_arguments(obj))
     for function in functions:
         try:
             params = inspect.signature(function).parameters.values()
@@ -100,6 +100,18 @@ def _arguments(target: str) -> frozenset[str] | None:
         if not any(p.kind is p.VAR_KEYWORD for p in params):
             return frozenset(names)
     return None
+
+
+def _forwarded_arguments(obj: Any) -> frozenset[str]:
+    """Arguments a class's ``**kwargs`` reach beyond its bases: Lightning's DDPStrategy hands them to torch's
+    DistributedDataParallel (``strategy.find_unused_parameters``, ``strategy.static_graph``, ...)."""
+    from lightning.pytorch.strategies import DDPStrategy
+    from torch.nn.parallel import DistributedDataParallel
+
+    if not (inspect.isclass(obj) and issubclass(obj, DDPStrategy)):
+        return frozenset()
+    params = inspect.signature(DistributedDataParallel.__init__).parameters.values()
+    return frozenset(p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD and p.name not in ("self", "module"))
 
 
 def _free_form(key: str) -> bool:
@@ -116,7 +128,8 @@ def _accepted_by_target(parent: str, leaf: str, targets: Iterable[str]) -> bool:
 
 def closest(key: str, known: Iterable[str]) -> str | None:
     """The valid key a user most likely meant: the same last part elsewhere (``lr`` -> ``model.lr``), else a
-    key of the same level it begins (``gpus`` -> ``gpus_per_node``) or spells nearly (``max_step``)."""
+    key of the same level it begins (``gpus`` -> ``gpus_per_node``), holds every word of, or spells nearly
+    (``max_step``)."""
     known = sorted(set(known) - {key})
     parent, _, leaf = key.rpartition(".")
     same_leaf = [k for k in known if k.rsplit(".", 1)[-1] == leaf]
@@ -126,6 +139,10 @@ def closest(key: str, known: Iterable[str]) -> str | None:
     started = sorted((s for s in siblings if s.startswith(leaf)), key=len)
     if started:
         return siblings[started[0]]
+    words = set(leaf.split("_"))  # every word of the key, in a longer name (every_n_steps: every_n_train_steps)
+    containing = sorted((s for s in siblings if words <= set(s.split("_"))), key=len)
+    if containing:
+        return siblings[containing[0]]
     match = difflib.get_close_matches(leaf, list(siblings), n=1, cutoff=0.6)
     if match:
         return siblings[match[0]]
@@ -134,8 +151,11 @@ def closest(key: str, known: Iterable[str]) -> str | None:
     return match[0] if match else None
 
 
-def _error(key: str, known: Iterable[str]) -> ConfigError:
-    guess = closest(key, known)
+def _error(key: str, known: Iterable[str], node_targets: Iterable[str] = ()) -> ConfigError:
+    """The refusal of ``key``, suggesting the closest of ``known`` and of the arguments its node's targets take."""
+    parent = key.rpartition(".")[0]
+    arguments = {f"{parent}.{a}" for t in node_targets for a in (_arguments(t) or ())} if parent else set()
+    guess = closest(key, set(known) | arguments)
     hint = f"; did you mean {guess}?" if guess else ""
     return ConfigError(f"{key} is not a config key (nothing reads it){hint}")
 
@@ -168,7 +188,7 @@ def check_overrides(overrides: Sequence[str], extra_keys: Iterable[str] = ()) ->
             continue
         parent = key.rpartition(".")[0]
         if not _known_here(key, targets.get(parent, ()), keys) and not _new_entry(key):
-            raise _error(key, keys | extra)
+            raise _error(key, keys | extra, targets.get(parent, ()))
 
 
 def _new_entry(key: str) -> bool:
@@ -190,7 +210,7 @@ def check_config(cfg: DictConfig, extra_keys: Iterable[str] = ()) -> None:
                 continue
             is_entry = prefix in ENTRY_COLLECTIONS and isinstance(value, dict) and "_target_" in value
             if not (is_entry or _known_here(full, node_targets, keys)):
-                raise _error(full, keys)
+                raise _error(full, keys, node_targets)
             if isinstance(value, dict):
                 walk(value, full, frozenset([value["_target_"]]) if "_target_" in value else frozenset())
 

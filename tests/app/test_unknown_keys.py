@@ -34,6 +34,8 @@ def test_command_line_key_is_refused_before_composing(override: str, message: st
     ("+model.warmup=5", "model.warmup is not a config key (nothing reads it); did you mean model.warmup_steps?"),
     ("+callbacks.checkpointing.every_n_steps=5", "callbacks.checkpointing.every_n_steps is not a config key "
      "(nothing reads it); did you mean callbacks.checkpointing.every_n_train_steps?"),
+    ("+strategy.find_unused_paramters=true", "strategy.find_unused_paramters is not a config key (nothing reads "
+     "it); did you mean strategy.find_unused_parameters?"),
 ])
 def test_added_key_is_refused_in_the_composed_config(override: str, message: str) -> None:
     cfg = compose_app(override)
@@ -45,6 +47,7 @@ def test_added_key_is_refused_in_the_composed_config(override: str, message: str
 @pytest.mark.parametrize("overrides", [
     ["+trainer.gradient_clip_algorithm=norm"],  # an argument of the node's _target_ (lightning.Trainer)
     ["+callbacks.checkpointing.save_top_k=3"],  # of ModelCheckpoint, through AtomicModelCheckpoint's **kwargs
+    ["+strategy.find_unused_parameters=true"],  # of torch's DDP, through DDPStrategy's **kwargs
     ["model=hf", "+model.config.rope_theta=5e5"],  # free-form: a transformers config
     ["+callbacks.nan._target_=tests.app.helpers.NanGradients", "+callbacks.nan.steps=[3]"],  # a new callback
 ])
