@@ -36,7 +36,9 @@ from typing import Any
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from provenance import write_json  # noqa: E402
 
 from ring_plugin.data.hf_text import HFTextDataModule  # noqa: E402
 from ring_plugin.models.loss import linear_cross_entropy_sum  # noqa: E402
@@ -201,10 +203,8 @@ def main() -> None:
         "target": ">= 0.97",
         "command": " ".join(sys.argv),
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"bench_hf_data_{args.tag}_{dt.date.today().isoformat()}.json"
-    path.write_text(json.dumps(result, indent=1) + "\n")
+    path = write_json(Path(args.out) / f"bench_hf_data_{args.tag}_{dt.date.today().isoformat()}.json", result,
+                      indent=1)
     print(json.dumps(result, indent=1))
     print(f"wrote {path}")
 

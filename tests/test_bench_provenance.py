@@ -42,8 +42,8 @@ def test_every_benchmark_script_writes_through_provenance() -> None:
         assert not re.search(r"write_text\(json\.dumps|json\.dump\(", text), script.name
         if "write_json(" in text or "text_header(" in text:
             writers.append(script.stem)
-    assert {"bench_2d", "bench_calibration", "bench_hf", "bench_longest", "bench_packed", "bench_patterns",
-            "bench_ring", "bench_train",
+    assert {"bench_2d", "bench_calibration", "bench_hf", "bench_hf_data", "bench_longest", "bench_packed",
+            "bench_patterns", "bench_ring", "bench_train",
             "check_document_kernels", "gpu_lightning", "hilbert_locality", "packed_balance",
             "profile_pattern"} <= set(writers)
 
