@@ -27,13 +27,17 @@ def _git(*args: str) -> str | None:
 def source_state() -> dict[str, Any]:
     """``{"commit": sha, "tree_clean": bool, "changed": [paths]}`` of the repository the benchmark runs
     from. A tree copied without its git directory (a GPU host) takes them from ``BENCH_COMMIT`` and
-    ``BENCH_TREE_CLEAN`` ("true"/"false"), set by whoever copied it; None where neither is known."""
+    ``BENCH_TREE_CLEAN`` ("true"/"false"), set by whoever copied it; these win over git, because a copy
+    unpacked inside another checkout would otherwise report that checkout's commit. None where neither is
+    known."""
+    if "BENCH_COMMIT" in os.environ:
+        clean = os.environ.get("BENCH_TREE_CLEAN")
+        return {"commit": os.environ["BENCH_COMMIT"], "tree_clean": None if clean is None else clean == "true",
+                "changed": []}
     commit = _git("rev-parse", "HEAD")
     status = _git("status", "--porcelain", "--untracked-files=no")
     if commit is None or status is None:
-        clean = os.environ.get("BENCH_TREE_CLEAN")
-        return {"commit": os.environ.get("BENCH_COMMIT"), "tree_clean": None if clean is None else clean == "true",
-                "changed": []}
+        return {"commit": None, "tree_clean": None, "changed": []}
     changed = [line[3:] for line in status.splitlines() if line.strip()]
     return {"commit": commit.strip(), "tree_clean": not changed, "changed": changed}
 

@@ -74,3 +74,10 @@ def test_a_tree_without_git_takes_the_commit_from_the_environment(monkeypatch: p
     monkeypatch.setenv("BENCH_COMMIT", "0" * 40)
     monkeypatch.setenv("BENCH_TREE_CLEAN", "false")
     assert source_state() == {"commit": "0" * 40, "tree_clean": False, "changed": []}
+
+
+def test_the_environment_wins_over_an_enclosing_checkout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tree unpacked inside another checkout reports the commit its copier names, not the checkout's."""
+    monkeypatch.setenv("BENCH_COMMIT", "1" * 40)
+    monkeypatch.setenv("BENCH_TREE_CLEAN", "true")
+    assert source_state() == {"commit": "1" * 40, "tree_clean": True, "changed": []}
