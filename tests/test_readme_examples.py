@@ -142,10 +142,20 @@ _torch.nn.Module.__call__ = _recording_call
 PRELUDES = {"RingBlockSparseAttention(": RECORD_CALLS}
 
 
+# After the check: end the process group, as torch asks of every distributed script (a gloo rank that exits
+# with its group alive can abort in gloo's threads when its peer has already gone).
+EPILOGUE = """
+import torch.distributed as _dist
+if _dist.is_initialized():
+    _dist.barrier()
+    _dist.destroy_process_group()
+"""
+
+
 def _script(tmp_path: Path, key: str) -> Path:
     (block,) = [b for b in BLOCKS if key in b]
     path = tmp_path / "example.py"
-    path.write_text(PRELUDES.get(key, "") + block + CHECKS[key])
+    path.write_text(PRELUDES.get(key, "") + block + CHECKS[key] + EPILOGUE)
     return path
 
 
