@@ -116,17 +116,23 @@ def test_host_offload_is_planned_where_full_checkpointing_does_not_fit() -> None
     assert report.best is not None and report.best.layout.host_offload
 
 
-def test_bad_settings_are_one_line_errors_naming_them() -> None:
-    """An unknown recipe, a recipe the planner cannot model, a bad number: exit 2 with the reason, no traceback."""
+def test_bad_settings_are_one_line_errors_naming_them(capsys) -> None:
+    """An unknown recipe, a recipe the planner cannot model, a bad number: exit 2 with the reason, no traceback.
+    The first case runs as users run it (a process: its exit code and stderr); the others through ``main``,
+    the same code path without a process start each."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    cases = {"recipe=nope": "recipe='nope' is not a ring-train recipe; valid: block_sparse_90",
-             "recipe=hf_llama_128k model.config.head_dim=96": "model.config.head_dim=96 x num_attention_heads=32",
+    done = subprocess.run([sys.executable, "-m", "ring_plugin.planner.cli", "recipe=nope"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "recipe='nope' is not a ring-train recipe; valid: block_sparse_90" in done.stderr, done.stderr
+    cases = {"recipe=hf_llama_128k model.config.head_dim=96": "model.config.head_dim=96 x num_attention_heads=32",
              "gpus_per_node=abc": "gpus_per_node='abc' must be a positive int",
              "nodes=0": "nodes='0' must be a positive int"}
     for arg, message in cases.items():
-        done = subprocess.run([sys.executable, "-m", "ring_plugin.planner.cli", *arg.split()], cwd=REPO, env=env,
-                              capture_output=True, text=True, timeout=120)
-        assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, (arg, done.stderr)
+        with pytest.raises(SystemExit) as exited:
+            main(arg.split())
+        err = capsys.readouterr().err
+        assert exited.value.code == 2 and message in err and "Traceback" not in err, (arg, err)
 
 
 def test_packed_recipe_plans_one_sample_per_step_that_fits() -> None:
