@@ -120,10 +120,29 @@ def _layer_kept(layer: torch.nn.Module, shape: torch.Size, dtype: torch.dtype, a
     return probe.now - out_bytes
 
 
+def planner_terms(shape: dict[str, Any], seq_len: int, mlp_tile: int, loss_tile: int) -> dict[str, float]:
+    """The planner's terms for what :func:`measure` counts (the CPU's code paths: the fused loss' weight-gradient
+    product is made in bf16 first there)."""
+    from ring_plugin.planner.hf_models import spec_from_hf_config
+    from ring_plugin.planner.memory import (
+        checkpoint_saved_per_token,
+        layer_saved_per_token,
+        shared_saved_per_token,
+        tiled_loss_bytes,
+    )
+
+    spec = spec_from_hf_config(shape, seq_len, True, mlp_tile, True)
+    n, a, e, v = seq_len, 2, shape["hidden_size"], shape["vocab_size"]
+    left = n * (shared_saved_per_token(spec, a, fused_norm=False) - 8)  # the ids are the batch's: not counted
+    buffers = n * e * a + v * e * 4  # the loss' dH and fp32 dW
+    return {"host": shape["num_hidden_layers"] * n * checkpoint_saved_per_token(spec, a),
+            "layer_kept": n * layer_saved_per_token(spec, a, fused_norm=False),
+            "forward_left": left + buffers,
+            "loss_peak": left + n * e * a + buffers + tiled_loss_bytes(n, loss_tile, v, e, a, device="cpu")}
+
+
 def main(argv: list[str] | None = None) -> None:
     from bench_longest import MODELS
-
-    from ring_plugin.planner.hf_models import spec_from_hf_config
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", choices=("1b", "tiny"), default="1b")
@@ -135,8 +154,12 @@ def main(argv: list[str] | None = None) -> None:
     shape = {**MODELS[args.model], "num_hidden_layers": args.layers}
     model = build(shape, args.seq_len, args.mlp_tile_tokens, args.loss_tile_tokens)
     found = measure(model, args.seq_len)
-    spec = spec_from_hf_config(shape, args.seq_len, True, args.mlp_tile_tokens, True)
-    print(json.dumps({"shape": shape, "measured": found, "spec": repr(spec.config)}, indent=1))
+    found["forward_left_total"] = sum(found["forward_left"].values())
+    planned = planner_terms(shape, args.seq_len, args.mlp_tile_tokens, args.loss_tile_tokens)
+    for term, key in (("host", "host"), ("layer_kept", "layer_kept"), ("forward_left", "forward_left_total"),
+                      ("loss_peak", "loss_peak")):
+        print(f"{term:<14} measured {found[key]:>14,} planner {planned[term]:>16,.0f}")
+    print(json.dumps({"shape": shape, "args": vars(args), "measured": found, "planner": planned}))
 
 
 if __name__ == "__main__":
