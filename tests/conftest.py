@@ -20,6 +20,7 @@ UNIT_MODULES = {
     "tests/test_memory_peak.py",
     "tests/test_model_layers.py",
     "tests/test_planner.py",
+    "tests/test_planner_hf_memory.py",
     "tests/test_planner_validation.py",
     "tests/test_resume_sampler.py",
     "tests/test_row_sums.py",

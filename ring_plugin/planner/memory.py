@@ -9,13 +9,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .workload import Job, Layout, ModelSpec
+from .workload import LIGHTNING_ZERO, Job, Layout, ModelSpec, ZeroSettings
 
 PARAM_BYTES, GRAD_BYTES, OPTIMIZER_BYTES = 2, 2, 12  # bf16 weights and grads; fp32 master + Adam m, v
-ZERO_BUCKET_ELEMENTS = 2e8  # Lightning's DeepSpeed reduce_bucket_size: the gradient bucket, allocated whole
+ZERO_BUCKET_ELEMENTS = LIGHTNING_ZERO.reduce_bucket_elements  # Lightning's reduce_bucket_size (Job.zero has the run's)
 ZERO3_LIVE_ELEMENTS = 1e9  # stage3_max_live_parameters: gathered parameters ZeRO-3 may keep (with reuse)
-# Host memory of a training process beyond what it offloads: Python, torch, CUDA's context, DeepSpeed's
-# CPU Adam and the data loader (an assumption, not measured).
+# Host memory of a training process beyond what the model below counts (Python, torch, CUDA's context and
+# libraries, the data loader): an assumption, not measured.
 HOST_PROCESS_BYTES = 8e9
 
 
@@ -60,20 +60,88 @@ def _partitioned(tensors: list[tuple[int, int]], world: int, per_tensor: bool) -
 
 def state_bytes(spec: ModelSpec, world: int, zero: int, offload_optimizer: bool = False) -> States:
     """Parameters, gradients and optimizer states per rank on the GPU (ZeRO shards over the whole world);
-    ``offload_optimizer``: the optimizer states live in host memory (:func:`host_state_bytes`)."""
+    ``offload_optimizer``: the optimizer states live in host memory (:func:`host_state_bytes`), and under
+    ZeRO-3 so do the gradient partitions (DeepSpeed's stage 3 puts its flat gradient buffer on the offload
+    device; the GPU keeps only the reduce bucket)."""
     tensors = param_tensors(spec)
     full = sum(n for n, _ in tensors)
     split = _partitioned(tensors, world, per_tensor=zero == 3)
-    return States(params=PARAM_BYTES * (split if zero >= 3 else full),
-                  grads=GRAD_BYTES * (split if zero >= 2 else full),
+    grads = 0.0 if zero == 3 and offload_optimizer else GRAD_BYTES * (split if zero >= 2 else full)
+    return States(params=PARAM_BYTES * (split if zero >= 3 else full), grads=grads,
                   optimizer=0.0 if offload_optimizer else OPTIMIZER_BYTES * (split if zero >= 1 else full))
 
 
-def host_state_bytes(spec: ModelSpec, world: int, zero: int) -> float:
-    """Host bytes per rank of ZeRO's ``offload_optimizer``: DeepSpeed's CPU Adam keeps the rank's fp32
-    master weights, both moments and the fp32 gradients there (16 B per parameter of its partition)."""
+def pinned_bytes(nbytes: float) -> int:
+    """What one pinned host allocation of ``nbytes`` takes: torch's caching host allocator rounds every
+    request up to a power of two (and keeps freed blocks for reuse, pinned)."""
+    return 0 if nbytes <= 0 else 1 << (math.ceil(nbytes) - 1).bit_length()
+
+
+def optimizer_sub_groups(spec: ModelSpec, world: int, zero: ZeroSettings = LIGHTNING_ZERO) -> list[int]:
+    """Elements of each of a rank's ZeRO-3 optimizer sub-groups: DeepSpeed cuts each optimizer parameter
+    group (ring-train's AdamW: matrices, then vectors), in parameter order, after the parameter that brings
+    the running count to ``sub_group_size``, and the group's last parameter closes the last one."""
     tensors = param_tensors(spec)
-    return (OPTIMIZER_BYTES + 4) * (_partitioned(tensors, world, per_tensor=zero == 3) if zero >= 1
+    groups = [tensors] if zero.param_groups == 1 else [[t for t in tensors if t[1] >= 2],
+                                                       [t for t in tensors if t[1] < 2]]
+    out: list[int] = []
+    for group in groups:
+        numels = [math.ceil(n / world) for n, _ in group]
+        if not numels:
+            continue
+        if zero.sub_group_elements >= sum(numels):
+            out.append(sum(numels))
+            continue
+        run = 0
+        for k in numels:
+            run += k
+            if run >= zero.sub_group_elements:
+                out.append(run)
+                run = 0
+        if run:
+            out.append(run)
+    return out
+
+
+@dataclass(frozen=True)
+class HostStates:
+    """Host bytes per rank of ZeRO-3's ``offload_optimizer`` with ring-train's torch AdamW
+    (``zero_force_ds_cpu_optimizer=False``), at its peak (the optimizer step):
+
+    - ``master``: the fp32 master weights (pageable);
+    - ``moments``: AdamW's exp_avg and exp_avg_sq, fp32 (pageable);
+    - ``fp32_grads``: one pinned fp32 gradient buffer per sub-group (each rounded to a power of two);
+    - ``grad_partitions``: the flat gradient partitions the backward fills, in the model's dtype (DeepSpeed's
+      grad_accum_dtype defaults to it), one pinned buffer;
+    - ``step``: AdamW's single-tensor step on the CPU makes ``exp_avg_sq.sqrt()`` and its quotient by the
+      bias correction before adding eps in place: two fp32 temporaries of the largest sub-group."""
+
+    master: float
+    moments: float
+    fp32_grads: float
+    grad_partitions: float
+    step: float
+
+    @property
+    def total(self) -> float:
+        return self.master + self.moments + self.fp32_grads + self.grad_partitions + self.step
+
+
+def host_states(spec: ModelSpec, world: int, zero: ZeroSettings = LIGHTNING_ZERO) -> HostStates:
+    groups = optimizer_sub_groups(spec, world, zero)
+    local = sum(groups)
+    return HostStates(master=4 * local, moments=8 * local, fp32_grads=sum(pinned_bytes(4 * k) for k in groups),
+                      grad_partitions=pinned_bytes(GRAD_BYTES * local), step=2 * 4 * max(groups))
+
+
+def host_state_bytes(spec: ModelSpec, world: int, zero: int, settings: ZeroSettings = LIGHTNING_ZERO) -> float:
+    """Host bytes per rank of ZeRO's ``offload_optimizer``: ZeRO-3 as :class:`HostStates` counts it; ZeRO-1/2
+    (not checked against a run) the fp32 master weights, both moments and the fp32 gradients (16 B per
+    parameter of the rank's partition)."""
+    if zero == 3:
+        return host_states(spec, world, settings).total
+    tensors = param_tensors(spec)
+    return (OPTIMIZER_BYTES + 4) * (_partitioned(tensors, world, per_tensor=False) if zero >= 1
                                     else sum(n for n, _ in tensors))
 
 
@@ -159,6 +227,37 @@ def block_kept_per_token(spec: ModelSpec, a: int, fused_norm: bool, ulysses: int
     return kept + attention_kept_per_token(spec, a, ulysses) if mode == "selective" else kept
 
 
+def tiled_loss_bytes(n: float, chunk: int, vocab: int, hidden: int, a: int, device: str = "cuda") -> float:
+    """The largest working set of ``linear_cross_entropy_sum``'s forward (models/loss.py) beyond its
+    outputs (dH, the fp32 dW): each tile's logits in fp32, ``logits - lse`` and its exp ``p``, and ``p``
+    cast to the activations' dtype for the gradient products. The loop rebinds ``logits``, ``p`` and
+    ``p_low`` only when the next tile assigns them, so while tile i+1 computes, tile i's ``p`` and
+    ``p_low`` are alive too. The peak is the largest of: tile i+1's logits (matmul output, then fp32)
+    beside tile i's logits, p and p_low; tile i+1's ``logits - lse`` and exp beside its logits and tile
+    i's p and p_low; a tile's weight-gradient product (fp32, vocab x hidden) beside its logits, p and
+    p_low (on the CPU the bf16 product is made first, then converted). Each tile also has its
+    logsumexp and picked logit (fp32), clamped labels (int64) and label mask (bool): 17 bytes a token."""
+    c0 = min(chunk, n)
+    c1 = min(chunk, max(n - chunk, 0.0))  # the second tile: the first one carried into the next
+    low = a if a < 4 else 0  # p.to(the activations' dtype) is p itself when they are fp32
+    rows = 4 + 4 + 8 + 1
+    product = 4 * vocab * hidden + (a * vocab * hidden if device == "cpu" and a == 2 else 0)
+    points = [(3 * 4 * vocab + rows) * c0, (2 * 4 + low) * c0 * vocab + rows * c0 + product]
+    if c1:
+        points += [(2 * 4 + low) * c0 * vocab + (4 + a) * c1 * vocab + rows * c1,
+                   (4 + low) * c0 * vocab + (3 * 4 * vocab + rows) * c1]
+    return max(points)
+
+
+def norm_backward_per_token(spec: ModelSpec) -> float:
+    """The largest set of temporaries of one norm's backward beyond its saved tensors, per token:
+    transformers' composite RMSNorm (``spec.hf``) differentiates ``x * rsqrt(mean(x^2))`` op by op in fp32,
+    with five fp32 tensors of its width alive at once (in the mean's and the power's backward: the
+    product's gradient, the mean's expanded quotient, x^1, 2 x^1 and its product with the gradient;
+    counted on the CPU, the same aten ops as on the GPU). RingGPT's fused norm is not modelled here."""
+    return 5 * 4 * spec.config.n_embd if spec.hf else 0.0
+
+
 @dataclass(frozen=True)
 class RingBuffers:
     """Foreign K/V pairs and received dK/dV message pairs alive while a ring step computes (peak over
@@ -201,12 +300,15 @@ class MemoryEstimate:
 
 def attention_backward_bytes(job: Job, layout: Layout, n: float) -> float:
     """One attention layer's backward working set beyond its saved tensors: the fp32 dQ and own dK/dV
-    sums, the dK/dV message received from a peer, foreign K/V in flight, the kernel's dQ/dK/dV (K/V
-    expanded to the query heads; what a step sends home) and its fp32 dQ workspace.
+    sums, the dK/dV message received from a peer, foreign K/V in flight, the kernel's inputs K/V expanded
+    to the query heads (grouped-query heads: ``expand_kv_heads`` copies them), its dQ/dK/dV (K/V expanded;
+    what a step sends home) and its fp32 dQ workspace.
 
     The fp32 sums (:class:`~ring_plugin.attention.row_sums.RowSums`) exist only for rows with more than
     two results, or two whose first is fp32: at ring size 2 none for dQ, and for dK/dV only where
-    grouped-query heads were summed into fp32 first."""
+    grouped-query heads were summed into fp32 first. On one GPU (ring size 1) every row has one result:
+    the fp32 dK/dV sums are made after the kernel returns, its workspace freed, and copied into the
+    final tensors at once, so they add nothing to the kernel's peak."""
     c, a, g = job.model.config, job.act_bytes, job.grad_comm_bytes
     e = c.n_embd
     kv = n * layout.ulysses * kv_heads_local(job.model, layout.ulysses) * c.head_dim  # elements per K or V
@@ -214,9 +316,11 @@ def attention_backward_bytes(job: Job, layout: Layout, n: float) -> float:
     wire = dkv_wire_bytes(job, layout.ulysses)
     full = layout.ring > 2
     dq = n * e * g if full else 0.0
-    own = full or kv_heads_grouped(job.model, layout.ulysses)  # our own sums, then the messages received
+    grouped = kv_heads_grouped(job.model, layout.ulysses)
+    own = layout.ring > 1 and (full or grouped)  # our own sums, then the messages received
     dkv = (2 * kv * g if own else 0.0) + buffers.backward_dkv * 2 * kv * wire
-    return dq + dkv + buffers.backward_kv * 2 * kv * a + 3 * n * e * a + n * e * 4
+    expanded = 2 * n * e * a if grouped else 0.0
+    return dq + dkv + buffers.backward_kv * 2 * kv * a + expanded + 3 * n * e * a + n * e * 4
 
 
 def freed_before_attention_backward(job: Job) -> float:
@@ -243,13 +347,18 @@ def estimate_memory(job: Job, layout: Layout) -> MemoryEstimate:
     saved_checkpointed = (0.0 if job.offloads(layout) else n * checkpointed * kept) + shared
     saved = saved_checkpointed + n * (c.n_layer - checkpointed) * per_layer
     total_params = sum(numel for numel, _ in param_tensors(spec))
-    gathered = min(total_params, ZERO3_LIVE_ELEMENTS) * PARAM_BYTES if layout.zero == 3 else 0.0
-    bucket = ZERO_BUCKET_ELEMENTS * GRAD_BYTES if layout.zero >= 2 else 0.0
-    # End of forward, inside the tiled loss: final hidden states, the loss' saved dH (bf16) and dW (fp32),
-    # and one tile's fp32 logits, logits - lse and probabilities. Untiled (``tiled_loss=False``): the whole
-    # (n, vocab) logits, their fp32 upcast and log-softmax.
-    chunk = min(job.loss_chunk, n)
-    loss = 2 * n * e * a + v * e * 4 + 3 * chunk * v * 4 if job.tiled_loss else n * e * a + n * v * (a + 8)
+    # ZeRO-3 gathers a module's parameters into full-size buffers for its forward and backward; on one GPU
+    # the partition is the whole parameter and DeepSpeed uses it in place (no gather, no buffer).
+    gathered = min(total_params, ZERO3_LIVE_ELEMENTS) * PARAM_BYTES if layout.zero == 3 and world > 1 else 0.0
+    # The gradient bucket (reduce_bucket_size elements, the gradients' dtype): ZeRO-3 allocates it whole when
+    # the engine is built, so it is there in forward too; ZeRO-2's is counted in backward.
+    bucket = job.zero.reduce_bucket_elements * GRAD_BYTES if layout.zero >= 2 else 0.0
+    forward_bucket = bucket if layout.zero == 3 else 0.0
+    # End of forward, inside the fused loss: the final hidden states, the loss' dH (bf16) and dW (fp32)
+    # buffers and the tiles' working set (:func:`tiled_loss_bytes`). ``tiled_loss=False``: HFCausalLM runs
+    # the same loss over one tile of all n tokens (the whole fp32 logits).
+    chunk = job.loss_chunk if job.tiled_loss else n
+    loss = 2 * n * e * a + v * e * 4 + tiled_loss_bytes(n, chunk, v, e, a)
     # Backward of a block peaks in one of two places (a GPU memory snapshot of the 3B model's step,
     # bench_train --snapshot-step): in the MLP's backward, where the GELU input and the gradients of its
     # output and input are alive (the GELU output, saved for the projection, is freed just before: one
@@ -261,25 +370,32 @@ def estimate_memory(job: Job, layout: Layout) -> MemoryEstimate:
     # recomputes its hidden tensors too
     width = (spec.mlp_matrices - 1) * spec.mlp_hidden * a
     mlp_peak = n * width if not spec.config.mlp_tile_tokens else tile * (width + mlp_hidden_tensors_per_token(spec, a))
-    block_peak = max(mlp_peak, attention_backward_bytes(job, layout, n) - n * freed_before_attention_backward(job))
+    attention = attention_backward_bytes(job, layout, n) - n * freed_before_attention_backward(job)
+    # transformers' RMSNorm backward (fp32, op by op): its temporaries, while the norm's bf16 copy and its
+    # output (the MLP's input) are freed, and one hidden-size gradient is alive where ``rest`` counts two.
+    norm = n * (norm_backward_per_token(spec) - 3 * e * a) if spec.hf else 0.0
+    block_peak = max(mlp_peak, attention, norm)
     # The head's weight gradient (V x E, bf16) from the loss: with tied weights autograd holds it in the
     # embedding weight's input buffer until the embedding's own gradient arrives, at the end of backward.
     tied_dw = v * e * a if c.tie_weights else 0.0
     rest = 2 * n * e * a + bucket + gathered + tied_dw
     # A checkpointed block recomputes all it did not keep (selective: attention's tensors are kept). The top
     # block that saves everything peaks first; a checkpointed one only after the blocks above freed theirs.
+    # Either runs after the final norm's backward, which freed what the norm saved.
+    final_norm = n * norm_saved_per_token(spec, a, fused_norm)
     recomputed = n * (per_layer - (kept - checkpoint_saved_per_token(spec, a)))
-    backward = [(saved, block_peak)] if checkpointed < c.n_layer else []
+    backward = [(saved - final_norm, block_peak)] if checkpointed < c.n_layer else []
     if checkpointed:
-        backward.append((saved_checkpointed, recomputed + block_peak))
+        backward.append((saved_checkpointed - final_norm, recomputed + block_peak))
     backward_saved, backward_peak = max(backward, key=sum)
     optimizer = 4 * states.optimizer / OPTIMIZER_BYTES  # fp32 gradients of the rank's partition at the step
     # (saved, transient) of each phase; activations are gone by the optimizer step.
-    phases = {"loss": (saved, loss + gathered),
+    phases = {"loss": (saved, loss + gathered + forward_bucket),
               "backward": (backward_saved, backward_peak + rest),
               "optimizer": (0.0, optimizer)}
     name = max(phases, key=lambda k: sum(phases[k]))
-    host = host_state_bytes(spec, world, layout.zero) if job.offload_optimizer else 0.0
+    host = host_state_bytes(spec, world, layout.zero, job.zero) if job.offload_optimizer else 0.0
     if job.offloads(layout):
-        host += n * checkpointed * checkpoint_saved_per_token(spec, a)
+        # each checkpointed block's input, in its own pinned buffer (cached and reused from step to step)
+        host += checkpointed * pinned_bytes(n * checkpoint_saved_per_token(spec, a))
     return MemoryEstimate(states, *phases[name], phase=name, host=host)

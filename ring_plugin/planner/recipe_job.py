@@ -39,7 +39,9 @@ def job_from_config(cfg: Any, name: str) -> Job:
                     bool(spec.config.recompute_attention), spec.config.checkpoint_layers,
                     host_offload=bool(spec.config.offload_checkpoints))
     precision = str(cfg.trainer.precision)
+    chunk = model.get("loss_chunk_tokens")  # the model's loss tiles (RingCausalLM / HFCausalLM's argument)
     return Job(model=spec, seq_len=int(cfg.seq_len), batch=int(cfg.data.get("batch_size", 1)),
                act_bytes=4 if precision.startswith("32") else 2, name=name, recipe_layout=layout,
+               **({"loss_chunk": int(chunk)} if chunk is not None else {}),
                tiled_loss=bool(model.get("tiled_loss", True)),
                offload_optimizer=bool(cfg.strategy.get("offload_optimizer", False)))

@@ -32,8 +32,9 @@ class StepTime:
 
 # GPU <-> pinned host memory, each way (PCIe 5 x16 in practice; an assumption, not measured on our GPUs).
 HOST_LINK_BYTES_PER_S = 25e9
-# DeepSpeed's CPU Adam on the 16 cores of a one-GPU host, parameters updated per second (an assumption,
-# not measured on our hosts); each parameter's fp32 gradient goes to the host and its bf16 value back.
+# The offloaded optimizer's step on the 16 cores of a one-GPU host, parameters updated per second (an
+# assumption, not measured on our hosts: ring-train and bench_longest step torch's AdamW there, DeepSpeed's
+# CPU Adam where a model returns it); each parameter's fp32 gradient goes to the host and its bf16 value back.
 CPU_ADAM_PARAMS_PER_S = 1e9
 OFFLOAD_LINK_BYTES_PER_PARAM = 4 + 2
 

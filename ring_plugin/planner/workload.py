@@ -117,6 +117,25 @@ class Layout:
 
 
 @dataclass(frozen=True)
+class ZeroSettings:
+    """The DeepSpeed settings the memory model reads: the gradient bucket (``reduce_bucket_size``
+    elements, allocated whole on the GPU), ZeRO-3's optimizer sub-groups (``sub_group_size``: the offloaded
+    optimizer steps one sub-group at a time) and how many parameter groups the optimizer has (sub-groups
+    never span two). The defaults are what ``ring-train`` runs: Lightning's ``DeepSpeedStrategy`` and
+    ``RingCausalLM``'s AdamW (matrices with weight decay, vectors without)."""
+
+    reduce_bucket_elements: float = 2e8
+    sub_group_elements: float = 1e12
+    param_groups: int = 2
+
+
+LIGHTNING_ZERO = ZeroSettings()
+# deepspeed.initialize with a config that sets neither (DeepSpeedZeroConfig's defaults) and one AdamW
+# group over model.parameters(), as benchmarks/bench_longest.py runs it.
+DEEPSPEED_DEFAULT_ZERO = ZeroSettings(reduce_bucket_elements=5e8, sub_group_elements=1e9, param_groups=1)
+
+
+@dataclass(frozen=True)
 class Job:
     model: ModelSpec
     seq_len: int
@@ -128,6 +147,7 @@ class Job:
     fused_norm: bool = True  # CUDA's fused RMSNorm saves its input and rstd; the CPU composite saves fp32 copies
     tiled_loss: bool = True  # logits and cross-entropy in loss_chunk tiles; False: the full (n, vocab) logits
     offload_optimizer: bool = False  # ZeRO's fp32 master weights, Adam moments and fp32 gradients in host memory
+    zero: ZeroSettings = LIGHTNING_ZERO
     name: str = "custom"
     recipe_layout: Layout | None = None  # what the recipe itself runs, marked in the table
     notes: tuple[str, ...] = field(default=())
