@@ -6,5 +6,7 @@ bash scripts/setup_env.sh
 export TORCH_EXTENSIONS_DIR="$PWD/.torch_extensions"  # DeepSpeed compiles its CPU comm op once
 export WANDB_MODE=offline WANDB_SILENT=true
 .venv/bin/ruff check .
-# --durations=15: the slowest tests close every run, so growth shows
-exec .venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 "$@"
+# -n 2 --dist loadfile: two workers, a test file's tests on one worker, so module fixtures (a shared app run,
+# a spawned world) serve the whole file once; most tests wait on subprocesses, so the second core is idle
+# without it. --durations=15: the slowest tests close every run, so growth shows.
+exec .venv/bin/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --durations=15 "$@"
