@@ -27,11 +27,11 @@ from ring_plugin.planner.memory import (
     block_kept_per_token,
     checkpoint_saved_per_token,
     layer_saved_per_token,
-    param_tensors,
     ring_buffers,
     ring_step_received,
     shared_saved_per_token,
 )
+from ring_plugin.planner.model_states import param_tensors
 from ring_plugin.planner.rates import load_measured
 from ring_plugin.planner.workload import CHECKPOINTING
 

@@ -16,7 +16,7 @@ import torch
 from ring_plugin.models.gpt import RingGPT
 from ring_plugin.planner import compose, job_from_config
 from ring_plugin.planner.cli import format_table, main, planned_for, report_for
-from ring_plugin.planner.memory import parameter_count
+from ring_plugin.planner.model_states import parameter_count
 from ring_plugin.planner.recommend import evaluate
 
 REPO = Path(__file__).resolve().parents[1]

@@ -23,13 +23,12 @@ from ring_plugin.planner.hf_models import (
     spec_from_hf_config,
 )
 from ring_plugin.planner.memory import (
-    HOST_PROCESS_BYTES,
     checkpoint_saved_per_token,
     estimate_memory,
     layer_saved_per_token,
-    parameter_count,
     shared_saved_per_token,
 )
+from ring_plugin.planner.model_states import HOST_PROCESS_BYTES, parameter_count
 
 transformers = pytest.importorskip("transformers")
 

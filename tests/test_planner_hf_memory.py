@@ -18,12 +18,10 @@ from ring_plugin.planner.memory import (
     checkpoint_saved_per_token,
     layer_saved_per_token,
     norm_backward_per_token,
-    optimizer_sub_groups,
-    param_tensors,
-    pinned_bytes,
     shared_saved_per_token,
     tiled_loss_bytes,
 )
+from ring_plugin.planner.model_states import optimizer_sub_groups, param_tensors, pinned_bytes
 from ring_plugin.planner.workload import DEEPSPEED_DEFAULT_ZERO, LIGHTNING_ZERO, ModelSpec
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))

@@ -5,7 +5,8 @@ fits. How the model works and how it was validated: docs/planner.md."""
 from .app_config import compose
 from .cluster import GPUS, Cluster, GPUKind, cluster
 from .hf_models import LongestFit, longest_sequence, spec_from_hf_config
-from .memory import MemoryEstimate, States, estimate_memory, state_bytes
+from .memory import MemoryEstimate, estimate_memory
+from .model_states import States, state_bytes
 from .rates import Rates
 from .recipe_job import job_from_config
 from .recommend import Candidate, Report, plan

@@ -27,7 +27,7 @@ from ..app.known_keys import check_config, check_overrides
 from .app_config import compose
 from .cluster import cluster as make_cluster
 from .command import train_command
-from .memory import parameter_count
+from .model_states import parameter_count
 from .recipe_job import job_from_config
 from .recommend import MODES, Candidate, Report, plan
 

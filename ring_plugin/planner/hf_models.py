@@ -21,7 +21,8 @@ from typing import Any
 
 from ..models.gpt import GPTConfig
 from .cluster import GB, cluster
-from .memory import HOST_PROCESS_BYTES, estimate_memory
+from .memory import estimate_memory
+from .model_states import HOST_PROCESS_BYTES
 from .rates import Rates
 from .step_time import estimate_step
 from .workload import Job, Layout, ModelSpec

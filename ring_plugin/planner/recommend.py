@@ -9,7 +9,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from .cluster import Cluster
-from .memory import HOST_PROCESS_BYTES, MemoryEstimate, estimate_memory
+from .memory import MemoryEstimate, estimate_memory
+from .model_states import HOST_PROCESS_BYTES
 from .rates import Rates
 from .step_time import StepTime, estimate_step
 from .workload import DENSE, Job, Layout

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .memory import dkv_wire_bytes, kv_heads_local, param_tensors
+from .memory import dkv_wire_bytes, kv_heads_local
+from .model_states import param_tensors
 from .rates import Rates
 from .workload import DENSE, Job, Layout
 

@@ -17,7 +17,8 @@ from typing import Any
 from .app_config import CONFIG_DIR
 from .cluster import cluster
 from .hf_models import ONE_GPU, long_context_job, spec_from_hf_config
-from .memory import HOST_PROCESS_BYTES, attention_backward_bytes, estimate_memory, kv_heads_local, pinned_bytes
+from .memory import attention_backward_bytes, estimate_memory, kv_heads_local
+from .model_states import HOST_PROCESS_BYTES, pinned_bytes
 from .rates import Rates
 from .step_time import attention_seconds, estimate_step
 from .workload import DEEPSPEED_DEFAULT_ZERO, Job, Layout, ModelSpec
