@@ -122,10 +122,15 @@ def timed_steps(model, optimizer, batches, steps: int, device: torch.device) -> 
     return time.perf_counter() - start
 
 
+def document_count(batch: dict[str, torch.Tensor]) -> int:
+    """Documents in a one-sample batch (their ids count from 0)."""
+    return int(batch["document_ids"].max()) + 1
+
+
 def counted(batches, documents: dict[str, int], key: str):
     """``batches`` passed through, their documents added to ``documents[key]``."""
     for batch in batches:
-        documents[key] += int(batch["document_ids"].max()) + 1
+        documents[key] += document_count(batch)
         yield batch
 
 
@@ -198,7 +203,7 @@ def main() -> None:
     documents = {"real": 0, "random": 0}
     for _ in range(args.rounds):
         drawn = random_tokens(args.steps)
-        documents["random"] += sum(int(b["document_ids"].max()) + 1 for b in drawn)
+        documents["random"] += sum(map(document_count, drawn))
         times["random"] += timed_steps(model, optimizer, iter(drawn), args.steps, device)
         seen = counted(real, documents, "real")
         times["real"] += timed_steps(model, optimizer, seen, args.steps, device)

@@ -15,7 +15,7 @@ from .model_states import (
     ZERO3_LIVE_ELEMENTS,
     States,
     host_state_bytes,
-    param_tensors,
+    parameter_count,
     pinned_bytes,
     state_bytes,
 )
@@ -223,7 +223,7 @@ def estimate_memory(job: Job, layout: Layout) -> MemoryEstimate:
     # it recomputes (counted in ``recomputed``'s block input below).
     saved_checkpointed = (0.0 if job.offloads(layout) else n * checkpointed * kept) + shared
     saved = saved_checkpointed + n * (c.n_layer - checkpointed) * per_layer
-    total_params = sum(numel for numel, _ in param_tensors(spec))
+    total_params = parameter_count(spec)
     # ZeRO-3 gathers a module's parameters into full-size buffers for its forward and backward; on one GPU
     # the partition is the whole parameter and DeepSpeed uses it in place (no gather, no buffer).
     gathered = min(total_params, ZERO3_LIVE_ELEMENTS) * PARAM_BYTES if layout.zero == 3 and world > 1 else 0.0

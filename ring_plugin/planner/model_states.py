@@ -85,11 +85,6 @@ def optimizer_sub_groups(spec: ModelSpec, world: int, zero: ZeroSettings = LIGHT
     out: list[int] = []
     for group in groups:
         numels = [math.ceil(n / world) for n, _ in group]
-        if not numels:
-            continue
-        if zero.sub_group_elements >= sum(numels):
-            out.append(sum(numels))
-            continue
         run = 0
         for k in numels:
             run += k

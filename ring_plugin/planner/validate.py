@@ -101,9 +101,9 @@ def _bench_train(data: dict[str, Any], name: str, entry: dict[str, Any]) -> list
     return out
 
 
-def _skipped(entry: dict[str, Any], row: dict[str, Any], quantity: str, rules: str = "skip") -> bool:
+def _skipped(entry: dict[str, Any], row: dict[str, Any], quantity: str) -> bool:
     """Whether the entry's ``skip`` list (each with a ``why``) leaves this row's quantity unchecked."""
-    return bool(_rule(entry, row, quantity, rules))
+    return bool(_rule(entry, row, quantity, "skip"))
 
 
 def _rule(entry: dict[str, Any], row: dict[str, Any], quantity: str, rules: str) -> str:
