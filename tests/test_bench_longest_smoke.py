@@ -17,11 +17,13 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import bench_longest  # noqa: E402
 
+from tests import prefork
+
 
 @pytest.mark.timeout(300)
 def test_tiny_run_trains_every_variant_with_the_plain_models_loss(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_longest.py"), "--tiny", "--out",
+    proc = subprocess.run([prefork.python(), str(REPO / "benchmarks" / "bench_longest.py"), "--tiny", "--out",
                            str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     records = json.loads((tmp_path / "bench_longest.json").read_text())["records"]

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests import prefork
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -15,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.timeout(240)
 def test_bench_patterns_smoke(tmp_path):
     out = tmp_path / "patterns.json"
-    cmd = [sys.executable, str(REPO / "benchmarks" / "bench_patterns.py"), "--smoke", "--out", str(out)]
+    cmd = [prefork.python(), str(REPO / "benchmarks" / "bench_patterns.py"), "--smoke", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())

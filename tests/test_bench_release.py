@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import textwrap
 
 import pytest
 
+from tests import prefork
 from tests.bench_smoke import REPO
 
 SCRIPT = textwrap.dedent("""
@@ -47,7 +47,7 @@ def _left_after_fit(tmp_path, mode: str) -> int:
     script.write_text(SCRIPT)
     env = dict(os.environ, OMP_NUM_THREADS="1",
                TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions")))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+    proc = subprocess.run([prefork.python(), "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
                            str(script), mode], cwd=REPO, env=env, capture_output=True, text=True, timeout=200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])["left"]

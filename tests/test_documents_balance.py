@@ -6,7 +6,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -28,6 +27,7 @@ from benchmarks.packed_layouts import (
 )
 from ring_plugin.documents import document_ids_error, document_ids_from_position_ids, mask_work, packed_document_lengths
 from ring_plugin.documents.balance import CHUNKS_TARGET, balanced_chunks
+from tests import prefork
 
 N_128K = 128 * 1024
 REPO = Path(__file__).resolve().parents[1]
@@ -240,7 +240,7 @@ def test_balanced_positions_edge_cases() -> None:
 @pytest.mark.timeout(120)
 def test_packed_balance_benchmark_smoke(tmp_path: Path) -> None:
     out, plot = tmp_path / "balance.json", tmp_path / "balance.png"
-    cmd = [sys.executable, str(REPO / "benchmarks" / "packed_balance.py"), "--n-tokens", "16384", "--seeds", "2",
+    cmd = [prefork.python(), str(REPO / "benchmarks" / "packed_balance.py"), "--n-tokens", "16384", "--seeds", "2",
            "--rings", "2", "4", "--mean", "1024", "--out", str(out), "--plot", str(plot)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=100,
                           env={**os.environ, "PYTHONPATH": str(REPO)})

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests import prefork
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.timeout(200)
 def test_ring_demo_matches_the_oracle(tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, str(REPO / "examples" / "ring_demo.py"), "--world", "2", "--tokens", "256",
+    proc = subprocess.run([prefork.python(), str(REPO / "examples" / "ring_demo.py"), "--world", "2", "--tokens", "256",
                            "--heads", "2", "--head-dim", "8"], cwd=tmp_path, capture_output=True, text=True,
                           timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 import re
 import subprocess
-import sys
 
 import pytest
 import torch  # noqa: E402
@@ -14,6 +13,7 @@ from hydra.utils import instantiate  # noqa: E402
 
 from ring_plugin.app.config_checks import validate_config  # noqa: E402
 from ring_plugin.models.hf_lightning_module import build_hf_causal_lm  # noqa: E402
+from tests import prefork
 
 from .app.helpers import REPO, env, read_csv_metrics  # noqa: E402
 from .app.test_config import compose_app as _compose  # noqa: E402
@@ -47,7 +47,7 @@ def test_pretrained_directory_is_loaded_as_saved(tmp_path):
 def test_ring_train_model_hf_on_two_processes_learns(tmp_path):
     """One batch seen at every step (as debug=overfit), warm-up of one step: the train loss falls from chance."""
     steps = 6
-    cmd = [sys.executable, "-m", "ring_plugin.app.train", f"hydra.run.dir={tmp_path}", "model=hf", "logger=[csv]",
+    cmd = [prefork.python(), "-m", "ring_plugin.app.train", f"hydra.run.dir={tmp_path}", "model=hf", "logger=[csv]",
            f"max_steps={steps}", "seq_len=64", "data.batch_size=2", "data.val_batches=1",
            "trainer.val_check_interval=3", "trainer.enable_progress_bar=false", "comm_timeout=30",
            "callbacks.checkpointing.every_n_train_steps=3", "model.activation_checkpointing=true",

@@ -7,7 +7,6 @@ import dataclasses
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,13 +17,14 @@ from ring_plugin.planner import compose, job_from_config
 from ring_plugin.planner.cli import format_table, main, planned_for, report_for
 from ring_plugin.planner.model_states import parameter_count
 from ring_plugin.planner.recommend import evaluate
+from tests import prefork
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def ring_plan(*args: str) -> str:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, "-m", "ring_plugin.planner.cli", *args], cwd=REPO, env=env,
+    done = subprocess.run([prefork.python(), "-m", "ring_plugin.planner.cli", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     return done.stdout
@@ -121,7 +121,7 @@ def test_bad_settings_are_one_line_errors_naming_them(capsys) -> None:
     The first case runs as users run it (a process: its exit code and stderr); the others through ``main``,
     the same code path without a process start each."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, "-m", "ring_plugin.planner.cli", "recipe=nope"], cwd=REPO, env=env,
+    done = subprocess.run([prefork.python(), "-m", "ring_plugin.planner.cli", "recipe=nope"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert "recipe='nope' is not a ring-train recipe; valid: block_sparse_90" in done.stderr, done.stderr

@@ -7,12 +7,12 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from ring_plugin.testing import free_port
+from tests import prefork
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
@@ -174,9 +174,9 @@ def test_every_python_block_has_a_check() -> None:
 def test_readme_block_runs_as_written(tmp_path: Path, key: str, processes: int) -> None:
     script = _script(tmp_path, key)
     if processes == 1:
-        cmd = [sys.executable, str(script)]
+        cmd = [prefork.python(), str(script)]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--rdzv-backend=static", "--master-addr=127.0.0.1",
+        cmd = [prefork.python(), "-m", "torch.distributed.run", "--rdzv-backend=static", "--master-addr=127.0.0.1",
                f"--master-port={free_port()}", "--nnodes=1", "--node-rank=0", f"--nproc-per-node={processes}",
                str(script)]
     proc = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=180)

@@ -18,6 +18,8 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from tests import prefork
+
 REPO = Path(__file__).resolve().parents[2]
 TINY = [
     "max_steps=20", "seq_len=64", "data.batch_size=2", "data.val_batches=1", "trainer.val_check_interval=10",
@@ -26,8 +28,10 @@ TINY = [
 ]
 
 
-def ring_train_cmd(out: Path, *overrides: str) -> list[str]:
-    return [sys.executable, "-m", "ring_plugin.app.train", f"hydra.run.dir={out}", *TINY, *overrides]
+def ring_train_cmd(out: Path, *overrides: str, python: str | None = None) -> list[str]:
+    """``python``: the interpreter (default: the preloaded one; ``sys.executable`` where a test reads the
+    process tree)."""
+    return [python or prefork.python(), "-m", "ring_plugin.app.train", f"hydra.run.dir={out}", *TINY, *overrides]
 
 
 def env() -> dict[str, str]:

@@ -4,7 +4,6 @@ every setting is said once (a derived key set on its own is refused)."""
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ring_plugin.app.config_checks import ConfigError, check_optional_choices, model_kwargs, validate_config
 from ring_plugin.app.train import CONFIG_DIR
+from tests import prefork
 
 CONF = Path(CONFIG_DIR)
 RECIPES = sorted(p.stem for p in (CONF / "recipe").glob("*.yaml"))
@@ -195,7 +195,7 @@ def _ring_train(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     """``ring-train`` run from a temporary folder, its Hydra run directory inside it: nothing lands in the repo."""
     from .helpers import env
 
-    return subprocess.run([sys.executable, "-m", "ring_plugin.app.train", f"hydra.run.dir={tmp_path / 'run'}", *args],
+    return subprocess.run([prefork.python(), "-m", "ring_plugin.app.train", f"hydra.run.dir={tmp_path / 'run'}", *args],
                           cwd=tmp_path, env={**env(), "HYDRA_FULL_ERROR": "0"}, capture_output=True, text=True,
                           timeout=120)
 
@@ -227,7 +227,7 @@ def test_unwritable_output_folder_is_a_one_line_error() -> None:
     from ring_plugin.app.writable_output import unwritable_reason
 
     assert unwritable_reason(Path("/sys/kernel")) == "Permission denied"
-    proc = subprocess.run([sys.executable, "-m", "ring_plugin.app.train", "hydra.run.dir=/sys/kernel"],
+    proc = subprocess.run([prefork.python(), "-m", "ring_plugin.app.train", "hydra.run.dir=/sys/kernel"],
                           cwd=CONF.parents[1], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip() == ("ring-train: config error: the output folder /sys/kernel cannot be written "

@@ -5,7 +5,6 @@ the hang ends (CPU, 2 processes, tiny model)."""
 from __future__ import annotations
 
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -15,6 +14,7 @@ import torch
 
 from ring_plugin.callbacks.checkpoint_files import checkpoints_newest_first
 from ring_plugin.testing import free_port
+from tests import prefork
 
 from .helpers import REPO, TINY, env
 
@@ -26,7 +26,7 @@ def _torchrun_cmd(out: Path, marker: Path, restarts: int, hang_step: int) -> lis
     # Static rendezvous: rank 0 hosts a fresh store on every attempt (the agent's store, which --standalone
     # reuses across restarts, can hand the restarted ranks stale gloo addresses: "connectFullMesh failed").
     return [
-        sys.executable, "-m", "torch.distributed.run", "--rdzv-backend=static", "--master-addr=127.0.0.1",
+        prefork.python(), "-m", "torch.distributed.run", "--rdzv-backend=static", "--master-addr=127.0.0.1",
         f"--master-port={free_port()}", "--nnodes=1", "--node-rank=0", "--nproc-per-node=2",
         f"--max-restarts={restarts}",
         "--monitor-interval=0.5", "-m", "ring_plugin.app.train", f"hydra.run.dir={out}", *TINY,

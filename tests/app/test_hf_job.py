@@ -8,13 +8,13 @@ from __future__ import annotations
 import json
 import math
 import subprocess
-import sys
 
 import pytest
 import torch
 
 from ring_plugin.data.hf_text import HFTextDataModule
 from ring_plugin.layout import shard_sequence
+from tests import prefork
 
 from ..hf_data_fixtures import documents, train_tokenizer, write_jsonl
 from .helpers import REPO, env, read_csv_metrics, read_wandb_history
@@ -26,7 +26,7 @@ SEQ, STEPS, BATCH, LENGTHS, DEPTHS = 256, 4, 2, (128, 256), (0.0, 0.5, 1.0)
 def _cmd(root, vocab: int, out, steps: int, *extra: str) -> list[str]:
     """The CPU recipe (balanced layout, seq_len 256, long-context eval at 128 and 256 tokens), a step budget
     small enough for a test, and a recorder of the samples each step trains on."""
-    return [sys.executable, "-m", "ring_plugin.app.train", f"hydra.run.dir={out}", "recipe=hf_job_cpu",
+    return [prefork.python(), "-m", "ring_plugin.app.train", f"hydra.run.dir={out}", "recipe=hf_job_cpu",
             f"data.path={root / 'docs.jsonl'}", f"data.tokenizer={root / 'tok'}", f"data.cache_dir={root / 'cache'}",
             f"model.config.vocab_size={vocab}", "model.config.tie_word_embeddings=false", f"max_steps={steps}",
             "trainer.val_check_interval=2", "trainer.enable_progress_bar=false",
@@ -83,7 +83,7 @@ def test_hf_folder_from_pretrained_gives_the_checkpoint_modules_logits(job):
 def test_ring_export_writes_the_same_folder_from_the_checkpoint(job, tmp_path):
     from safetensors.torch import load_file
 
-    cmd = [sys.executable, "-m", "ring_plugin.hf.export", str(job["out"] / "checkpoints" / "last.ckpt"),
+    cmd = [prefork.python(), "-m", "ring_plugin.hf.export", str(job["out"] / "checkpoints" / "last.ckpt"),
            str(tmp_path / "exported")]
     run = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
@@ -169,7 +169,7 @@ def test_zero3_run_gathers_the_same_weights_deepspeed_consolidates(job, tmp_path
     run = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=380)
     assert run.returncode == 0, run.stderr[-3000:]
     assert (out / "checkpoints" / "step000002.ckpt").is_dir()  # a DeepSpeed checkpoint folder
-    export = [sys.executable, "-m", "ring_plugin.hf.export", str(out / "checkpoints" / "last.ckpt"),
+    export = [prefork.python(), "-m", "ring_plugin.hf.export", str(out / "checkpoints" / "last.ckpt"),
               str(tmp_path / "exported")]
     done = subprocess.run(export, cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]

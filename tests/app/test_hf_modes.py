@@ -4,7 +4,6 @@ before any process starts, and the start line gives the real attention and param
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ from hydra.utils import instantiate
 
 from ring_plugin.app.config_checks import ConfigError
 from ring_plugin.app.hf_model import check_attention_dropout, describe
+from tests import prefork
 
 from ..hf_harness import tiny_model
 from .helpers import REPO, env
@@ -73,7 +73,7 @@ def test_ring_train_pretrained_banner_and_train_mode(tmp_path: Path) -> None:
     model.save_pretrained(saved)
     params = sum(p.numel() for p in model.parameters())
     # The data's vocabulary is model.config.vocab_size: the saved model's.
-    cmd = [sys.executable, "-m", "ring_plugin.app.train", f"hydra.run.dir={tmp_path / 'run'}", "model=hf",
+    cmd = [prefork.python(), "-m", "ring_plugin.app.train", f"hydra.run.dir={tmp_path / 'run'}", "model=hf",
            f"model.pretrained={saved}", f"model.config.vocab_size={model.config.vocab_size}", "logger=[csv]",
            "max_steps=2", "seq_len=64", "data.batch_size=2", "data.val_batches=1", "trainer.enable_progress_bar=false",
            "comm_timeout=30"]

@@ -13,6 +13,7 @@ from hydra.utils import instantiate
 from ring_plugin.app.config_checks import model_kwargs
 from ring_plugin.data.tasks import answer_accuracy
 from ring_plugin.models import RingCausalLM
+from tests import prefork
 
 from .helpers import final_weights, read_csv_metrics, run_ring_train
 from .test_config import compose_app
@@ -63,12 +64,11 @@ def test_hf_model_trains_and_validates_on_packed_data(tmp_path: Path) -> None:
     """``model=hf data=packed``: HFCausalLM passes the batch's documents to every layer, in training and in
     validation; the logged token accuracy is one process's on the whole sequences."""
     import subprocess
-    import sys
 
     from .helpers import REPO, env
 
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "ring_plugin.app.train", f"hydra.run.dir={out}", *HF_OVERRIDES]
+    cmd = [prefork.python(), "-m", "ring_plugin.app.train", f"hydra.run.dir={out}", *HF_OVERRIDES]
     done = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=280)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [r for r in read_csv_metrics(out) if r.get("val/token_acc")]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -85,8 +86,9 @@ def test_sigkill_of_a_rank_then_restart_matches_an_uninterrupted_run(tmp_path: P
     _ok(run_ring_train(reference, *steps))
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen(ring_train_cmd(out, *steps), cwd=REPO, env=env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    # the real interpreter: this test finds Lightning's rank 1 among the command's children
+    proc = subprocess.Popen(ring_train_cmd(out, *steps, python=sys.executable), cwd=REPO, env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         _wait_for(lambda: (out / "checkpoints" / "step000010.ckpt").exists(), proc)
         (child,) = _rank_processes(proc.pid)  # Lightning's rank 1

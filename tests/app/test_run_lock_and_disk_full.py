@@ -8,7 +8,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,13 +19,14 @@ from ring_plugin.app.run_lock import LOCK, RunLockedError, acquire_run_lock, rel
 from ring_plugin.callbacks.checkpoint_files import manifest_path, write_manifest
 from ring_plugin.callbacks.checkpointing import save_atomic
 from ring_plugin.callbacks.disk_full import DiskFullError
+from tests import prefork
 
 from .helpers import REPO, env, exited_pid
 
 
 def _acquire_elsewhere(run_dir: Path) -> subprocess.CompletedProcess:
     code = f"from ring_plugin.app.run_lock import acquire_run_lock; acquire_run_lock({str(run_dir)!r}); print('got it')"
-    return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env(), capture_output=True, text=True,
+    return subprocess.run([prefork.python(), "-c", code], cwd=REPO, env=env(), capture_output=True, text=True,
                           timeout=300)
 
 

@@ -4,18 +4,19 @@ alternative; ``debug=fdr`` writes nothing, as it says."""
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests import prefork
 
 from .helpers import REPO, env, ring_train_cmd
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the check under test is the one for a machine without GPUs")
 def test_gpu_recipe_without_gpus_fails_first(tmp_path: Path) -> None:
-    out = subprocess.run([sys.executable, "-m", "ring_plugin.app.train", "recipe=dense_128k_zero3",
+    out = subprocess.run([prefork.python(), "-m", "ring_plugin.app.train", "recipe=dense_128k_zero3",
                           f"hydra.run.dir={tmp_path / 'run'}"], cwd=REPO, env={**env(), "HYDRA_FULL_ERROR": ""},
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
