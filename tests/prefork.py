@@ -14,8 +14,9 @@ milliseconds, as a process of its own (own pid, environment, working directory, 
   server's (those shape the interpreter at start-up), or no server (``RING_TEST_PREFORK`` unset).
 * If the client dies (SIGKILL, a test's timeout), the command is killed with it.
 
-Not for tests that read the process tree (a rank's parent, ``pgrep -P``): there the command's parent is the
-server's waiter, not the client. Those keep ``sys.executable``.
+A forked command's parent is the server's waiter: code that needs the process its test started, or that
+process's parent, asks :func:`visible_pid` and :func:`visible_parent_pid`. A test that walks the process tree
+(``pgrep -P``) keeps ``sys.executable``.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ import time
 from pathlib import Path
 
 SOCKET_ENV = "RING_TEST_PREFORK"
+# "<pid>:<client pid>:<client's parent as the tests see it>" of a forked command (see visible_pid)
+IDENTITY_ENV = "RING_TEST_PREFORK_IDENTITY"
 PRELOAD = ("torch", "torch.distributed.run", "lightning.pytorch", "hydra", "omegaconf", "wandb", "deepspeed",
            "transformers", "transformers.models.llama.modeling_llama", "datasets", "ring_plugin.app.train",
            "ring_plugin.hf.export", "ring_plugin.planner.cli")
@@ -65,7 +68,8 @@ for fd in (0, 1, 2):
         fds.append(fd)
     except OSError:
         fds.append(os.open(os.devnull, os.O_RDWR))
-request = {{"argv": body, "unbuffered": unbuffered, "cwd": os.getcwd(), "env": dict(os.environ)}}
+request = {{"argv": body, "unbuffered": unbuffered, "cwd": os.getcwd(), "env": dict(os.environ),
+           "client": os.getpid(), "parent": os.getppid()}}
 socket.send_fds(conn, [json.dumps(request).encode()], fds)
 for sig in {signals!r}:
     signal.signal(sig, lambda n, _frame: conn.send(b"S%d" % n))
@@ -82,9 +86,15 @@ sys.exit(code)
 
 # ---------------------------------------------------------------- the server (its own process)
 
-def _interpreter_env(env: dict[str, str]) -> dict[str, str]:
-    """The variables that shape an interpreter at start-up, which a forked process cannot change."""
-    return {k: v for k, v in env.items() if k.startswith("PYTHON") and k != "PYTHONUNBUFFERED"}
+REPO = str(Path(__file__).resolve().parents[1])
+
+
+def _interpreter_env(env: dict[str, str]) -> dict[str, str] | None:
+    """The variables that shape an interpreter at start-up, which a forked process cannot change (None: a
+    ``PYTHONPATH`` other than this repository, whose modules the server may not have imported)."""
+    if any(entry and os.path.realpath(entry) != REPO for entry in env.get("PYTHONPATH", "").split(os.pathsep)):
+        return None
+    return {k: v for k, v in env.items() if k.startswith("PYTHON") and k not in ("PYTHONUNBUFFERED", "PYTHONPATH")}
 
 
 def serve(path: str, client: str) -> None:
@@ -102,6 +112,7 @@ def serve(path: str, client: str) -> None:
     default_threads = torch.get_num_threads()
     assert threading.active_count() == 1, "a preloaded module started a thread: forking it is unsafe"
     own = _interpreter_env(dict(os.environ))
+    base_path = sys.path[1:]  # the interpreter's own (the server runs without PYTHONPATH)
     parent = os.getppid()
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # waiters are reaped by the kernel
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -115,22 +126,25 @@ def serve(path: str, client: str) -> None:
         message, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
         request = json.loads(message)
         if _interpreter_env(request["env"]) != own:
+            print(f"real interpreter (its PYTHON* variables differ): {request['argv'][:3]}", file=sys.stderr,
+                  flush=True)
             conn.send(b"F")
         elif os.fork() == 0:
             listener.close()
-            _wait_for_command(conn, request, fds, client, default_threads)
+            _wait_for_command(conn, request, fds, client, default_threads, base_path)
         conn.close()
         for fd in fds:
             os.close(fd)
 
 
-def _wait_for_command(conn: socket.socket, request: dict, fds: list[int], client: str, threads: int) -> None:
+def _wait_for_command(conn: socket.socket, request: dict, fds: list[int], client: str, threads: int,
+                      base_path: list[str]) -> None:
     """The waiter: forks the command, forwards the client's signals to it, reports how it ended."""
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     pid = os.fork()
     if pid == 0:
         conn.close()
-        _run_command(request, fds, client, threads)
+        _run_command(request, fds, client, threads, base_path)
     for fd in fds:
         os.close(fd)
     pidfd = os.pidfd_open(pid)
@@ -139,9 +153,9 @@ def _wait_for_command(conn: socket.socket, request: dict, fds: list[int], client
         if pidfd in ready:
             break
         message = conn.recv(64)
-        if not message:  # the client is gone: so is its command
+        if not message:  # the client is gone: so is its command, with what it started in its group
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+                os.killpg(pid, signal.SIGKILL)
             break
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, int(message[1:]))
@@ -151,7 +165,7 @@ def _wait_for_command(conn: socket.socket, request: dict, fds: list[int], client
     os._exit(0)
 
 
-def _run_command(request: dict, fds: list[int], client: str, threads: int) -> None:
+def _run_command(request: dict, fds: list[int], client: str, threads: int, base_path: list[str]) -> None:
     """The command, in a fresh fork: its stdio, directory, environment, seeds and threads, then its code."""
     import random
     import runpy
@@ -166,6 +180,12 @@ def _run_command(request: dict, fds: list[int], client: str, threads: int) -> No
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
+    os.setpgid(0, 0)  # its own process group: the waiter ends it with what it started
+    # Who the tests see: this command is its client (the process they started) and its parent is the
+    # client's, or, where that is another forked command, that command's client.
+    inherited = os.environ.get(IDENTITY_ENV, "::").split(":")
+    parent = int(inherited[1]) if inherited[0] == str(request["parent"]) else request["parent"]
+    os.environ[IDENTITY_ENV] = f"{os.getpid()}:{request['client']}:{parent}"
     for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -178,6 +198,8 @@ def _run_command(request: dict, fds: list[int], client: str, threads: int) -> No
         sys.stderr.reconfigure(write_through=True)
     sys.executable = client
     argv = request["argv"]
+    # sys.path as the interpreter would build it: the command's directory, PYTHONPATH, then its own
+    sys.path[:] = ["", *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep)), *base_path]
     code: int | str | None = 0
     try:
         if argv[0] == "-m":
@@ -225,6 +247,18 @@ def _run_command(request: dict, fds: list[int], client: str, threads: int) -> No
 
 # ---------------------------------------------------------------- the tests' side
 
+def visible_pid() -> int:
+    """This process's pid as the tests see it: a forked command's client's (the process they started)."""
+    fields = os.environ.get(IDENTITY_ENV, "").split(":")
+    return int(fields[1]) if fields[0] == str(os.getpid()) else os.getpid()
+
+
+def visible_parent_pid() -> int:
+    """This process's parent as the tests see it (``os.getppid()`` of a forked command is its waiter)."""
+    fields = os.environ.get(IDENTITY_ENV, "").split(":")
+    return int(fields[2]) if fields[0] == str(os.getpid()) else os.getppid()
+
+
 _server: tuple[subprocess.Popen, str, str] | None = None
 
 
@@ -239,10 +273,9 @@ def start() -> None:
     signals = tuple(map(int, FORWARDED_SIGNALS))
     Path(client).write_text(CLIENT.format(python=sys.executable, env=SOCKET_ENV, signals=signals))
     os.chmod(client, 0o700)
-    repo = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": repo}
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     with open(os.path.join(folder, "server.log"), "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "tests.prefork", path, client], cwd=repo, env=env,
+        proc = subprocess.Popen([sys.executable, "-m", "tests.prefork", path, client], cwd=REPO, env=env,
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
     _server = (proc, path, client)
     os.environ[SOCKET_ENV] = path

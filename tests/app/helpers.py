@@ -219,7 +219,7 @@ class RecordRanks(Callback):
         launcher = getattr(trainer.strategy, "launcher", None)
         record = {
             "global_rank": trainer.global_rank, "local_rank": trainer.local_rank, "node_rank": trainer.node_rank,
-            "world_size": trainer.world_size, "pid": os.getpid(), "ppid": os.getppid(),
+            "world_size": trainer.world_size, "pid": prefork.visible_pid(), "ppid": prefork.visible_parent_pid(),
             "cluster_environment": type(trainer.strategy.cluster_environment).__name__,
             "launcher": type(launcher).__name__ if launcher is not None else None,
             # False: Lightning's launcher would re-run the command for local ranks 1..
@@ -239,7 +239,7 @@ class LoseNodeOnce(Callback):
         self.marker = marker
         self.node = node
         # The agent's pid now, while it surely is the parent: after it died, getppid() would name init.
-        self.agent = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
+        self.agent = prefork.visible_parent_pid() if "TORCHELASTIC_RUN_ID" in os.environ else None
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
@@ -251,7 +251,7 @@ class LoseNodeOnce(Callback):
         marker.write_text(str(time.time()))
         import signal
 
-        if self.agent is not None and os.getppid() == self.agent:  # else the other rank of this node was first
+        if self.agent is not None and prefork.visible_parent_pid() == self.agent:  # else the other rank was first
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.agent, signal.SIGKILL)
         os._exit(137)

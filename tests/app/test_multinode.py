@@ -11,7 +11,6 @@ import math
 import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 from ring_plugin.app.config_checks import ConfigError
 from ring_plugin.app.launch import check_launch, is_global_rank_zero, launcher
 from ring_plugin.testing import free_port
+from tests import prefork
 
 from .helpers import REPO, TINY, env, final_weights, read_csv_metrics
 
@@ -40,7 +40,7 @@ def launch_two_nodes(out: Path, tag: str, *overrides: str) -> tuple[list[int], l
     endpoint, rdzv_id = f"127.0.0.1:{free_port()}", uuid.uuid4().hex[:8]
     procs, logs = [], []
     for node in (0, 1):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=2",
+        cmd = [prefork.python(), "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=2",
                "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", f"--rdzv-id={rdzv_id}", "--max-restarts=0",
                "--monitor-interval=0.5", "-m", "ring_plugin.app.train", f"hydra.run.dir={out}", *TINY, *FAST,
                *overrides]
@@ -157,7 +157,7 @@ def test_lightnings_own_launcher_on_two_nodes(tmp_path: Path) -> None:
     """Without torchrun or SLURM: ``NODE_RANK=i MASTER_ADDR=... ring-train num_nodes=2`` per node, and Lightning
     re-runs the command for local rank 1 of each node; node 1's first process owns no file."""
     out, ranks_dir, port = tmp_path / "run", tmp_path / "ranks", free_port()
-    cmd = [sys.executable, "-m", "ring_plugin.app.train", f"hydra.run.dir={out}", *TINY, *FAST, "max_steps=6",
+    cmd = [prefork.python(), "-m", "ring_plugin.app.train", f"hydra.run.dir={out}", *TINY, *FAST, "max_steps=6",
            "+callbacks.ranks._target_=tests.app.helpers.RecordRanks", f"+callbacks.ranks.dir={ranks_dir}"]
     procs = [subprocess.Popen(cmd, cwd=REPO, env={**env(), "NODE_RANK": str(node), "MASTER_ADDR": "127.0.0.1",
                                                    "MASTER_PORT": str(port)},

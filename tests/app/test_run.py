@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -38,12 +38,6 @@ def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 90) -> None:
         assert proc.poll() is None, f"run ended early (rc {proc.returncode})"
         assert time.monotonic() < deadline, "timed out waiting for the run"
         time.sleep(0.05)
-
-
-def _rank_processes(pid: int) -> list[int]:
-    """Child processes of ``pid`` that run ring-train (Lightning's extra ranks; not W&B's service)."""
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split() if b"ring_plugin.app.train" in Path(f"/proc/{p}/cmdline").read_bytes()]
 
 
 def test_logs_reach_wandb_and_csv_and_nan_steps_are_skipped(tmp_path: Path) -> None:
@@ -85,14 +79,15 @@ def test_sigkill_of_a_rank_then_restart_matches_an_uninterrupted_run(tmp_path: P
     reference = tmp_path / "reference"
     _ok(run_ring_train(reference, *steps))
 
-    out = tmp_path / "killed"
-    # the real interpreter: this test finds Lightning's rank 1 among the command's children
-    proc = subprocess.Popen(ring_train_cmd(out, *steps, python=sys.executable), cwd=REPO, env=env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out, ranks = tmp_path / "killed", tmp_path / "ranks"
+    steps += ["+callbacks.ranks._target_=tests.app.helpers.RecordRanks", f"+callbacks.ranks.dir={ranks}"]
+    proc = subprocess.Popen(ring_train_cmd(out, *steps), cwd=REPO, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
     try:
         _wait_for(lambda: (out / "checkpoints" / "step000010.ckpt").exists(), proc)
-        (child,) = _rank_processes(proc.pid)  # Lightning's rank 1
-        os.kill(child, signal.SIGKILL)
+        rank1 = json.loads((ranks / "rank1.json").read_text())
+        assert rank1["ppid"] == proc.pid  # Lightning's rank 1, started by the command
+        os.kill(rank1["pid"], signal.SIGKILL)
         killed_run, _ = proc.communicate(timeout=60)  # the job ends (no hang) without reaching its last step
         assert proc.returncode != 0
     finally:
