@@ -19,7 +19,7 @@ from tests import prefork
 from .helpers import REPO, TINY, env
 
 pytestmark = pytest.mark.timeout(400)
-COMM_TIMEOUT = 15
+COMM_TIMEOUT = 8
 
 
 def _torchrun_cmd(out: Path, marker: Path, restarts: int, hang_step: int) -> list[str]:
