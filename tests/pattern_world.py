@@ -1,9 +1,9 @@
 """Shared multi-process harness for the pattern tests (dilated, block-sparse, Hilbert).
 
-Spawning a gloo world costs seconds on a small machine, so every pattern case of every test file
-runs in ONE world of 2 and ONE world of 4 processes (cached per pytest session). Each case returns
-its errors against the oracle (output, dQ, dK, dV), keyed by the case's name, which the test files
-assert in the parent, one pytest case per name.
+Spawning a gloo world costs seconds on a small machine, so every pattern case of a test file runs in ONE
+world of 2 and ONE world of 4 processes (the worlds are reused; the results cached per pytest process).
+Each case returns its errors against the oracle (output, dQ, dK, dV), keyed by the case's name, which the
+test files assert in the parent, one pytest case per name.
 """
 
 from __future__ import annotations
@@ -129,8 +129,14 @@ def hilbert_block_sparse_cases() -> list[Case]:
     ]
 
 
-def all_cases() -> list[Case]:
-    cases = dilated_cases() + block_sparse_cases() + hilbert_cases() + hilbert_block_sparse_cases()
+# The pattern families, one per test file: a file's world runs its family's cases and checks alone, so two
+# pytest workers never compute the same world.
+FAMILIES = ("dilated", "block_sparse", "hilbert")
+
+
+def family_cases(family: str) -> list[Case]:
+    cases = {"dilated": dilated_cases, "block_sparse": block_sparse_cases,
+             "hilbert": lambda: hilbert_cases() + hilbert_block_sparse_cases()}[family]()
     names = [c["name"] for c in cases]
     assert len(set(names)) == len(names), "case names must be unique: they key the results"
     return cases
@@ -255,28 +261,33 @@ def _gathered_bytes(rank: int, world: int) -> dict[str, list[int]]:
     return res
 
 
-def _extra_checks(rank: int, world: int) -> dict[str, Any]:
-    """Communication facts and errors raised before any ring message."""
+def _extra_checks(rank: int, world: int, family: str) -> dict[str, Any]:
+    """The family's communication facts and errors raised before any ring message."""
     res: dict[str, Any] = {}
-    # Every segment fits in a shard: the ring sends nothing.
-    attn = create_ring_attention("distributed", segment_lengths=[4, 8], dilation_rates=[1, 2])
-    x = [torch.randn(1, 8, 2, 4, requires_grad=True) for _ in range(3)]
-    attn(*x, is_causal=True).sum().backward()
-    res["local_bytes"] = attn.stats.bytes_sent
-    # One segment spanning every shard: the ring sends.
-    spanning = create_ring_attention("distributed", segment_lengths=[32], dilation_rates=[1])
-    spanning(*x).sum().backward()
-    res["spanning_bytes"] = spanning.stats.bytes_sent
-    res["sparse_bytes"] = _dilated_bytes(world)
-    res["gathered_bytes"] = _gathered_bytes(rank, world)
+    if family == "dilated":
+        # Every segment fits in a shard: the ring sends nothing.
+        attn = create_ring_attention("distributed", segment_lengths=[4, 8], dilation_rates=[1, 2])
+        x = [torch.randn(1, 8, 2, 4, requires_grad=True) for _ in range(3)]
+        attn(*x, is_causal=True).sum().backward()
+        res["local_bytes"] = attn.stats.bytes_sent
+        # One segment spanning every shard: the ring sends.
+        spanning = create_ring_attention("distributed", segment_lengths=[32], dilation_rates=[1])
+        spanning(*x).sum().backward()
+        res["spanning_bytes"] = spanning.stats.bytes_sent
+        res["sparse_bytes"] = _dilated_bytes(world)
+    if family == "block_sparse":
+        res["gathered_bytes"] = _gathered_bytes(rank, world)
     # Bad configurations for a shard of 8 rows: each raises (the message is kept) on every rank.
-    bad = {
-        "segment_length": ("standard", {"segment_lengths": [12], "dilation_rates": [1]}),  # 8*world % 12
-        "hilbert_grid": ("hilbert", {"grid": (3, 3)}),
-        "block_size": ("block_sparse", {"block_size": 16}),
-        "hilbert_block_sparse_grid": ("hilbert_block_sparse", {"grid": (3, 3), "block_size": 4}),
-        "hilbert_block_sparse_block_size": ("hilbert_block_sparse", {"grid": (world, 8), "block_size": 16}),
+    bad_by_family = {
+        "dilated": {"segment_length": ("standard", {"segment_lengths": [12], "dilation_rates": [1]})},  # 8*world % 12
+        "block_sparse": {"block_size": ("block_sparse", {"block_size": 16})},
+        "hilbert": {
+            "hilbert_grid": ("hilbert", {"grid": (3, 3)}),
+            "hilbert_block_sparse_grid": ("hilbert_block_sparse", {"grid": (3, 3), "block_size": 4}),
+            "hilbert_block_sparse_block_size": ("hilbert_block_sparse", {"grid": (world, 8), "block_size": 16}),
+        },
     }
+    bad = bad_by_family[family]
     res["bad"] = {}
     t = torch.randn(1, 8, 2, 4)
     for key, (name, kw) in bad.items():
@@ -289,27 +300,28 @@ def _extra_checks(rank: int, world: int) -> dict[str, Any]:
     return res
 
 
-def _errors_by_name(rank: int, world: int) -> dict[str, list[float]]:
-    return {c["name"]: run_case(rank, world, c) for c in all_cases()}
+def _errors_by_name(rank: int, world: int, family: str) -> dict[str, list[float]]:
+    return {c["name"]: run_case(rank, world, c) for c in family_cases(family)}
 
 
-def world_worker(rank: int, world: int) -> dict[str, Any]:
-    return {"errors": _errors_by_name(rank, world), "extra": _extra_checks(rank, world)}
+def world_worker(rank: int, world: int, family: str) -> dict[str, Any]:
+    return {"errors": _errors_by_name(rank, world, family), "extra": _extra_checks(rank, world, family)}
 
 
 @functools.cache
-def world_results(world: int) -> tuple[list[dict[str, list[float]]], list[dict[str, Any]]]:
-    """Per rank: errors of every case of :func:`all_cases` (by name) in a world of ``world`` processes,
-    and the facts of :func:`_extra_checks` (none in one process)."""
+def world_results(world: int, family: str) -> tuple[list[dict[str, list[float]]], list[dict[str, Any]]]:
+    """Per rank: errors of every case of the family (by name) in a world of ``world`` processes, and the
+    facts of :func:`_extra_checks` (none in one process)."""
     if world == 1:
-        return [_errors_by_name(0, 1)], []
-    out = run_in_process_group(world_worker, world, timeout=200, reuse=True)
+        return [_errors_by_name(0, 1, family)], []
+    out = run_in_process_group(world_worker, world, family, timeout=200, reuse=True)
     return [r["errors"] for r in out], [r["extra"] for r in out]
 
 
 def worst_errors(world: int, case: Case) -> list[float]:
     """The worst over ranks of the case's [out, dq, dk, dv] errors."""
-    per_rank = [errors[case["name"]] for errors in world_results(world)[0]]
+    family = next(f for f in FAMILIES if any(c["name"] == case["name"] for c in family_cases(f)))
+    per_rank = [errors[case["name"]] for errors in world_results(world, family)[0]]
     return [max(column) for column in zip(*per_rank)]
 
 

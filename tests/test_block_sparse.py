@@ -30,7 +30,7 @@ def test_gathered_path_sends_exactly_the_rows_read(world: int) -> None:
     # backward adds the dK/dV of the rows this rank read, in the kernel's dtype (bf16 stays bf16:
     # the default fp32 grad_comm_dtype is where they are summed, not what they travel in).
     totals = {"full": 0, "causal": 0, "causal_bf16": 0}
-    for extra in world_results(world)[1]:
+    for extra in world_results(world, "block_sparse")[1]:
         for name, (fwd, both, sent, read) in extra["gathered_bytes"].items():
             row_bytes = 2 * 2 * 4 * (2 if name.endswith("bf16") else 4)
             assert fwd == sent * row_bytes, (name, fwd, sent)
@@ -42,7 +42,7 @@ def test_gathered_path_sends_exactly_the_rows_read(world: int) -> None:
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_bad_block_size_raises_on_every_rank(world: int) -> None:
-    for extra in world_results(world)[1]:
+    for extra in world_results(world, "block_sparse")[1]:
         assert "block_size=16 must divide" in extra["bad"]["block_size"]
 
 

@@ -27,7 +27,7 @@ def test_dilated_matches_oracle(world: int, case) -> None:
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_local_segments_send_nothing_and_bad_lengths_raise(world: int) -> None:
-    _, extra = world_results(world)
+    _, extra = world_results(world, "dilated")
     for rank_extra in extra:
         assert rank_extra["local_bytes"] == 0  # every segment fits in a shard: no ring traffic
         assert rank_extra["spanning_bytes"] > 0
@@ -40,7 +40,7 @@ def test_spanning_segment_sends_only_the_dilated_share(world: int) -> None:
     # packs a quarter of its K/V rows and sends them straight to each rank that reads them: forward
     # sends (ranks that read us) x (compact K + V); backward sends K/V again plus the compact dK/dV
     # back to their owners. The dense ring sends the whole K/V world - 1 times.
-    _, extra = world_results(world)
+    _, extra = world_results(world, "dilated")
     shard_kv = 2 * (2 * 4 * 8 * 16) * 4  # K and V: batch 2, 4 heads, 8 rows, head_dim 16, fp32
     compact = shard_kv // 4
     for rank, rank_extra in enumerate(extra):

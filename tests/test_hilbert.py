@@ -41,7 +41,7 @@ def test_hilbert_block_sparse_matches_oracle(world: int, case) -> None:
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_grid_mismatch_raises_on_every_rank(world: int) -> None:
-    for extra in world_results(world)[1]:
+    for extra in world_results(world, "hilbert")[1]:
         assert "must equal the grid's H*W" in extra["bad"]["hilbert_grid"]
         assert "must equal the grid's H*W" in extra["bad"]["hilbert_block_sparse_grid"]
         assert "block_size=16 must divide" in extra["bad"]["hilbert_block_sparse_block_size"]
