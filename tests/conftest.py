@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 
+from ring_plugin.testing import preload_modules
 from tests import prefork
 
 UNIT_MODULES = {
@@ -47,5 +48,7 @@ def _prefork_server():
     """Each pytest process starts its preloaded Python at once (it imports while the first tests run);
     commands built with ``prefork.python()`` start in milliseconds instead of seconds."""
     prefork.start()
+    # spawned worlds fork from multiprocessing's fork server: these too are imported once there
+    preload_modules("lightning.pytorch", "deepspeed", "transformers")
     yield
     prefork.stop()

@@ -10,6 +10,10 @@ once per call. Each call starts with the environment variables the world started
 seed, as a fresh process would; a world whose call failed or timed out is discarded (its ring may
 be mid-message), and so is one whose ``fn`` destroyed the process group. Use fresh worlds (the default)
 for functions that leave the ring unusable on purpose.
+
+Processes are forked from multiprocessing's fork server, which imports torch and ``ring_plugin`` once (and
+whatever :func:`preload_modules` adds) instead of a fresh interpreter importing them per process; each starts
+from a random torch seed, as a new process would.
 """
 
 from __future__ import annotations
@@ -25,6 +29,20 @@ from collections.abc import Callable
 from typing import Any
 
 import torch.multiprocessing as mp
+
+_PRELOAD = ["torch", "torch.distributed", "ring_plugin"]
+
+
+def preload_modules(*names: str) -> None:
+    """Modules the fork server imports before it forks the first process (Lightning, say, for worlds that
+    train): call before the first world starts; later calls change nothing in a running server."""
+    _PRELOAD.extend(n for n in names if n not in _PRELOAD)
+
+
+def _context():
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(list(_PRELOAD))
+    return ctx
 
 
 def free_port() -> int:
@@ -45,10 +63,12 @@ def _join_group(rank: int, world_size: int, port: int) -> None:
 
 
 def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, queue) -> None:
+    import torch
     import torch.distributed as dist
 
     try:
         _join_group(rank, world_size, port)
+        torch.seed()  # forked from the fork server: its seed, unless drawn anew
         result = fn(rank, world_size, *args)
         queue.put((0, rank, True, result))
     except BaseException:  # noqa: BLE001 - reported to the parent with its traceback
@@ -92,7 +112,7 @@ class _World:
     """Processes of one reused world: a task queue per rank and one result queue."""
 
     def __init__(self, world_size: int) -> None:
-        ctx = mp.get_context("spawn")
+        ctx = _context()
         self.results = ctx.Queue()
         self.tasks = [ctx.Queue() for _ in range(world_size)]
         port = free_port()
@@ -172,7 +192,7 @@ def run_in_process_group(fn: Callable, world_size: int, *args: Any, timeout: flo
             tasks.put((call_id, fn, args))
         procs, results = world.procs, world.results
     else:
-        ctx = mp.get_context("spawn")
+        ctx = _context()
         results = ctx.Queue()
         port, call_id = free_port(), 0
         procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, results), daemon=True)
