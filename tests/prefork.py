@@ -77,8 +77,9 @@ reply = conn.recv(64)
 if reply == b"F":
     os.execv(REAL, [REAL, *args])
 code = int(reply[1:]) if reply else 1
-if code < 0:
-    signal.signal(-code, signal.SIG_DFL)
+if code < 0:  # killed by a signal: so is the client
+    if -code != signal.SIGKILL:
+        signal.signal(-code, signal.SIG_DFL)
     os.kill(os.getpid(), -code)
 sys.exit(code)
 '''
