@@ -11,7 +11,7 @@ import torch
 
 from ring_plugin import create_ring_attention, shard_sequence
 from ring_plugin.attention.call import RingCall
-from ring_plugin.attention.dense_ring import _grad_dtype
+from ring_plugin.attention.dense_ring import home_grad_dtype
 from ring_plugin.attention.plan import Block
 from ring_plugin.comm.ring import RingComm
 from ring_plugin.documents.blocks import DocumentBlock
@@ -34,12 +34,12 @@ BF16, FP32 = torch.bfloat16, torch.float32
 
 def test_wire_dtype_is_the_kernels_unless_gradients_were_summed():
     dense, doc = Block(slice(0, 8), slice(0, 8), False), _doc(slice(0, 8), slice(0, 8))
-    assert _grad_dtype(_call("flash"), dense, BF16) == BF16  # the kernel's own bf16 dK/dV
-    assert _grad_dtype(_call("flash", 4, 2), dense, BF16) == FP32  # two query heads summed per K/V head
-    assert _grad_dtype(_call("cpu_flash"), dense, BF16) == FP32  # this kernel returns fp32 partials
-    assert _grad_dtype(_call("cpu_flash"), doc, BF16) == BF16  # masked: the input's dtype
-    assert _grad_dtype(_call("flash", 4, 2), doc, BF16) == BF16  # heads summed by the kernel itself
-    assert _grad_dtype(_call("flash"), dense, FP32) == FP32
+    assert home_grad_dtype(_call("flash"), dense, BF16) == BF16  # the kernel's own bf16 dK/dV
+    assert home_grad_dtype(_call("flash", 4, 2), dense, BF16) == FP32  # two query heads summed per K/V head
+    assert home_grad_dtype(_call("cpu_flash"), dense, BF16) == FP32  # this kernel returns fp32 partials
+    assert home_grad_dtype(_call("cpu_flash"), doc, BF16) == BF16  # masked: the input's dtype
+    assert home_grad_dtype(_call("flash", 4, 2), doc, BF16) == BF16  # heads summed by the kernel itself
+    assert home_grad_dtype(_call("flash"), dense, FP32) == FP32
 
 
 N, HEADS, DIM = 32, 2, 8

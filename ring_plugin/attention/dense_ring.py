@@ -47,7 +47,7 @@ def _kv_round_trip(call: RingCall, k: torch.Tensor, v: torch.Tensor):
     return enumerate(itertools.chain([[k, v]], arrivals))
 
 
-def _grad_dtype(call: RingCall, block, dtype: torch.dtype) -> torch.dtype:
+def home_grad_dtype(call: RingCall, block, dtype: torch.dtype) -> torch.dtype:
     """The dtype of a block's dK/dV, which it travels home in as it is (widening would add bytes, not
     precision): the kernel's for dense blocks, ``call.grad_dtype`` where grouped-query heads were summed
     into it; document and window blocks return the input's dtype."""
@@ -127,6 +127,6 @@ class DenseRingAttention(torch.autograd.Function):
             sender = senders[step - 1]
             message = _message(grads) if grads else None
             del grads
-            home.post(step, message, [b.kv for b in sender], [_grad_dtype(call, b, q.dtype) for b in sender])
+            home.post(step, message, [b.kv for b in sender], [home_grad_dtype(call, b, q.dtype) for b in sender])
         home.finish()
         return dq.result(), dkv[0].result(), dkv[1].result(), None

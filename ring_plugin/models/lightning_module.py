@@ -129,7 +129,7 @@ class RingCausalLM(pl.LightningModule):
 
     def lr_factor(self, step: int) -> float:
         hp = self.hparams
-        return _warmup_cosine(step, hp.warmup_steps, self.schedule_length(), hp.min_lr_ratio)
+        return warmup_cosine(step, hp.warmup_steps, self.schedule_length(), hp.min_lr_ratio)
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
@@ -160,7 +160,7 @@ def apply_optimizer_settings(optimizer: Any, scheduler: Any, hp: Any, weight_dec
     scheduler._last_lr = [g["lr"] for g in groups]
 
 
-def _warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
+def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
     """Linear warmup to 1, then cosine decay to ``min_ratio`` at ``total`` steps."""
     if step < warmup:
         return (step + 1) / warmup

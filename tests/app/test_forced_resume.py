@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ring_plugin.models import RingCausalLM
-from ring_plugin.models.lightning_module import _warmup_cosine
+from ring_plugin.models.lightning_module import warmup_cosine
 
 from .helpers import read_csv_metrics, run_ring_train
 
@@ -72,6 +72,6 @@ def test_schedule_steps_fixes_the_cosine_length() -> None:
     fixed_lr = fixed.configure_optimizers()["lr_scheduler"]["scheduler"].lr_lambdas[0]
     stretched_lr = stretched.configure_optimizers()["lr_scheduler"]["scheduler"].lr_lambdas[0]
     for step in (0, 1, 5, 19, 20, 30, 39):
-        assert fixed_lr(step) == _warmup_cosine(step, 2, 20, 0.1)
-        assert stretched_lr(step) == _warmup_cosine(step, 2, 40, 0.1)
+        assert fixed_lr(step) == warmup_cosine(step, 2, 20, 0.1)
+        assert stretched_lr(step) == warmup_cosine(step, 2, 40, 0.1)
     assert fixed_lr(30) == pytest.approx(0.1) and stretched_lr(30) > 0.2
