@@ -163,7 +163,7 @@ def test_hf_causal_lm_switches_keep_the_loss_and_gradients():
     means = []
     for module in (plain, long):
         module.model.train()
-        loss_sum, (count, _, _) = module._local_loss(batch)
+        loss_sum, (count, _, _) = module.local_loss(batch)
         (loss_sum / count.float()).backward()
         means.append(loss_sum.detach() / count.float())
     assert float((means[1] - means[0]).abs()) <= TOLERANCE

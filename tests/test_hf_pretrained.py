@@ -35,8 +35,8 @@ def test_set_attn_implementation_switches_to_the_ring(monkeypatch):
     ref = _logits(model, batch)
     model.set_attn_implementation("ring")
     calls = []
-    engine = attention._engine
-    monkeypatch.setattr(attention, "_engine", lambda scaling: calls.append(scaling) or engine(scaling))
+    engine = attention.ring_engine
+    monkeypatch.setattr(attention, "ring_engine", lambda scaling: calls.append(scaling) or engine(scaling))
     got = _logits(model, batch)
     assert len(calls) == 2  # both layers ran on the ring engine
     assert rel_err(got, ref) <= 1e-5

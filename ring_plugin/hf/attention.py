@@ -53,7 +53,8 @@ def ring_mask(*args: Any, attention_mask: torch.Tensor | None = None, **kwargs: 
 _ENGINES: BoundedCache[StandardRingAttention] = BoundedCache(8)  # stateless engine layers, one per softmax scale
 
 
-def _engine(scaling: float) -> StandardRingAttention:
+def ring_engine(scaling: float) -> StandardRingAttention:
+    """The ring layer that runs every transformers attention call of this softmax scale (one per scale)."""
     return _ENGINES.get(scaling, lambda: StandardRingAttention(softmax_scale=scaling))
 
 
@@ -92,7 +93,7 @@ def ring_attention_forward(
         agree_or_raise(error, (), ring.sequence_group, query.device)
         if plan is not None:
             plan.mark_agreed("hf")
-    engine = _engine(float(scaling) if scaling is not None else query.shape[-1] ** -0.5)
+    engine = ring_engine(float(scaling) if scaling is not None else query.shape[-1] ** -0.5)
     masks = {}
     if plan is not None:
         masks["document_ids"] = plan

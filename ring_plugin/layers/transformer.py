@@ -68,11 +68,12 @@ class MLP(nn.Module):
         self.proj = nn.Linear(hidden, n_embd, bias=bias)
         self.tile_tokens = tile_tokens
 
-    def _dense(self, x: torch.Tensor) -> torch.Tensor:
+    def untiled(self, x: torch.Tensor) -> torch.Tensor:
+        """The MLP on ``x`` at once (what each tile runs)."""
         return self.proj(F.gelu(self.fc(x), approximate="tanh"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return tiled_over_sequence(self._dense, x, self.tile_tokens)
+        return tiled_over_sequence(self.untiled, x, self.tile_tokens)
 
 
 class TransformerBlock(nn.Module):

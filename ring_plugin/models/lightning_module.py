@@ -69,7 +69,7 @@ class RingCausalLM(pl.LightningModule):
         """Tokens per chunk of the fused head and cross-entropy over ``tokens`` labels."""
         return self.hparams.loss_chunk_tokens
 
-    def _local_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def local_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum of this rank's token losses, [label count, loss sum, input tokens] to all-reduce)."""
         hidden, head_weight = self.hidden_and_head(batch)
         labels = batch["labels"]
@@ -79,7 +79,7 @@ class RingCausalLM(pl.LightningModule):
         return loss_sum, _all_reduce_sum(stats)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss_sum, (count, total, tokens) = self._local_loss(batch)
+        loss_sum, (count, total, tokens) = self.local_loss(batch)
         count = count.clamp_min(1.0)
         mean = (total / count).float()
         world = self.trainer.world_size if self._trainer is not None else 1
@@ -104,7 +104,7 @@ class RingCausalLM(pl.LightningModule):
         self._val_sums = None
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        _, stats = self._local_loss(batch)
+        _, stats = self.local_loss(batch)
         self._val_sums = stats if self._val_sums is None else self._val_sums + stats
 
     def on_validation_epoch_end(self) -> None:
