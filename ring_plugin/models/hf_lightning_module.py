@@ -24,7 +24,7 @@ from torch import nn
 from ..shard_plan import SHARDS_KEY, SequenceShards
 from ..sharding import batch_documents
 from .hf_overrides import apply_config_overrides, hf_config, pretrained_or_given_config
-from .lightning_module import RingCausalLM
+from .lightning_module import RingCausalLM, takes_training_arguments, training_arguments
 
 
 def build_hf_causal_lm(pretrained: str | None, config: Any, dtype: torch.dtype,
@@ -63,32 +63,29 @@ class HFCausalLM(RingCausalLM):
     backward; ``offload_checkpoints`` (with ``activation_checkpointing``) keeps each checkpointed
     layer's input in pinned host memory until backward."""
 
+    @takes_training_arguments
     def __init__(
         self,
         pretrained: str | None = None,
         config: Any = None,
-        lr: float = 3e-4,
-        weight_decay: float = 0.1,
-        betas: tuple[float, float] = (0.9, 0.95),
-        warmup_steps: int = 0,
-        max_steps: int | None = None,
-        min_lr_ratio: float = 0.1,
-        loss_chunk_tokens: int = 4096,
+        *,
         activation_checkpointing: bool = False,
-        schedule_steps: int | None = None,
         tiled_loss: bool = True,
         mlp_tile_tokens: int | None = None,
         offload_checkpoints: bool = False,
         config_overrides: dict[str, Any] | None = None,
+        **training: Any,
     ):
-        # RingCausalLM.__init__ builds a RingGPT; everything else of it (loss scaling, steps, optimizer) is shared.
+        # RingCausalLM.__init__ builds a RingGPT; everything else of it (loss scaling, steps, optimizer) is shared,
+        # its training arguments (lr, weight_decay, ..., schedule_steps) included.
+        training = training_arguments(training, type(self).__name__)
         pl.LightningModule.__init__(self)
         if pretrained is None and config is None:
             raise ValueError("give pretrained (a local from_pretrained directory) or config (a transformers config, "
                              "or a dict with model_type, for a random init)")
         from ..hf.tiling import check_long_context_args
 
-        check_long_context_args(tiled_loss, mlp_tile_tokens, offload_checkpoints, loss_chunk_tokens)
+        check_long_context_args(tiled_loss, mlp_tile_tokens, offload_checkpoints, training["loss_chunk_tokens"])
         if offload_checkpoints and not activation_checkpointing:
             raise ValueError("offload_checkpoints=True needs activation_checkpointing=True (it offloads the "
                              "checkpointed layers' inputs)")
@@ -96,10 +93,8 @@ class HFCausalLM(RingCausalLM):
         # config fails before any process starts.
         config = None if pretrained is not None else apply_config_overrides(hf_config(config), config_overrides)
         self.save_hyperparameters({
-            "pretrained": pretrained, "config": None if config is None else config.to_dict(), "lr": lr,
-            "weight_decay": weight_decay, "betas": tuple(betas), "warmup_steps": warmup_steps,
-            "max_steps": max_steps, "min_lr_ratio": min_lr_ratio, "loss_chunk_tokens": loss_chunk_tokens,
-            "activation_checkpointing": activation_checkpointing, "schedule_steps": schedule_steps,
+            "pretrained": pretrained, "config": None if config is None else config.to_dict(),
+            **training, "betas": tuple(training["betas"]), "activation_checkpointing": activation_checkpointing,
             "tiled_loss": tiled_loss, "mlp_tile_tokens": mlp_tile_tokens, "offload_checkpoints": offload_checkpoints,
             "config_overrides": config_overrides})
         self.hf_config = config

@@ -9,7 +9,9 @@ gradient of the full-batch mean, as one process on the concatenated batch comput
 
 from __future__ import annotations
 
+import inspect
 import math
+from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
@@ -166,3 +168,28 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _training_parameters() -> list[inspect.Parameter]:
+    """RingCausalLM's training arguments (optimizer, schedule, loss chunks): everything but its ``model``."""
+    params = inspect.signature(RingCausalLM.__init__).parameters
+    return [p for name, p in params.items() if name not in ("self", "model")]
+
+
+def training_arguments(given: dict[str, Any], owner: str) -> dict[str, Any]:
+    """The training arguments a sibling of RingCausalLM was given as ``**training``, defaults filled in; a
+    name RingCausalLM does not take raises ``TypeError`` as Python would for ``owner``."""
+    params = _training_parameters()
+    unknown = sorted(set(given) - {p.name for p in params})
+    if unknown:
+        raise TypeError(f"{owner}.__init__() got an unexpected keyword argument {unknown[0]!r}")
+    return {p.name: given.get(p.name, p.default) for p in params}
+
+
+def takes_training_arguments(init: Callable) -> Callable:
+    """For an ``__init__(self, ..., **training)``: its signature, as ``inspect`` (and so Hydra's key checks
+    and ``help``) reads it, names RingCausalLM's training arguments, keyword-only, with their defaults."""
+    own = [p for p in inspect.signature(init).parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    training = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in _training_parameters()]
+    init.__signature__ = inspect.Signature(own + training)  # type: ignore[attr-defined]
+    return init
