@@ -318,10 +318,14 @@ def world_results(world: int, family: str) -> tuple[list[dict[str, list[float]]]
     return [r["errors"] for r in out], [r["extra"] for r in out]
 
 
+@functools.cache
+def _family_by_name() -> dict[str, str]:
+    return {c["name"]: family for family in FAMILIES for c in family_cases(family)}
+
+
 def worst_errors(world: int, case: Case) -> list[float]:
     """The worst over ranks of the case's [out, dq, dk, dv] errors."""
-    family = next(f for f in FAMILIES if any(c["name"] == case["name"] for c in family_cases(f)))
-    per_rank = [errors[case["name"]] for errors in world_results(world, family)[0]]
+    per_rank = [errors[case["name"]] for errors in world_results(world, _family_by_name()[case["name"]])[0]]
     return [max(column) for column in zip(*per_rank)]
 
 

@@ -127,8 +127,8 @@ def serve(path: str, client: str) -> None:
         message, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
         request = json.loads(message)
         if _interpreter_env(request["env"]) != own:
-            print(f"real interpreter (its PYTHON* variables differ): {request['argv'][:3]}", file=sys.stderr,
-                  flush=True)
+            print(f"real interpreter (its PYTHON* variables or PYTHONPATH differ): {request['argv'][:3]}",
+                  file=sys.stderr, flush=True)
             conn.send(b"F")
         elif os.fork() == 0:
             listener.close()
@@ -187,9 +187,8 @@ def _run_command(request: dict, fds: list[int], client: str, threads: int, base_
     inherited = os.environ.get(IDENTITY_ENV, "::").split(":")
     parent = int(inherited[1]) if inherited[0] == str(request["parent"]) else request["parent"]
     os.environ[IDENTITY_ENV] = f"{os.getpid()}:{request['client']}:{parent}"
-    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
-        signal.signal(sig, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    for sig in FORWARDED_SIGNALS:  # the handlers a new interpreter starts with
+        signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
     random.seed()
     torch.seed()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", threads)))

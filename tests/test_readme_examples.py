@@ -64,7 +64,7 @@ if world == 1:
 dense = StandardRingAttention()(q, k, v, is_causal=True)
 oracle_out = RingDilatedAttentionCorrect(oracle_dtype="float64")(q.double(), k.double(), v.double(), is_causal=True)
 torch.testing.assert_close(dense.double(), oracle_out, atol=1e-5, rtol=0)
-open(f"checked_{dist.get_rank() if dist.is_initialized() else 0}", "w").write(f"{world}")
+open(f"checked_{rank}", "w").write(f"{world}")
 """,
     "document_ids_from_position_ids(": """
 import torch.nn.functional as F

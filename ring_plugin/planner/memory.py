@@ -19,10 +19,6 @@ from .model_states import (
     pinned_bytes,
     state_bytes,
 )
-
-# Public names of the memory model too (callers import them from here), defined with the model states.
-from .model_states import HOST_PROCESS_BYTES as HOST_PROCESS_BYTES
-from .model_states import param_tensors as param_tensors
 from .workload import Job, Layout, ModelSpec
 
 

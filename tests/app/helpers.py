@@ -28,10 +28,8 @@ TINY = [
 ]
 
 
-def ring_train_cmd(out: Path, *overrides: str, python: str | None = None) -> list[str]:
-    """``python``: the interpreter (default: the preloaded one; ``sys.executable`` where a test reads the
-    process tree)."""
-    return [python or prefork.python(), "-m", "ring_plugin.app.train", f"hydra.run.dir={out}", *TINY, *overrides]
+def ring_train_cmd(out: Path, *overrides: str) -> list[str]:
+    return [prefork.python(), "-m", "ring_plugin.app.train", f"hydra.run.dir={out}", *TINY, *overrides]
 
 
 def env() -> dict[str, str]:
