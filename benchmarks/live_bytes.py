@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import weakref
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -77,13 +77,13 @@ class LiveBytes(TorchDispatchMode):
         return out
 
 
-def saved_bytes(fn: Callable[[], Any], label: Callable[[], str] = lambda: "all",
-                exclude: set[int] | None = None) -> tuple[Any, dict[str, int]]:
+def saved_bytes(fn: Callable[[], Any], label: Callable[[], Hashable] = lambda: "all",
+                exclude: set[int] | None = None) -> tuple[Any, dict[Hashable, int]]:
     """(``fn()``, bytes of the unique storages autograd saved for backward while it ran, by ``label()``
     at the time each was first saved); storages whose data_ptr is in ``exclude`` (parameters) are not
     counted."""
     seen: set[int] = set(exclude or ())
-    found: dict[str, int] = defaultdict(int)
+    found: dict[Hashable, int] = defaultdict(int)
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()

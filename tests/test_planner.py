@@ -15,6 +15,7 @@ import pytest
 import torch
 import yaml
 
+from benchmarks.live_bytes import saved_bytes
 from ring_plugin.attention import dense_ring
 from ring_plugin.attention.call import RingCall
 from ring_plugin.comm.ring import PendingExchange, RingComm
@@ -75,24 +76,13 @@ def saved_bytes_by_block(spec: ModelSpec, mode: str, n: int) -> dict[object, int
     config = spec.config
     config.activation_checkpointing, config.recompute_attention = CHECKPOINTING[mode]
     model = RingGPT(config).to(torch.bfloat16).train()
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: set[int] = set()
     where: list[object] = ["embed"]
-    found: dict[object, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params and storage.data_ptr() not in seen:
-            seen.add(storage.data_ptr())
-            found[where[0]] = found.get(where[0], 0) + storage.nbytes()
-        return t
-
     for i, block in enumerate(model.blocks):
         block.register_forward_pre_hook(lambda *_, i=i: where.__setitem__(0, i))
     model.norm_f.register_forward_pre_hook(lambda *_: where.__setitem__(0, "final"))
     ids = torch.randint(0, config.vocab_size, (1, n))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model.hidden_states(ids, torch.arange(n)[None])
+    _, found = saved_bytes(lambda: model.hidden_states(ids, torch.arange(n)[None]), label=lambda: where[0],
+                           exclude={p.untyped_storage().data_ptr() for p in model.parameters()})
     return found
 
 

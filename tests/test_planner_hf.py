@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks.live_bytes import saved_bytes
 from ring_plugin.planner import Layout, compose, job_from_config
 from ring_plugin.planner.cluster import GPUS
 from ring_plugin.planner.hf_models import (
@@ -63,24 +64,13 @@ def saved_bytes_by_layer(values: dict, n: int, checkpointing: bool) -> dict[obje
     model.config.use_cache = False
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: set[int] = set()
     where: list[object] = ["embed"]
-    found: dict[object, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in params and ptr not in seen:
-            seen.add(ptr)
-            found[where[0]] = found.get(where[0], 0) + t.untyped_storage().nbytes()
-        return t
-
     for i, layer in enumerate(model.model.layers):
         layer.register_forward_pre_hook(lambda *_, i=i: where.__setitem__(0, i))
     model.model.norm.register_forward_pre_hook(lambda *_: where.__setitem__(0, "final"))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model.model(input_ids=torch.randint(0, values["vocab_size"], (1, n)), position_ids=torch.arange(n)[None],
-                    use_cache=False)
+    ids = torch.randint(0, values["vocab_size"], (1, n))
+    _, found = saved_bytes(lambda: model.model(input_ids=ids, position_ids=torch.arange(n)[None], use_cache=False),
+                           label=lambda: where[0], exclude={p.untyped_storage().data_ptr() for p in model.parameters()})
     return found
 
 
